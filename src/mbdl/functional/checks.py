@@ -1,0 +1,56 @@
+"""Input validation shared by losses and metrics: one clear ``ValueError`` naming the problem."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def check_embeddings(embeddings: Tensor, name: str = "embeddings") -> None:
+    """Raise ``ValueError`` unless ``embeddings`` is a finite floating ``N x d`` tensor with ``d >= 2``."""
+    if not isinstance(embeddings, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor; got {type(embeddings).__name__}")
+    if embeddings.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (N x d); got shape {tuple(embeddings.shape)}")
+    if embeddings.shape[1] < 2:
+        raise ValueError(
+            f"{name} must have at least 2 dimensions per item; got shape {tuple(embeddings.shape)}"
+        )
+    if not embeddings.is_floating_point():
+        raise ValueError(f"{name} must be floating point; got dtype {embeddings.dtype}")
+    if not bool(torch.isfinite(embeddings.detach()).all()):
+        raise ValueError(f"{name} contain NaN or Inf")
+
+
+def check_labels(labels: Tensor, num_items: int, name: str = "labels") -> None:
+    """Raise ``ValueError`` unless ``labels`` is a 1-D integer tensor of length ``num_items``."""
+    if not isinstance(labels, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor; got {type(labels).__name__}")
+    if labels.dim() != 1:
+        raise ValueError(f"{name} must be 1-D; got shape {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"{name} must be integers; got dtype {labels.dtype}")
+    if labels.shape[0] != num_items:
+        raise ValueError(
+            f"{name} has {labels.shape[0]} entries but the embeddings have {num_items} rows"
+        )
+
+
+def check_loss_inputs(
+    embeddings: Tensor,
+    labels: Tensor,
+    ref_emb: Tensor | None = None,
+    ref_labels: Tensor | None = None,
+) -> None:
+    """Validate the ``(embeddings, labels, ref_emb, ref_labels)`` arguments every loss takes."""
+    check_embeddings(embeddings)
+    check_labels(labels, embeddings.shape[0])
+    if (ref_emb is None) != (ref_labels is None):
+        raise ValueError("ref_emb and ref_labels must be given together")
+    if ref_emb is not None and ref_labels is not None:
+        check_embeddings(ref_emb, "ref_emb")
+        check_labels(ref_labels, ref_emb.shape[0], "ref_labels")
+        if ref_emb.shape[1] != embeddings.shape[1]:
+            raise ValueError(
+                f"ref_emb has dimension {ref_emb.shape[1]} but embeddings have {embeddings.shape[1]}"
+            )

@@ -1,0 +1,40 @@
+"""The base class of every mbdl loss: input validation and the common call signature."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from mbdl.functional.checks import check_loss_inputs
+
+
+class MetricLoss(nn.Module):
+    """``loss(embeddings, labels, ref_emb=None, ref_labels=None, *, anchor_offset=None)``.
+
+    Anchors are the rows of ``embeddings``; positives and negatives come from ``ref_emb`` when
+    given (cross-batch memory, embeddings gathered from other GPUs), else from the batch itself.
+    ``anchor_offset=k`` says that ``ref_emb[k + i]`` is ``embeddings[i]`` itself, so that pair is
+    skipped (the batch itself is always skipped when ``ref_emb`` is None).
+    Subclasses implement :meth:`compute` over the pure functions of :mod:`mbdl.functional`.
+    """
+
+    def forward(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        ref_emb: Tensor | None = None,
+        ref_labels: Tensor | None = None,
+        *,
+        anchor_offset: int | None = None,
+    ) -> Tensor:
+        check_loss_inputs(embeddings, labels, ref_emb, ref_labels)
+        return self.compute(embeddings, labels, ref_emb, ref_labels, anchor_offset)
+
+    def compute(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        ref_emb: Tensor | None,
+        ref_labels: Tensor | None,
+        anchor_offset: int | None,
+    ) -> Tensor:
+        raise NotImplementedError
