@@ -15,7 +15,11 @@ class MetricLoss(nn.Module):
     ``anchor_offset=k`` says that ``ref_emb[k + i]`` is ``embeddings[i]`` itself, so that pair is
     skipped (the batch itself is always skipped when ``ref_emb`` is None).
     Subclasses implement :meth:`compute` over the pure functions of :mod:`mbdl.functional`.
+    ``needs`` names the constructor arguments the trainer must supply (``"num_classes"``,
+    ``"embedding_dim"``) for losses with parameters of their own.
     """
+
+    needs: tuple[str, ...] = ()
 
     def forward(
         self,
