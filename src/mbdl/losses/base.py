@@ -20,6 +20,7 @@ class MetricLoss(nn.Module):
     """
 
     needs: tuple[str, ...] = ()
+    accepts_ref: bool = True  # False for losses that cannot take a reference set (proxy losses)
 
     def forward(
         self,

@@ -1,0 +1,107 @@
+"""Multi-process helpers for ``torchrun``: rank information and a loss over every rank's batch.
+
+Each rank all-gathers the embeddings (with gradient) and labels of every rank and computes the
+loss on the concatenated batch. The value is then the loss of one process training on the
+concatenated batch, and so are the gradients once DistributedDataParallel has averaged them:
+the backward of the gather sums the identical per-rank gradients (a factor ``W``), and DDP's
+average divides by ``W``. This holds for every loss, including those that average over pairs,
+triplets or valid anchors of the whole batch, with no change to any loss. The loss itself costs
+``W^2`` times the per-rank pairwise work, which is small next to the backbone for the batch
+sizes of metric learning.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class DistributedInfo:
+    """Where this process stands: ``rank`` of ``world_size``, and its device-local rank."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def distributed_info() -> DistributedInfo:
+    """The rank of this process: from the initialised process group, else torchrun's environment."""
+    if dist.is_available() and dist.is_initialized():
+        return DistributedInfo(
+            dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+        )
+    return DistributedInfo(
+        int(os.environ.get("RANK", 0)),
+        int(os.environ.get("WORLD_SIZE", 1)),
+        int(os.environ.get("LOCAL_RANK", 0)),
+    )
+
+
+def init_distributed(device_type: str) -> DistributedInfo:
+    """Initialise the default process group when launched by ``torchrun`` (``WORLD_SIZE > 1``).
+
+    Uses NCCL for CUDA and gloo otherwise; a no-op for a single process.
+    """
+    info = distributed_info()
+    if info.enabled and not dist.is_initialized():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        info = distributed_info()
+    return info
+
+
+def gather_with_grad(embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Concatenate every rank's ``embeddings`` (gradient flows back to each rank) and ``labels``.
+
+    Batches may differ in size between ranks: they are padded to the largest, gathered, trimmed.
+    Returns the inputs unchanged when no process group is initialised.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return embeddings, labels
+    from torch.distributed.nn.functional import all_gather
+
+    world = dist.get_world_size()
+    size = torch.tensor([embeddings.shape[0]], device=embeddings.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    counts = [int(s.item()) for s in sizes]
+    longest = max(counts)
+    pad = longest - embeddings.shape[0]
+    padded_emb = nn.functional.pad(embeddings, (0, 0, 0, pad))
+    padded_labels = nn.functional.pad(labels, (0, pad))
+    all_emb = all_gather(padded_emb)
+    all_labels = [torch.zeros_like(padded_labels) for _ in range(world)]
+    dist.all_gather(all_labels, padded_labels)
+    return (
+        torch.cat([e[:n] for e, n in zip(all_emb, counts, strict=True)]),
+        torch.cat([lab[:n] for lab, n in zip(all_labels, counts, strict=True)]),
+    )
+
+
+class GatheredLoss(nn.Module):
+    """Wrap a loss so that, under ``torch.distributed``, it sees the batches of every rank.
+
+    ``GatheredLoss(loss)(embeddings, labels)`` equals ``loss(all_embeddings, all_labels)`` and,
+    after DDP's gradient averaging, gives the gradients of one process training on the
+    concatenated batch (see the module docstring). Without a process group it is ``loss`` itself.
+    """
+
+    def __init__(self, loss: nn.Module) -> None:
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        all_emb, all_labels = gather_with_grad(embeddings, labels)
+        return self.loss(all_emb, all_labels)  # type: ignore[no-any-return]

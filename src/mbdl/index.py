@@ -1,0 +1,236 @@
+"""A gallery index for search: faiss exact (default), IVF or HNSW, stored without pickle.
+
+An index directory holds ``index.faiss`` (faiss's own format), ``meta.json`` (model identity,
+distance, kind, dimension, class names, paths) and ``labels.npy`` (read with
+``allow_pickle=False``), so opening an index received from someone else cannot run code.
+The model identity is a fingerprint of the model's weights: queries embedded by another model
+are refused, since their distances to the gallery would mean nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+KINDS = ("flat", "ivf", "hnsw")
+FORMAT_VERSION = 1
+
+
+def _faiss() -> Any:
+    try:
+        import faiss
+    except ImportError as error:  # pragma: no cover - exercised only without faiss
+        raise ImportError(
+            "the gallery index needs faiss: pip install 'mbdl[faiss]' (faiss-cpu)"
+        ) from error
+    return faiss
+
+
+def model_fingerprint(state_dict: Mapping[str, Tensor]) -> str:
+    """A short SHA-256 fingerprint of a model's weights (names, shapes, dtypes and values)."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class GalleryIndex:
+    """A faiss index over gallery embeddings, with their labels, paths and the model's identity."""
+
+    index: Any
+    labels: np.ndarray
+    model_id: str
+    distance: str = "euclidean"
+    kind: str = "flat"
+    paths: list[str] = field(default_factory=list)
+    class_names: list[str] = field(default_factory=list)
+    build_report: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dim(self) -> int:
+        return int(self.index.d)
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    @classmethod
+    def build(
+        cls,
+        embeddings: Tensor | np.ndarray,
+        labels: Tensor | np.ndarray,
+        *,
+        model_id: str,
+        distance: str = "euclidean",
+        kind: str = "flat",
+        paths: list[str] | None = None,
+        class_names: list[str] | None = None,
+        nlist: int | None = None,
+        nprobe: int = 16,
+        hnsw_m: int = 32,
+        recall_k: int = 10,
+        recall_queries: int = 1000,
+        seed: int = 0,
+    ) -> GalleryIndex:
+        """Index ``embeddings``; for IVF/HNSW, measure recall@``recall_k`` against exact search
+        on up to ``recall_queries`` gallery items (``build_report``)."""
+        faiss = _faiss()
+        if kind not in KINDS:
+            raise ValueError(f"index kind must be one of {', '.join(KINDS)}; got {kind!r}")
+        if distance not in ("euclidean", "cosine"):
+            raise ValueError(f"index distance must be euclidean or cosine; got {distance!r}")
+        vectors = _as_float32(embeddings, distance)
+        label_array = np.asarray(labels, dtype=np.int64).reshape(-1)
+        if vectors.shape[0] != label_array.shape[0]:
+            raise ValueError(
+                f"{vectors.shape[0]} embeddings but {label_array.shape[0]} labels for the index"
+            )
+        if paths is not None and len(paths) != vectors.shape[0]:
+            raise ValueError(f"{vectors.shape[0]} embeddings but {len(paths)} paths for the index")
+        count, dim = vectors.shape
+        metric = faiss.METRIC_INNER_PRODUCT if distance == "cosine" else faiss.METRIC_L2
+        report: dict[str, Any] = {"kind": kind, "items": count}
+        if kind == "flat":
+            index = faiss.IndexFlat(dim, metric)
+        elif kind == "hnsw":
+            index = faiss.IndexHNSWFlat(dim, hnsw_m, metric)
+            report["hnsw_m"] = hnsw_m
+        else:
+            nlist = nlist or max(1, int(4 * np.sqrt(count)))
+            if nlist > count:
+                raise ValueError(f"nlist={nlist} is larger than the gallery ({count} items)")
+            index = faiss.IndexIVFFlat(faiss.IndexFlat(dim, metric), dim, nlist, metric)
+            index.cp.seed = seed
+            index.train(vectors)
+            index.nprobe = min(nprobe, nlist)
+            report.update(nlist=nlist, nprobe=index.nprobe)
+        index.add(vectors)
+        result = cls(
+            index, label_array, model_id, distance, kind, list(paths or []), list(class_names or [])
+        )
+        if kind != "flat":
+            exact = faiss.IndexFlat(dim, metric)
+            exact.add(vectors)
+            rng = np.random.default_rng(seed)
+            probe = rng.choice(count, size=min(recall_queries, count), replace=False)
+            k = min(recall_k, count)
+            _, approx_ids = index.search(vectors[probe], k)
+            _, exact_ids = exact.search(vectors[probe], k)
+            hits = sum(len(set(a) & set(e)) for a, e in zip(approx_ids, exact_ids, strict=True))
+            report[f"recall@{k}_vs_exact"] = hits / (len(probe) * k)
+        result.build_report = report
+        return result
+
+    def search(self, queries: Tensor | np.ndarray, k: int, *, model_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(distances, indices)`` of the ``k`` nearest gallery items of each query.
+
+        Refuses queries embedded by another model (``model_id``) or of another dimension.
+        """
+        if model_id != self.model_id:
+            raise ValueError(
+                f"the queries come from model {model_id} but the index was built with model "
+                f"{self.model_id}; rebuild the index with this checkpoint"
+            )
+        vectors = _as_float32(queries, self.distance)
+        if vectors.shape[1] != self.dim:
+            raise ValueError(f"queries have dimension {vectors.shape[1]}, the index {self.dim}")
+        if not 1 <= k <= len(self):
+            raise ValueError(f"k must be between 1 and the gallery size {len(self)}; got {k}")
+        scores, indices = self.index.search(vectors, k)
+        if self.distance == "cosine":
+            distances = 1.0 - scores
+        else:
+            distances = np.sqrt(np.maximum(scores, 0.0))
+        return distances, indices
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the index directory atomically (a temporary directory, then a rename)."""
+        faiss = _faiss()
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            faiss.write_index(self.index, str(staging / "index.faiss"))
+            np.save(staging / "labels.npy", self.labels, allow_pickle=False)
+            meta = {
+                "format_version": FORMAT_VERSION,
+                "model_id": self.model_id,
+                "distance": self.distance,
+                "kind": self.kind,
+                "dim": self.dim,
+                "items": len(self),
+                "paths": self.paths,
+                "class_names": self.class_names,
+                "build_report": self.build_report,
+            }
+            (staging / "meta.json").write_text(json.dumps(meta, indent=1))
+            if target.exists():
+                backup = target.with_name(f".{target.name}.old")
+                shutil.rmtree(backup, ignore_errors=True)
+                os.replace(target, backup)
+                os.replace(staging, target)
+                shutil.rmtree(backup, ignore_errors=True)
+            else:
+                os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return target
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> GalleryIndex:
+        """Open an index directory written by :meth:`save`; no pickle is involved."""
+        faiss = _faiss()
+        folder = Path(path)
+        for name in ("index.faiss", "meta.json", "labels.npy"):
+            if not (folder / name).is_file():
+                raise ValueError(f"{folder} is not an mbdl index: {name} is missing")
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{folder / 'meta.json'} is not valid JSON: {error}") from error
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{folder} has index format {meta.get('format_version')}, expected {FORMAT_VERSION}")
+        index = faiss.read_index(str(folder / "index.faiss"))
+        labels = np.load(folder / "labels.npy", allow_pickle=False)
+        if index.ntotal != labels.shape[0]:
+            raise ValueError(f"{folder}: {index.ntotal} vectors but {labels.shape[0]} labels")
+        return cls(
+            index,
+            labels,
+            meta["model_id"],
+            meta["distance"],
+            meta["kind"],
+            meta.get("paths", []),
+            meta.get("class_names", []),
+            meta.get("build_report", {}),
+        )
+
+
+def _as_float32(embeddings: Tensor | np.ndarray, distance: str) -> np.ndarray:
+    array = (
+        embeddings.detach().float().cpu().numpy()
+        if isinstance(embeddings, Tensor)
+        else np.asarray(embeddings, dtype=np.float32)
+    )
+    if array.ndim != 2:
+        raise ValueError(f"embeddings must be 2-D (N x d); got shape {array.shape}")
+    if not np.isfinite(array).all():
+        raise ValueError("embeddings contain NaN or Inf")
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    if distance == "cosine":
+        norms = np.linalg.norm(array, axis=1, keepdims=True)
+        array = array / np.maximum(norms, 1e-12)
+    return array
