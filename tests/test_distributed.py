@@ -58,8 +58,12 @@ def _worker(rank: int, init_file: str, out_dir: str, names: list[str], sizes: li
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("sizes", [[BATCH_PER_RANK, BATCH_PER_RANK], [BATCH_PER_RANK + 3, BATCH_PER_RANK - 3]])
-def test_two_ranks_equal_one_process_on_concatenated_batch(tmp_path: Path, sizes: list[int]) -> None:
+@pytest.mark.parametrize(
+    "sizes", [[BATCH_PER_RANK, BATCH_PER_RANK], [BATCH_PER_RANK + 3, BATCH_PER_RANK - 3]]
+)
+def test_two_ranks_equal_one_process_on_concatenated_batch(
+    tmp_path: Path, sizes: list[int]
+) -> None:
     names = list(LOSS_PARAMS)
     mp.start_processes(
         _worker,

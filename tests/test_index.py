@@ -25,7 +25,11 @@ def test_exact_index_equals_brute_force(distance: str) -> None:
     queries = torch.nn.functional.normalize(torch.randn(20, 16), dim=1)
     index = GalleryIndex.build(emb, labels, model_id="m", distance=distance)
     distances, indices = index.search(queries, 5, model_id="m")
-    full = torch.cdist(queries.double(), emb.double()) if distance == "euclidean" else 1 - queries.double() @ emb.double().T
+    full = (
+        torch.cdist(queries.double(), emb.double())
+        if distance == "euclidean"
+        else 1 - queries.double() @ emb.double().T
+    )
     expected, expected_ids = full.topk(5, dim=1, largest=False)
     assert np.allclose(distances, expected.numpy(), atol=1e-5)
     assert (indices == expected_ids.numpy()).all()

@@ -14,7 +14,9 @@ def test_xbm_equals_loss_on_concatenated_reference(name: str) -> None:
     torch.manual_seed(0)
     loss = build_loss(name)
     xbm = CrossBatchMemory(build_loss(name), memory_size=20, embedding_dim=8, warmup_steps=1)
-    batches = [(torch.randn(8, 8, dtype=torch.float64), torch.randint(0, 4, (8,))) for _ in range(4)]
+    batches = [
+        (torch.randn(8, 8, dtype=torch.float64), torch.randint(0, 4, (8,))) for _ in range(4)
+    ]
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     for step, (emb, labels) in enumerate(batches):
         emb = emb.clone().requires_grad_(True)

@@ -134,7 +134,9 @@ class GalleryIndex:
         result.build_report = report
         return result
 
-    def search(self, queries: Tensor | np.ndarray, k: int, *, model_id: str) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: Tensor | np.ndarray, k: int, *, model_id: str
+    ) -> tuple[np.ndarray, np.ndarray]:
         """``(distances, indices)`` of the ``k`` nearest gallery items of each query.
 
         Refuses queries embedded by another model (``model_id``) or of another dimension.
@@ -202,7 +204,9 @@ class GalleryIndex:
         except json.JSONDecodeError as error:
             raise ValueError(f"{folder / 'meta.json'} is not valid JSON: {error}") from error
         if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{folder} has index format {meta.get('format_version')}, expected {FORMAT_VERSION}")
+            raise ValueError(
+                f"{folder} has index format {meta.get('format_version')}, expected {FORMAT_VERSION}"
+            )
         index = faiss.read_index(str(folder / "index.faiss"))
         labels = np.load(folder / "labels.npy", allow_pickle=False)
         if index.ntotal != labels.shape[0]:

@@ -30,7 +30,9 @@ class ImageDataset(Dataset[tuple[Tensor, int]]):
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         image = self.load_image(index)
         if self.transform is None:
-            raise RuntimeError(f"{type(self).__name__} has no transform set; see mbdl.data.build_transforms")
+            raise RuntimeError(
+                f"{type(self).__name__} has no transform set; see mbdl.data.build_transforms"
+            )
         return self.transform(image), int(self.labels[index])
 
     @property

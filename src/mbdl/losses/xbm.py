@@ -72,7 +72,9 @@ class CrossBatchMemory(nn.Module):
         """Write a batch into the ring buffer, overwriting the oldest entries."""
         embeddings, labels = embeddings[-self.memory_size :], labels[-self.memory_size :]
         count = embeddings.shape[0]
-        slots = (int(self.position) + torch.arange(count, device=self.memory.device)) % self.memory_size
+        slots = (
+            int(self.position) + torch.arange(count, device=self.memory.device)
+        ) % self.memory_size
         self.memory[slots] = embeddings.to(self.memory.dtype)
         self.memory_labels[slots] = labels.to(self.memory_labels.dtype)
         self.position.fill_((int(self.position) + count) % self.memory_size)
