@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("faiss")
 
-from mbdl.index import GalleryIndex, model_fingerprint  # noqa: E402
+from mbdl.index import GalleryIndex, model_fingerprint
 
 
 def _gallery(n: int = 300, d: int = 16, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:

@@ -68,7 +68,7 @@ def load_splits(
     channels: int = 3,
     skip_corrupt: bool = False,
     augment: bool | str = True,
-    imagenet_norm: bool = True,
+    imagenet_norm: bool = False,
 ) -> Splits:
     """The splits a ``path,label,split`` CSV file defines (see the module docstring)."""
     if root is None:
