@@ -1,0 +1,59 @@
+"""``ContrastiveLoss``: the module over :func:`mbdl.functional.contrastive.contrastive_loss`."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from mbdl.functional.contrastive import check_contrastive_options, contrastive_loss
+from mbdl.functional.distances import check_distance
+from mbdl.losses.base import MetricLoss
+
+
+class ContrastiveLoss(MetricLoss):
+    """Contrastive loss (Hadsell, Chopra, LeCun, CVPR 2006) over all ordered pairs of the batch:
+    ``mean_nz [D_ij - pos_margin]_+`` over positive pairs plus ``mean_nz [neg_margin - D_ik]_+``
+    over negative pairs, each mean over the non-zero terms (pytorch-metric-learning's convention).
+    """
+
+    needs: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        pos_margin: float = 0.0,
+        neg_margin: float = 1.0,
+        distance: str = "euclidean",
+        normalize: bool = True,
+    ) -> None:
+        super().__init__()
+        check_contrastive_options(pos_margin, neg_margin)
+        check_distance(distance)
+        self.pos_margin = pos_margin
+        self.neg_margin = neg_margin
+        self.distance = distance
+        self.normalize = normalize
+
+    def compute(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        ref_emb: Tensor | None,
+        ref_labels: Tensor | None,
+        anchor_offset: int | None,
+    ) -> Tensor:
+        return contrastive_loss(
+            embeddings,
+            labels,
+            ref_emb,
+            ref_labels,
+            pos_margin=self.pos_margin,
+            neg_margin=self.neg_margin,
+            distance=self.distance,
+            normalize=self.normalize,
+            anchor_offset=anchor_offset,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"pos_margin={self.pos_margin}, neg_margin={self.neg_margin}, "
+            f"distance={self.distance!r}, normalize={self.normalize}"
+        )
