@@ -1,0 +1,425 @@
+"""The ``mbdl`` command line: ``train``, ``eval``, ``embed``, ``search``, ``data``.
+
+User errors (a bad config key or value, a missing file, a refused checkpoint) print one line,
+``mbdl: error: ...``, on stderr and exit with code 2, without a traceback (set ``MBDL_DEBUG=1``
+to see one). A diverged run exits with code 1, an interrupted one with 130.
+
+Subcommands live in a registry: add one with :func:`command` (a function that configures its
+``argparse`` parser and a function that runs it and returns the exit code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import mbdl
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
+_OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*=")
+
+
+class UsageError(Exception):
+    """A command-line usage error (exit code 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line: ``mbdl: error: ...``."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see: {self.prog} --help)")
+
+
+@dataclass
+class Command:
+    """A subcommand: ``configure(parser)`` adds its arguments, ``run(args)`` returns the exit code."""
+
+    name: str
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(
+    name: str, help: str, configure: Callable[[argparse.ArgumentParser], None]
+) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
+    """Register ``mbdl <name>``: decorate the function that runs it."""
+
+    def register(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        COMMANDS[name] = Command(name, help, configure, run)
+        return run
+
+    return register
+
+
+def split_overrides(items: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Separate ``key=value`` overrides from other arguments (paths)."""
+    overrides = [item for item in items if _OVERRIDE.match(item)]
+    others = [item for item in items if not _OVERRIDE.match(item)]
+    return overrides, others
+
+
+def _print_metrics(metrics: dict[str, Any], file: Any = None) -> None:
+    from mbdl.train.trainer import format_metrics
+
+    print(format_metrics(metrics), file=file or sys.stdout)
+
+
+# ---------------------------------------------------------------------------------------------
+# mbdl train
+
+
+def _configure_train(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "items",
+        nargs="*",
+        metavar="[CONFIG] [KEY=VALUE ...]",
+        help="a YAML config file (default: MDL on glyphs) and dotted overrides, e.g. "
+        "loss.name=triplet loss.margin=0.1 train.epochs=5",
+    )
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config and exit"
+    )
+
+
+@command(
+    "train", "train, select on validation classes, test once, write the report", _configure_train
+)
+def _run_train(args: argparse.Namespace) -> int:
+    from mbdl.config import config_to_yaml, load_config
+    from mbdl.train import train
+
+    overrides, others = split_overrides(args.items)
+    if len(others) > 1:
+        raise UsageError(f"expected at most one config file, got {', '.join(others)}")
+    config = load_config(others[0] if others else None, overrides)
+    if args.print_config:
+        print(config_to_yaml(config), end="")
+        return 0
+    try:
+        metrics = train(config)
+    except KeyboardInterrupt:
+        saved = Path(str(config.out)) / "config.yaml"
+        hint = f"; continue with: mbdl train {saved} resume=true" if saved.is_file() else ""
+        print(f"mbdl: interrupted{hint}", file=sys.stderr)
+        return 130
+    print(f"run directory: {config.out}")
+    if metrics.get("validation"):
+        print(f"validation ({config.train.select_metric} selected):")
+        _print_metrics(metrics["validation"])
+    print("test:")
+    _print_metrics(metrics["test"])
+    report = Path(str(config.out)) / "report.html"
+    if report.is_file():
+        print(f"report: {report}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# loading a checkpoint's data
+
+
+def _checkpoint_config(checkpoint: str, overrides: list[str]) -> tuple[Any, dict[str, Any]]:
+    """The config stored in a checkpoint, with ``data.*`` / ``eval.*`` overrides applied."""
+    from mbdl.config import _flatten, config_from_flat, parse_override
+    from mbdl.train.checkpoint import load_checkpoint, resolve_checkpoint
+
+    state = load_checkpoint(resolve_checkpoint(checkpoint))
+    flat = _flatten(dict(state["config"]), "checkpoint config")
+    for text in overrides:
+        key, value = parse_override(text)
+        if not key.startswith(("data.", "eval.")) and key != "seed":
+            raise UsageError(f"only data.*, eval.* and seed overrides apply here; got {key}")
+        flat[key] = value
+    flat["resume"] = False
+    return config_from_flat(flat), state
+
+
+def _split_dataset(splits: Any, name: str) -> Any:
+    dataset = getattr(splits, name, None)
+    if dataset is None:
+        raise UsageError(f"data source {splits.source} has no {name} split")
+    if len(dataset) == 0:
+        raise UsageError(f"the {name} split is empty")
+    return dataset
+
+
+def _add_checkpoint_args(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("checkpoint", metavar=what, help="a run directory or a checkpoint .pt file")
+    parser.add_argument(
+        "items",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="data.* / eval.* overrides of the checkpoint's config, e.g. data.root=/data/CUB_200_2011",
+    )
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+
+
+def _device(name: str) -> Any:
+    from mbdl.train.trainer import resolve_device
+
+    return resolve_device(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# mbdl eval
+
+
+def _configure_eval(parser: argparse.ArgumentParser) -> None:
+    _add_checkpoint_args(parser, "RUN_DIR_OR_CHECKPOINT")
+    parser.add_argument(
+        "--split", default="test", choices=("test", "val"), help="which classes (default: test)"
+    )
+    parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    parser.add_argument("-o", "--output", metavar="FILE", help="also write the metrics as JSON")
+
+
+@command("eval", "evaluate a trained model on the test (or validation) classes", _configure_eval)
+def _run_eval(args: argparse.Namespace) -> int:
+    from mbdl.train.checkpoint import atomic_write_text, model_from_state
+    from mbdl.train.trainer import evaluate_dataset, evaluate_test, load_data
+
+    overrides, others = split_overrides(args.items)
+    if others:
+        raise UsageError(f"unexpected argument {others[0]!r} (overrides look like key=value)")
+    config, state = _checkpoint_config(args.checkpoint, overrides)
+    device = _device(args.device)
+    model = model_from_state(state, device)
+    splits = load_data(config)
+    if args.split == "test":
+        metrics, _, _ = evaluate_test(model, splits, config, device)
+    else:
+        metrics, _, _ = evaluate_dataset(model, _split_dataset(splits, "val"), config, device)
+    if args.output:
+        atomic_write_text(args.output, json.dumps(metrics, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        _print_metrics(metrics)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# mbdl embed
+
+_SPLITS = ("train", "val", "test", "query", "gallery")
+
+
+def _configure_embed(parser: argparse.ArgumentParser) -> None:
+    _add_checkpoint_args(parser, "CHECKPOINT")
+    parser.add_argument("--split", default="test", choices=_SPLITS, help="default: test")
+    parser.add_argument(
+        "-o", "--output", required=True, metavar="FILE.npz", help="where to write the embeddings"
+    )
+
+
+@command("embed", "write the embeddings of a split to an .npz file", _configure_embed)
+def _run_embed(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from mbdl.evaluate import embed_dataset
+    from mbdl.train.checkpoint import atomic_write_bytes, model_from_state
+    from mbdl.train.trainer import load_data
+
+    overrides, others = split_overrides(args.items)
+    if others:
+        raise UsageError(f"unexpected argument {others[0]!r} (overrides look like key=value)")
+    config, state = _checkpoint_config(args.checkpoint, overrides)
+    device = _device(args.device)
+    model = model_from_state(state, device)
+    dataset = _split_dataset(load_data(config), args.split)
+    embeddings, labels = embed_dataset(
+        model,
+        dataset,
+        batch_size=config.eval.batch_size,
+        device=str(device),
+        num_workers=config.data.num_workers,
+    )
+    buffer = io.BytesIO()
+    np.savez(
+        buffer,
+        embeddings=embeddings.numpy(),
+        labels=labels.numpy(),
+        class_names=np.array(dataset.class_names, dtype=str),
+        items=np.array([dataset.describe(i) for i in range(len(dataset))], dtype=str),
+    )
+    atomic_write_bytes(args.output, buffer.getvalue())
+    print(
+        f"wrote {len(dataset)} embeddings of dimension {embeddings.shape[1]} "
+        f"({args.split} split) to {args.output}"
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# mbdl search
+
+
+def _configure_search(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a run directory or a .pt file")
+    parser.add_argument(
+        "items",
+        nargs="*",
+        metavar="[KEY=VALUE ...] IMAGE",
+        help="data.* / eval.* overrides, then the query image files",
+    )
+    parser.add_argument(
+        "--gallery-split",
+        "--gallery",
+        default="test",
+        choices=_SPLITS,
+        help="the split searched (default: test)",
+    )
+    parser.add_argument("-k", type=int, default=5, help="neighbours per query (default: 5)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+
+
+@command("search", "find the nearest gallery images of query images", _configure_search)
+def _run_search(args: argparse.Namespace) -> int:
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    from mbdl.evaluate import embed_dataset
+    from mbdl.functional.distances import pairwise_distance
+    from mbdl.train.checkpoint import model_from_state
+    from mbdl.train.trainer import load_data
+
+    overrides, images = split_overrides(args.items)
+    if not images:
+        raise UsageError("give at least one query IMAGE")
+    if args.k < 1:
+        raise UsageError(f"-k must be at least 1, got {args.k}")
+    queries = []
+    for path in images:
+        try:
+            with Image.open(path) as image:
+                queries.append(image.copy())
+        except (OSError, UnidentifiedImageError) as error:
+            raise ValueError(f"cannot read query image {path!r}: {error}") from None
+    config, state = _checkpoint_config(args.checkpoint, overrides)
+    device = _device(args.device)
+    model = model_from_state(state, device)
+    gallery = _split_dataset(load_data(config), args.gallery_split)
+    gallery_embeddings, gallery_labels = embed_dataset(
+        model,
+        gallery,
+        batch_size=config.eval.batch_size,
+        device=str(device),
+        num_workers=config.data.num_workers,
+    )
+    transform = gallery.transform  # the split's evaluation transform
+    with torch.inference_mode():
+        batch = torch.stack([transform(image) for image in queries]).to(device)
+        query_embeddings = model(batch).float().cpu()
+    distances = pairwise_distance(query_embeddings, gallery_embeddings, config.eval.distance)
+    k = min(args.k, len(gallery))
+    values, indices = torch.topk(distances, k, dim=1, largest=False)
+    for path, row_values, row_indices in zip(images, values, indices, strict=True):
+        print(f"query {path}")
+        for rank, (distance, index) in enumerate(
+            zip(row_values.tolist(), row_indices.tolist(), strict=True), start=1
+        ):
+            label = int(gallery_labels[index])
+            name = gallery.class_names[label]
+            print(f"  {rank:>3}  {distance:.4f}  {name!r:<12}  {gallery.describe(index)}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# mbdl data
+
+
+def _configure_data(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", choices=("glyphs",), help="the data set to build and describe")
+    parser.add_argument(
+        "--cache-dir", help="where the glyphs cache lives (default: $MBDL_CACHE or ~/.cache/mbdl)"
+    )
+
+
+@command("data", "build and describe the embedded glyphs data set", _configure_data)
+def _run_data(args: argparse.Namespace) -> int:
+    from mbdl.data.glyphs import describe_glyphs
+
+    print(describe_glyphs(cache_dir=args.cache_dir))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``mbdl`` parser with every registered subcommand."""
+    parser = _Parser(
+        prog="mbdl",
+        description="Deep metric learning with the Margin-based Discriminate Loss.",
+    )
+    parser.add_argument("--version", action="version", version=f"mbdl {mbdl.__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, entry in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=entry.help, description=entry.help)
+        entry.configure(sub)
+        sub.set_defaults(run=entry.run)
+    return parser
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``mbdl`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
+    from mbdl.train.trainer import TrainingDiverged
+
+    debug = os.environ.get("MBDL_DEBUG", "") not in ("", "0")
+    try:
+        parser = build_parser()
+        args, extras = parser.parse_known_args(argv)
+        # overrides and paths may come after options: they land in extras; give them to items
+        unknown = [e for e in extras if e.startswith("-") and not Path(e).exists()]
+        if unknown:
+            raise UsageError(f"unrecognized arguments: {' '.join(unknown)}")
+        if extras:
+            if not hasattr(args, "items"):
+                raise UsageError(f"unrecognized arguments: {' '.join(extras)}")
+            args.items = [*(args.items or []), *extras]
+        if getattr(args, "run", None) is None:
+            parser.print_help(sys.stderr)
+            return 2
+        return int(args.run(args))
+    except UsageError as error:
+        print(f"mbdl: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as error:
+        if debug:
+            raise
+        print(f"mbdl: error: {_one_line(error)}", file=sys.stderr)
+        return 1
+    except USER_ERRORS as error:
+        if debug:
+            raise
+        if isinstance(error, OSError) and error.filename is not None and error.strerror:
+            message = f"{error.filename}: {error.strerror}"
+        else:
+            message = _one_line(error)
+        print(f"mbdl: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mbdl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""The ``mbdl`` command line: exit codes, one-line errors, and train / eval / embed / search / data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import mbdl
+from mbdl.cli import COMMANDS, main, split_overrides
+
+SMALL = [
+    "data.max_classes=40",
+    "model.embedding_dim=16",
+    "train.epochs=1",
+    "train.batch_classes=8",
+    "train.batch_per_class=4",
+    "train.max_steps_per_epoch=2",
+    "train.device=cpu",
+    "eval.ks=[1, 2]",
+    "eval.report=false",
+]
+
+
+def run_mbdl(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mbdl", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+        check=False,
+    )
+
+
+def assert_user_error(result: subprocess.CompletedProcess[str], expected: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("mbdl: error: ")
+    assert expected in lines[0]
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"mbdl {mbdl.__version__}"
+
+
+def test_user_error_in_a_real_process_is_one_line_with_exit_code_2() -> None:
+    assert_user_error(
+        run_mbdl("train", "train.epoch=5"), "unknown key train.epoch; did you mean train.epochs"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["train", "train.amp=fp32"], "choose one of off, bf16, fp16"),
+        (["train", "none.yaml"], "config file 'none.yaml' does not exist"),
+        (["train", "a.yaml", "b.yaml"], "expected at most one config file"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["eval", "no-run"], "'no-run' does not exist"),
+        (["train", "--bogus"], "unrecognized arguments: --bogus"),
+        (["search", "no-run"], "give at least one query IMAGE"),
+        (["embed", "no-run"], "the following arguments are required: -o/--output"),
+        (["train", "out=x", "resume=true", "data.source=cub"], "needs data.root"),
+    ],
+)
+def test_user_errors_are_one_line_with_exit_code_2(
+    args: list[str], expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mbdl: error: "), captured.err
+    assert expected in lines[0]
+
+
+def test_print_config(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--print-config", "loss.name=triplet", "loss.margin=0.1"]) == 0
+    out = capsys.readouterr().out
+    assert "name: triplet" in out and "margin: 0.1" in out
+
+
+def test_split_overrides() -> None:
+    overrides, others = split_overrides(["run.yaml", "train.lr=0.1", "a/b=c.png", "seed=3"])
+    assert overrides == ["train.lr=0.1", "seed=3"]
+    assert others == ["run.yaml", "a/b=c.png"]
+
+
+def test_registry_lists_the_commands() -> None:
+    assert {"train", "eval", "embed", "search", "data"} <= set(COMMANDS)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    cache = str(tmp_path_factory.mktemp("glyph-cache"))
+    out = tmp_path_factory.mktemp("cli") / "run"
+    code = main(["train", *SMALL, f"data.root={cache}", f"out={out}", "train.progress=false"])
+    assert code == 0
+    return out, cache
+
+
+def test_train_prints_test_metrics(
+    trained_run: tuple[Path, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, cache = trained_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    # running again into the same directory is refused: finished results are never overwritten
+    code = main(["train", *SMALL, f"data.root={cache}", f"out={out}"])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "already exists and is not empty" in captured.err
+    assert metrics["test"]["map@r"] >= 0
+
+
+def test_eval_reproduces_the_test_metrics(
+    trained_run: tuple[Path, str], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    out, _ = trained_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert main(["eval", str(out), "--json", "-o", str(tmp_path / "m.json")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == pytest.approx(metrics["test"])
+    assert json.loads((tmp_path / "m.json").read_text()) == printed
+    assert main(["eval", str(out / "checkpoints" / "best.pt"), "--split", "val"]) == 0
+    text = capsys.readouterr().out
+    assert "map@r" in text
+    # only data.* / eval.* overrides make sense for a trained model
+    assert main(["eval", str(out), "train.lr=0.1"]) == 2
+    assert "only data.*, eval.* and seed overrides" in capsys.readouterr().err
+
+
+def test_embed_writes_an_npz(trained_run: tuple[Path, str], tmp_path: Path) -> None:
+    out, _ = trained_run
+    target = tmp_path / "emb.npz"
+    assert main(["embed", str(out / "checkpoints" / "best.pt"), "-o", str(target)]) == 0
+    with np.load(target) as data:
+        assert data["embeddings"].shape == (20 * 16, 16)
+        assert data["labels"].shape == (20 * 16,)
+        assert len(data["class_names"]) == 20
+        assert len(data["items"]) == 20 * 16
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.npz"]  # no temp file left
+
+
+def test_search_prints_top_k(
+    trained_run: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mbdl.data import load_splits
+
+    out, cache = trained_run
+    test = load_splits("glyphs", cache, max_classes=40).test
+    query = tmp_path / "query.png"
+    test.load_image(0).save(query)
+    code = main(["search", str(out), "--gallery-split", "test", "-k", "3", str(query)])
+    assert code == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == f"query {query}"
+    assert len(lines) == 4
+    first = lines[1].split()
+    assert first[0] == "1" and float(first[1]) == pytest.approx(0.0, abs=1e-4)
+    assert test.describe(0) in lines[1]  # the image itself is its own nearest neighbour
+    # a colour query of another size goes through the gallery's evaluation transform
+    colour = tmp_path / "colour.png"
+    Image.new("RGB", (40, 40), (255, 0, 0)).save(colour)
+    assert main(["search", str(out), str(colour), "-k", "2"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 3
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    assert main(["search", str(out), str(broken)]) == 2
+    assert "cannot read query image" in capsys.readouterr().err
+
+
+def test_data_glyphs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["data", "glyphs", "--cache-dir", str(tmp_path)]) == 0
+    assert "classes" in capsys.readouterr().out
+
+
+def test_divergence_exits_1_with_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mbdl.train import trainer
+
+    def nan_step(self: Any, images: Any, labels: Any) -> float:
+        raise trainer.TrainingDiverged(f"the loss is nan {self._where()}. {self._advice()}")
+
+    monkeypatch.setattr(trainer.Trainer, "_train_step", nan_step)
+    code = main(["train", *SMALL, f"data.root={tmp_path / 'cache'}", f"out={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert err[-1].startswith("mbdl: error: the loss is nan at epoch 1, step 1")
