@@ -32,12 +32,14 @@ def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> flo
 
 
 def peak_rss_of(code: str, timeout: float = 1800) -> dict[str, Any]:
-    """Run ``code`` in a fresh Python process; return its JSON output (last stdout line) plus
-    ``peak_rss_mb``, the peak resident memory of that process."""
+    """Run ``code`` in a fresh Python process; it must set a dict ``RESULT``. Returns ``RESULT``
+    plus ``peak_rss_mb``, the peak resident memory of that process (``VmHWM`` of its own address
+    space; ``ru_maxrss`` is not used because Linux carries the parent's peak across fork+exec)."""
     wrapper = (
-        "import json, resource, sys\n"
+        "import json, sys\n"
         f"{code}\n"
-        "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
+        "peak = next(int(line.split()[1]) for line in open('/proc/self/status')\n"
+        "            if line.startswith('VmHWM:')) / 1024\n"
         "print(json.dumps({**RESULT, 'peak_rss_mb': peak}))\n"
     )
     out = subprocess.run(
