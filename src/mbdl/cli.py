@@ -107,13 +107,19 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config_to_yaml(config), end="")
         return 0
+    from mbdl.distributed import distributed_info
+
+    main_rank = distributed_info().is_main  # under torchrun only rank 0 prints
     try:
         metrics = train(config)
     except KeyboardInterrupt:
         saved = Path(str(config.out)) / "config.yaml"
         hint = f"; continue with: mbdl train {saved} resume=true" if saved.is_file() else ""
-        print(f"mbdl: interrupted{hint}", file=sys.stderr)
+        if main_rank:
+            print(f"mbdl: interrupted{hint}", file=sys.stderr)
         return 130
+    if not main_rank:
+        return 0
     print(f"run directory: {config.out}")
     if metrics.get("validation"):
         print(f"validation ({config.train.select_metric} selected):")
@@ -283,6 +289,12 @@ def _configure_search(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("-k", type=int, default=5, help="neighbours per query (default: 5)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument(
+        "--index",
+        metavar="INDEX",
+        help="search this gallery index (from mbdl index build) instead of embedding a split; "
+        "CHECKPOINT must be the model the index was built with",
+    )
 
 
 @command("search", "find the nearest gallery images of query images", _configure_search)
@@ -307,6 +319,8 @@ def _run_search(args: argparse.Namespace) -> int:
                 queries.append(image.copy())
         except (OSError, UnidentifiedImageError) as error:
             raise ValueError(f"cannot read query image {path!r}: {error}") from None
+    if args.index is not None:
+        return _search_index(args, images, queries, overrides)
     config, state = _checkpoint_config(args.checkpoint, overrides)
     device = _device(args.device)
     model = model_from_state(state, device)
@@ -336,6 +350,137 @@ def _run_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _search_index(
+    args: argparse.Namespace, images: list[str], queries: list[Any], overrides: list[str]
+) -> int:
+    """``mbdl search --index INDEX CHECKPOINT IMAGE...``: embed the queries, search the index."""
+    import torch
+
+    from mbdl.data import build_transforms
+    from mbdl.index import GalleryIndex, model_fingerprint
+    from mbdl.train.checkpoint import load_checkpoint, model_from_state, resolve_checkpoint
+
+    if overrides:
+        raise UsageError(
+            f"{overrides[0]!r}: overrides do not apply with --index (the index is the gallery)"
+        )
+    index = GalleryIndex.load(args.index)
+    state = load_checkpoint(resolve_checkpoint(args.checkpoint))
+    device = _device(args.device)
+    model = model_from_state(state, device)
+    model_id = model_fingerprint(model.state_dict())
+    if model_id != index.model_id:
+        raise ValueError(
+            f"checkpoint {args.checkpoint} (model {model_id}) is not the model index {args.index} "
+            f"was built with ({index.model_id}); use that checkpoint or rebuild the index"
+        )
+    data_args = state.get("data_args", {})
+    transform = build_transforms(
+        False,
+        int(index.info.get("image_size", data_args.get("image_size", 32))),
+        int(index.info.get("channels", data_args.get("channels", 3))),
+        imagenet_norm=bool(index.info.get("imagenet_norm", False)),
+    )
+    with torch.inference_mode():
+        batch = torch.stack([transform(image) for image in queries]).to(device)
+        query_embeddings = model(batch).float().cpu()
+    distances, indices = index.search(query_embeddings, min(args.k, len(index)), model_id=model_id)
+    for path, row_values, row_indices in zip(images, distances, indices, strict=True):
+        print(f"query {path}")
+        for rank, (distance, item) in enumerate(
+            zip(row_values.tolist(), row_indices.tolist(), strict=True), start=1
+        ):
+            if item < 0:  # an approximate index found fewer than k items
+                break
+            label = int(index.labels[item])
+            name = index.class_names[label] if label < len(index.class_names) else str(label)
+            where = index.paths[item] if item < len(index.paths) else f"#{item}"
+            print(f"  {rank:>3}  {distance:.4f}  {name!r:<12}  {where}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# mbdl index
+
+
+def _configure_index(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=("build",), help="build: embed a split and index it")
+    _add_checkpoint_args(parser, "CHECKPOINT")
+    parser.add_argument("--split", default="test", choices=_SPLITS, help="default: test")
+    parser.add_argument(
+        "--kind",
+        default="flat",
+        choices=("flat", "ivf", "hnsw"),
+        help="flat: exact (default); ivf, hnsw: approximate, for large galleries (their recall "
+        "against exact search is reported)",
+    )
+    parser.add_argument("--nlist", type=int, help="ivf lists (default: 4 sqrt(N))")
+    parser.add_argument("--nprobe", type=int, default=16, help="ivf lists visited (default: 16)")
+    parser.add_argument("--hnsw-m", type=int, default=32, help="hnsw neighbours (default: 32)")
+    parser.add_argument(
+        "-o", "--output", required=True, metavar="INDEX", help="the index directory to write"
+    )
+
+
+@command(
+    "index", "build a faiss gallery index of a split for mbdl search --index", _configure_index
+)
+def _run_index(args: argparse.Namespace) -> int:
+    from mbdl.evaluate import embed_dataset
+    from mbdl.index import GalleryIndex, model_fingerprint
+    from mbdl.train.checkpoint import model_from_state
+    from mbdl.train.trainer import load_data
+
+    overrides, others = split_overrides(args.items)
+    if others:
+        raise UsageError(f"unexpected argument {others[0]!r} (overrides look like key=value)")
+    config, state = _checkpoint_config(args.checkpoint, overrides)
+    device = _device(args.device)
+    model = model_from_state(state, device)
+    splits = load_data(config)
+    dataset = _split_dataset(splits, args.split)
+    embeddings, labels = embed_dataset(
+        model,
+        dataset,
+        batch_size=config.eval.batch_size,
+        device=str(device),
+        num_workers=config.data.num_workers,
+    )
+    # squared euclidean ranks as euclidean; the index reports euclidean distances
+    distance = "cosine" if config.eval.distance == "cosine" else "euclidean"
+    index = GalleryIndex.build(
+        embeddings,
+        labels,
+        model_id=model_fingerprint(model.state_dict()),
+        distance=distance,
+        kind=args.kind,
+        paths=[dataset.describe(i) for i in range(len(dataset))],
+        class_names=list(dataset.class_names),
+        nlist=args.nlist,
+        nprobe=args.nprobe,
+        hnsw_m=args.hnsw_m,
+        seed=config.seed,
+    )
+    index.info = {
+        "checkpoint": str(args.checkpoint),
+        "split": args.split,
+        "source": config.data.source,
+        "image_size": int(splits.image_size),
+        "channels": int(splits.channels),
+        "imagenet_norm": config.model.pretrained is not None,
+    }
+    index.save(args.output)
+    report = index.build_report
+    details = ", ".join(
+        f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in report.items()
+    )
+    print(
+        f"indexed {len(index)} {args.split} items of dimension {index.dim} ({distance}): {details}"
+    )
+    print(f"model {index.model_id}; wrote {args.output}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 # mbdl data
 
@@ -353,6 +498,27 @@ def _run_data(args: argparse.Namespace) -> int:
 
     print(describe_glyphs(cache_dir=args.cache_dir))
     return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# mbdl compare (implementation: mbdl.compare)
+
+
+def _configure_compare(parser: argparse.ArgumentParser) -> None:
+    from mbdl.compare import configure_parser
+
+    configure_parser(parser)
+
+
+@command(
+    "compare",
+    "train several losses under one budget, tune each on validation, compare on test",
+    _configure_compare,
+)
+def _run_compare(args: argparse.Namespace) -> int:
+    from mbdl.compare import run_cli
+
+    return run_cli(args, split_overrides)
 
 
 # ---------------------------------------------------------------------------------------------

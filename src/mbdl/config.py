@@ -119,7 +119,14 @@ CONFIG_SCHEMA: dict[str, tuple[str, Any, tuple[Any, ...] | None, str]] = {
     "train.batch_classes": ("int", 32, None, "P: classes per batch."),
     "train.batch_per_class": ("int", 4, None, "K: images per class in a batch (batch size P x K)."),
     "train.optimizer": ("str", "adamw", ("adamw", "sgd"), "Optimiser."),
-    "train.lr": ("float", 1e-3, None, "Learning rate of the backbone (peak, after warm-up)."),
+    "train.lr": (
+        "float",
+        1e-3,
+        None,
+        "Learning rate of the backbone (peak, after warm-up), for the global batch: under torchrun "
+        "with W processes a step sees P x K x W images and the same gradients as one process on "
+        "them, so lr is not scaled with W.",
+    ),
     "train.head_lr_mult": ("float", 1.0, None, "Learning rate of the embedding head = lr x this."),
     "train.loss_lr": (
         "float | None",
@@ -197,6 +204,20 @@ CONFIG_SCHEMA: dict[str, tuple[str, Any, tuple[Any, ...] | None, str]] = {
         None,
         "Progress bar per epoch (only shown when stderr is a terminal).",
     ),
+    "train.xbm_size": (
+        "int",
+        0,
+        None,
+        "Cross-batch memory (Wang et al., CVPR 2020): keep the last this many training embeddings "
+        "(all ranks' under torchrun) as extra positives and negatives; 0: off. Not for proxyanchor.",
+    ),
+    "train.xbm_warmup_steps": (
+        "int",
+        0,
+        None,
+        "Optimiser steps before the cross-batch memory is used (it is filled from the start); "
+        "the paper waits about 1000 iterations while the embedding still drifts fast.",
+    ),
     "eval.ks": ("list[int]", [1, 2, 4, 8], None, "K values of Recall@K."),
     "eval.batch_size": ("int", 256, None, "Batch size when embedding a data set."),
     "eval.distance": (
@@ -249,6 +270,8 @@ _LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
     "train.patience": (1, False),
     "train.max_steps_per_epoch": (1, False),
     "train.checkpoint_every_steps": (1, False),
+    "train.xbm_size": (0, False),
+    "train.xbm_warmup_steps": (0, False),
     "eval.batch_size": (1, False),
 }
 
@@ -330,6 +353,8 @@ class TrainConfig:
     max_steps_per_epoch: int | None = _default("train.max_steps_per_epoch")
     checkpoint_every_steps: int | None = _default("train.checkpoint_every_steps")
     progress: bool = _default("train.progress")
+    xbm_size: int = _default("train.xbm_size")
+    xbm_warmup_steps: int = _default("train.xbm_warmup_steps")
 
 
 @dataclass
@@ -583,6 +608,7 @@ def config_from_flat(values: dict[str, Any]) -> Config:
     resolved_loss = _check_loss_params(
         resolved["loss.name"], loss_params, resolved["model.embedding_dim"]
     )
+    _check_xbm(resolved)
 
     def section(name: str) -> dict[str, Any]:
         prefix = name + "."
@@ -625,6 +651,18 @@ def _check_cross_keys(resolved: dict[str, Any]) -> None:
         raise ConfigError(
             f"train.warmup_epochs={resolved['train.warmup_epochs']:g} exceeds "
             f"train.epochs={resolved['train.epochs']}"
+        )
+
+
+def _check_xbm(resolved: dict[str, Any]) -> None:
+    """Cross-batch memory needs a loss that takes a reference set (not a proxy loss)."""
+    from mbdl.losses import loss_class
+
+    name = resolved["loss.name"]
+    if resolved["train.xbm_size"] > 0 and not getattr(loss_class(name), "accepts_ref", True):
+        raise ConfigError(
+            f"train.xbm_size={resolved['train.xbm_size']} needs a loss that takes a reference set; "
+            f"loss {name!r} has none (its anchors are proxies): set train.xbm_size=0"
         )
 
 

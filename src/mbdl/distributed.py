@@ -13,7 +13,10 @@ sizes of metric learning.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -50,16 +53,77 @@ def distributed_info() -> DistributedInfo:
     )
 
 
-def init_distributed(device_type: str) -> DistributedInfo:
+def init_distributed(device_type: str, timeout: timedelta | None = None) -> DistributedInfo:
     """Initialise the default process group when launched by ``torchrun`` (``WORLD_SIZE > 1``).
 
-    Uses NCCL for CUDA and gloo otherwise; a no-op for a single process.
+    Uses NCCL for CUDA and gloo otherwise; a no-op for a single process. ``timeout`` bounds how
+    long a collective waits (the other ranks wait while rank 0 validates and writes).
     """
     info = distributed_info()
     if info.enabled and not dist.is_initialized():
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        if timeout is None:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, timeout=timeout)
         info = distributed_info()
     return info
+
+
+def is_distributed() -> bool:
+    """Whether a process group with more than one rank is initialised."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op without a process group)."""
+    if is_distributed():
+        dist.barrier()
+
+
+def broadcast_object(value: Any, src: int = 0) -> Any:
+    """``value`` of rank ``src`` on every rank (picklable values between this job's own
+    processes; the identity without a process group)."""
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def average_gradients(params: Iterable[nn.Parameter]) -> None:
+    """All-reduce (mean) the gradients of ``params`` that are outside DistributedDataParallel,
+    e.g. a loss's proxies, so every rank applies the same update."""
+    if not is_distributed():
+        return
+    world = dist.get_world_size()
+    for param in params:
+        if param.grad is not None:
+            dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
+            param.grad.div_(world)
+
+
+def replicas_differ(tensors: dict[str, Tensor]) -> list[str]:
+    """Names of the ``tensors`` whose values differ between ranks (compared through a float64
+    sum and sum of squares of each tensor, all-gathered); empty without a process group."""
+    if not is_distributed() or not tensors:
+        return []
+    names = sorted(tensors)
+    summary = torch.stack(
+        [
+            torch.stack(
+                [tensors[n].detach().double().sum(), tensors[n].detach().double().square().sum()]
+            )
+            for n in names
+        ]
+    )
+    gathered = [torch.zeros_like(summary) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, summary)
+    return [
+        name
+        for i, name in enumerate(names)
+        if any(not torch.equal(other[i], gathered[0][i]) for other in gathered[1:])
+    ]
 
 
 def gather_with_grad(embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -104,4 +168,4 @@ class GatheredLoss(nn.Module):
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         all_emb, all_labels = gather_with_grad(embeddings, labels)
-        return self.loss(all_emb, all_labels)  # type: ignore[no-any-return]
+        return self.loss(all_emb, all_labels)

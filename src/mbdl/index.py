@@ -43,7 +43,7 @@ def model_fingerprint(state_dict: Mapping[str, Tensor]) -> str:
     for name in sorted(state_dict):
         tensor = state_dict[name].detach().cpu().contiguous()
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -59,6 +59,7 @@ class GalleryIndex:
     paths: list[str] = field(default_factory=list)
     class_names: list[str] = field(default_factory=list)
     build_report: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)  # free JSON metadata (checkpoint, split)
 
     @property
     def dim(self) -> int:
@@ -164,6 +165,9 @@ class GalleryIndex:
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; an index is shared
         try:
             faiss.write_index(self.index, str(staging / "index.faiss"))
             np.save(staging / "labels.npy", self.labels, allow_pickle=False)
@@ -177,8 +181,9 @@ class GalleryIndex:
                 "paths": self.paths,
                 "class_names": self.class_names,
                 "build_report": self.build_report,
+                "info": self.info,
             }
-            (staging / "meta.json").write_text(json.dumps(meta, indent=1))
+            (staging / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
             if target.exists():
                 backup = target.with_name(f".{target.name}.old")
                 shutil.rmtree(backup, ignore_errors=True)
@@ -200,9 +205,11 @@ class GalleryIndex:
             if not (folder / name).is_file():
                 raise ValueError(f"{folder} is not an mbdl index: {name} is missing")
         try:
-            meta = json.loads((folder / "meta.json").read_text())
-        except json.JSONDecodeError as error:
+            meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ValueError(f"{folder / 'meta.json'} is not valid JSON: {error}") from error
+        if not isinstance(meta, dict) or not {"model_id", "distance", "kind"} <= set(meta):
+            raise ValueError(f"{folder / 'meta.json'} lacks model_id, distance or kind")
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(
                 f"{folder} has index format {meta.get('format_version')}, expected {FORMAT_VERSION}"
@@ -220,6 +227,7 @@ class GalleryIndex:
             meta.get("paths", []),
             meta.get("class_names", []),
             meta.get("build_report", {}),
+            meta.get("info", {}),
         )
 
 

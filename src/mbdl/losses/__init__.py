@@ -31,7 +31,8 @@ def loss_class(name: str) -> type[MetricLoss]:
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
     module, cls = LOSSES[name]
-    return getattr(importlib.import_module(module), cls)  # type: ignore[no-any-return]
+    found: type[MetricLoss] = getattr(importlib.import_module(module), cls)
+    return found
 
 
 def build_loss(name: str, **params: Any) -> MetricLoss:

@@ -15,9 +15,23 @@ Files written into ``config.out``:
 
 Exact resumption: the batch order is a pure function of ``(seed, epoch)`` (the sampler), the
 augmentation of each image is seeded by ``(seed, epoch, batch, position)``, and the checkpoint
-holds the model, optimiser, scheduler, GradScaler, loss parameters, RNG states, the position in
-the epoch, the best metric, the patience counter and the history; so on CPU a resumed run
-reproduces an uninterrupted one exactly.
+holds the model, optimiser, scheduler, GradScaler, loss parameters, the cross-batch memory, RNG
+states, the position in the epoch, the best metric, the patience counter and the history; so on
+CPU a resumed run reproduces an uninterrupted one exactly.
+
+Several processes (``torchrun --nproc_per_node W -m mbdl train ...``, multi-node through
+torchrun's rendezvous): the process group is initialised from torchrun's environment (gloo on
+CPU, NCCL on CUDA with device ``cuda:LOCAL_RANK``), the model is wrapped in
+DistributedDataParallel, the sampler gives each rank disjoint batches, and the loss sees every
+rank's batch (:class:`mbdl.distributed.GatheredLoss`; with cross-batch memory the gathered batch
+goes into the memory). A step then has the gradients of one process on the ``P x K x W`` images,
+so ``train.lr`` is the learning rate of that global batch (not scaled with ``W``); the loss's own
+parameters (proxies, beta) get their gradients averaged over ranks too, and the ranks' parameters
+are checked to be identical after every epoch. Augmentation seeds use the global batch number,
+so they differ between ranks. Rank 0 alone validates, tests and writes files (the run directory
+need not be shared: a resume broadcasts rank 0's checkpoint), the others wait; ``log.jsonl``
+records ``world_size`` and the global ``images_per_s``. A run resumes with the same number of
+processes only.
 """
 
 from __future__ import annotations
@@ -32,7 +46,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +64,16 @@ from mbdl.config import (
     config_to_yaml,
     load_config,
 )
+from mbdl.distributed import (
+    DistributedInfo,
+    GatheredLoss,
+    average_gradients,
+    barrier,
+    broadcast_object,
+    init_distributed,
+    replicas_differ,
+)
+from mbdl.losses.xbm import CrossBatchMemory
 from mbdl.train.checkpoint import (
     atomic_write_text,
     load_checkpoint,
@@ -62,6 +86,10 @@ from mbdl.train.schedule import warmup_cosine_schedule
 
 class TrainingDiverged(RuntimeError):
     """The loss (or the gradients, or the weights) became NaN or Inf; the run stopped."""
+
+
+# How long a rank waits in a collective while rank 0 validates, tests or writes checkpoints.
+COLLECTIVE_TIMEOUT = timedelta(hours=2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,7 +118,10 @@ class SeededBatches(Sampler[list[tuple[int, int]]]):
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         epoch = int(self.batch_sampler.epoch)
         start = int(self.batch_sampler.start_batch)
-        for number, batch in enumerate(self.batch_sampler, start=start):
+        replicas = int(getattr(self.batch_sampler, "num_replicas", 1))
+        rank = int(getattr(self.batch_sampler, "rank", 0))
+        for local_number, batch in enumerate(self.batch_sampler, start=start):
+            number = local_number * replicas + rank  # the batch's number in the whole epoch
             seeds = np.random.SeedSequence([self.seed, epoch, number]).generate_state(
                 len(batch), dtype=np.uint64
             )
@@ -369,8 +400,13 @@ class Trainer:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.out, resume_state = prepare_run_dir(config)
         self.device = resolve_device(config.train.device)
+        self.owns_process_group = not torch.distributed.is_initialized()
+        self.dist: DistributedInfo = init_distributed(self.device.type, COLLECTIVE_TIMEOUT)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(self.device)
+        self.out, resume_state = self._prepare_run_dir()
         self.amp = amp_dtype(config.train.amp, self.device)
         if config.train.num_threads is not None:
             torch.set_num_threads(config.train.num_threads)
@@ -381,7 +417,11 @@ class Trainer:
         from mbdl.models import build_model
 
         seed_everything(config.seed)
+        if not self.dist.is_main:
+            barrier()  # rank 0 builds caches or downloads first
         self.splits = load_data(config)
+        if self.dist.is_main:
+            barrier()
         train_set = self.splits.train
         num_classes = len(np.unique(train_set.labels))
         if num_classes < config.train.batch_classes:
@@ -402,6 +442,8 @@ class Trainer:
             config.train.batch_classes,
             config.train.batch_per_class,
             seed=config.seed,
+            num_replicas=self.dist.world_size,
+            rank=self.dist.rank,
         )
         self.steps_per_epoch = len(self.sampler)
         if config.train.max_steps_per_epoch is not None:
@@ -427,6 +469,16 @@ class Trainer:
         if "embedding_dim" in needs:
             extra["embedding_dim"] = config.model.embedding_dim
         self.loss = build_loss(config.loss.name, **config.loss.params, **extra).to(self.device)
+        self.memory: CrossBatchMemory | None = None
+        if config.train.xbm_size > 0:
+            self.memory = CrossBatchMemory(
+                self.loss,
+                config.train.xbm_size,
+                config.model.embedding_dim,
+                config.train.xbm_warmup_steps,
+            ).to(self.device)
+        # gather every rank's batch first, then (optionally) the memory, then the loss
+        self.criterion = GatheredLoss(self.memory if self.memory is not None else self.loss)
         self.optimizer = build_optimizer(config, self.model, self.loss)
         self.scheduler = warmup_cosine_schedule(self.optimizer, warmup_steps, self.total_steps)
         self.scaler = torch.amp.GradScaler(
@@ -436,8 +488,14 @@ class Trainer:
         self.config_dict = config_to_dict(config)
         if resume_state is not None:
             self._restore(resume_state)
-        else:
+        elif self.dist.is_main:
             atomic_write_text(self.out / "config.yaml", config_to_yaml(config))
+        self.network: nn.Module = self.model  # what the training step calls
+        if self.dist.enabled:
+            self.network = nn.parallel.DistributedDataParallel(
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            )
         self.loader_generator = torch.Generator()
         self.loader = DataLoader(
             SeededDataset(train_set),
@@ -446,6 +504,30 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
             generator=self.loader_generator,
         )
+
+    def _prepare_run_dir(self) -> tuple[Path, dict[str, Any] | None]:
+        """:func:`prepare_run_dir` on rank 0; the other ranks get its directory and state."""
+        if not self.dist.enabled:
+            return prepare_run_dir(self.config)
+        outcome: tuple[str, Any, Any]
+        if self.dist.is_main:
+            try:
+                out, state = prepare_run_dir(self.config)
+                outcome = ("ok", str(out), state)
+            except ConfigError as error:
+                outcome = ("error", str(error), None)
+        else:
+            outcome = ("", None, None)
+        kind, value, state = broadcast_object(outcome)
+        if kind == "error":
+            raise ConfigError(value)
+        self.config.out = value
+        return Path(value), state
+
+    def close(self) -> None:
+        """Destroy the process group if this trainer created it."""
+        if self.dist.enabled and self.owns_process_group and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
     # -- checkpoints -----------------------------------------------------------------------
 
@@ -467,6 +549,11 @@ class Trainer:
 
     def _save_last(self) -> None:
         self._check_finite_weights()
+        if not self.dist.is_main:
+            return
+        extra: dict[str, Any] = {}
+        if self.memory is not None:
+            extra["xbm_state"] = self.memory.state_dict()
         save_checkpoint(
             self.checkpoints / "last.pt",
             {
@@ -481,11 +568,15 @@ class Trainer:
                 "scaler": self.scaler.state_dict(),
                 "rng": rng_state(),
                 "progress": self.progress.to_state(),
+                "world_size": self.dist.world_size,
+                **extra,
             },
         )
 
     def _save_best(self, epoch: int, validation: dict[str, float]) -> None:
         self._check_finite_weights()
+        if not self.dist.is_main:
+            return
         save_checkpoint(
             self.checkpoints / "best.pt",
             {
@@ -501,16 +592,28 @@ class Trainer:
         )
 
     def _restore(self, state: dict[str, Any]) -> None:
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != self.dist.world_size:
+            raise ConfigError(
+                f"{self.checkpoints / 'last.pt'} was written by {saved_world} process(es); resume "
+                f"it with the same number (torchrun --nproc_per_node ...), not "
+                f"{self.dist.world_size}"
+            )
+        if (self.memory is not None) != ("xbm_state" in state):
+            raise ConfigError(f"{self.checkpoints / 'last.pt'} does not match train.xbm_size")
         self.model.load_state_dict(state["model_state"])
         self.loss.load_state_dict(state["loss_state"])
+        if self.memory is not None:
+            self.memory.load_state_dict(state["xbm_state"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.progress = Progress.from_state(state["progress"])
         set_rng_state(state["rng"])
-        # log.jsonl may hold records written after this checkpoint: rewrite it from the history
-        lines = "".join(json.dumps(r) + "\n" for r in self.progress.history)
-        atomic_write_text(self.out / "log.jsonl", lines)
+        if self.dist.is_main:
+            # log.jsonl may hold records written after this checkpoint: rewrite it from the history
+            lines = "".join(json.dumps(r) + "\n" for r in self.progress.history)
+            atomic_write_text(self.out / "log.jsonl", lines)
 
     # -- training ----------------------------------------------------------------------------
 
@@ -539,12 +642,13 @@ class Trainer:
             else contextlib.nullcontext()
         )
         with autocast:
-            embeddings = self.model(images)
-        loss = self.loss(embeddings.float(), labels)
+            embeddings = self.network(images)
+        loss = self.criterion(embeddings.float(), labels)
         value = float(loss.detach())
         if not math.isfinite(value):
             raise TrainingDiverged(f"the loss is {value} {self._where()}. {self._advice()}")
         self.scaler.scale(loss).backward()
+        average_gradients(self.loss.parameters())  # DDP averages the model's only
         if self.config.train.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -561,7 +665,7 @@ class Trainer:
     def _progress_bar(self, epoch: int) -> Any:
         from tqdm.auto import tqdm
 
-        enabled = self.config.train.progress and sys.stderr.isatty()
+        enabled = self.config.train.progress and sys.stderr.isatty() and self.dist.is_main
         return tqdm(
             total=self.steps_per_epoch,
             initial=self.progress.step_in_epoch,
@@ -578,7 +682,7 @@ class Trainer:
         self.sampler.set_epoch(epoch, p.step_in_epoch)
         self.loader_generator.manual_seed(self.config.seed * 1_000_003 + epoch)
         self.model.train()
-        self.loss.train()
+        self.criterion.train()
         bar = self._progress_bar(epoch)
         try:
             batches = iter(self.loader)
@@ -591,7 +695,7 @@ class Trainer:
                 p.global_step += 1
                 p.epoch_loss_sum += value
                 p.epoch_batches += 1
-                p.epoch_images += int(labels.shape[0])
+                p.epoch_images += int(labels.shape[0]) * self.dist.world_size  # global
                 p.epoch_seconds += seconds
                 p.elapsed_s += seconds
                 rate = p.epoch_images / p.epoch_seconds if p.epoch_seconds > 0 else 0.0
@@ -611,9 +715,11 @@ class Trainer:
             return None
         if (epoch + 1) % config.train.val_every != 0 and not last_epoch:
             return None
-        metrics, _, _ = evaluate_dataset(self.model, self.splits.val, config, self.device)
-        self.model.train()
-        return metrics
+        metrics = None
+        if self.dist.is_main:  # the other ranks wait for the result
+            metrics, _, _ = evaluate_dataset(self.model, self.splits.val, config, self.device)
+            self.model.train()
+        return broadcast_object(metrics)
 
     def _end_epoch(self, epoch: int, validation: dict[str, float] | None) -> bool:
         """Log the epoch, update the best checkpoint and patience; True to stop early."""
@@ -627,6 +733,7 @@ class Trainer:
             "lr": float(self.optimizer.param_groups[0]["lr"]),
             "images_per_s": p.epoch_images / p.epoch_seconds if p.epoch_seconds > 0 else None,
             "elapsed_s": p.elapsed_s,
+            "world_size": self.dist.world_size,
         }
         if validation is not None:
             record["validation"] = validation
@@ -641,8 +748,10 @@ class Trainer:
                 if config.train.patience is not None and p.bad_validations >= config.train.patience:
                     stop = True
         p.history.append(record)
-        with open(self.out / "log.jsonl", "a", encoding="utf-8") as log:
-            log.write(json.dumps(record) + "\n")
+        self._check_replicas()
+        if self.dist.is_main:
+            with open(self.out / "log.jsonl", "a", encoding="utf-8") as log:
+                log.write(json.dumps(record) + "\n")
         p.epoch += 1
         p.step_in_epoch = 0
         p.epoch_loss_sum, p.epoch_batches, p.epoch_images, p.epoch_seconds = 0.0, 0, 0, 0.0
@@ -653,10 +762,25 @@ class Trainer:
         self._save_last()
         return stop
 
+    def _check_replicas(self) -> None:
+        """Under torchrun: every rank must hold the same parameters (and memory)."""
+        if not self.dist.enabled:
+            return
+        tensors: dict[str, torch.Tensor] = dict(self.model.named_parameters(prefix="model"))
+        tensors.update({f"loss.{n}": t for n, t in self.loss.named_parameters()})
+        if self.memory is not None:
+            tensors["xbm.memory"] = self.memory.memory
+        differ = replicas_differ(tensors)
+        if differ:
+            raise RuntimeError(
+                f"the ranks' copies diverged {self._where()}: {', '.join(differ[:3])} differ"
+            )
+
     def fit(self) -> None:
         """Train until ``train.epochs`` or early stopping (continuing a resumed position)."""
         p = self.progress
-        if self.config.train.progress and p.epoch < self.config.train.epochs:
+        shown = self.config.train.progress and self.dist.is_main
+        if shown and p.epoch < self.config.train.epochs:
             where = f" from epoch {p.epoch + 1}, step {p.step_in_epoch}" if p.global_step else ""
             print(f"training into {self.out}{where}", file=sys.stderr, flush=True)
         while p.epoch < self.config.train.epochs and not p.stopped_early:
@@ -667,14 +791,15 @@ class Trainer:
             self._print_epoch(p.history[-1])
 
     def _print_epoch(self, record: dict[str, Any]) -> None:
-        if not self.config.train.progress:
+        if not self.config.train.progress or not self.dist.is_main:
             return
         parts = [
             f"epoch {record['epoch']}/{self.config.train.epochs}",
             f"loss {record['train_loss']:.4f}",
         ]
         if record.get("images_per_s"):
-            parts.append(f"{record['images_per_s']:.0f} img/s")
+            world = f" ({self.dist.world_size} processes)" if self.dist.enabled else ""
+            parts.append(f"{record['images_per_s']:.0f} img/s{world}")
         validation = record.get("validation")
         if validation:
             metric = self.config.train.select_metric
@@ -683,7 +808,10 @@ class Trainer:
 
     def test(self) -> dict[str, Any]:
         """Evaluate the chosen checkpoint on the test classes once; write metrics.json and the
-        report. Returns ``{"validation": ..., "test": ...}``."""
+        report (on rank 0; the other ranks receive its metrics). Returns ``{"validation": ...,
+        "test": ...}``."""
+        if not self.dist.is_main:
+            return broadcast_object(None)
         best = load_checkpoint(self.checkpoints / "best.pt")
         self.model.load_state_dict(best["model_state"])
         self.model.eval()
@@ -694,7 +822,7 @@ class Trainer:
         atomic_write_text(self.out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         if self.config.eval.report:
             self._write_report(metrics, embeddings, labels)
-        return metrics
+        return broadcast_object(metrics)
 
     def _write_report(
         self, metrics: dict[str, Any], embeddings: torch.Tensor, labels: torch.Tensor
@@ -723,14 +851,20 @@ def train(config: Config) -> dict[str, Any]:
     :class:`TrainingDiverged` when the loss becomes NaN or Inf.
     """
     trainer = Trainer(config)
-    metrics_file = trainer.out / "metrics.json"
-    progress = trainer.progress
-    finished = progress.stopped_early or progress.epoch == config.train.epochs
-    if config.resume and finished and metrics_file.is_file():  # nothing left to do
-        saved: dict[str, Any] = json.loads(metrics_file.read_text(encoding="utf-8"))
-        return saved
-    trainer.fit()
-    return trainer.test()
+    try:
+        metrics_file = trainer.out / "metrics.json"
+        progress = trainer.progress
+        finished = progress.stopped_early or progress.epoch == config.train.epochs
+        saved: dict[str, Any] | None = None
+        if trainer.dist.is_main and config.resume and finished and metrics_file.is_file():
+            saved = json.loads(metrics_file.read_text(encoding="utf-8"))
+        saved = broadcast_object(saved)
+        if saved is not None:  # nothing left to do
+            return saved
+        trainer.fit()
+        return trainer.test()
+    finally:
+        trainer.close()
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
