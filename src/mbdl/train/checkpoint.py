@@ -9,7 +9,9 @@ or call code, so a checkpoint received from someone else is safe to open.
 Keys: ``format`` ("mbdl-checkpoint"), ``version``, ``config`` (the run's nested config),
 ``model_args`` (for :func:`mbdl.models.build_model`), ``data_args`` (source, root, image_size,
 channels, imagenet_norm), ``model_state``; ``last.pt`` adds the training state (optimiser,
-scheduler, GradScaler, loss parameters, RNG states, position, best metric, history).
+scheduler, GradScaler, loss parameters, RNG states, position, best metric, history,
+``world_size``: the number of processes that wrote it, and ``xbm_state``: the cross-batch memory
+when ``train.xbm_size > 0``).
 """
 
 from __future__ import annotations

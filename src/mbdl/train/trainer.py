@@ -717,7 +717,14 @@ class Trainer:
             return None
         metrics = None
         if self.dist.is_main:  # the other ranks wait for the result
-            metrics, _, _ = evaluate_dataset(self.model, self.splits.val, config, self.device)
+            # evaluation draws from the global RNGs (DataLoader seeds): keep the training streams
+            # as they were, so that every rank draws the same numbers in a loss that samples
+            # (margin's negatives) and validating does not change the training
+            saved = rng_state()
+            try:
+                metrics, _, _ = evaluate_dataset(self.model, self.splits.val, config, self.device)
+            finally:
+                set_rng_state(saved)
             self.model.train()
         return broadcast_object(metrics)
 
