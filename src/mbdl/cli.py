@@ -1,4 +1,4 @@
-"""The ``mbdl`` command line: ``train``, ``eval``, ``embed``, ``search``, ``data``.
+"""The ``mbdl`` command line: ``train``, ``eval``, ``embed``, ``search``, ``index``, ``data``, ``compare``.
 
 User errors (a bad config key or value, a missing file, a refused checkpoint) print one line,
 ``mbdl: error: ...``, on stderr and exit with code 2, without a traceback (set ``MBDL_DEBUG=1``
@@ -178,6 +178,18 @@ def _device(name: str) -> Any:
     return resolve_device(name)
 
 
+def _checkpoint_model(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """``(config, device, model)`` for a command taking ``CHECKPOINT [data/eval overrides]``."""
+    from mbdl.train.checkpoint import model_from_state
+
+    overrides, others = split_overrides(args.items)
+    if others:
+        raise UsageError(f"unexpected argument {others[0]!r} (overrides look like key=value)")
+    config, state = _checkpoint_config(args.checkpoint, overrides)
+    device = _device(args.device)
+    return config, device, model_from_state(state, device)
+
+
 # ---------------------------------------------------------------------------------------------
 # mbdl eval
 
@@ -193,15 +205,10 @@ def _configure_eval(parser: argparse.ArgumentParser) -> None:
 
 @command("eval", "evaluate a trained model on the test (or validation) classes", _configure_eval)
 def _run_eval(args: argparse.Namespace) -> int:
-    from mbdl.train.checkpoint import atomic_write_text, model_from_state
+    from mbdl.train.checkpoint import atomic_write_text
     from mbdl.train.trainer import evaluate_dataset, evaluate_test, load_data
 
-    overrides, others = split_overrides(args.items)
-    if others:
-        raise UsageError(f"unexpected argument {others[0]!r} (overrides look like key=value)")
-    config, state = _checkpoint_config(args.checkpoint, overrides)
-    device = _device(args.device)
-    model = model_from_state(state, device)
+    config, device, model = _checkpoint_model(args)
     splits = load_data(config)
     if args.split == "test":
         metrics, _, _ = evaluate_test(model, splits, config, device)
@@ -234,24 +241,12 @@ def _configure_embed(parser: argparse.ArgumentParser) -> None:
 def _run_embed(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from mbdl.evaluate import embed_dataset
-    from mbdl.train.checkpoint import atomic_write_bytes, model_from_state
-    from mbdl.train.trainer import load_data
+    from mbdl.train.checkpoint import atomic_write_bytes
+    from mbdl.train.trainer import embed_with_config, load_data
 
-    overrides, others = split_overrides(args.items)
-    if others:
-        raise UsageError(f"unexpected argument {others[0]!r} (overrides look like key=value)")
-    config, state = _checkpoint_config(args.checkpoint, overrides)
-    device = _device(args.device)
-    model = model_from_state(state, device)
+    config, device, model = _checkpoint_model(args)
     dataset = _split_dataset(load_data(config), args.split)
-    embeddings, labels = embed_dataset(
-        model,
-        dataset,
-        batch_size=config.eval.batch_size,
-        device=str(device),
-        num_workers=config.data.num_workers,
-    )
+    embeddings, labels = embed_with_config(model, dataset, config, device)
     buffer = io.BytesIO()
     np.savez(
         buffer,
@@ -302,10 +297,9 @@ def _run_search(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image, UnidentifiedImageError
 
-    from mbdl.evaluate import embed_dataset
     from mbdl.functional.distances import pairwise_distance
     from mbdl.train.checkpoint import model_from_state
-    from mbdl.train.trainer import load_data
+    from mbdl.train.trainer import embed_with_config, load_data
 
     overrides, images = split_overrides(args.items)
     if not images:
@@ -325,13 +319,7 @@ def _run_search(args: argparse.Namespace) -> int:
     device = _device(args.device)
     model = model_from_state(state, device)
     gallery = _split_dataset(load_data(config), args.gallery_split)
-    gallery_embeddings, gallery_labels = embed_dataset(
-        model,
-        gallery,
-        batch_size=config.eval.batch_size,
-        device=str(device),
-        num_workers=config.data.num_workers,
-    )
+    gallery_embeddings, gallery_labels = embed_with_config(model, gallery, config, device)
     transform = gallery.transform  # the split's evaluation transform
     with torch.inference_mode():
         batch = torch.stack([transform(image) for image in queries]).to(device)
@@ -426,26 +414,13 @@ def _configure_index(parser: argparse.ArgumentParser) -> None:
     "index", "build a faiss gallery index of a split for mbdl search --index", _configure_index
 )
 def _run_index(args: argparse.Namespace) -> int:
-    from mbdl.evaluate import embed_dataset
     from mbdl.index import GalleryIndex, model_fingerprint
-    from mbdl.train.checkpoint import model_from_state
-    from mbdl.train.trainer import load_data
+    from mbdl.train.trainer import embed_with_config, load_data
 
-    overrides, others = split_overrides(args.items)
-    if others:
-        raise UsageError(f"unexpected argument {others[0]!r} (overrides look like key=value)")
-    config, state = _checkpoint_config(args.checkpoint, overrides)
-    device = _device(args.device)
-    model = model_from_state(state, device)
+    config, device, model = _checkpoint_model(args)
     splits = load_data(config)
     dataset = _split_dataset(splits, args.split)
-    embeddings, labels = embed_dataset(
-        model,
-        dataset,
-        batch_size=config.eval.batch_size,
-        device=str(device),
-        num_workers=config.data.num_workers,
-    )
+    embeddings, labels = embed_with_config(model, dataset, config, device)
     # squared euclidean ranks as euclidean; the index reports euclidean distances
     distance = "cosine" if config.eval.distance == "cosine" else "euclidean"
     index = GalleryIndex.build(

@@ -307,19 +307,28 @@ def _model_args(config: Config, channels: int) -> dict[str, Any]:
 # evaluation
 
 
-def evaluate_dataset(
+def embed_with_config(
     model: nn.Module, dataset: Any, config: Config, device: torch.device
-) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
-    """Embed ``dataset`` and compute :func:`mbdl.evaluate.evaluate` (each item queries the rest)."""
-    from mbdl.evaluate import embed_dataset, evaluate
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`mbdl.evaluate.embed_dataset` with the config's batch size and loader workers."""
+    from mbdl.evaluate import embed_dataset
 
-    embeddings, labels = embed_dataset(
+    return embed_dataset(
         model,
         dataset,
         batch_size=config.eval.batch_size,
         device=str(device),
         num_workers=config.data.num_workers,
     )
+
+
+def evaluate_dataset(
+    model: nn.Module, dataset: Any, config: Config, device: torch.device
+) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+    """Embed ``dataset`` and compute :func:`mbdl.evaluate.evaluate` (each item queries the rest)."""
+    from mbdl.evaluate import evaluate
+
+    embeddings, labels = embed_with_config(model, dataset, config, device)
     metrics = evaluate(
         embeddings,
         labels,
@@ -335,21 +344,11 @@ def evaluate_test(
 ) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
     """Test metrics: query vs gallery where the source defines them (In-Shop), else every test
     image against the others. Returns the metrics and the test split's embeddings and labels."""
-    from mbdl.evaluate import embed_dataset, evaluate
+    from mbdl.evaluate import evaluate
 
     if splits.query is not None and splits.gallery is not None:
-
-        def embed(dataset: Any) -> tuple[torch.Tensor, torch.Tensor]:
-            return embed_dataset(
-                model,
-                dataset,
-                batch_size=config.eval.batch_size,
-                device=str(device),
-                num_workers=config.data.num_workers,
-            )
-
-        query, query_labels = embed(splits.query)
-        gallery, gallery_labels = embed(splits.gallery)
+        query, query_labels = embed_with_config(model, splits.query, config, device)
+        gallery, gallery_labels = embed_with_config(model, splits.gallery, config, device)
         metrics = evaluate(
             gallery,
             gallery_labels,
@@ -359,7 +358,7 @@ def evaluate_test(
             distance=config.eval.distance,
             seed=config.seed,
         )
-        test, test_labels = embed(splits.test)
+        test, test_labels = embed_with_config(model, splits.test, config, device)
         return metrics, test, test_labels
     return evaluate_dataset(model, splits.test, config, device)
 
