@@ -40,7 +40,9 @@ import contextlib
 import inspect
 import json
 import math
+import os
 import random
+import socket
 import sys
 import time
 import warnings
@@ -198,6 +200,66 @@ def _default_out(config: Config) -> str:
     return str(Path("runs") / f"{config.data.source}-{config.loss.name}-{stamp}")
 
 
+RUN_LOCK = ".lock"
+
+
+def _lock_owner() -> str:
+    return f"{socket.gethostname()} {os.getpid()}"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def acquire_run_lock(out: Path) -> Path:
+    """Mark ``out`` as trained into by this process (``out/.lock`` holds ``host pid``).
+
+    Two processes writing one run directory would interleave their logs and checkpoints, so a
+    second one is refused while the first is alive; a lock left by a process that died (or by
+    this same process, after an interrupted run) is taken over.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / RUN_LOCK
+    while True:
+        try:
+            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = lock.read_text(encoding="utf-8").strip()
+            except FileNotFoundError:
+                continue
+            host, _, pid = holder.partition(" ")
+            if holder != _lock_owner() and host != socket.gethostname():
+                raise ConfigError(
+                    f"out={out} is locked by a run on {host} (pid {pid}); if that run is dead, "
+                    f"remove {lock}"
+                ) from None
+            if holder != _lock_owner() and pid.isdigit() and _process_alive(int(pid)):
+                raise ConfigError(
+                    f"out={out} is being trained into by another process (pid {pid}); wait for "
+                    "it to finish or choose another out="
+                ) from None
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(_lock_owner())
+        return lock
+
+
+def release_run_lock(out: Path) -> None:
+    """Remove ``out/.lock`` if this process holds it."""
+    lock = out / RUN_LOCK
+    with contextlib.suppress(FileNotFoundError):
+        if lock.read_text(encoding="utf-8").strip() == _lock_owner():
+            lock.unlink()
+
+
 def prepare_run_dir(config: Config) -> tuple[Path, dict[str, Any] | None]:
     """Create or check ``config.out``; returns it and the ``last.pt`` state to resume (or None).
 
@@ -212,14 +274,16 @@ def prepare_run_dir(config: Config) -> tuple[Path, dict[str, Any] | None]:
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out={config.out} exists and is not a directory")
-    has_content = out.is_dir() and any(out.iterdir())
+    has_content = out.is_dir() and any(path.name != RUN_LOCK for path in out.iterdir())
     if not config.resume:
         if has_content:
             raise ConfigError(
                 f"out={config.out} already exists and is not empty; continue it with resume=true "
                 "or choose another out="
             )
+        acquire_run_lock(out)
         return out, None
+    acquire_run_lock(out)
     saved = out / "config.yaml"
     if saved.is_file():
         previous = load_config(saved)
@@ -524,7 +588,9 @@ class Trainer:
         return Path(value), state
 
     def close(self) -> None:
-        """Destroy the process group if this trainer created it."""
+        """Release the run directory; destroy the process group if this trainer created it."""
+        if self.dist.is_main:
+            release_run_lock(self.out)
         if self.dist.enabled and self.owns_process_group and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
@@ -856,7 +922,12 @@ def train(config: Config) -> dict[str, Any]:
     Raises :class:`~mbdl.config.ConfigError` for a bad configuration or run directory and
     :class:`TrainingDiverged` when the loss becomes NaN or Inf.
     """
-    trainer = Trainer(config)
+    try:
+        trainer = Trainer(config)
+    except BaseException:
+        if config.out is not None:
+            release_run_lock(Path(config.out))
+        raise
     try:
         metrics_file = trainer.out / "metrics.json"
         progress = trainer.progress
