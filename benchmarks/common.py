@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mbdl.fileio import atomic_write_text
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 BENCHMARKS_MD = ROOT / "docs" / "benchmarks.md"
@@ -68,7 +70,7 @@ def write_results(name: str, payload: dict[str, Any], markdown: str) -> None:
     Both writes go to a temporary file first, then rename, so a crash leaves the old files whole.
     """
     RESULTS.mkdir(parents=True, exist_ok=True)
-    _atomic_write(RESULTS / f"{name}.json", json.dumps(payload, indent=2) + "\n")
+    atomic_write_text(RESULTS / f"{name}.json", json.dumps(payload, indent=2) + "\n")
     text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else "# Benchmarks\n"
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     section = f"{start}\n{markdown.strip()}\n{end}"
@@ -78,10 +80,4 @@ def write_results(name: str, payload: dict[str, Any], markdown: str) -> None:
         if pattern.search(text)
         else f"{text.rstrip()}\n\n{section}\n"
     )
-    _atomic_write(BENCHMARKS_MD, text)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(BENCHMARKS_MD, text)

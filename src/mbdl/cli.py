@@ -205,7 +205,7 @@ def _configure_eval(parser: argparse.ArgumentParser) -> None:
 
 @command("eval", "evaluate a trained model on the test (or validation) classes", _configure_eval)
 def _run_eval(args: argparse.Namespace) -> int:
-    from mbdl.train.checkpoint import atomic_write_text
+    from mbdl.fileio import atomic_write_text
     from mbdl.train.trainer import evaluate_dataset, evaluate_test, load_data
 
     config, device, model = _checkpoint_model(args)
@@ -241,7 +241,7 @@ def _configure_embed(parser: argparse.ArgumentParser) -> None:
 def _run_embed(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from mbdl.train.checkpoint import atomic_write_bytes
+    from mbdl.fileio import atomic_write_bytes
     from mbdl.train.trainer import embed_with_config, load_data
 
     config, device, model = _checkpoint_model(args)

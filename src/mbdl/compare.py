@@ -34,10 +34,8 @@ import argparse
 import html
 import json
 import math
-import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -55,6 +53,7 @@ from mbdl.config import (
     parse_override,
     read_yaml_config,
 )
+from mbdl.fileio import atomic_write_bytes, atomic_write_text
 
 #: loss -> (searched hyper-parameter, its grid; the loss's default first). Budget N uses the
 #: first N values. N-pair has one point: its only hyper-parameter, ``l2_reg``, adds a constant
@@ -362,18 +361,6 @@ def summarize_loss(
 # outputs
 
 
-def _atomic_write(path: Path, data: str | bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _fmt(mean: float | None, std: float | None = None, digits: int = 3) -> str:
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "—"
@@ -553,12 +540,12 @@ def summary_html(state: dict[str, Any], png: bytes | None) -> str:
 
 def write_outputs(out_dir: Path, state: dict[str, Any]) -> None:
     """Write summary.json, summary.md, curves.png and report.html (atomically)."""
-    _atomic_write(out_dir / "summary.json", json.dumps(state, indent=2) + "\n")
-    _atomic_write(out_dir / "summary.md", summary_markdown(state))
+    atomic_write_text(out_dir / "summary.json", json.dumps(state, indent=2) + "\n")
+    atomic_write_text(out_dir / "summary.md", summary_markdown(state))
     png = plot_curves(state)
     if png is not None:
-        _atomic_write(out_dir / "curves.png", png)
-    _atomic_write(out_dir / "report.html", summary_html(state, png))
+        atomic_write_bytes(out_dir / "curves.png", png)
+    atomic_write_text(out_dir / "report.html", summary_html(state, png))
 
 
 # ---------------------------------------------------------------------------------------------

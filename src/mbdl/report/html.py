@@ -13,7 +13,6 @@ import math
 import numbers
 import os
 import statistics
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from PIL import Image
 from torch import Tensor
 
 import mbdl
+from mbdl.fileio import atomic_write_text
 from mbdl.report.plots import (
     metric_sort_key,
     plot_embedding_projection,
@@ -123,7 +123,7 @@ def write_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / REPORT_NAME
-    _atomic_write_text(path, page)
+    atomic_write_text(path, page)
     return path
 
 
@@ -519,17 +519,6 @@ def _config_distance(config: Mapping[str, Any]) -> str:
         if value == "squared_euclidean":  # the same ranking as euclidean
             return "euclidean"
     return "euclidean"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 _CSS = """

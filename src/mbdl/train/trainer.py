@@ -75,9 +75,9 @@ from mbdl.distributed import (
     init_distributed,
     replicas_differ,
 )
+from mbdl.fileio import atomic_write_text
 from mbdl.losses.xbm import CrossBatchMemory
 from mbdl.train.checkpoint import (
-    atomic_write_text,
     load_checkpoint,
     rng_state,
     save_checkpoint,
