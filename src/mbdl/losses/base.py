@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, ClassVar
+
 from torch import Tensor, nn
 
 from mbdl.functional.checks import check_loss_inputs
@@ -43,3 +46,31 @@ class MetricLoss(nn.Module):
         anchor_offset: int | None,
     ) -> Tensor:
         raise NotImplementedError
+
+
+class FunctionalLoss(MetricLoss):
+    """A loss that is one pure function of :mod:`mbdl.functional` and its hyper-parameters.
+
+    Subclasses set ``loss_function`` (called as ``f(embeddings, labels, ref_emb, ref_labels,
+    anchor_offset=..., **hyper_parameters)``) and ``hyper_parameters`` (attribute names, in
+    the order ``repr`` shows them); their ``__init__`` only validates and stores those.
+    """
+
+    loss_function: ClassVar[Callable[..., Tensor]]
+    hyper_parameters: ClassVar[tuple[str, ...]] = ()
+
+    def compute(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        ref_emb: Tensor | None,
+        ref_labels: Tensor | None,
+        anchor_offset: int | None,
+    ) -> Tensor:
+        values: dict[str, Any] = {name: getattr(self, name) for name in self.hyper_parameters}
+        return type(self).loss_function(
+            embeddings, labels, ref_emb, ref_labels, anchor_offset=anchor_offset, **values
+        )
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{name}={getattr(self, name)!r}" for name in self.hyper_parameters)

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-from torch import Tensor
-
 from mbdl.functional.contrastive import check_contrastive_options, contrastive_loss
 from mbdl.functional.distances import check_distance
-from mbdl.losses.base import MetricLoss
+from mbdl.losses.base import FunctionalLoss
 
 
-class ContrastiveLoss(MetricLoss):
+class ContrastiveLoss(FunctionalLoss):
     """Contrastive loss (Hadsell, Chopra, LeCun, CVPR 2006) over all ordered pairs of the batch:
     ``mean_nz [D_ij - pos_margin]_+`` over positive pairs plus ``mean_nz [neg_margin - D_ik]_+``
     over negative pairs, each mean over the non-zero terms (pytorch-metric-learning's convention).
     """
 
-    needs: tuple[str, ...] = ()
+    loss_function = staticmethod(contrastive_loss)
+    hyper_parameters = ("pos_margin", "neg_margin", "distance", "normalize")
 
     def __init__(
         self,
@@ -31,29 +30,3 @@ class ContrastiveLoss(MetricLoss):
         self.neg_margin = neg_margin
         self.distance = distance
         self.normalize = normalize
-
-    def compute(
-        self,
-        embeddings: Tensor,
-        labels: Tensor,
-        ref_emb: Tensor | None,
-        ref_labels: Tensor | None,
-        anchor_offset: int | None,
-    ) -> Tensor:
-        return contrastive_loss(
-            embeddings,
-            labels,
-            ref_emb,
-            ref_labels,
-            pos_margin=self.pos_margin,
-            neg_margin=self.neg_margin,
-            distance=self.distance,
-            normalize=self.normalize,
-            anchor_offset=anchor_offset,
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"pos_margin={self.pos_margin}, neg_margin={self.neg_margin}, "
-            f"distance={self.distance!r}, normalize={self.normalize}"
-        )

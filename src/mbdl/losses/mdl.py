@@ -6,14 +6,12 @@ may differ. See ``docs/mdl-loss.md`` and :mod:`mbdl.functional.mdl` for the form
 
 from __future__ import annotations
 
-from torch import Tensor
-
 from mbdl.functional.distances import check_distance
 from mbdl.functional.mdl import check_mdl_options, margin_discriminate_loss
-from mbdl.losses.base import MetricLoss
+from mbdl.losses.base import FunctionalLoss
 
 
-class MarginDiscriminateLoss(MetricLoss):
+class MarginDiscriminateLoss(FunctionalLoss):
     """Margin-based Discriminate Loss (Sun, Tang, Bai, S+SSPR 2018), reconstructed from the
     abstract; the paper's exact formula may differ.
 
@@ -23,7 +21,8 @@ class MarginDiscriminateLoss(MetricLoss):
     ``soft_boundary=t`` replaces max/min by ``t``-temperature log-sum-exp.
     """
 
-    needs: tuple[str, ...] = ()
+    loss_function = staticmethod(margin_discriminate_loss)
+    hyper_parameters = ("margin", "soft_boundary", "distance", "normalize")
 
     def __init__(
         self,
@@ -39,29 +38,3 @@ class MarginDiscriminateLoss(MetricLoss):
         self.soft_boundary = soft_boundary
         self.distance = distance
         self.normalize = normalize
-
-    def compute(
-        self,
-        embeddings: Tensor,
-        labels: Tensor,
-        ref_emb: Tensor | None,
-        ref_labels: Tensor | None,
-        anchor_offset: int | None,
-    ) -> Tensor:
-        return margin_discriminate_loss(
-            embeddings,
-            labels,
-            ref_emb,
-            ref_labels,
-            margin=self.margin,
-            soft_boundary=self.soft_boundary,
-            distance=self.distance,
-            normalize=self.normalize,
-            anchor_offset=anchor_offset,
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"margin={self.margin}, soft_boundary={self.soft_boundary}, "
-            f"distance={self.distance!r}, normalize={self.normalize}"
-        )

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-from torch import Tensor
-
 from mbdl.functional.multisimilarity import check_multisimilarity_options, multisimilarity_loss
-from mbdl.losses.base import MetricLoss
+from mbdl.losses.base import FunctionalLoss
 
 
-class MultiSimilarityLoss(MetricLoss):
+class MultiSimilarityLoss(FunctionalLoss):
     """Multi-similarity loss (Wang et al., CVPR 2019) with its pair mining, on cosine similarity:
     ``L = mean_i [1/alpha log(1 + sum_{mined P_i} e^{-alpha(S_ij - base)})
     + 1/beta log(1 + sum_{mined N_i} e^{beta(S_ik - base)})]``; mining keeps positives with
     ``S_ij - epsilon < max_{N_i} S`` and negatives with ``S_ik + epsilon > min_{P_i} S``.
     """
 
-    needs: tuple[str, ...] = ()
+    loss_function = staticmethod(multisimilarity_loss)
+    hyper_parameters = ("alpha", "beta", "base", "epsilon")
 
     def __init__(
         self, alpha: float = 2.0, beta: float = 50.0, base: float = 0.5, epsilon: float = 0.1
@@ -26,26 +25,3 @@ class MultiSimilarityLoss(MetricLoss):
         self.beta = beta
         self.base = base
         self.epsilon = epsilon
-
-    def compute(
-        self,
-        embeddings: Tensor,
-        labels: Tensor,
-        ref_emb: Tensor | None,
-        ref_labels: Tensor | None,
-        anchor_offset: int | None,
-    ) -> Tensor:
-        return multisimilarity_loss(
-            embeddings,
-            labels,
-            ref_emb,
-            ref_labels,
-            alpha=self.alpha,
-            beta=self.beta,
-            base=self.base,
-            epsilon=self.epsilon,
-            anchor_offset=anchor_offset,
-        )
-
-    def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, beta={self.beta}, base={self.base}, epsilon={self.epsilon}"
