@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -263,8 +264,8 @@ def markdown(rows: list[dict[str, Any]], targets: list[str], info: dict[str, Any
         "## Losses: forward+backward on CPU",
         "",
         f"`python benchmarks/losses.py` on {info['platform']}, torch {info['torch']}, "
-        f"{info['torch_threads']} threads of {info['cpus']} CPUs, {info['date']}; the machine was "
-        "shared with other jobs while it ran. fp32, d = 512, labels P x K with K = 4. Medians of "
+        f"{info['torch_threads']} threads of {info['cpus']} CPUs, {info['date']} (1-minute load average "
+        f"{os.getloadavg()[0]:.1f} when the table was written). fp32, d = 512, labels P x K with K = 4. Medians of "
         "interleaved rounds (mbdl, PML, floor); the floor is the euclidean distance matrix of the "
         "normalised batch alone, forward+backward. ratio = mbdl / PML. Peak MB: growth of the "
         "resident set (VmHWM - VmRSS before) during one mbdl forward+backward in a fresh process.",

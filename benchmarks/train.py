@@ -242,9 +242,9 @@ def markdown(payload: dict[str, Any]) -> str:
         "## train: training-step throughput, each loss against the model alone",
         "",
         f"`python benchmarks/train.py`, {payload['date']}, {payload['cpus']} CPUs, torch "
-        f"{payload['torch']} with {payload['torch_threads']} threads, CPU, on a machine shared "
-        "with other jobs (1-minute load average "
-        f"{payload.get('load_average', '?')} at the start and end of each setup). *Model alone*: forward + "
+        f"{payload['torch']} with {payload['torch_threads']} threads, CPU (1-minute load average "
+        f"{payload.get('load_average', '?')} at the start and end of each setup; above about 2 "
+        "other jobs shared the 2 cores). *Model alone*: forward + "
         "backward (loss `embeddings.sum()`) + AdamW on a fixed batch. *Step*: the same plus the "
         "next batch from a `DataLoader` (class-balanced sampler, glyphs training split with its "
         "training transforms, `num_workers=0`) and the loss. *Overhead, end to end* = step time / "
