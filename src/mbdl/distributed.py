@@ -126,6 +126,26 @@ def replicas_differ(tensors: dict[str, Tensor]) -> list[str]:
     ]
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 (equal row counts); the backward sums every rank's gradient of the
+    gathered tensor with one all-reduce and returns this rank's rows. (torch's own
+    ``torch.distributed.nn.functional.all_gather`` is deprecated and its all-to-all backward
+    aborted processes intermittently under gloo here.)"""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor) -> Tensor:
+        ctx.rank, ctx.rows = dist.get_rank(), tensor.shape[0]
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        total = grad.contiguous().clone()
+        dist.all_reduce(total)
+        return total[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
 def gather_with_grad(embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """Concatenate every rank's ``embeddings`` (gradient flows back to each rank) and ``labels``.
 
@@ -134,8 +154,6 @@ def gather_with_grad(embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return embeddings, labels
-    from torch.distributed.nn.functional import all_gather
-
     world = dist.get_world_size()
     size = torch.tensor([embeddings.shape[0]], device=embeddings.device)
     sizes = [torch.zeros_like(size) for _ in range(world)]
@@ -145,7 +163,7 @@ def gather_with_grad(embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor
     pad = longest - embeddings.shape[0]
     padded_emb = nn.functional.pad(embeddings, (0, 0, 0, pad))
     padded_labels = nn.functional.pad(labels, (0, pad))
-    all_emb = all_gather(padded_emb)
+    all_emb = _GatherWithGrad.apply(padded_emb).chunk(world)
     all_labels = [torch.zeros_like(padded_labels) for _ in range(world)]
     dist.all_gather(all_labels, padded_labels)
     return (
