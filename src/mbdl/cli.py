@@ -461,14 +461,47 @@ def _run_index(args: argparse.Namespace) -> int:
 
 
 def _configure_data(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", choices=("glyphs",), help="the data set to build and describe")
+    parser.add_argument(
+        "source",
+        choices=("glyphs", "icons"),
+        help="glyphs: build and describe the embedded glyphs cache; icons: build the icons data "
+        "set from the installed freedesktop icon themes into --out",
+    )
     parser.add_argument(
         "--cache-dir", help="where the glyphs cache lives (default: $MBDL_CACHE or ~/.cache/mbdl)"
     )
+    parser.add_argument(
+        "--out", metavar="DIR", help="icons: the new folder to write (one folder per class)"
+    )
+    parser.add_argument(
+        "--themes-dir",
+        default="/usr/share/icons",
+        metavar="DIR",
+        help="icons: where the icon themes are installed (default: /usr/share/icons)",
+    )
+    parser.add_argument(
+        "--size", type=int, default=128, help="icons: image side in pixels (default: 128)"
+    )
+    parser.add_argument(
+        "--min-families",
+        type=int,
+        default=4,
+        help="icons: keep icon names drawn by at least this many theme families (default: 4)",
+    )
 
 
-@command("data", "build and describe the embedded glyphs data set", _configure_data)
+@command("data", "build and describe a local data set (glyphs, icons)", _configure_data)
 def _run_data(args: argparse.Namespace) -> int:
+    if args.source == "icons":
+        from mbdl.data.icons import build_icons, describe_icons
+
+        if args.out is None:
+            raise UsageError("mbdl data icons needs --out DIR (the folder to create)")
+        manifest = build_icons(
+            args.out, themes_dir=args.themes_dir, size=args.size, min_families=args.min_families
+        )
+        print(describe_icons(manifest, args.out))
+        return 0
     from mbdl.data.glyphs import describe_glyphs
 
     print(describe_glyphs(cache_dir=args.cache_dir))

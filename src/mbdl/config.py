@@ -52,8 +52,10 @@ CONFIG_SCHEMA: dict[str, tuple[str, Any, tuple[Any, ...] | None, str]] = {
         "int | None",
         None,
         None,
-        "Side of the square network input in pixels; null: the source's default (glyphs 32, "
-        "photographs 224).",
+        "Side of the square network input in pixels; null: glyphs and idx 32; file sources "
+        "(folder, csv, cub, ...) pick it from the training images: their median shorter side "
+        "rounded down to a multiple of 16 (at least 32), at most the backbone's native size "
+        "(smallcnn 32, torchvision backbones 224).",
     ),
     "data.val_fraction": (
         "float",

@@ -11,6 +11,8 @@ import importlib
 import os
 from typing import Any
 
+import numpy as np
+
 from mbdl.data.base import ImageDataset, Splits
 from mbdl.data.sampler import ClassBalancedBatchSampler
 from mbdl.data.transforms import build_transforms
@@ -21,8 +23,45 @@ SOURCES = ("glyphs", "folder", "csv", "idx", "cub", "cars", "sop", "inshop")
 #: sources that work without ``root`` (glyphs are rendered locally; ``root`` is then its cache)
 SOURCES_WITHOUT_ROOT = ("glyphs",)
 
-#: the ``image_size`` used when ``load_splits`` gets ``image_size=None``
+#: the ``image_size`` used when ``load_splits`` gets ``image_size=None`` (file sources: the
+#: starting point, which :func:`auto_image_size` replaces when a backbone is given)
 DEFAULT_IMAGE_SIZES = {source: 224 for source in SOURCES} | {"glyphs": 32, "idx": 32}
+
+#: sources whose images have one fixed size (no size to pick from the files)
+FIXED_SIZE_SOURCES = ("glyphs", "idx")
+
+#: how many training images :func:`typical_image_side` reads the header of
+SIDE_SAMPLE = 256
+
+
+def typical_image_side(dataset: Any, *, sample: int = SIDE_SAMPLE, seed: int = 0) -> int | None:
+    """The median shorter side, in pixels, of up to ``sample`` images of a file dataset (read
+    from the file headers, not decoded); None when the dataset has no readable file paths."""
+    from PIL import Image
+
+    full_path = getattr(dataset, "full_path", None)
+    if full_path is None or len(dataset) == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(dataset), size=min(sample, len(dataset)), replace=False)
+    sides = []
+    for index in chosen:
+        try:
+            with Image.open(full_path(int(index))) as image:
+                sides.append(min(image.size))
+        except (OSError, ValueError, SyntaxError):
+            continue
+    return int(np.median(sides)) if sides else None
+
+
+def auto_image_size(side: int, backbone: str) -> int:
+    """The network input size for images whose shorter side is ``side`` pixels: the backbone's
+    native size (:data:`mbdl.models.NATIVE_INPUT_SIZES`) or, for smaller images, their own size
+    rounded down to a multiple of 16 (at least 32): small images are never upscaled to 224."""
+    from mbdl.models import NATIVE_INPUT_SIZES
+
+    native = NATIVE_INPUT_SIZES.get(backbone, 224)
+    return max(32, min(native, side - side % 16))
 
 
 def load_splits(
@@ -32,12 +71,16 @@ def load_splits(
     image_size: int | None = None,
     val_fraction: float = 0.15,
     seed: int = 0,
+    backbone: str | None = None,
     **options: Any,
 ) -> Splits:
     """Load ``source``'s class-disjoint train / validation / test splits (and query / gallery
     where the source has them), with default transforms attached.
 
-    ``image_size=None`` takes the source's default (:data:`DEFAULT_IMAGE_SIZES`); validation
+    ``image_size=None`` takes the source's default (:data:`DEFAULT_IMAGE_SIZES`); for a file
+    source with a ``backbone`` named, it is picked from the training images instead
+    (:func:`auto_image_size` of :func:`typical_image_side`) and ``info["image_size"]`` says how;
+    validation
     classes are carved from the training classes with ``val_fraction`` and ``seed``; ``options``
     go to the source's own ``load_splits``.
     """
@@ -45,12 +88,30 @@ def load_splits(
         raise ValueError(f"unknown data source {source!r}; allowed: {', '.join(SOURCES)}")
     if root is None and source not in SOURCES_WITHOUT_ROOT:
         raise ValueError(f"data source {source!r} needs a root directory (data.root=PATH)")
+    pick_size = image_size is None and backbone is not None and source not in FIXED_SIZE_SOURCES
     if image_size is None:
         image_size = DEFAULT_IMAGE_SIZES[source]
     module = importlib.import_module(f"mbdl.data.{source}")
-    return module.load_splits(
+    splits = module.load_splits(
         root, image_size=image_size, val_fraction=val_fraction, seed=seed, **options
     )
+    if pick_size and backbone is not None:
+        side = typical_image_side(splits.train, seed=seed)
+        if side is not None:
+            from mbdl.data.splits import attach_transforms
+
+            splits.image_size = auto_image_size(side, backbone)
+            attach_transforms(
+                splits,
+                augment=options.get("augment", True),
+                imagenet_norm=options.get("imagenet_norm", False),
+            )
+            splits.info = {
+                **(splits.info or {}),
+                "image_size": f"{splits.image_size} px, picked for {backbone} from the training "
+                f"images' median shorter side ({side} px)",
+            }
+    return splits
 
 
 __all__ = [
@@ -59,6 +120,8 @@ __all__ = [
     "ClassBalancedBatchSampler",
     "ImageDataset",
     "Splits",
+    "auto_image_size",
     "build_transforms",
     "load_splits",
+    "typical_image_side",
 ]

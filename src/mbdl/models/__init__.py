@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from mbdl.models.backbones import BACKBONES, PretrainedWeightsError, build_backbone
+from mbdl.models.backbones import (
+    BACKBONES,
+    NATIVE_INPUT_SIZES,
+    PretrainedWeightsError,
+    build_backbone,
+)
 from mbdl.models.embedding import EmbeddingModel, build_model
 from mbdl.models.smallcnn import SmallCNN
 
 __all__ = [
     "BACKBONES",
+    "NATIVE_INPUT_SIZES",
     "EmbeddingModel",
     "PretrainedWeightsError",
     "SmallCNN",

@@ -37,6 +37,9 @@ CLASSIFIER_PREFIXES = {
     "smallcnn": (),
 }
 
+#: the input side each backbone was designed for: the largest size an automatic choice picks
+NATIVE_INPUT_SIZES = {"smallcnn": 32} | {name: 224 for name in TORCHVISION_BACKBONES}
+
 _WEIGHT_NAME = re.compile(r"^(?:[A-Za-z0-9_]+_Weights\.)?(?P<name>[A-Z][A-Z0-9_]*)$")
 
 
@@ -122,10 +125,39 @@ def load_backbone_weights(
             problems.append(
                 f"shape mismatch for {key}: {tuple(kept[key].shape)} vs {tuple(own[key].shape)}"
             )
+        fits = [name for name in backbones_fitting(state) if name != backbone]
+        hint = f"; they fit {', '.join(fits)}: set model.backbone={fits[0]}" if fits else ""
         raise PretrainedWeightsError(
-            f"weights {source} do not fit {backbone}: {'; '.join(problems)}"
+            f"weights {source} do not fit {backbone}: {'; '.join(problems)}{hint}"
         )
     model.load_state_dict(kept, strict=True)
+
+
+def backbones_fitting(state: Mapping[str, Tensor]) -> list[str]:
+    """The backbones of :data:`BACKBONES` whose parameters ``state`` holds exactly (same keys and
+    shapes, classifier keys ignored); the networks are built on the meta device (no memory)."""
+    fitting = []
+    for name in BACKBONES:
+        prefixes = CLASSIFIER_PREFIXES[name]
+        kept = {
+            k: tuple(v.shape) for k, v in state.items() if not (prefixes and k.startswith(prefixes))
+        }
+        with torch.device("meta"):
+            if name == "smallcnn":
+                model: nn.Module = SmallCNN()
+            else:
+                options = (
+                    {"aux_logits": False, "init_weights": False} if name == "googlenet" else {}
+                )
+                model = torchvision.models.get_model(name, weights=None, **options)
+        own = {
+            k: tuple(v.shape)
+            for k, v in model.state_dict().items()
+            if not (prefixes and k.startswith(prefixes))
+        }
+        if own == kept:
+            fitting.append(name)
+    return fitting
 
 
 def _first_conv_slot(model: nn.Module, backbone: str) -> tuple[nn.Module, str]:

@@ -187,8 +187,21 @@ def load_data(config: Config) -> Any:
         image_size=config.data.image_size,
         val_fraction=config.data.val_fraction,
         seed=config.seed,
+        backbone=config.model.backbone,
         **_source_options(config),
     )
+
+
+def describe_splits(splits: Any) -> str:
+    """One line: images and classes per split and the network's input size."""
+    parts = []
+    for name in ("train", "val", "test"):
+        dataset = getattr(splits, name)
+        classes = len(np.unique(dataset.labels)) if len(dataset) else 0
+        parts.append(f"{name} {len(dataset)} images / {classes} classes")
+    how = (splits.info or {}).get("image_size")
+    size = how or f"{splits.image_size} px"
+    return f"data {splits.source}: {', '.join(parts)}; input {size}, {splits.channels} channel(s)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -854,15 +867,20 @@ class Trainer:
         shown = self.config.train.progress and self.dist.is_main
         if shown and p.epoch < self.config.train.epochs:
             where = f" from epoch {p.epoch + 1}, step {p.step_in_epoch}" if p.global_step else ""
+            print(describe_splits(self.splits), file=sys.stderr, flush=True)
             print(f"training into {self.out}{where}", file=sys.stderr, flush=True)
+        wall: list[float] = []  # seconds per epoch run here, validation included (for the ETA)
         while p.epoch < self.config.train.epochs and not p.stopped_early:
             epoch = p.epoch
+            start = time.perf_counter()
             self._run_epoch(epoch)
             validation = self._validate(epoch)
             self._end_epoch(epoch, validation)
-            self._print_epoch(p.history[-1])
+            wall.append(time.perf_counter() - start)
+            remaining = (self.config.train.epochs - p.epoch) * sum(wall) / len(wall)
+            self._print_epoch(p.history[-1], remaining if not p.stopped_early else 0.0)
 
-    def _print_epoch(self, record: dict[str, Any]) -> None:
+    def _print_epoch(self, record: dict[str, Any], eta_s: float) -> None:
         if not self.config.train.progress or not self.dist.is_main:
             return
         parts = [
@@ -876,6 +894,8 @@ class Trainer:
         if validation:
             metric = self.config.train.select_metric
             parts.append(f"val {metric} {validation[metric]:.4f}")
+        if eta_s > 0:
+            parts.append(f"ETA {timedelta(seconds=round(eta_s))}")
         print("  ".join(parts), file=sys.stderr, flush=True)
 
     def test(self) -> dict[str, Any]:
