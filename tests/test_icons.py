@@ -118,12 +118,17 @@ def test_split_of_a_class_does_not_depend_on_the_others() -> None:
 
 def test_variants_of_a_family_give_one_drawing(tmp_path: Path) -> None:
     themes = _themes(tmp_path / "themes", families=4)
-    # a dark variant of Artist0 with its own drawings: same family, so no fifth instance
-    _theme(themes, "Artist0-Dark", {n: _svg(9, i) for i, n in enumerate(NAMES)})
-    manifest = build_icons(tmp_path / "out", themes_dir=themes, size=32, workers=1)
+    # a dark variant of Artist0 with its own drawings and more files: same family, so no fifth
+    # instance, and the main theme's drawings are preferred (dark variants draw for dark panels)
+    dark = {n: _svg(9, i) for i, n in enumerate(NAMES)} | {"dark-only": _svg(9, 20)}
+    _theme(themes, "Artist0-Dark", dark)
+    out = tmp_path / "out"
+    manifest = build_icons(out, themes_dir=themes, size=32, workers=1)
     assert sorted(manifest["families"]) == [f"artist{f}" for f in range(4)]
     assert manifest["families"]["artist0"] == ["Artist0", "Artist0-Dark"]
     assert manifest["counts"]["images"] == 4 * len(NAMES)
+    main_drawing = render_icon(themes / "Artist0" / "48x48" / "actions" / "icon-00.svg", 32)
+    assert _png_pixels(out / "icon-00" / "artist0.png") == main_drawing.tobytes()
 
 
 def test_aliases_are_one_class_and_generic_fallbacks_link_nothing(tmp_path: Path) -> None:

@@ -12,7 +12,8 @@ How :func:`build_icons` turns ``/usr/share/icons`` into an image folder:
    ``locolor`` and ``default``, the generic fallbacks, are skipped). Themes shipped by one Debian
    package are variants of one family (breeze / breeze-dark, Papirus / Papirus-Dark /
    ePapirus...); without dpkg, the family is the theme name with variant words (``dark``,
-   ``light``, ...) removed. Within a family, themes are preferred by their number of icon files.
+   ``light``, ...) removed. Within a family, a theme whose name has no variant word comes first
+   (dark variants draw light shapes meant for dark panels), then themes with more icon files.
 2. **One file per name and theme**, at the largest size the theme's ``index.theme`` declares
    (scalable directories count at their ``MaxSize``; ``Scale`` multiplies); SVG, PNG and XPM
    files. Names ending in ``-symbolic`` (monochrome) are skipped.
@@ -197,6 +198,12 @@ def owning_packages(index_files: Sequence[Path]) -> dict[Path, str]:
     return owners
 
 
+def is_variant(theme: str) -> bool:
+    """Whether a theme's name marks it as a variant (``breeze-dark``, ``Numix-Light``): its
+    drawings are a family's second choice (dark variants draw light shapes for dark panels)."""
+    return any(w in VARIANT_WORDS for w in re.split(r"[-_ ]+", theme.lower()))
+
+
 def family_from_name(theme: str) -> str:
     """A family name from a theme name alone: lower case, variant words and a leading ``e``
     (ePapirus) removed: ``breeze-dark`` -> ``breeze``, ``Numix-Light`` -> ``numix``."""
@@ -274,7 +281,7 @@ def family_files(themes: Sequence[Theme]) -> dict[str, dict[str, Path]]:
         by_family[theme.family].append(theme)
     result: dict[str, dict[str, Path]] = {}
     for family, members in sorted(by_family.items()):
-        members.sort(key=lambda t: (-len(t.files), t.name))
+        members.sort(key=lambda t: (is_variant(t.name), -len(t.files), t.name))
         files: dict[str, Path] = {}
         for theme in members:
             for name, (_, path) in theme.files.items():
