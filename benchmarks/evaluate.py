@@ -1,16 +1,21 @@
-"""Evaluation benchmark: mbdl.evaluate against pytorch-metric-learning's AccuracyCalculator.
+"""Evaluation benchmark: mbdl.evaluate against a floor and pytorch-metric-learning.
 
 Random clustered data (class centres + Gaussian noise, 5 items per class, noise scaled with
-d^(1/4) so the metrics stay non-trivial), N in {10,000; 60,000}, d in {128; 512}. Tasks:
+d^(1/4) so the metrics stay non-trivial), N in {10,000; 60,000}, d = 128. Tasks:
 
 - retrieval: P@1, R-Precision, MAP@R (ours: ``metrics=[precision@1, r_precision, map@r]``;
-  PML: the same three, ``k="max_bin_count"``, its default faiss kNN).
-- clustering: ours NMI + F1 (one k-means); PML NMI (faiss k-means, niter=20).
+  PML: the same three, ``k="max_bin_count"``, its default faiss kNN). ``floor``: a bare torch
+  GEMM + top-k of the same k neighbours over the same data, in query chunks under the same
+  1 GiB budget, no metric computed: what any exact kNN must pay.
+- clustering: ours NMI + AMI + F1 from one k-means (greedy k-means++ seeding, Lloyd, the
+  lowest-inertia of 3 restarts, torch; ``mbdl-1-restart``: one restart; ``mbdl-faiss``: Lloyd in
+  faiss); PML NMI (faiss k-means from random points, niter=20, one run).
 
 Each (library, task, N, d) measurement runs in its own fresh process (wall time of the call,
-peak RSS of the process), ours and PML interleaved. Torch and faiss use 2 threads.
+peak RSS of the process), the libraries interleaved. Torch and faiss use 2 threads. The load
+average of the machine (``os.getloadavg``) is recorded before and after each row.
 
-    python benchmarks/evaluate.py [--budget-s 1500]
+    python benchmarks/evaluate.py [--budget-s 2400]
 
 Configurations that would start after the time budget are recorded as not measured.
 """
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -53,16 +59,35 @@ start = time.perf_counter()
 out = evaluate(torch.from_numpy(x), torch.from_numpy(y), metrics=["precision@1", "r_precision", "map@r"])
 wall = time.perf_counter() - start
 """,
+    ("floor", "retrieval"): """
+xt = torch.from_numpy(x)
+k = {per_class}  # the R nearest others (R = {per_class} - 1) plus the query itself
+start = time.perf_counter()
+norms = xt.pow(2).sum(dim=1)
+chunk = max(1, 2**30 // (2 * 4 * N))
+found = []
+for i in range(0, N, chunk):
+    scores = torch.addmm(norms, xt[i : i + chunk], xt.T, alpha=-2.0)
+    found.append(torch.topk(scores, k, dim=1, largest=False).indices)
+out = {{"neighbours": float(torch.cat(found).shape[0])}}
+wall = time.perf_counter() - start
+""",
     ("mbdl", "clustering"): """
 from mbdl.evaluate import evaluate
 start = time.perf_counter()
-out = evaluate(torch.from_numpy(x), torch.from_numpy(y), metrics=["nmi", "f1"])
+out = evaluate(torch.from_numpy(x), torch.from_numpy(y), metrics=["nmi", "ami", "f1"])
 wall = time.perf_counter() - start
 """,
-    ("mbdl-torch-kmeans", "clustering"): """
+    ("mbdl-1-restart", "clustering"): """
 from mbdl.evaluate import evaluate
 start = time.perf_counter()
-out = evaluate(torch.from_numpy(x), torch.from_numpy(y), metrics=["nmi", "f1"], backend="torch")
+out = evaluate(torch.from_numpy(x), torch.from_numpy(y), metrics=["nmi", "ami", "f1"], kmeans_restarts=1)
+wall = time.perf_counter() - start
+""",
+    ("mbdl-faiss", "clustering"): """
+from mbdl.evaluate import evaluate
+start = time.perf_counter()
+out = evaluate(torch.from_numpy(x), torch.from_numpy(y), metrics=["nmi", "ami", "f1"], backend="faiss")
 wall = time.perf_counter() - start
 """,
     ("pml", "retrieval"): """
@@ -85,20 +110,18 @@ wall = time.perf_counter() - start
 
 # (n, d, task, libraries, repeats), in priority order.
 PLAN: list[tuple[int, int, str, tuple[str, ...], int]] = [
-    (10_000, 128, "retrieval", ("mbdl", "pml"), 3),
-    (10_000, 128, "clustering", ("mbdl", "mbdl-torch-kmeans", "pml"), 2),
-    (10_000, 512, "retrieval", ("mbdl", "pml"), 2),
-    (10_000, 512, "clustering", ("mbdl", "pml"), 1),
-    (60_000, 128, "retrieval", ("mbdl", "pml"), 2),
-    (60_000, 128, "clustering", ("mbdl", "mbdl-torch-kmeans", "pml"), 1),
-    (60_000, 512, "retrieval", ("mbdl", "pml"), 1),
-    (60_000, 512, "clustering", ("mbdl", "pml"), 1),
+    (10_000, 128, "retrieval", ("mbdl", "floor", "pml"), 2),
+    (60_000, 128, "retrieval", ("mbdl", "floor"), 2),
+    (10_000, 128, "clustering", ("mbdl", "mbdl-1-restart", "mbdl-faiss", "pml"), 1),
+    (60_000, 128, "clustering", ("mbdl", "mbdl-1-restart", "pml"), 1),
 ]
 
 
 def measure(library: str, task: str, n: int, d: int, timeout: float) -> dict[str, Any] | None:
     """One measurement in a fresh process; ``None`` if it ran past ``timeout`` seconds."""
-    code = SETUP.format(n=n, d=d, per_class=PER_CLASS) + TASKS[(library, task)]
+    code = SETUP.format(n=n, d=d, per_class=PER_CLASS)
+    code += TASKS[(library, task)].replace("{per_class}", str(PER_CLASS)).replace("{{", "{")
+    code = code.replace("}}", "}")
     code += "RESULT = {'wall_s': wall, 'metrics': {k: float(v) for k, v in out.items()}}\n"
     try:
         return peak_rss_of(code, timeout=timeout)
@@ -109,7 +132,7 @@ def measure(library: str, task: str, n: int, d: int, timeout: float) -> dict[str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--budget-s", type=float, default=1500, help="total wall time; later runs are cut off"
+        "--budget-s", type=float, default=2400, help="total wall time; later runs are cut off"
     )
     parser.add_argument(
         "--only",
@@ -132,6 +155,7 @@ def main() -> None:
                 rows.append(previous[(n, d, task)])
             continue
         runs: dict[str, list[dict[str, Any]]] = {lib: [] for lib in libraries}
+        load_before = os.getloadavg()
         for _ in range(repeats):
             for library in libraries:  # interleaved, so load hits every library alike
                 remaining = args.budget_s - (time.perf_counter() - began)
@@ -146,6 +170,8 @@ def main() -> None:
                     flush=True,
                 )
         row: dict[str, Any] = {"n": n, "d": d, "task": task, "repeats": repeats}
+        row["load_average_1_5_15_before"] = list(load_before)
+        row["load_average_1_5_15_after"] = list(os.getloadavg())
         row["measured_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         row["not_measured"] = [lib for lib, results in runs.items() if not results]
         for library, results in runs.items():
@@ -157,48 +183,65 @@ def main() -> None:
                 "peak_rss_mb_max": max(r["peak_rss_mb"] for r in results),
                 "metrics": results[-1]["metrics"],
             }
-        if "mbdl" in row and "pml" in row:
-            row["time_ratio_mbdl_over_pml"] = (
-                row["mbdl"]["wall_s_median"] / row["pml"]["wall_s_median"]
-            )
+        for reference in ("pml", "floor"):
+            if "mbdl" in row and reference in row:
+                row[f"time_ratio_mbdl_over_{reference}"] = (
+                    row["mbdl"]["wall_s_median"] / row[reference]["wall_s_median"]
+                )
         rows.append(row)
-    payload = {
-        "benchmark": "evaluate",
-        "machine": machine(),
-        "note": "shared 2-core machine (other engineers' jobs ran at the same time); "
-        "each measurement in a fresh process; medians over the repeats listed",
-        "total_s": time.perf_counter() - began,
-        "rows": rows,
-    }
-    write_results("evaluate", payload, markdown(rows))
+        # written after every row, so an interrupted run keeps what it measured
+        payload = {
+            "benchmark": "evaluate",
+            "machine": machine(),
+            "note": "shared 2-core machine (other engineers' jobs ran at the same time: see "
+            "each row's load averages); each measurement in a fresh process; medians over the "
+            "repeats listed; ratios are between measurements of the same run",
+            "total_s": time.perf_counter() - began,
+            "rows": rows,
+        }
+        write_results("evaluate", payload, markdown(rows))
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
         "## Evaluation (`benchmarks/evaluate.py`)",
         "",
-        "mbdl `evaluate` vs pytorch-metric-learning `AccuracyCalculator` on random clustered data "
+        "mbdl `evaluate` vs a floor (bare torch GEMM + top-k of the same neighbours, same 1 GiB "
+        "budget) and pytorch-metric-learning `AccuracyCalculator` on random clustered data "
         "(5 items per class), 2 threads, each measurement in its own process, on a shared 2-core "
-        "machine. retrieval = P@1 + R-Precision + MAP@R; clustering = our NMI + F1 (one k-means: "
-        "faiss; `mbdl-torch-kmeans` = our torch k-means) vs PML's NMI (faiss k-means, 20 iterations).",
+        "machine (load average over 1 minute before/after each row shown: above 2 means other "
+        "jobs competed for the cores, which slows every library of the row alike). retrieval = "
+        "P@1 + R-Precision + MAP@R; clustering = our NMI + AMI + F1 from one k-means (greedy "
+        "k-means++, best of 3 restarts, torch; `mbdl-1-restart`: one restart; `mbdl-faiss`: "
+        "Lloyd in faiss) vs PML's NMI (faiss k-means from random points, 20 iterations, 1 run).",
         "",
-        "| N | d | task | library | wall s (median) | peak RSS MB | time vs PML | metrics |",
-        "|---|---|---|---|---|---|---|---|",
+        "Reproduce: `python benchmarks/evaluate.py`.",
+        "",
+        "| N | d | task | library | wall s (median) | peak RSS MB | vs floor | vs PML "
+        "| load | metrics |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        pml_time = row["pml"]["wall_s_median"] if "pml" in row else None
+        reference = {
+            name: row[name]["wall_s_median"] if name in row else None for name in ("floor", "pml")
+        }
+        before = row.get("load_average_1_5_15_before", [float("nan")])[0]
+        after = row.get("load_average_1_5_15_after", [float("nan")])[0]
         for library in [k for k in row if isinstance(row[k], dict)]:
             r = row[library]
             shown = ", ".join(f"{k}={v:.3f}" for k, v in r["metrics"].items())
-            ratio = f"{r['wall_s_median'] / pml_time:.2f}x" if pml_time else "n/a"
+            ratios = [
+                f"{r['wall_s_median'] / ref:.2f}x" if ref else "n/a" for ref in reference.values()
+            ]
             lines.append(
                 f"| {row['n']} | {row['d']} | {row['task']} | {library} | {r['wall_s_median']:.2f} "
-                f"| {r['peak_rss_mb_max']:.0f} | {ratio} | {shown} |"
+                f"| {r['peak_rss_mb_max']:.0f} | {ratios[0]} | {ratios[1]} "
+                f"| {before:.1f}/{after:.1f} | {shown} |"
             )
         for library in row["not_measured"]:
             lines.append(
                 f"| {row['n']} | {row['d']} | {row['task']} | {library} | not measured "
-                "(time budget) | | | |"
+                "(time budget) | | | | | |"
             )
     return "\n".join(lines)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from itertools import combinations
+from typing import Any
 
 
 def euclidean(a: list[float], b: list[float]) -> float:
@@ -129,3 +130,40 @@ def lloyd_reference(
             break
         assignment = new_assignment
     return assignment
+
+
+def greedy_kmeans_plus_plus_reference(
+    points: list[list[float]], num_clusters: int, generator: Any, trials: int
+) -> list[int]:
+    """Greedy k-means++ by plain loops, drawing from ``generator`` exactly as the package does:
+    one ``randint(n)`` for the first seed, then per seed ``trials`` uniforms in [0, 1) scaled
+    by the potential, each mapped to the first row whose cumulative D^2 exceeds it; the
+    candidate with the lowest resulting potential is kept (the first on ties)."""
+    import torch
+
+    def sq(a: list[float], b: list[float]) -> float:
+        return sum((u - v) ** 2 for u, v in zip(a, b, strict=True))
+
+    n = len(points)
+    first = int(torch.randint(n, (1,), generator=generator))
+    chosen = [first]
+    nearest = [sq(p, points[first]) for p in points]
+    nearest[first] = 0.0
+    for _ in range(1, num_clusters):
+        cumulative, running = [], 0.0
+        for value in nearest:
+            running += value
+            cumulative.append(running)
+        targets = (torch.rand(trials, generator=generator, dtype=torch.float64) * running).tolist()
+        best = None
+        for target in targets:
+            j = next(i for i, c in enumerate(cumulative) if c > target)
+            potential = sum(min(d, sq(p, points[j])) for p, d in zip(points, nearest, strict=True))
+            if best is None or potential < best[0]:
+                best = (potential, j)
+        assert best is not None
+        j = best[1]
+        chosen.append(j)
+        nearest = [min(d, sq(p, points[j])) for p, d in zip(points, nearest, strict=True)]
+        nearest[j] = 0.0
+    return chosen

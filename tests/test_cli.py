@@ -198,3 +198,88 @@ def test_divergence_exits_1_with_one_line(
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1
     assert err[-1].startswith("mbdl: error: the loss is nan at epoch 1, step 1")
+
+
+def test_train_stores_a_validation_threshold_and_reports_test_rates_at_it(
+    trained_run: tuple[Path, str],
+) -> None:
+    from mbdl.data import load_splits
+    from mbdl.evaluate import embed_dataset
+    from mbdl.functional.verification import pair_distances, rates_at_threshold, threshold_at_far
+    from mbdl.train.checkpoint import load_checkpoint, model_from_state
+
+    out, cache = trained_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    state = load_checkpoint(out / "checkpoints" / "best.pt")
+    stored = state["verification"]
+    assert stored["far"] == 1e-3 and stored["distance"] == "euclidean"
+    assert stored["chosen_on"] == "validation"
+    assert metrics["verification"]["threshold"] == stored["threshold"]
+    # the threshold is the validation classes' one, recomputed here from their pairs
+    splits = load_splits("glyphs", cache, max_classes=40)
+    model = model_from_state(state)
+    val, val_labels = embed_dataset(model, splits.val)
+    genuine, impostor, _ = pair_distances(val, val_labels)
+    assert stored["threshold"] == threshold_at_far(genuine, impostor, 1e-3)
+    assert stored["validation_far"] <= 1e-3
+    # the test rates are measured at that threshold on the test classes' pairs
+    test, test_labels = embed_dataset(model, splits.test)
+    genuine, impostor, _ = pair_distances(test, test_labels)
+    tar, far = rates_at_threshold(genuine, impostor, stored["threshold"])
+    assert metrics["test"]["tar@threshold"] == pytest.approx(tar)
+    assert metrics["test"]["far@threshold"] == pytest.approx(far)
+
+
+def test_verify_answers_same_or_different(
+    trained_run: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mbdl.data import load_splits
+
+    out, cache = trained_run
+    test = load_splits("glyphs", cache, max_classes=40).test
+    first, again = tmp_path / "a.png", tmp_path / "a-again.png"
+    test.load_image(0).save(first)
+    test.load_image(0).save(again)
+    assert main(["verify", str(out), str(first), str(again)]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("same: euclidean distance 0.0000 <= threshold")
+    assert "chosen on the validation classes at FAR 0.001" in line
+    other = next(i for i in range(len(test)) if test.labels[i] != test.labels[0])
+    second = tmp_path / "b.png"
+    test.load_image(other).save(second)
+    assert main(["verify", str(out), str(first), str(second), "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    stored = json.loads((out / "metrics.json").read_text())["verification"]
+    assert answer["threshold"] == stored["threshold"]
+    assert answer["same"] == (answer["distance"] <= stored["threshold"])
+    # an explicit threshold decides instead; 0 separates any two different images
+    assert main(["verify", str(out), str(first), str(second), "--threshold", "0"]) == 0
+    assert capsys.readouterr().out.startswith("different: ")
+    assert main(["verify", str(out), str(first), str(second), "--threshold", "abc"]) == 2
+    assert "--threshold must be a number" in capsys.readouterr().err
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    assert main(["verify", str(out), str(first), str(broken)]) == 2
+    assert "cannot read image" in capsys.readouterr().err
+
+
+def test_search_threshold_marks_matches(
+    trained_run: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mbdl.data import load_splits
+
+    out, cache = trained_run
+    test = load_splits("glyphs", cache, max_classes=40).test
+    query = tmp_path / "query.png"
+    test.load_image(0).save(query)
+    threshold = json.loads((out / "metrics.json").read_text())["verification"]["threshold"]
+    assert main(["search", str(out), str(query), "-k", "5", "--threshold"]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()[1:]
+    assert len(rows) == 5
+    for row in rows:
+        distance = float(row.split()[1])
+        assert (row.split()[2] == "match") == (distance <= threshold)
+    assert rows[0].split()[2] == "match"  # the image itself, at distance 0
+    assert main(["search", str(out), str(query), "-k", "3", "--threshold", "-1"]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()[1:]
+    assert not any("match" in row for row in rows)

@@ -5,8 +5,10 @@ import torch
 
 import mbdl.evaluate as evaluate_module
 from mbdl.evaluate import embed_dataset, evaluate
-from mbdl.functional.clustering import normalized_mutual_info, pair_f1
+from mbdl.functional.clustering import adjusted_mutual_info, normalized_mutual_info, pair_f1
 from mbdl.functional.kmeans import kmeans
+from mbdl.functional.knn import faiss_available
+from mbdl.functional.verification import pair_distances, verification_metrics
 
 
 def clustered(seed=0, num_classes=10, per_class=6, dim=8, noise=1.0):
@@ -20,28 +22,112 @@ def test_all_metrics_by_default():
     x, labels = clustered()
     result = evaluate(x, labels)
     expected = {"recall@1", "recall@2", "recall@4", "recall@8", "precision@1", "r_precision"}
-    assert set(result) == expected | {"map@r", "nmi", "f1"}
-    assert all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in result.values())
+    expected |= {"map@r", "nmi", "ami", "f1", "eer", "eer_threshold"}
+    expected |= {"kmeans/backend=torch", "kmeans/restarts", "kmeans/seed"}
+    expected |= {"genuine_pairs", "impostor_pairs"}
+    for far in ("1e-2", "1e-3", "1e-4"):
+        expected |= {f"tar@far={far}", f"far@far={far}", f"threshold@far={far}"}
+    assert set(result) == expected
+    assert all(isinstance(v, float) for v in result.values())
+    counts = ("kmeans/", "threshold", "eer_", "genuine_", "impostor_", "ami")
+    assert all(0.0 <= v <= 1.0 for k, v in result.items() if not k.startswith(counts))
+    assert -1.0 <= result["ami"] <= 1.0
     assert result["recall@1"] == result["precision@1"]
     assert result["recall@1"] <= result["recall@2"] <= result["recall@4"] <= result["recall@8"]
 
 
 def test_nmi_and_f1_come_from_one_seeded_kmeans_on_the_gallery():
     x, labels = clustered(1)
-    result = evaluate(x, labels, metrics=["nmi", "f1"], seed=4)
+    result = evaluate(x, labels, metrics=["nmi", "ami", "f1"], seed=4)
     clusters = kmeans(x, 10, seed=4)
     assert result == {
         "nmi": normalized_mutual_info(labels, clusters),
+        "ami": adjusted_mutual_info(labels, clusters),
         "f1": pair_f1(labels, clusters),
+        "kmeans/backend=torch": 1.0,
+        "kmeans/restarts": 3.0,
+        "kmeans/seed": 4.0,
     }
-    assert evaluate(x, labels, metrics=["nmi", "f1"], seed=4) == result
+    assert evaluate(x, labels, metrics=["nmi", "ami", "f1"], seed=4) == result
+    one = evaluate(x, labels, metrics=["nmi"], seed=4, kmeans_restarts=1)
+    assert one["nmi"] == normalized_mutual_info(labels, kmeans(x, 10, seed=4, restarts=1))
+    assert one["kmeans/restarts"] == 1.0
+
+
+@pytest.mark.skipif(not faiss_available(), reason="needs faiss")
+def test_clustering_does_not_depend_on_faiss_being_installed(monkeypatch):
+    x, labels = clustered(5)
+    with_faiss = evaluate(x, labels, metrics=["nmi", "f1"])
+    monkeypatch.setattr("mbdl.functional.kmeans.faiss_available", lambda: False)
+    monkeypatch.setattr("mbdl.functional.knn.faiss_available", lambda: False)
+    assert evaluate(x, labels, metrics=["nmi", "f1"]) == with_faiss
+    assert "kmeans/backend=torch" in with_faiss
+
+
+@pytest.mark.skipif(not faiss_available(), reason="needs faiss")
+def test_faiss_backend_is_recorded_and_agrees():
+    x, labels = clustered(6, num_classes=30, per_class=8, noise=2.0)
+    ours = evaluate(x, labels, metrics=["nmi", "f1"])
+    theirs = evaluate(x, labels, metrics=["nmi", "f1"], backend="faiss")
+    assert theirs["kmeans/backend=faiss"] == 1.0 and "kmeans/backend=torch" not in theirs
+    assert abs(ours["nmi"] - theirs["nmi"]) < 0.005
+
+
+def test_verification_keys_come_from_the_pairs_of_the_set():
+    x, labels = clustered(7, noise=2.0)
+    result = evaluate(x, labels, metrics=["verification"], verify_fars=(0.1, 0.01))
+    genuine, impostor, exhaustive = pair_distances(x, labels)
+    assert exhaustive
+    assert result == verification_metrics(genuine, impostor, (0.1, 0.01))
+    queries, gallery = x[::3], torch.cat([x[1::3], x[2::3]])
+    query_labels, gallery_labels = labels[::3], torch.cat([labels[1::3], labels[2::3]])
+    cross = evaluate(
+        gallery,
+        gallery_labels,
+        query_embeddings=queries,
+        query_labels=query_labels,
+        metrics=["verification"],
+    )
+    genuine, impostor, _ = pair_distances(
+        gallery, gallery_labels, query_embeddings=queries, query_labels=query_labels
+    )
+    assert cross == verification_metrics(genuine, impostor)
+    assert cross["genuine_pairs"] == 10 * 2 * 4  # per class: 2 queries x 4 gallery items
+
+
+def test_huge_duplicate_and_half_precision_embeddings():
+    x, labels = clustered(8)
+    reference = evaluate(x, labels, metrics=["recall", "map@r", "nmi", "f1"])
+    for scaled in (x * 1e19, x.double() * 1e200, x * 1e-30):
+        result = evaluate(scaled, labels, metrics=["recall", "map@r", "nmi", "f1"])
+        assert result == reference
+        if faiss_available():
+            assert (
+                evaluate(scaled, labels, metrics=["map@r"], backend="faiss")["map@r"]
+                == (reference["map@r"])
+            )
+    for dtype in (torch.float16, torch.bfloat16):
+        assert abs(evaluate(x.to(dtype), labels)["map@r"] - reference["map@r"]) < 0.05
+    same = evaluate(torch.ones(60, 4), labels)  # every row equal: defined, not a crash
+    assert same["eer"] == 0.5 and same["nmi"] == 0.0
+    duplicated = evaluate(torch.eye(10)[labels], labels)
+    assert duplicated["map@r"] == duplicated["nmi"] == duplicated["f1"] == 1.0
+    assert duplicated["eer"] == 0.0
+
+
+def test_retrieval_in_query_blocks_equals_one_block():
+    x, labels = clustered(9, noise=2.0)
+    whole = evaluate(x, labels, metrics=["recall", "r_precision", "map@r"])
+    # a budget so small that every block holds one query
+    blocks = evaluate(x, labels, metrics=["recall", "r_precision", "map@r"], memory_budget_bytes=64)
+    assert blocks == pytest.approx(whole, abs=1e-12)
 
 
 def test_subset_skips_kmeans(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("k-means must not run for retrieval-only metrics")
 
-    monkeypatch.setattr(evaluate_module, "kmeans", fail)
+    monkeypatch.setattr(evaluate_module, "kmeans_fit", fail)
     x, labels = clustered()
     result = evaluate(x, labels, metrics=["recall@3", "map@r"])
     assert set(result) == {"recall@3", "map@r"}

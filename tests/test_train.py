@@ -72,8 +72,10 @@ def test_end_to_end_run_writes_everything(reference: tuple[Path, dict]) -> None:
     out, metrics = reference
     for name in ("config.yaml", "log.jsonl", "metrics.json", "report.html"):
         assert (out / name).is_file(), name
-    assert set(metrics) == {"validation", "test"}
+    assert set(metrics) == {"validation", "test", "verification"}
     assert set(metrics["test"]) >= {"recall@1", "recall@2", "precision@1", "map@r", "nmi", "f1"}
+    assert set(metrics["test"]) >= {"ami", "eer", "tar@far=1e-3", "tar@threshold", "far@threshold"}
+    assert metrics["verification"]["chosen_on"] == "validation"
     assert json.loads((out / "metrics.json").read_text()) == metrics
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]

@@ -1,4 +1,5 @@
-"""The ``mbdl`` command line: ``train``, ``eval``, ``embed``, ``search``, ``index``, ``data``, ``compare``.
+"""The ``mbdl`` command line: ``train``, ``eval``, ``embed``, ``search``, ``verify``, ``index``,
+``data``, ``compare``.
 
 User errors (a bad config key or value, a missing file, a refused checkpoint) print one line,
 ``mbdl: error: ...``, on stderr and exit with code 2, without a traceback (set ``MBDL_DEBUG=1``
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import re
 import sys
@@ -211,9 +213,11 @@ def _run_eval(args: argparse.Namespace) -> int:
     config, device, model = _checkpoint_model(args)
     splits = load_data(config)
     if args.split == "test":
-        metrics, _, _ = evaluate_test(model, splits, config, device)
+        metrics, embeddings, labels = evaluate_test(model, splits, config, device)
     else:
-        metrics, _, _ = evaluate_dataset(model, _split_dataset(splits, "val"), config, device)
+        dataset = _split_dataset(splits, "val")
+        metrics, embeddings, labels = evaluate_dataset(model, dataset, config, device)
+    metrics.update(_rates_at_stored_threshold(args.checkpoint, config, embeddings, labels))
     if args.output:
         atomic_write_text(args.output, json.dumps(metrics, indent=2) + "\n")
     if args.json:
@@ -221,6 +225,24 @@ def _run_eval(args: argparse.Namespace) -> int:
     else:
         _print_metrics(metrics)
     return 0
+
+
+def _rates_at_stored_threshold(
+    checkpoint: str, config: Any, embeddings: Any, labels: Any
+) -> dict[str, float]:
+    """``tar@threshold`` and ``far@threshold`` of a split at the checkpoint's stored verification
+    threshold (none when it has none, or when eval.distance was overridden)."""
+    import torch
+
+    from mbdl.train.checkpoint import load_checkpoint, resolve_checkpoint
+    from mbdl.train.trainer import verification_at_threshold
+
+    stored = load_checkpoint(resolve_checkpoint(checkpoint)).get("verification")
+    if not isinstance(stored, dict) or stored.get("distance") != config.eval.distance:
+        return {}
+    if torch.unique(labels).numel() < 2:
+        return {}
+    return verification_at_threshold(embeddings, labels, config, float(stored["threshold"]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,6 +312,14 @@ def _configure_search(parser: argparse.ArgumentParser) -> None:
         help="search this gallery index (from mbdl index build) instead of embedding a split; "
         "CHECKPOINT must be the model the index was built with",
     )
+    parser.add_argument(
+        "--threshold",
+        nargs="?",
+        const="checkpoint",
+        metavar="DISTANCE",
+        help="mark the neighbours within this distance as matches; without a value: the "
+        "verification threshold mbdl train chose on the validation classes",
+    )
 
 
 @command("search", "find the nearest gallery images of query images", _configure_search)
@@ -316,6 +346,7 @@ def _run_search(args: argparse.Namespace) -> int:
     if args.index is not None:
         return _search_index(args, images, queries, overrides)
     config, state = _checkpoint_config(args.checkpoint, overrides)
+    threshold = _match_threshold(args.threshold, state, config.eval.distance)
     device = _device(args.device)
     model = model_from_state(state, device)
     gallery = _split_dataset(load_data(config), args.gallery_split)
@@ -334,8 +365,46 @@ def _run_search(args: argparse.Namespace) -> int:
         ):
             label = int(gallery_labels[index])
             name = gallery.class_names[label]
-            print(f"  {rank:>3}  {distance:.4f}  {name!r:<12}  {gallery.describe(index)}")
+            mark = _match_mark(distance, threshold)
+            print(f"  {rank:>3}  {distance:.4f}{mark}  {name!r:<12}  {gallery.describe(index)}")
     return 0
+
+
+def _stored_verification(state: dict[str, Any]) -> dict[str, Any]:
+    verification = state.get("verification")
+    if not isinstance(verification, dict) or "threshold" not in verification:
+        raise UsageError(
+            "this checkpoint has no verification threshold (it had no validation classes, or "
+            "was trained before mbdl stored one): give one with --threshold DISTANCE"
+        )
+    return verification
+
+
+def _match_threshold(value: str | None, state: dict[str, Any], distance: str) -> float | None:
+    """The ``--threshold`` of search and verify: a number, or the checkpoint's stored one."""
+    if value is None:
+        return None
+    if value == "checkpoint":
+        stored = _stored_verification(state)
+        if stored.get("distance", distance) != distance:
+            raise UsageError(
+                f"the stored threshold is a {stored['distance']} distance but eval.distance is "
+                f"{distance}: drop the eval.distance override or give --threshold DISTANCE"
+            )
+        return float(stored["threshold"])
+    try:
+        threshold = float(value)
+    except ValueError:
+        raise UsageError(f"--threshold must be a number; got {value!r}") from None
+    if not math.isfinite(threshold):
+        raise UsageError(f"--threshold must be finite; got {value!r}")
+    return threshold
+
+
+def _match_mark(distance: float, threshold: float | None) -> str:
+    if threshold is None:
+        return ""
+    return "  match" if distance <= threshold else "       "
 
 
 def _search_index(
@@ -356,6 +425,9 @@ def _search_index(
     state = load_checkpoint(resolve_checkpoint(args.checkpoint))
     device = _device(args.device)
     model = model_from_state(state, device)
+    threshold = _match_threshold(
+        args.threshold, state, "cosine" if index.distance == "cosine" else "euclidean"
+    )
     model_id = model_fingerprint(model.state_dict())
     if model_id != index.model_id:
         raise ValueError(
@@ -383,7 +455,90 @@ def _search_index(
             label = int(index.labels[item])
             name = index.class_names[label] if label < len(index.class_names) else str(label)
             where = index.paths[item] if item < len(index.paths) else f"#{item}"
-            print(f"  {rank:>3}  {distance:.4f}  {name!r:<12}  {where}")
+            mark = _match_mark(distance, threshold)
+            print(f"  {rank:>3}  {distance:.4f}{mark}  {name!r:<12}  {where}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# mbdl verify
+
+
+def _configure_verify(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", metavar="RUN", help="a run directory or a .pt file")
+    parser.add_argument("first", metavar="IMAGE_A", help="an image file")
+    parser.add_argument("second", metavar="IMAGE_B", help="another image file")
+    parser.add_argument(
+        "--threshold",
+        metavar="DISTANCE",
+        help="decide with this distance threshold instead of the one mbdl train chose on the "
+        "validation classes",
+    )
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--json", action="store_true", help="print the answer as JSON")
+
+
+@command(
+    "verify",
+    "are two images the same item? the distance against the validated threshold",
+    _configure_verify,
+)
+def _run_verify(args: argparse.Namespace) -> int:
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    from mbdl.data import build_transforms
+    from mbdl.functional.distances import pairwise_distance
+    from mbdl.train.checkpoint import load_checkpoint, model_from_state, resolve_checkpoint
+
+    state = load_checkpoint(resolve_checkpoint(args.checkpoint))
+    distance_name = str(state.get("config", {}).get("eval", {}).get("distance", "euclidean"))
+    threshold = _match_threshold(args.threshold or "checkpoint", state, distance_name)
+    assert threshold is not None
+    images = []
+    for path in (args.first, args.second):
+        try:
+            with Image.open(path) as image:
+                images.append(image.copy())
+        except (OSError, UnidentifiedImageError) as error:
+            raise ValueError(f"cannot read image {path!r}: {error}") from None
+    device = _device(args.device)
+    model = model_from_state(state, device)
+    data_args = state.get("data_args", {})
+    pretrained = state.get("config", {}).get("model", {}).get("pretrained")
+    transform = build_transforms(
+        False,
+        int(data_args.get("image_size", 32)),
+        int(data_args.get("channels", 3)),
+        imagenet_norm=pretrained is not None,
+    )
+    with torch.inference_mode():
+        batch = torch.stack([transform(image) for image in images]).to(device)
+        embeddings = model(batch).float().cpu()
+    distance = float(pairwise_distance(embeddings[:1], embeddings[1:], distance_name)[0, 0])
+    same = distance <= threshold
+    stored = state.get("verification") or {}
+    answer = {
+        "same": same,
+        "distance": distance,
+        "threshold": threshold,
+        "distance_kind": distance_name,
+        "threshold_source": "--threshold" if args.threshold else "validation classes",
+        "far": None if args.threshold else stored.get("far"),
+    }
+    if args.json:
+        print(json.dumps(answer, indent=2))
+        return 0
+    verdict = "same" if same else "different"
+    where = (
+        "given with --threshold"
+        if args.threshold
+        else f"chosen on the validation classes at FAR {stored.get('far', float('nan')):g}"
+    )
+    print(
+        f"{verdict}: {distance_name} distance {distance:.4f} "
+        f"{'<=' if same else '>'} threshold {threshold:.4f} ({where})"
+    )
     return 0
 
 

@@ -234,6 +234,28 @@ CONFIG_SCHEMA: dict[str, tuple[str, Any, tuple[Any, ...] | None, str]] = {
         None,
         "Write OUT/report.html (plots, embedding projection, retrieval examples) after the test.",
     ),
+    "eval.kmeans_restarts": (
+        "int",
+        3,
+        None,
+        "k-means runs (greedy k-means++ seeding each) behind NMI, AMI and F1; the run with the "
+        "lowest inertia is kept.",
+    ),
+    "eval.verify_far": (
+        "float",
+        1e-3,
+        None,
+        "False accept rate at which mbdl train chooses the verification threshold on the "
+        "validation classes (stored in checkpoints/best.pt, used by mbdl verify and mbdl search "
+        "--threshold); the test TAR and FAR at that threshold go to metrics.json.",
+    ),
+    "eval.verify_max_pairs": (
+        "int",
+        1_000_000,
+        None,
+        "Verification pairs: every pair of a split when there are at most this many, else a "
+        "seeded sample of this many genuine and this many impostor pairs.",
+    ),
     "seed": ("int", 0, None, "Seed of the split, model initialisation, sampler and augmentation."),
     "out": (
         "str | None",
@@ -275,6 +297,9 @@ _LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
     "train.xbm_size": (0, False),
     "train.xbm_warmup_steps": (0, False),
     "eval.batch_size": (1, False),
+    "eval.kmeans_restarts": (1, False),
+    "eval.verify_far": (0.0, True),
+    "eval.verify_max_pairs": (1, False),
 }
 
 # Keys that may differ between a run and its resumption (they do not change the results).
@@ -289,6 +314,9 @@ RESUME_FREE_KEYS: frozenset[str] = frozenset(
         "train.progress",
         "eval.batch_size",
         "eval.report",
+        "eval.kmeans_restarts",
+        "eval.verify_far",
+        "eval.verify_max_pairs",
     }
 )
 
@@ -365,6 +393,9 @@ class EvalConfig:
     batch_size: int = _default("eval.batch_size")
     distance: str = _default("eval.distance")
     report: bool = _default("eval.report")
+    kmeans_restarts: int = _default("eval.kmeans_restarts")
+    verify_far: float = _default("eval.verify_far")
+    verify_max_pairs: int = _default("eval.verify_max_pairs")
 
 
 @dataclass
@@ -639,6 +670,8 @@ def _check_cross_keys(resolved: dict[str, Any]) -> None:
         raise ConfigError(
             f"train.select_metric={metric!r} is not allowed; choose one of {', '.join(allowed)}"
         )
+    if resolved["eval.verify_far"] >= 1:
+        raise ConfigError(f"eval.verify_far must be in (0, 1); got {resolved['eval.verify_far']!r}")
     if resolved["data.val_fraction"] >= 1:
         raise ConfigError(
             f"data.val_fraction must be in [0, 1); got {resolved['data.val_fraction']!r}"

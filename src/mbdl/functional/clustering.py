@@ -70,7 +70,7 @@ def normalized_mutual_info(labels: Tensor, clusters: Tensor) -> float:
     if mutual_info == 0.0:
         return 0.0
     mean_entropy = (_entropy(class_sizes, n) + _entropy(cluster_sizes, n)) / 2
-    return mutual_info / mean_entropy
+    return min(mutual_info / mean_entropy, 1.0)  # I <= min(H) <= mean H: only rounding exceeds 1
 
 
 def _pairs(counts: Tensor) -> float:
@@ -89,3 +89,62 @@ def pair_f1(labels: Tensor, clusters: Tensor) -> float:
     if precision + recall == 0:
         return 0.0
     return 2 * precision * recall / (precision + recall)
+
+
+def expected_mutual_info(class_sizes: Tensor, cluster_sizes: Tensor, n: int) -> float:
+    """E[I(Y; C)] over random clusterings with these class and cluster sizes (hypergeometric
+    model of Vinh, Epps and Bailey, "Information Theoretic Measures for Clusterings
+    Comparison", JMLR 2010):
+
+    ``E[I] = sum_ij sum_{n_ij} n_ij/n log(n n_ij / (a_i b_j)) P(n_ij | a_i, b_j, n)``,
+    ``n_ij`` from ``max(1, a_i + b_j - n)`` to ``min(a_i, b_j)``. The terms depend on the sizes
+    only, so each distinct ``(a, b)`` pair is computed once and weighted by its multiplicity.
+    """
+    a_values, a_counts = torch.unique(class_sizes.cpu().long(), return_counts=True)
+    b_values, b_counts = torch.unique(cluster_sizes.cpu().long(), return_counts=True)
+    b = b_values.double()
+    b_weight = b_counts.double()
+    lg = torch.lgamma
+    nn = torch.tensor(float(n), dtype=torch.float64)
+    total = 0.0
+    for a_int, a_count in zip(a_values.tolist(), a_counts.tolist(), strict=True):
+        a = torch.tensor(float(a_int), dtype=torch.float64)
+        top = min(a_int, int(b_values.max()))
+        # log of a_i! b_j! (n - a_i)! (n - b_j)! / n!, per b
+        fixed = lg(a + 1) + lg(b + 1) + lg(nn - a + 1) + lg(nn - b + 1) - lg(nn + 1)
+        for start in range(1, top + 1, 4096):
+            k = torch.arange(start, min(top, start + 4095) + 1, dtype=torch.float64)
+            kk, bb = k.unsqueeze(0), b.unsqueeze(1)
+            valid = (kk <= torch.minimum(a, bb)) & (kk >= a + bb - nn)
+            log_p = (
+                fixed.unsqueeze(1)
+                - lg(kk + 1)
+                - lg((a - kk).clamp_min(0) + 1)
+                - lg((bb - kk).clamp_min(0) + 1)
+                - lg((nn - a - bb + kk).clamp_min(0) + 1)
+            )
+            term = kk / nn * torch.log(nn * kk / (a * bb)) * torch.exp(log_p)
+            term = torch.where(valid, term, torch.zeros_like(term))
+            total += a_count * float((term.sum(dim=1) * b_weight).sum())
+    return total
+
+
+def adjusted_mutual_info(labels: Tensor, clusters: Tensor) -> float:
+    """AMI, arithmetic normalisation (scikit-learn's ``adjusted_mutual_info_score`` default):
+    ``AMI = (I - E[I]) / ((H(Y) + H(C)) / 2 - E[I])``; 0 for a clustering no better than chance
+    given its cluster sizes, 1 for a perfect match (Vinh, Epps and Bailey, JMLR 2010)."""
+    n_ij, a_i, b_j = contingency_counts(labels, clusters)
+    class_sizes = torch.unique(labels.cpu(), return_counts=True)[1]
+    cluster_sizes = torch.unique(clusters.cpu(), return_counts=True)[1]
+    if class_sizes.numel() == cluster_sizes.numel() and class_sizes.numel() <= 1:
+        return 1.0  # sklearn's convention: no split on either side is a perfect match
+    n = labels.numel()
+    nf = float(n)
+    n_ij, a_i, b_j = n_ij.double(), a_i.double(), b_j.double()
+    mutual_info = max(float((n_ij / nf * (nf * n_ij / (a_i * b_j)).log()).sum()), 0.0)
+    expected = expected_mutual_info(class_sizes, cluster_sizes, n)
+    mean_entropy = (_entropy(class_sizes, nf) + _entropy(cluster_sizes, nf)) / 2
+    denominator = mean_entropy - expected
+    eps = 2.220446049250313e-16
+    denominator = min(denominator, -eps) if denominator < 0 else max(denominator, eps)
+    return min((mutual_info - expected) / denominator, 1.0)  # above 1 only by rounding

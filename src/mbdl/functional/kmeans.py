@@ -1,14 +1,26 @@
-"""Seeded k-means (Lloyd's algorithm) for the clustering metrics: faiss when installed, else torch.
+"""Seeded k-means for the clustering metrics: k-means++ seeding, Lloyd iterations, restarts.
 
-Both backends start from ``num_clusters`` distinct data points drawn at random with ``seed``
-(faiss's initialisation; k-means++ is sequential in k and too slow for k in the thousands) and
-run Lloyd iterations: assign each point to its nearest centroid, move each centroid to the mean
-of its points. The torch version stops early when no assignment changes and keeps an empty
-cluster's previous centroid; it computes assignments in chunks of points under
-``memory_budget_bytes`` with one matrix multiply per chunk (``argmin_j |c_j|^2 - 2 x.c_j``).
+Each restart seeds ``num_clusters`` centres by k-means++ (Arthur and Vassilvitskii, "k-means++:
+The Advantages of Careful Seeding", SODA 2007): the first centre is a random row, each next one
+a row drawn with probability proportional to its squared distance ``D(x)^2`` to the nearest
+centre so far. The seeding is vectorised and pruned by the triangle inequality (Elkan, ICML
+2003; Raff, "Exact Acceleration of K-Means++ and K-Means||", IJCAI 2021): a point owned by centre
+``c_j`` can only come closer to the new centre ``c`` when ``|c - c_j| < 2 D(x)``, so only the
+points of centres with ``|c - c_j| < 2 r_j`` (``r_j`` the largest ``D`` among their points) are
+measured. Lloyd's algorithm then runs from those centres, in torch (exact, chunked, Hamerly's
+bounds, stops when no assignment changes) or in faiss (``niter`` iterations, no subsampling).
+Of ``restarts`` runs the one with the lowest inertia (within-cluster sum of squares) is kept.
+
+The seeding is the same for both backends (torch, from one generator seeded by ``seed``), so
+they differ only by floating-point rounding in Lloyd's iterations. Rows are scaled by a power
+of two when their magnitude would overflow or underflow float32 squares; the clustering is
+invariant to that scaling.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -18,9 +30,36 @@ from mbdl.functional.knn import (
     blockwise_topk_smallest,
     faiss_available,
     query_chunk_size,
+    safe_scale,
 )
 
 KMEANS_BACKENDS: tuple[str, ...] = ("auto", "torch", "faiss")
+DEFAULT_RESTARTS = 3
+DEFAULT_MAX_ITER = 50
+
+
+@dataclass(frozen=True)
+class KMeansResult:
+    """The kept clustering: ``assignment`` (``int64[N]``), its ``inertia`` (within-cluster sum of
+    squared euclidean distances, in the input's units), the ``backend`` that ran Lloyd's
+    iterations (``"torch"`` or ``"faiss"``), ``restarts``, ``seed`` and ``max_iter``."""
+
+    assignment: Tensor
+    inertia: float
+    backend: str
+    restarts: int
+    seed: int
+    max_iter: int
+
+
+def resolve_kmeans_backend(backend: str) -> str:
+    """``"torch"`` or ``"faiss"`` for a backend name: ``"auto"`` is torch, so that the clustering
+    metrics never depend on whether the optional faiss package is installed."""
+    if backend not in KMEANS_BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(KMEANS_BACKENDS)}; got {backend!r}")
+    if backend == "faiss" and not faiss_available():
+        raise ValueError("backend='faiss' needs the faiss package (pip install faiss-cpu)")
+    return "faiss" if backend == "faiss" else "torch"
 
 
 def kmeans(
@@ -28,46 +67,184 @@ def kmeans(
     num_clusters: int,
     *,
     seed: int = 0,
-    max_iter: int = 20,
+    max_iter: int = DEFAULT_MAX_ITER,
     backend: str = "auto",
     memory_budget_bytes: int = 2**30,
+    restarts: int = DEFAULT_RESTARTS,
 ) -> Tensor:
     """Cluster the rows of ``x`` (``N x d``) into ``num_clusters``; returns ``int64[N]`` assignments.
 
-    ``backend``: ``"faiss"`` (``faiss.Kmeans``, ``niter=max_iter``, ``nredo=1``; faiss trains on a
-    random subsample of 256 points per cluster when N is larger than that), ``"torch"``, or
-    ``"auto"`` (faiss when installed, else torch). Deterministic for a given seed and backend.
+    The assignment of :func:`kmeans_fit` (k-means++ seeding, Lloyd, best of ``restarts``).
     """
-    if backend not in KMEANS_BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(KMEANS_BACKENDS)}; got {backend!r}")
-    if backend == "faiss" and not faiss_available():
-        raise ValueError("backend='faiss' needs the faiss package (pip install faiss-cpu)")
+    return kmeans_fit(
+        x,
+        num_clusters,
+        seed=seed,
+        max_iter=max_iter,
+        backend=backend,
+        memory_budget_bytes=memory_budget_bytes,
+        restarts=restarts,
+    ).assignment
+
+
+def kmeans_fit(
+    x: Tensor,
+    num_clusters: int,
+    *,
+    seed: int = 0,
+    max_iter: int = DEFAULT_MAX_ITER,
+    backend: str = "auto",
+    memory_budget_bytes: int = 2**30,
+    restarts: int = DEFAULT_RESTARTS,
+) -> KMeansResult:
+    """k-means of the rows of ``x``: the lowest-inertia run of ``restarts`` k-means++ seedings.
+
+    ``backend``: ``"torch"`` (exact Lloyd with Hamerly's bounds, CPU or GPU, chunked under
+    ``memory_budget_bytes``), ``"faiss"`` (``faiss.Kmeans`` with ``niter=max_iter`` from the
+    same seeds, CPU) or ``"auto"`` (= torch). Deterministic for a given seed and backend.
+    """
+    resolved = resolve_kmeans_backend(backend)
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D (N x d); got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be floating point; got dtype {x.dtype}")
     if not 1 <= num_clusters <= x.shape[0]:
         raise ValueError(f"num_clusters={num_clusters} must be between 1 and N={x.shape[0]}")
     if max_iter < 1:
         raise ValueError(f"max_iter must be at least 1; got {max_iter}")
-    if backend == "faiss" or (backend == "auto" and faiss_available()):
-        return _faiss_kmeans(x, num_clusters, seed=seed, max_iter=max_iter)
-    return _torch_kmeans(x, num_clusters, seed=seed, max_iter=max_iter, budget=memory_budget_bytes)
+    if restarts < 1:
+        raise ValueError(f"restarts must be at least 1; got {restarts}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("x contains NaN or Inf")
+    scale = safe_scale(x)
+    data = (x.detach() * scale if scale != 1.0 else x.detach()).float()
+    generator = torch.Generator().manual_seed(seed)
+    best: tuple[float, Tensor] | None = None
+    for _ in range(restarts):
+        seeds = kmeans_plus_plus(data, num_clusters, generator)
+        if resolved == "faiss":
+            assignment = _faiss_lloyd(data, data[seeds], max_iter=max_iter)
+        else:
+            assignment = lloyd(data, data[seeds], max_iter=max_iter, budget=memory_budget_bytes)
+        inertia = within_cluster_sum_of_squares(data, assignment)
+        if best is None or inertia < best[0]:
+            best = (inertia, assignment)
+    assert best is not None
+    return KMeansResult(
+        assignment=best[1],
+        inertia=best[0] / scale / scale,
+        backend=resolved,
+        restarts=restarts,
+        seed=seed,
+        max_iter=max_iter,
+    )
 
 
-def _faiss_kmeans(x: Tensor, num_clusters: int, *, seed: int, max_iter: int) -> Tensor:
+def within_cluster_sum_of_squares(x: Tensor, assignment: Tensor) -> float:
+    """``sum_i |x_i - mean of x_i's cluster|^2`` (k-means' objective), accumulated in float64."""
+    x64 = x.double()
+    num = int(assignment.max()) + 1
+    sums = torch.zeros(num, x.shape[1], dtype=torch.float64, device=x.device)
+    sums.index_add_(0, assignment, x64)
+    counts = torch.bincount(assignment, minlength=num).double().clamp_min(1)
+    means = sums / counts.unsqueeze(1)
+    return float((x64 - means[assignment]).pow(2).sum())
+
+
+def kmeans_plus_plus(
+    x: Tensor, num_clusters: int, generator: torch.Generator, trials: int | None = None
+) -> Tensor:
+    """Row indices of ``num_clusters`` greedy k-means++ seeds of ``x`` (float32, ``N x d``).
+
+    Each step draws ``trials`` candidates (default ``2 + floor(ln k)``, as scikit-learn) with
+    probability proportional to ``D(x)^2`` and keeps the one that lowers the potential
+    ``sum_x D(x)^2`` most. Draws from ``generator`` (a CPU generator). Once every point
+    coincides with a centre (duplicates), the remaining seeds are drawn uniformly among the
+    rows not yet chosen.
+    """
+    n = x.shape[0]
+    device = x.device
+    if trials is None:
+        trials = 2 + int(math.log(num_clusters))
+    sq_norms = x.pow(2).sum(dim=1)
+    chosen = torch.empty(num_clusters, dtype=torch.long)
+    centres = x.new_empty(num_clusters, x.shape[1])
+    centre_sq = x.new_empty(num_clusters)
+    radius = x.new_zeros(num_clusters)  # an upper bound on D(x) over the points a centre owns
+    first = int(torch.randint(n, (1,), generator=generator))
+    chosen[0] = first
+    centres[0], centre_sq[0] = x[first], sq_norms[first]
+    nearest_sq = (sq_norms + sq_norms[first] - 2 * (x @ x[first])).clamp_min_(0)
+    nearest_sq[first] = 0
+    owner = torch.zeros(n, dtype=torch.long, device=device)
+    radius[0] = nearest_sq.max().sqrt()
+    taken: Tensor | None = None
+    for i in range(1, num_clusters):
+        cumulative = torch.cumsum(nearest_sq, 0, dtype=torch.float64)
+        total = float(cumulative[-1])
+        if total > 0:
+            targets = torch.rand(trials, generator=generator, dtype=torch.float64) * total
+            picks = torch.searchsorted(cumulative, targets.to(device), right=True)
+            picks = picks.clamp_max_(n - 1)
+            # rounding may land on a zero-probability row: take the last row with weight
+            picks = torch.where(
+                nearest_sq[picks] > 0, picks, torch.searchsorted(cumulative, cumulative[-1:])
+            )
+        else:
+            if taken is None:
+                taken = torch.zeros(n, dtype=torch.bool)
+                taken[chosen[:i]] = True
+            free = (~taken).nonzero().flatten()
+            picks = free[torch.randint(free.numel(), (1,), generator=generator)].to(device)
+        candidates = x[picks]
+        # centres whose points may come closer to a candidate: |c - c_j| < 2 r_j (with slack)
+        between = centre_sq[:i, None] + sq_norms[picks][None, :] - 2 * (centres[:i] @ candidates.T)
+        reach = 2 * radius[:i] * 1.001 + 1e-6 * (1 + centre_sq[:i].sqrt())
+        groups = (between.clamp_min_(0).sqrt_() < reach[:, None]).any(dim=1)
+        if bool(groups.all()):  # every point may move: no gathers
+            points: Tensor | None = None
+            rows, rows_sq, rows_nearest = x, sq_norms, nearest_sq
+        else:
+            points = groups[owner].nonzero().flatten()
+            rows, rows_sq, rows_nearest = x[points], sq_norms[points], nearest_sq[points]
+        distance_sq = torch.addmm(
+            rows_sq[:, None] + sq_norms[picks][None, :], rows, candidates.T, alpha=-2.0
+        ).clamp_min_(0)
+        gain = (rows_nearest[:, None] - distance_sq).clamp_min_(0).sum(dim=0, dtype=torch.float64)
+        best = int(torch.argmax(gain))
+        j = int(picks[best])
+        if taken is not None:
+            taken[j] = True
+        chosen[i] = j
+        centres[i], centre_sq[i] = x[j], sq_norms[j]
+        column = distance_sq[:, best]
+        closer = column < rows_nearest
+        moved = closer.nonzero().flatten() if points is None else points[closer]
+        moved_sq = column[closer]
+        nearest_sq[moved] = moved_sq
+        nearest_sq[j] = 0
+        owner[moved] = i
+        owner[j] = i
+        radius[i] = moved_sq.max().sqrt() if moved_sq.numel() else 0.0
+    return chosen.to(device)
+
+
+def _faiss_lloyd(x: Tensor, centres: Tensor, *, max_iter: int) -> Tensor:
     import faiss  # optional dependency
     import numpy as np
 
-    data = np.ascontiguousarray(x.detach().float().cpu().numpy())
+    data = np.ascontiguousarray(x.cpu().numpy())
+    num_clusters = centres.shape[0]
     model = faiss.Kmeans(
         data.shape[1],
         num_clusters,
         niter=max_iter,
         nredo=1,
-        seed=seed,
         verbose=False,
         min_points_per_centroid=1,
+        max_points_per_centroid=-(-data.shape[0] // num_clusters) + 1,  # never subsample
     )
-    model.train(data)
+    model.train(data, init_centroids=np.ascontiguousarray(centres.cpu().numpy()))
     _, assignment = model.index.search(data, 1)
     return torch.from_numpy(assignment[:, 0].astype(np.int64)).to(x.device)
 
@@ -103,18 +280,19 @@ def two_nearest_centroids(
     return nearest, first, second
 
 
-def _torch_kmeans(x: Tensor, num_clusters: int, *, seed: int, max_iter: int, budget: int) -> Tensor:
-    """Lloyd's algorithm with Hamerly's bounds (Hamerly, "Making k-means even faster", SDM 2010).
+def lloyd(x: Tensor, centres: Tensor, *, max_iter: int, budget: int = 2**30) -> Tensor:
+    """Lloyd's algorithm from ``centres``, with Hamerly's bounds (Hamerly, "Making k-means even faster", SDM 2010).
 
     Each point keeps an upper bound on the distance to its centroid and a lower bound on the
     distance to every other centroid; after centroids move by ``shift``, the bounds move by at
     most ``shift``, and a point whose upper bound stays below its lower bound cannot change
-    cluster, so only the other points are re-assigned. The result is that of plain Lloyd.
+    cluster, so only the other points are re-assigned. The result is that of plain Lloyd: each
+    iteration assigns every point to its nearest centroid, then moves each non-empty cluster's
+    centroid to its mean; it stops early when no assignment changes.
     """
     x = x.detach().float()
-    generator = torch.Generator().manual_seed(seed)
-    start_rows = torch.randperm(x.shape[0], generator=generator)[:num_clusters].to(x.device)
-    centroids = x[start_rows].clone()
+    centroids = centres.to(x).clone()
+    num_clusters = centroids.shape[0]
     assignment, upper, lower = two_nearest_centroids(x, centroids, budget)
     for _ in range(max_iter):
         sums = torch.zeros_like(centroids).index_add_(0, assignment, x)

@@ -17,6 +17,7 @@ the same distance the order is unspecified, as for any top-k.
 from __future__ import annotations
 
 import importlib.util
+import math
 from typing import Any
 
 import torch
@@ -41,6 +42,21 @@ def check_knn_options(distance: str, backend: str) -> None:
         raise ValueError("backend='faiss' needs the faiss package (pip install faiss-cpu)")
 
 
+SAFE_MAGNITUDE = 2.0**40
+
+
+def safe_scale(x: Tensor) -> float:
+    """A power of two ``s`` that brings ``max |x|`` into ``[1, 2)`` when it lies outside
+    ``[2^-40, 2^40]`` (else 1.0): squared norms of ``s * x`` then neither overflow nor underflow
+    float32, and the scaling is exact, so nearest neighbours and clusterings are unchanged."""
+    if x.numel() == 0:
+        return 1.0
+    largest = float(x.detach().abs().max())
+    if largest == 0.0 or 1.0 / SAFE_MAGNITUDE <= largest <= SAFE_MAGNITUDE:
+        return 1.0
+    return math.ldexp(1.0, -math.frexp(largest)[1] + 1)
+
+
 def query_chunk_size(num_gallery: int, memory_budget_bytes: int, bytes_per_score: int = 4) -> int:
     """Queries per chunk so that the chunk's score buffer (and the top-k's working copy) fit.
 
@@ -60,12 +76,15 @@ def knn(
     exclude_self: bool = False,
     memory_budget_bytes: int = 2**30,
     backend: str = "auto",
+    query_offset: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The ``k`` nearest gallery rows of each query row: ``(distances[Q, k], indices[Q, k])``.
 
     Rows are sorted by increasing distance. ``gallery=None`` means ``gallery = query``.
     ``exclude_self=True`` requires ``gallery`` to be ``query`` (or ``None``) and excludes index
-    ``i`` from the neighbours of query ``i``. ``backend`` is ``"torch"`` (exact, CPU or GPU,
+    ``i`` from the neighbours of query ``i``; with ``query_offset=o`` the queries are instead
+    the gallery rows ``o, o+1, ...`` (a block of a leave-one-out search) and gallery row
+    ``o + i`` is excluded for query ``i``. ``backend`` is ``"torch"`` (exact, CPU or GPU,
     chunked), ``"faiss"`` (IndexFlatL2 / IndexFlatIP, CPU) or ``"auto"`` (= torch).
     """
     check_knn_options(distance, backend)
@@ -76,7 +95,12 @@ def knn(
             f"query and gallery must be 2-D with the same width; got {tuple(query.shape)} "
             f"and {tuple(gallery.shape)}"
         )
-    if exclude_self and query.shape[0] != gallery.shape[0]:
+    offset = 0 if query_offset is None else query_offset
+    if query_offset is not None and not (
+        exclude_self and 0 <= offset and offset + query.shape[0] <= gallery.shape[0]
+    ):
+        raise ValueError("query_offset needs exclude_self=True and queries within the gallery")
+    if exclude_self and query_offset is None and query.shape[0] != gallery.shape[0]:
         raise ValueError("exclude_self=True needs the gallery to be the query set (same rows)")
     available = gallery.shape[0] - int(exclude_self)
     if not 1 <= k <= available:
@@ -84,11 +108,26 @@ def knn(
             f"k={k} must be between 1 and the {available} gallery items available"
             + (" (the query itself excluded)" if exclude_self else "")
         )
+    scale = safe_scale(torch.stack([query.detach().abs().max(), gallery.detach().abs().max()]))
+    if scale != 1.0:  # huge or tiny magnitudes: search exactly scaled copies, report true distances
+        query, gallery = query * scale, gallery * scale
     if backend == "faiss":
-        return _faiss_knn(query, gallery, k, distance=distance, exclude_self=exclude_self)
-    return _torch_knn(
-        query, gallery, k, distance=distance, exclude_self=exclude_self, budget=memory_budget_bytes
-    )
+        distances, indices = _faiss_knn(
+            query, gallery, k, distance=distance, exclude_self=exclude_self, offset=offset
+        )
+    else:
+        distances, indices = _torch_knn(
+            query,
+            gallery,
+            k,
+            distance=distance,
+            exclude_self=exclude_self,
+            budget=memory_budget_bytes,
+            offset=offset,
+        )
+    if scale != 1.0 and distance == "euclidean":
+        distances = (distances.double() / scale).to(distances.dtype)
+    return distances, indices
 
 
 TOPK_BLOCK = 64
@@ -117,7 +156,14 @@ def blockwise_topk_smallest(
 
 
 def _torch_knn(
-    query: Tensor, gallery: Tensor, k: int, *, distance: str, exclude_self: bool, budget: int
+    query: Tensor,
+    gallery: Tensor,
+    k: int,
+    *,
+    distance: str,
+    exclude_self: bool,
+    budget: int,
+    offset: int = 0,
 ) -> tuple[Tensor, Tensor]:
     query = query.float() if query.dtype in (torch.float16, torch.bfloat16) else query
     gallery = gallery.to(device=query.device, dtype=query.dtype)
@@ -143,7 +189,7 @@ def _torch_knn(
         scores = torch.addmm(bias, rows, gallery_t, alpha=alpha)
         if exclude_self:
             local = torch.arange(stop - start, device=scores.device)
-            scores[local, local + start] = float("inf")
+            scores[local, local + start + offset] = float("inf")
         top_scores, top_index = blockwise_topk_smallest(scores, k)
         del scores
         if distance == "cosine":
@@ -156,7 +202,7 @@ def _torch_knn(
 
 
 def _faiss_knn(
-    query: Tensor, gallery: Tensor, k: int, *, distance: str, exclude_self: bool
+    query: Tensor, gallery: Tensor, k: int, *, distance: str, exclude_self: bool, offset: int = 0
 ) -> tuple[Tensor, Tensor]:
     import faiss  # optional dependency
     import numpy as np
@@ -178,7 +224,7 @@ def _faiss_knn(
     if exclude_self:
         # Remove the query's own index from its row; if ties pushed it out of the top k+1,
         # remove the last column instead (every remaining item is then a true neighbour).
-        is_self = indices == torch.arange(indices.shape[0]).unsqueeze(1)
+        is_self = indices == (torch.arange(indices.shape[0]) + offset).unsqueeze(1)
         is_self[~is_self.any(dim=1), -1] = True
         keep = ~is_self
         scores = scores[keep].view(-1, k)

@@ -412,8 +412,20 @@ def evaluate_dataset(
         ks=tuple(config.eval.ks),
         distance=config.eval.distance,
         seed=config.seed,
+        **evaluation_options(config),
     )
     return metrics, embeddings, labels
+
+
+def evaluation_options(config: Config) -> dict[str, Any]:
+    """The :func:`mbdl.evaluate.evaluate` options the ``eval.*`` keys set beyond ks and distance."""
+    from mbdl.functional.verification import DEFAULT_FARS
+
+    return {
+        "kmeans_restarts": config.eval.kmeans_restarts,
+        "verify_fars": tuple(sorted({*DEFAULT_FARS, config.eval.verify_far}, reverse=True)),
+        "verify_max_pairs": config.eval.verify_max_pairs,
+    }
 
 
 def evaluate_test(
@@ -434,10 +446,65 @@ def evaluate_test(
             ks=tuple(config.eval.ks),
             distance=config.eval.distance,
             seed=config.seed,
+            **evaluation_options(config),
         )
         test, test_labels = embed_with_config(model, splits.test, config, device)
         return metrics, test, test_labels
     return evaluate_dataset(model, splits.test, config, device)
+
+
+def choose_verification_threshold(
+    model: nn.Module, splits: Any, config: Config, device: torch.device
+) -> dict[str, Any] | None:
+    """The distance threshold at FAR ``eval.verify_far`` on the validation classes' pairs (never
+    the test classes'), with the validation TAR and FAR it reaches; None without validation
+    classes."""
+    from mbdl.functional.verification import (
+        pair_distances,
+        rates_at_threshold,
+        threshold_at_far,
+    )
+
+    if len(splits.val) == 0:
+        return None
+    embeddings, labels = embed_with_config(model, splits.val, config, device)
+    if torch.unique(labels).numel() < 2:
+        return None
+    genuine, impostor, _ = pair_distances(
+        embeddings,
+        labels,
+        distance=config.eval.distance,
+        max_pairs=config.eval.verify_max_pairs,
+        seed=config.seed,
+    )
+    threshold = threshold_at_far(genuine, impostor, config.eval.verify_far)
+    tar, far = rates_at_threshold(genuine, impostor, threshold)
+    return {
+        "threshold": threshold,
+        "far": config.eval.verify_far,
+        "distance": config.eval.distance,
+        "chosen_on": "validation",
+        "validation_tar": tar,
+        "validation_far": far,
+        "validation_pairs": [int(genuine.numel()), int(impostor.numel())],
+    }
+
+
+def verification_at_threshold(
+    embeddings: torch.Tensor, labels: torch.Tensor, config: Config, threshold: float
+) -> dict[str, float]:
+    """TAR and FAR of the pairs of ``embeddings`` at a threshold chosen elsewhere."""
+    from mbdl.functional.verification import pair_distances, rates_at_threshold
+
+    genuine, impostor, _ = pair_distances(
+        embeddings,
+        labels,
+        distance=config.eval.distance,
+        max_pairs=config.eval.verify_max_pairs,
+        seed=config.seed,
+    )
+    tar, far = rates_at_threshold(genuine, impostor, threshold)
+    return {"tar@threshold": tar, "far@threshold": far}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -910,11 +977,30 @@ class Trainer:
         test_metrics, embeddings, labels = evaluate_test(
             self.model, self.splits, self.config, self.device
         )
-        metrics = {"validation": dict(best.get("validation", {})), "test": test_metrics}
+        metrics: dict[str, Any] = {
+            "validation": dict(best.get("validation", {})),
+            "test": test_metrics,
+        }
+        verification = self._verification(best, embeddings, labels)
+        if verification is not None:
+            metrics["test"].update(verification.pop("test"))
+            metrics["verification"] = verification
         atomic_write_text(self.out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         if self.config.eval.report:
             self._write_report(metrics, embeddings, labels)
         return broadcast_object(metrics)
+
+    def _verification(
+        self, best: dict[str, Any], embeddings: torch.Tensor, labels: torch.Tensor
+    ) -> dict[str, Any] | None:
+        """Choose the verification threshold on the validation classes with the chosen model,
+        store it in best.pt, and measure the test classes' TAR and FAR at it."""
+        chosen = choose_verification_threshold(self.model, self.splits, self.config, self.device)
+        if chosen is None or torch.unique(labels).numel() < 2:
+            return None
+        save_checkpoint(self.checkpoints / "best.pt", {**best, "verification": dict(chosen)})
+        test = verification_at_threshold(embeddings, labels, self.config, chosen["threshold"])
+        return {**chosen, "test": test}
 
     def _write_report(
         self, metrics: dict[str, Any], embeddings: torch.Tensor, labels: torch.Tensor
