@@ -1,4 +1,4 @@
-"""The ``mbdl`` command line: ``train``, ``eval``, ``embed``, ``search``, ``index``, ``data``, ``compare``.
+"""The ``mbdl`` command line: ``train``, ``eval``, ``embed``, ``search``, ``index``, ``export``, ``data``, ``compare``.
 
 User errors (a bad config key or value, a missing file, a refused checkpoint) print one line,
 ``mbdl: error: ...``, on stderr and exit with code 2, without a traceback (set ``MBDL_DEBUG=1``
@@ -139,9 +139,11 @@ def _run_train(args: argparse.Namespace) -> int:
 def _checkpoint_config(checkpoint: str, overrides: list[str]) -> tuple[Any, dict[str, Any]]:
     """The config stored in a checkpoint, with ``data.*`` / ``eval.*`` overrides applied."""
     from mbdl.config import _flatten, config_from_flat, parse_override
-    from mbdl.train.checkpoint import load_checkpoint, resolve_checkpoint
+    from mbdl.export import load_state
 
-    state = load_checkpoint(resolve_checkpoint(checkpoint))
+    state = load_state(checkpoint)
+    if not state.get("config"):
+        raise UsageError(f"{checkpoint} records no training config (its data): cannot run this")
     flat = _flatten(dict(state["config"]), "checkpoint config")
     for text in overrides:
         key, value = parse_override(text)
@@ -162,7 +164,11 @@ def _split_dataset(splits: Any, name: str) -> Any:
 
 
 def _add_checkpoint_args(parser: argparse.ArgumentParser, what: str) -> None:
-    parser.add_argument("checkpoint", metavar=what, help="a run directory or a checkpoint .pt file")
+    parser.add_argument(
+        "checkpoint",
+        metavar=what,
+        help="a run directory, a checkpoint .pt file or a model directory",
+    )
     parser.add_argument(
         "items",
         nargs="*",
@@ -268,7 +274,9 @@ def _run_embed(args: argparse.Namespace) -> int:
 
 
 def _configure_search(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a run directory or a .pt file")
+    parser.add_argument(
+        "checkpoint", metavar="CHECKPOINT", help="a run directory, a .pt file or a model directory"
+    )
     parser.add_argument(
         "items",
         nargs="*",
@@ -345,15 +353,16 @@ def _search_index(
     import torch
 
     from mbdl.data import build_transforms
+    from mbdl.export import load_state
     from mbdl.index import GalleryIndex, model_fingerprint
-    from mbdl.train.checkpoint import load_checkpoint, model_from_state, resolve_checkpoint
+    from mbdl.train.checkpoint import model_from_state
 
     if overrides:
         raise UsageError(
             f"{overrides[0]!r}: overrides do not apply with --index (the index is the gallery)"
         )
     index = GalleryIndex.load(args.index)
-    state = load_checkpoint(resolve_checkpoint(args.checkpoint))
+    state = load_state(args.checkpoint)
     device = _device(args.device)
     model = model_from_state(state, device)
     model_id = model_fingerprint(model.state_dict())
@@ -453,6 +462,62 @@ def _run_index(args: argparse.Namespace) -> int:
         f"indexed {len(index)} {args.split} items of dimension {index.dim} ({distance}): {details}"
     )
     print(f"model {index.model_id}; wrote {args.output}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# mbdl export (implementation: mbdl.export)
+
+
+def _configure_export(parser: argparse.ArgumentParser) -> None:
+    from mbdl.export import DEFAULT_TOLERANCE, FORMATS
+
+    parser.add_argument(
+        "checkpoint",
+        metavar="RUN|CHECKPOINT|MODEL_DIR",
+        help="a run directory, a checkpoint .pt file or a model directory",
+    )
+    parser.add_argument(
+        "--format",
+        required=True,
+        choices=FORMATS,
+        help="onnx, torchscript: one file, its preprocessing in PATH.json next to it; "
+        "safetensors: a model directory (weights, config, preprocessing, model card)",
+    )
+    parser.add_argument("-o", "--output", required=True, metavar="PATH", help="what to write")
+    parser.add_argument(
+        "--images",
+        nargs="+",
+        metavar="IMAGE",
+        help="image files to check the export on (default: the model's first 16 test images)",
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=DEFAULT_TOLERANCE,
+        help=f"largest accepted |export - PyTorch| (default: {DEFAULT_TOLERANCE:g})",
+    )
+
+
+@command(
+    "export",
+    "export the embedder to ONNX, TorchScript or a model directory, checked against PyTorch",
+    _configure_export,
+)
+def _run_export(args: argparse.Namespace) -> int:
+    from mbdl.export import check_images, export_file, load_state
+
+    if not args.tolerance >= 0:
+        raise UsageError(f"--tolerance must be >= 0, got {args.tolerance}")
+    images = check_images(load_state(args.checkpoint), args.images)
+    result = export_file(
+        args.checkpoint, args.output, args.format, images, tolerance=args.tolerance
+    )
+    print(
+        f"wrote {result['path']} ({args.format}, {result['bytes'] / 2**20:.2f} MiB) in "
+        f"{result['export_s']:.2f} s; max |export - PyTorch| {result['max_abs_diff']:.2e} on "
+        f"{result['images']} images"
+    )
     return 0
 
 
