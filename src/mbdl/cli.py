@@ -239,12 +239,49 @@ def _configure_embed(parser: argparse.ArgumentParser) -> None:
     _add_checkpoint_args(parser, "CHECKPOINT")
     parser.add_argument("--split", default="test", choices=_SPLITS, help="default: test")
     parser.add_argument(
-        "-o", "--output", required=True, metavar="FILE.npz", help="where to write the embeddings"
+        "--images",
+        metavar="DIR",
+        help="embed every image below DIR instead of a split (labels from first-level "
+        "subfolders, -1 for images directly in DIR); needs -o X.npy",
     )
+    parser.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="FILE.npy|FILE.npz",
+        help="X.npy: streamed float32 embeddings with X.labels.npy, X.paths.txt and X.json "
+        "(memory-mappable; runs under torchrun, each rank a shard); X.npz: one file in memory",
+    )
+    parser.add_argument("--batch-size", type=int, help="default: the config's eval.batch_size")
+    parser.add_argument(
+        "--workers", type=int, help="image loading processes (default: the config's, else 0)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-@command("embed", "write the embeddings of a split to an .npz file", _configure_embed)
+@command(
+    "embed",
+    "write the embeddings of a split or an image folder (.npy streamed, or .npz)",
+    _configure_embed,
+)
 def _run_embed(args: argparse.Namespace) -> int:
+    overrides, others = split_overrides(args.items)
+    if others:
+        raise UsageError(f"unexpected argument {others[0]!r} (overrides look like key=value)")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.workers is not None and args.workers < 0:
+        raise UsageError(f"--workers must be >= 0, got {args.workers}")
+    if args.output.endswith(".npy"):
+        return _embed_streaming(args, overrides)
+    if args.images is not None:
+        raise UsageError("--images writes a streamed .npy: give -o FILE.npy")
+    if not args.output.endswith(".npz"):
+        raise UsageError(f"-o must end in .npy or .npz, got {args.output!r}")
+    return _embed_npz(args)
+
+
+def _embed_npz(args: argparse.Namespace) -> int:
     import numpy as np
 
     from mbdl.fileio import atomic_write_bytes
@@ -267,6 +304,81 @@ def _run_embed(args: argparse.Namespace) -> int:
         f"({args.split} split) to {args.output}"
     )
     return 0
+
+
+def _embed_streaming(args: argparse.Namespace, overrides: list[str]) -> int:
+    """``mbdl embed ... -o X.npy``: stream into memory-mapped files; one shard per torchrun rank."""
+    import torch
+
+    from mbdl.distributed import init_distributed
+    from mbdl.embedstore import ImageFiles, embed_to_files, model_dim, output_paths
+    from mbdl.export import load_state, state_preprocessing, transform_from_spec
+    from mbdl.train.checkpoint import model_from_state
+
+    output_paths(args.output)  # checks the name before any work
+    device = _device(args.device)
+    info = init_distributed(device.type)
+    if info.enabled and device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+    try:
+        if args.images is not None:
+            if overrides:
+                raise UsageError(f"{overrides[0]!r}: overrides do not apply with --images")
+            state = load_state(args.checkpoint)
+            model = model_from_state(state, device)
+            spec = state_preprocessing(state)
+            dataset = ImageFiles(args.images, transform_from_spec(spec), spec["color_mode"])
+            batch_size, workers = args.batch_size or 256, args.workers or 0
+            class_names, what = dataset.class_names, f"images below {args.images}"
+        else:
+            config, state = _checkpoint_config(args.checkpoint, overrides)
+            model = model_from_state(state, device)
+            spec = state_preprocessing(state)
+            dataset = _split_dataset(_load_data_once(config), args.split)
+            batch_size = args.batch_size or config.eval.batch_size
+            workers = config.data.num_workers if args.workers is None else args.workers
+            class_names, what = list(dataset.class_names), f"{args.split} split"
+        distance = ((state.get("config") or {}).get("eval") or {}).get("distance", "euclidean")
+        files = embed_to_files(
+            model,
+            dataset,
+            args.output,
+            dim=model_dim(model, dataset[0][0]),
+            batch_size=batch_size,
+            device=device,
+            num_workers=workers,
+            progress=not args.no_progress,
+            info={
+                "source": what,
+                "model": str(args.checkpoint),
+                "distance": distance,
+                "class_names": class_names,
+                "preprocessing": spec,
+            },
+        )
+    finally:
+        if info.enabled and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if info.is_main:
+        print(
+            f"wrote {len(dataset)} embeddings ({what}) to {files['embeddings']} with "
+            f"{files['labels'].name}, {files['paths'].name}, {files['info'].name}"
+        )
+    return 0
+
+
+def _load_data_once(config: Any) -> Any:
+    """The config's splits; under torchrun rank 0 first (it may build a cache), then the rest."""
+    from mbdl.distributed import barrier, distributed_info
+    from mbdl.train.trainer import load_data
+
+    main_rank = distributed_info().is_main
+    if not main_rank:
+        barrier()
+    splits = load_data(config)
+    if main_rank:
+        barrier()
+    return splits
 
 
 # ---------------------------------------------------------------------------------------------
