@@ -438,14 +438,19 @@ def _export_torchscript(model: nn.Module, example: Tensor, path: Path) -> None:
         torch.jit.save(traced, str(path))
 
 
-def onnx_runner(path: str | os.PathLike[str]) -> Callable[[Tensor], Tensor]:
-    """A function running the ONNX file ``path`` with ONNX Runtime on CPU."""
+def onnx_runner(
+    path: str | os.PathLike[str], threads: int | None = None
+) -> Callable[[Tensor], Tensor]:
+    """A function running the ONNX file ``path`` with ONNX Runtime on CPU (``threads``: its
+    intra-op threads; None: ONNX Runtime's default)."""
     try:
         import onnxruntime as ort
     except ImportError:
         raise missing_extra("onnxruntime", "export") from None
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if threads is not None:
+        options.intra_op_num_threads = threads
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def run(images: Tensor) -> Tensor:
