@@ -160,11 +160,59 @@ def _load_model_dir(directory: Path) -> dict[str, Any]:
     return state
 
 
+HUB_PREFIX = "hf://"
+
+
+def hub_download(spec: str) -> Path:
+    """The local copy of the model directory ``hf://owner/name[@revision]`` on the Hugging Face
+    Hub (``huggingface_hub``'s cache; only the model directory's files are fetched)."""
+    repo, _, revision = spec.removeprefix(HUB_PREFIX).partition("@")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise missing_extra("huggingface_hub", "hub") from None
+    try:
+        folder = snapshot_download(
+            repo,
+            revision=revision or None,
+            allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, PREPROCESSING_FILE, CARD_FILE],
+            library_name="mbdl",
+            library_version=mbdl.__version__,
+        )
+    except Exception as error:  # network, authentication, missing repository
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"cannot download {spec} from the Hugging Face Hub: {first}") from None
+    return Path(folder)
+
+
+def push_to_hub(
+    directory: str | os.PathLike[str],
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+) -> str:
+    """Upload the model directory ``directory`` to the Hub repository ``repo_id`` (created when
+    missing); returns the commit URL. Load it back with ``load_embedder("hf://" + repo_id)``."""
+    if not is_model_dir(directory):
+        raise ValueError(f"{str(directory)!r} is not an mbdl model directory")
+    try:
+        from huggingface_hub import HfApi
+    except ImportError:
+        raise missing_extra("huggingface_hub", "hub") from None
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    return str(api.upload_folder(folder_path=str(directory), repo_id=repo_id))
+
+
 def load_state(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A checkpoint-like dict (``model_args``, ``data_args``, ``model_state``, ``config``, ...)
-    from a model directory, a run directory (its best checkpoint) or a checkpoint file."""
+    from a model directory (local, or ``hf://owner/name[@revision]`` on the Hugging Face Hub),
+    a run directory (its best checkpoint) or a checkpoint file."""
     from mbdl.train.checkpoint import load_checkpoint, resolve_checkpoint
 
+    if str(path).startswith(HUB_PREFIX):
+        path = hub_download(str(path))
     target = Path(path)
     if is_model_dir(target):
         return _load_model_dir(target)
@@ -367,7 +415,7 @@ def save_pretrained(
         metrics = _read_json(run_dir / "metrics.json")
         info["test"] = dict(metrics.get("test") or {})
     info.setdefault("command", _reproducing_command(info["training_config"]))
-    weights = {k: v.detach().cpu().contiguous() for k, v in state["model_state"].items()}
+    weights = {k: v.detach().cpu().contiguous().clone() for k, v in state["model_state"].items()}
 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -616,12 +664,14 @@ __all__ = [
     "MissingExtra",
     "check_images",
     "export_file",
+    "hub_download",
     "is_model_dir",
     "load_embedder",
     "load_state",
     "model_card",
     "onnx_runner",
     "preprocessing_spec",
+    "push_to_hub",
     "save_pretrained",
     "torchscript_runner",
     "transform_from_spec",
