@@ -47,17 +47,13 @@ def test_deploy_page_runs_in_order(
                 for line in body.strip().splitlines():
                     words = shlex.split(line)
                     assert words[0] == "mbdl", f"block {number}: only mbdl commands here: {line}"
-                    assert (
-                        main(
-                            [*words[1:], *(["train.num_threads=1"] if words[1] == "train" else [])]
-                        )
-                        == 0
-                    ), line
+                    one_thread = ["train.num_threads=1"] if words[1] == "train" else []
+                    assert main([*words[1:], *one_thread]) == 0, line
                     commands += 1
             elif lang == "text":  # shown, not run: torchrun lines must at least parse
                 for line in body.strip().splitlines():
-                    words = shlex.split(line)
-                    if words[0] == "torchrun":
+                    if line.startswith("torchrun "):
+                        words = shlex.split(line)
                         build_parser().parse_args(words[words.index("mbdl") + 1 :])
     finally:
         torch.set_num_threads(threads)

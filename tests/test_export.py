@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -224,3 +225,60 @@ def test_export_errors_are_one_line(
     assert main(["export", str(run_dir), "--format", "onnx", "-o", str(tmp_path / "m.onnx")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "pip install 'mbdl[export]'" in err
+
+
+def test_hub_model_directories_offline(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub = pytest.importorskip("huggingface_hub")
+    local = save_pretrained(run_dir, tmp_path / "model")
+    calls: list[tuple] = []
+
+    def snapshot_download(repo_id: str, **kwargs: object) -> str:
+        calls.append((repo_id, kwargs["revision"], sorted(kwargs["allow_patterns"])))  # type: ignore[arg-type]
+        return str(local)
+
+    monkeypatch.setattr(hub, "snapshot_download", snapshot_download)
+    model, _ = load_embedder("hf://my-org/glyphs-embedder@v1")
+    assert calls == [
+        (
+            "my-org/glyphs-embedder",
+            "v1",
+            ["README.md", "config.json", "model.safetensors", "preprocessing.json"],
+        )
+    ]
+    reference, _ = load_embedder(local)
+    images = torch.rand(3, 1, 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(images), reference(images), rtol=0, atol=0)
+
+    uploads: list[tuple] = []
+
+    class Api:
+        def __init__(self, token: str | None = None) -> None:
+            pass
+
+        def create_repo(self, repo_id: str, **kwargs: object) -> None:
+            uploads.append(("create", repo_id))
+
+        def upload_folder(self, folder_path: str, repo_id: str) -> str:
+            uploads.append(("upload", repo_id, sorted(os.listdir(folder_path))))
+            return "https://huggingface.co/my-org/glyphs-embedder/commit/0"
+
+    monkeypatch.setattr(hub, "HfApi", Api)
+    from mbdl.export import push_to_hub
+
+    assert push_to_hub(local, "my-org/glyphs-embedder").endswith("/commit/0")
+    assert uploads == [
+        ("create", "my-org/glyphs-embedder"),
+        (
+            "upload",
+            "my-org/glyphs-embedder",
+            ["README.md", "config.json", "model.safetensors", "preprocessing.json"],
+        ),
+    ]
+    with pytest.raises(ValueError, match="not an mbdl model directory"):
+        push_to_hub(run_dir, "my-org/x")
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)
+    with pytest.raises(ImportError, match=r"pip install 'mbdl\[hub\]'"):
+        load_embedder("hf://my-org/glyphs-embedder")
