@@ -42,9 +42,18 @@ def test_defaults_are_the_glyphs_mdl_recipe() -> None:
 def test_schema_is_plain_data() -> None:
     for key, entry in CONFIG_SCHEMA.items():
         type_name, default, allowed, help_text = entry
-        assert type_name.removesuffix(" | None") in {"str", "int", "float", "bool", "list[int]"}
+        assert type_name.removesuffix(" | None") in {
+            "str",
+            "int",
+            "float",
+            "bool",
+            "list[int]",
+            "list[str]",
+        }
         assert isinstance(help_text, str) and help_text
-        if allowed is not None:
+        if allowed is not None and isinstance(default, list):
+            assert set(default) <= set(allowed), key
+        elif allowed is not None:
             assert default in allowed, key
         # every default passes its own validation
         load_config(None, [f"{key}={yaml.safe_dump(default, default_flow_style=True).strip()}"])

@@ -45,9 +45,18 @@ def python_blocks(text: str) -> list[str]:
     return blocks
 
 
+SEQUENTIAL = "<!-- docs-test: sequential -->"  # pages whose own test runs commands + Python
+
+
 def _pages_with_code() -> list[Path]:
     pages = [*PAGES, ROOT / "README.md"]
-    return [p for p in pages if p.exists() and python_blocks(p.read_text(encoding="utf-8"))]
+    return [
+        p
+        for p in pages
+        if p.exists()
+        and python_blocks(p.read_text(encoding="utf-8"))
+        and SEQUENTIAL not in p.read_text(encoding="utf-8")
+    ]
 
 
 def _nav_pages(nav: list) -> list[str]:

@@ -1,5 +1,5 @@
 """The ``mbdl`` command line: ``train``, ``eval``, ``embed``, ``search``, ``verify``, ``index``,
-``data``, ``compare``.
+``export``, ``data``, ``compare``.
 
 User errors (a bad config key or value, a missing file, a refused checkpoint) print one line,
 ``mbdl: error: ...``, on stderr and exit with code 2, without a traceback (set ``MBDL_DEBUG=1``
@@ -141,9 +141,11 @@ def _run_train(args: argparse.Namespace) -> int:
 def _checkpoint_config(checkpoint: str, overrides: list[str]) -> tuple[Any, dict[str, Any]]:
     """The config stored in a checkpoint, with ``data.*`` / ``eval.*`` overrides applied."""
     from mbdl.config import _flatten, config_from_flat, parse_override
-    from mbdl.train.checkpoint import load_checkpoint, resolve_checkpoint
+    from mbdl.export import load_state
 
-    state = load_checkpoint(resolve_checkpoint(checkpoint))
+    state = load_state(checkpoint)
+    if not state.get("config"):
+        raise UsageError(f"{checkpoint} records no training config (its data): cannot run this")
     flat = _flatten(dict(state["config"]), "checkpoint config")
     for text in overrides:
         key, value = parse_override(text)
@@ -164,7 +166,11 @@ def _split_dataset(splits: Any, name: str) -> Any:
 
 
 def _add_checkpoint_args(parser: argparse.ArgumentParser, what: str) -> None:
-    parser.add_argument("checkpoint", metavar=what, help="a run directory or a checkpoint .pt file")
+    parser.add_argument(
+        "checkpoint",
+        metavar=what,
+        help="a run directory, a checkpoint .pt file or a model directory",
+    )
     parser.add_argument(
         "items",
         nargs="*",
@@ -255,12 +261,49 @@ def _configure_embed(parser: argparse.ArgumentParser) -> None:
     _add_checkpoint_args(parser, "CHECKPOINT")
     parser.add_argument("--split", default="test", choices=_SPLITS, help="default: test")
     parser.add_argument(
-        "-o", "--output", required=True, metavar="FILE.npz", help="where to write the embeddings"
+        "--images",
+        metavar="DIR",
+        help="embed every image below DIR instead of a split (labels from first-level "
+        "subfolders, -1 for images directly in DIR); needs -o X.npy",
     )
+    parser.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="FILE.npy|FILE.npz",
+        help="X.npy: streamed float32 embeddings with X.labels.npy, X.paths.txt and X.json "
+        "(memory-mappable; runs under torchrun, each rank a shard); X.npz: one file in memory",
+    )
+    parser.add_argument("--batch-size", type=int, help="default: the config's eval.batch_size")
+    parser.add_argument(
+        "--workers", type=int, help="image loading processes (default: the config's, else 0)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-@command("embed", "write the embeddings of a split to an .npz file", _configure_embed)
+@command(
+    "embed",
+    "write the embeddings of a split or an image folder (.npy streamed, or .npz)",
+    _configure_embed,
+)
 def _run_embed(args: argparse.Namespace) -> int:
+    overrides, others = split_overrides(args.items)
+    if others:
+        raise UsageError(f"unexpected argument {others[0]!r} (overrides look like key=value)")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.workers is not None and args.workers < 0:
+        raise UsageError(f"--workers must be >= 0, got {args.workers}")
+    if args.output.endswith(".npy"):
+        return _embed_streaming(args, overrides)
+    if args.images is not None:
+        raise UsageError("--images writes a streamed .npy: give -o FILE.npy")
+    if not args.output.endswith(".npz"):
+        raise UsageError(f"-o must end in .npy or .npz, got {args.output!r}")
+    return _embed_npz(args)
+
+
+def _embed_npz(args: argparse.Namespace) -> int:
     import numpy as np
 
     from mbdl.fileio import atomic_write_bytes
@@ -285,12 +328,89 @@ def _run_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _embed_streaming(args: argparse.Namespace, overrides: list[str]) -> int:
+    """``mbdl embed ... -o X.npy``: stream into memory-mapped files; one shard per torchrun rank."""
+    import torch
+
+    from mbdl.distributed import init_distributed
+    from mbdl.embedstore import ImageFiles, embed_to_files, model_dim, output_paths
+    from mbdl.export import load_state, state_preprocessing, transform_from_spec
+    from mbdl.train.checkpoint import model_from_state
+
+    output_paths(args.output)  # checks the name before any work
+    device = _device(args.device)
+    info = init_distributed(device.type)
+    if info.enabled and device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+    try:
+        if args.images is not None:
+            if overrides:
+                raise UsageError(f"{overrides[0]!r}: overrides do not apply with --images")
+            state = load_state(args.checkpoint)
+            model = model_from_state(state, device)
+            spec = state_preprocessing(state)
+            dataset = ImageFiles(args.images, transform_from_spec(spec), spec["color_mode"])
+            batch_size, workers = args.batch_size or 256, args.workers or 0
+            class_names, what = dataset.class_names, f"images below {args.images}"
+        else:
+            config, state = _checkpoint_config(args.checkpoint, overrides)
+            model = model_from_state(state, device)
+            spec = state_preprocessing(state)
+            dataset = _split_dataset(_load_data_once(config), args.split)
+            batch_size = args.batch_size or config.eval.batch_size
+            workers = config.data.num_workers if args.workers is None else args.workers
+            class_names, what = list(dataset.class_names), f"{args.split} split"
+        distance = ((state.get("config") or {}).get("eval") or {}).get("distance", "euclidean")
+        files = embed_to_files(
+            model,
+            dataset,
+            args.output,
+            dim=model_dim(model, dataset[0][0]),
+            batch_size=batch_size,
+            device=device,
+            num_workers=workers,
+            progress=not args.no_progress,
+            info={
+                "source": what,
+                "model": str(args.checkpoint),
+                "distance": distance,
+                "class_names": class_names,
+                "preprocessing": spec,
+            },
+        )
+    finally:
+        if info.enabled and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if info.is_main:
+        print(
+            f"wrote {len(dataset)} embeddings ({what}) to {files['embeddings']} with "
+            f"{files['labels'].name}, {files['paths'].name}, {files['info'].name}"
+        )
+    return 0
+
+
+def _load_data_once(config: Any) -> Any:
+    """The config's splits; under torchrun rank 0 first (it may build a cache), then the rest."""
+    from mbdl.distributed import barrier, distributed_info
+    from mbdl.train.trainer import load_data
+
+    main_rank = distributed_info().is_main
+    if not main_rank:
+        barrier()
+    splits = load_data(config)
+    if main_rank:
+        barrier()
+    return splits
+
+
 # ---------------------------------------------------------------------------------------------
 # mbdl search
 
 
 def _configure_search(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a run directory or a .pt file")
+    parser.add_argument(
+        "checkpoint", metavar="CHECKPOINT", help="a run directory, a .pt file or a model directory"
+    )
     parser.add_argument(
         "items",
         nargs="*",
@@ -414,15 +534,16 @@ def _search_index(
     import torch
 
     from mbdl.data import build_transforms
+    from mbdl.export import load_state
     from mbdl.index import GalleryIndex, model_fingerprint
-    from mbdl.train.checkpoint import load_checkpoint, model_from_state, resolve_checkpoint
+    from mbdl.train.checkpoint import model_from_state
 
     if overrides:
         raise UsageError(
             f"{overrides[0]!r}: overrides do not apply with --index (the index is the gallery)"
         )
     index = GalleryIndex.load(args.index)
-    state = load_checkpoint(resolve_checkpoint(args.checkpoint))
+    state = load_state(args.checkpoint)
     device = _device(args.device)
     model = model_from_state(state, device)
     threshold = _match_threshold(
@@ -608,6 +729,62 @@ def _run_index(args: argparse.Namespace) -> int:
         f"indexed {len(index)} {args.split} items of dimension {index.dim} ({distance}): {details}"
     )
     print(f"model {index.model_id}; wrote {args.output}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# mbdl export (implementation: mbdl.export)
+
+
+def _configure_export(parser: argparse.ArgumentParser) -> None:
+    from mbdl.export import DEFAULT_TOLERANCE, FORMATS
+
+    parser.add_argument(
+        "checkpoint",
+        metavar="RUN|CHECKPOINT|MODEL_DIR",
+        help="a run directory, a checkpoint .pt file or a model directory",
+    )
+    parser.add_argument(
+        "--format",
+        required=True,
+        choices=FORMATS,
+        help="onnx, torchscript: one file, its preprocessing in PATH.json next to it; "
+        "safetensors: a model directory (weights, config, preprocessing, model card)",
+    )
+    parser.add_argument("-o", "--output", required=True, metavar="PATH", help="what to write")
+    parser.add_argument(
+        "--images",
+        nargs="+",
+        metavar="IMAGE",
+        help="image files to check the export on (default: the model's first 16 test images)",
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=DEFAULT_TOLERANCE,
+        help=f"largest accepted |export - PyTorch| (default: {DEFAULT_TOLERANCE:g})",
+    )
+
+
+@command(
+    "export",
+    "export the embedder to ONNX, TorchScript or a model directory, checked against PyTorch",
+    _configure_export,
+)
+def _run_export(args: argparse.Namespace) -> int:
+    from mbdl.export import check_images, export_file, load_state
+
+    if not args.tolerance >= 0:
+        raise UsageError(f"--tolerance must be >= 0, got {args.tolerance}")
+    images = check_images(load_state(args.checkpoint), args.images)
+    result = export_file(
+        args.checkpoint, args.output, args.format, images, tolerance=args.tolerance
+    )
+    print(
+        f"wrote {result['path']} ({args.format}, {result['bytes'] / 2**20:.2f} MiB) in "
+        f"{result['export_s']:.2f} s; max |export - PyTorch| {result['max_abs_diff']:.2e} on "
+        f"{result['images']} images"
+    )
     return 0
 
 

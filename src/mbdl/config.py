@@ -39,7 +39,7 @@ LOSS_NAMES = (
 SELECT_METRICS = ("map@r", "r_precision", "precision@1", "nmi", "f1", "recall@K (K in eval.ks)")
 
 # key -> (type, default, allowed values or None, help). Types are the strings
-# "str", "int", "float", "bool", "list[int]", optionally with " | None".
+# "str", "int", "float", "bool", "list[int]", "list[str]", optionally with " | None".
 CONFIG_SCHEMA: dict[str, tuple[str, Any, tuple[Any, ...] | None, str]] = {
     "data.source": (
         "str",
@@ -220,6 +220,14 @@ CONFIG_SCHEMA: dict[str, tuple[str, Any, tuple[Any, ...] | None, str]] = {
         "Optimiser steps before the cross-batch memory is used (it is filled from the start); "
         "the paper waits about 1000 iterations while the embedding still drifts fast.",
     ),
+    "train.loggers": (
+        "list[str]",
+        [],
+        ("tensorboard", "mlflow"),
+        "Experiment trackers that also receive log.jsonl's records, the config, the test metrics "
+        "and the report's figures: tensorboard (OUT/tensorboard), mlflow ($MLFLOW_TRACKING_URI, "
+        "else OUT/mlruns); each needs its extra (pip install 'mbdl[tensorboard]').",
+    ),
     "eval.ks": ("list[int]", [1, 2, 4, 8], None, "K values of Recall@K."),
     "eval.batch_size": ("int", 256, None, "Batch size when embedding a data set."),
     "eval.distance": (
@@ -312,6 +320,7 @@ RESUME_FREE_KEYS: frozenset[str] = frozenset(
         "train.device",
         "train.num_threads",
         "train.progress",
+        "train.loggers",
         "eval.batch_size",
         "eval.report",
         "eval.kmeans_restarts",
@@ -385,6 +394,7 @@ class TrainConfig:
     progress: bool = _default("train.progress")
     xbm_size: int = _default("train.xbm_size")
     xbm_warmup_steps: int = _default("train.xbm_warmup_steps")
+    loggers: list[str] = field(default_factory=lambda: _default("train.loggers"))
 
 
 @dataclass
@@ -453,6 +463,11 @@ def _coerce(key: str, value: Any, type_name: str) -> Any:
             isinstance(v, int) and not isinstance(v, bool) for v in value
         ):
             return list(value)
+    elif base == "list[str]":
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
     else:  # pragma: no cover - the schema only uses the types above
         raise AssertionError(f"unknown schema type {type_name}")
     expected = f"a {base}" + (" or null" if optional else "")
@@ -466,7 +481,13 @@ def _check_value(key: str, value: Any) -> Any:
     if key == "train.amp" and value is False:
         value = "off"  # YAML 1.1 reads a bare `off` as false
     value = _coerce(key, value, type_name)
-    if allowed is not None and value not in allowed:
+    if allowed is not None and isinstance(value, list):
+        for item in value:
+            if item not in allowed:
+                raise ConfigError(
+                    f"{key}: {item!r} is not allowed; choose from {', '.join(allowed)}"
+                )
+    elif allowed is not None and value not in allowed:
         raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(allowed)}")
     if key in _LOWER_BOUNDS and value is not None:
         bound, strict = _LOWER_BOUNDS[key]

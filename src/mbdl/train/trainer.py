@@ -77,6 +77,7 @@ from mbdl.distributed import (
 )
 from mbdl.fileio import atomic_write_text
 from mbdl.losses.xbm import CrossBatchMemory
+from mbdl.tracking import Sinks, check_sinks
 from mbdl.train.checkpoint import (
     load_checkpoint,
     rng_state,
@@ -543,6 +544,7 @@ class Trainer:
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        check_sinks(config.train.loggers)  # a missing tracker package: before any file is written
         self.device = resolve_device(config.train.device)
         self.owns_process_group = not torch.distributed.is_initialized()
         self.dist: DistributedInfo = init_distributed(self.device.type, COLLECTIVE_TIMEOUT)
@@ -647,6 +649,8 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
             generator=self.loader_generator,
         )
+        self.sinks = Sinks.open(config.train.loggers, self.out, enabled=self.dist.is_main)
+        self.sinks.log_params(config_to_flat(config))
 
     def _prepare_run_dir(self) -> tuple[Path, dict[str, Any] | None]:
         """:func:`prepare_run_dir` on rank 0; the other ranks get its directory and state."""
@@ -669,6 +673,7 @@ class Trainer:
 
     def close(self) -> None:
         """Release the run directory; destroy the process group if this trainer created it."""
+        self.sinks.close()
         if self.dist.is_main:
             release_run_lock(self.out)
         if self.dist.enabled and self.owns_process_group and torch.distributed.is_initialized():
@@ -904,6 +909,7 @@ class Trainer:
         if self.dist.is_main:
             with open(self.out / "log.jsonl", "a", encoding="utf-8") as log:
                 log.write(json.dumps(record) + "\n")
+            self.sinks.log_epoch(record)
         p.epoch += 1
         p.step_in_epoch = 0
         p.epoch_loss_sum, p.epoch_batches, p.epoch_images, p.epoch_seconds = 0.0, 0, 0, 0.0
@@ -986,8 +992,10 @@ class Trainer:
             metrics["test"].update(verification.pop("test"))
             metrics["verification"] = verification
         atomic_write_text(self.out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        self.sinks.log_test(test_metrics, self.progress.epoch)
         if self.config.eval.report:
             self._write_report(metrics, embeddings, labels)
+            self.sinks.log_report(self.out / "report.html", self.progress.epoch)
         return broadcast_object(metrics)
 
     def _verification(

@@ -1,0 +1,678 @@
+"""Take a trained embedder out of mbdl: a model directory, ONNX and TorchScript files.
+
+A **model directory** (``save_pretrained`` / :func:`load_embedder`, the layout of Hugging Face
+Hub model repositories) holds:
+
+- ``model.safetensors``: the weights of the whole embedder (backbone, head; the L2 normalisation
+  has none), readable without pickle;
+- ``config.json``: ``format`` ("mbdl-model"), ``version``, ``model_args`` (rebuild the
+  architecture with :func:`mbdl.models.build_model`), ``data_args``, ``distance``, ``validation``
+  and ``test`` metrics, ``verification`` (the threshold and its metrics, when the checkpoint has
+  one), ``training_config`` (the run's config, for ``mbdl eval`` on the same data);
+- ``preprocessing.json``: what an image must go through before the model (:func:`preprocessing_spec`);
+- ``README.md``: a model card (data, loss, metrics with their split, the training command).
+
+Every mbdl command that takes a run directory or a checkpoint also takes a model directory
+(:func:`load_state`). ``mbdl export --format onnx|torchscript`` writes one file and, next to it,
+``<file name>.json`` with the preprocessing; the exported model is run on real images against
+PyTorch and refused when their largest difference exceeds the tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+import mbdl
+from mbdl.fileio import atomic_write_text, default_file_mode
+
+MODEL_FORMAT = "mbdl-model"
+MODEL_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+PREPROCESSING_FILE = "preprocessing.json"
+CARD_FILE = "README.md"
+FORMATS = ("onnx", "torchscript", "safetensors")
+#: largest |exported - PyTorch| accepted on an L2-normalised embedding
+DEFAULT_TOLERANCE = 1e-4
+
+Format = Literal["onnx", "torchscript", "safetensors"]
+
+
+class MissingExtra(ImportError, ValueError):
+    """An optional dependency is not installed (a user error: the CLI prints it in one line)."""
+
+
+def missing_extra(package: str, extra: str) -> MissingExtra:
+    """The one-line error for an optional dependency that is not installed."""
+    return MissingExtra(f"{package} is not installed; run: pip install 'mbdl[{extra}]'")
+
+
+# ---------------------------------------------------------------------------------------------
+# preprocessing
+
+
+def preprocessing_spec(image_size: int, channels: int, imagenet_norm: bool) -> dict[str, Any]:
+    """The evaluation preprocessing of :func:`mbdl.data.build_transforms` as plain values.
+
+    An image is converted to ``color_mode``, its shorter side resized to ``resize`` (bilinear),
+    centre-cropped to ``crop`` x ``crop``, scaled to ``[0, 1]`` (``/ 255``), then each channel
+    normalised as ``(x - mean) / std``; the model takes ``float32`` ``[batch, channels, crop, crop]``.
+    """
+    from mbdl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, NATURAL_IMAGE_MIN_SIZE
+
+    natural = image_size >= NATURAL_IMAGE_MIN_SIZE
+    if imagenet_norm:
+        mean = list(IMAGENET_MEAN) if channels == 3 else [sum(IMAGENET_MEAN) / 3]
+        std = list(IMAGENET_STD) if channels == 3 else [sum(IMAGENET_STD) / 3]
+    else:
+        mean, std = [0.0] * channels, [1.0] * channels
+    return {
+        "image_size": int(image_size),
+        "channels": int(channels),
+        "color_mode": "RGB" if channels == 3 else "L",
+        "resize": round(image_size * 256 / 224) if natural else int(image_size),
+        "resize_rule": "shorter side, bilinear",
+        "crop": int(image_size),
+        "crop_rule": "centre",
+        "scale": 1 / 255,
+        "mean": mean,
+        "std": std,
+        "input_layout": "NCHW float32",
+    }
+
+
+def transform_from_spec(spec: dict[str, Any]) -> Callable[[Any], Tensor]:
+    """A PIL image -> tensor transform doing what ``spec`` (:func:`preprocessing_spec`) says."""
+    from torchvision import transforms as T
+
+    from mbdl.data.transforms import _ToMode
+
+    return T.Compose(
+        [
+            _ToMode(str(spec["color_mode"])),
+            T.Resize(int(spec["resize"])),
+            T.CenterCrop(int(spec["crop"])),
+            T.ToTensor(),
+            T.Normalize(list(spec["mean"]), list(spec["std"])),
+        ]
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# loading a run, a checkpoint or a model directory
+
+
+def is_model_dir(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a model directory (holds ``config.json`` and ``model.safetensors``)."""
+    target = Path(path)
+    return (target / CONFIG_FILE).is_file() and (target / WEIGHTS_FILE).is_file()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"cannot read {str(path)!r}: {error}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{str(path)!r} is not a JSON object")
+    return value
+
+
+def _load_model_dir(directory: Path) -> dict[str, Any]:
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise ImportError("safetensors is not installed; run: pip install safetensors") from None
+    info = _read_json(directory / CONFIG_FILE)
+    if info.get("format") != MODEL_FORMAT:
+        raise ValueError(f"{str(directory)!r} is not an mbdl model directory")
+    if int(info.get("version", 0)) > MODEL_VERSION:
+        raise ValueError(
+            f"{str(directory)!r} is model version {info['version']}; this mbdl reads up to "
+            f"{MODEL_VERSION}: upgrade mbdl"
+        )
+    try:
+        weights = load_file(str(directory / WEIGHTS_FILE))
+    except Exception as error:  # safetensors raises its own error types
+        raise ValueError(f"cannot read {str(directory / WEIGHTS_FILE)!r}: {error}") from None
+    state: dict[str, Any] = {
+        "model_args": info["model_args"],
+        "data_args": info.get("data_args", {}),
+        "model_state": weights,
+        "config": info.get("training_config", {}),
+        "validation": info.get("validation", {}),
+        "model_dir": info,
+    }
+    if info.get("verification") is not None:
+        state["verification"] = info["verification"]
+    return state
+
+
+HUB_PREFIX = "hf://"
+
+
+def hub_download(spec: str) -> Path:
+    """The local copy of the model directory ``hf://owner/name[@revision]`` on the Hugging Face
+    Hub (``huggingface_hub``'s cache; only the model directory's files are fetched)."""
+    repo, _, revision = spec.removeprefix(HUB_PREFIX).partition("@")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise missing_extra("huggingface_hub", "hub") from None
+    try:
+        folder = snapshot_download(
+            repo,
+            revision=revision or None,
+            allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, PREPROCESSING_FILE, CARD_FILE],
+            library_name="mbdl",
+            library_version=mbdl.__version__,
+        )
+    except Exception as error:  # network, authentication, missing repository
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"cannot download {spec} from the Hugging Face Hub: {first}") from None
+    return Path(folder)
+
+
+def push_to_hub(
+    directory: str | os.PathLike[str],
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+) -> str:
+    """Upload the model directory ``directory`` to the Hub repository ``repo_id`` (created when
+    missing); returns the commit URL. Load it back with ``load_embedder("hf://" + repo_id)``."""
+    if not is_model_dir(directory):
+        raise ValueError(f"{str(directory)!r} is not an mbdl model directory")
+    try:
+        from huggingface_hub import HfApi
+    except ImportError:
+        raise missing_extra("huggingface_hub", "hub") from None
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    return str(api.upload_folder(folder_path=str(directory), repo_id=repo_id))
+
+
+def load_state(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A checkpoint-like dict (``model_args``, ``data_args``, ``model_state``, ``config``, ...)
+    from a model directory (local, or ``hf://owner/name[@revision]`` on the Hugging Face Hub),
+    a run directory (its best checkpoint) or a checkpoint file."""
+    from mbdl.train.checkpoint import load_checkpoint, resolve_checkpoint
+
+    if str(path).startswith(HUB_PREFIX):
+        path = hub_download(str(path))
+    target = Path(path)
+    if is_model_dir(target):
+        return _load_model_dir(target)
+    if target.is_dir() and (target / CONFIG_FILE).is_file():
+        raise ValueError(f"{str(target)!r} has {CONFIG_FILE} but no {WEIGHTS_FILE}")
+    return load_checkpoint(resolve_checkpoint(target))
+
+
+def state_preprocessing(state: dict[str, Any]) -> dict[str, Any]:
+    """The preprocessing of a loaded state (stored in a model directory, derived otherwise)."""
+    info = state.get("model_dir")
+    if info is not None and isinstance(info.get("preprocessing"), dict):
+        return dict(info["preprocessing"])
+    data_args = state.get("data_args", {})
+    model_args = state["model_args"]
+    pretrained = (state.get("config") or {}).get("model", {}).get("pretrained")
+    return preprocessing_spec(
+        int(data_args.get("image_size", 32)),
+        int(data_args.get("channels", model_args.get("in_channels", 3))),
+        imagenet_norm=pretrained is not None,
+    )
+
+
+def load_embedder(
+    path: str | os.PathLike[str], device: str | torch.device = "cpu"
+) -> tuple[nn.Module, Callable[[Any], Tensor]]:
+    """The embedder stored at ``path`` and the transform its input images need.
+
+    Args:
+        path: a model directory (:func:`save_pretrained`), a run directory or a checkpoint.
+        device: where to put the model.
+
+    Returns:
+        ``(model, transform)``: an ``nn.Module`` in eval mode mapping ``[B, C, H, W]`` images to
+        ``[B, d]`` embeddings, and a PIL image -> ``[C, H, W]`` tensor transform.
+
+    Example:
+        >>> model, transform = load_embedder("my-model")  # doctest: +SKIP
+        >>> embeddings = model(torch.stack([transform(image) for image in images]))  # doctest: +SKIP
+    """
+    from mbdl.train.checkpoint import model_from_state
+
+    state = load_state(path)
+    return model_from_state(state, device), transform_from_spec(state_preprocessing(state))
+
+
+# ---------------------------------------------------------------------------------------------
+# the model directory
+
+
+def _reproducing_command(config: dict[str, Any]) -> str:
+    """``mbdl train key=value ...`` with the keys of ``config`` that differ from the defaults."""
+    from mbdl.config import _flatten, config_from_flat, config_to_flat, load_config
+
+    try:
+        flat = config_to_flat(config_from_flat(_flatten(dict(config), "config")))
+    except ValueError:
+        return "(the run's config.yaml)"
+    defaults = config_to_flat(load_config(None, []))
+    skipped = {"out", "resume"}
+    parts = [
+        shlex.quote(f"{key}={value if isinstance(value, str) else json.dumps(value)}")
+        for key, value in flat.items()
+        if key not in skipped and defaults.get(key) != value
+    ]
+    return " ".join(["mbdl train", *parts])
+
+
+def _metrics_table(metrics: dict[str, Any]) -> list[str]:
+    rows = ["| metric | value |", "|---|---|"]
+    rows += [f"| {k} | {v:.4f} |" for k, v in metrics.items() if isinstance(v, (int, float))]
+    return rows
+
+
+def model_card(info: dict[str, Any]) -> str:
+    """The ``README.md`` of a model directory, from its ``config.json`` values."""
+    config = info.get("training_config") or {}
+    data = config.get("data", {})
+    loss = config.get("loss", {})
+    model = info["model_args"]
+    pre = info["preprocessing"]
+    lines = [
+        "---",
+        "library_name: mbdl",
+        "tags: [metric-learning, image-retrieval, embeddings]",
+        "---",
+        "",
+        f"# {info.get('name') or 'mbdl embedder'}",
+        "",
+        f"An image embedder trained with mbdl {info.get('mbdl_version', '')}: `{model['backbone']}` backbone, linear head to "
+        f"{model['embedding_dim']} dimensions, L2-normalised; compare embeddings with the "
+        f"{info.get('distance', 'euclidean')} distance.",
+        "",
+        "## Data",
+        "",
+        f"- source: `{data.get('source', 'unknown')}`"
+        + (f" (root `{data['root']}`)" if data.get("root") else ""),
+        f"- input: {pre['color_mode']} images, shorter side resized to {pre['resize']}, centre crop "
+        f"{pre['crop']}x{pre['crop']}, scaled to [0, 1], mean {pre['mean']}, std {pre['std']} "
+        f"(`{PREPROCESSING_FILE}`)",
+        "",
+        "## Loss",
+        "",
+        f"- `{loss.get('name', 'unknown')}`"
+        + (
+            ": " + ", ".join(f"{k}={v}" for k, v in loss.items() if k != "name")
+            if len(loss) > 1
+            else ""
+        ),
+        "",
+        "## Metrics",
+        "",
+    ]
+    for split, title in (
+        ("validation", "Validation classes (model selection)"),
+        ("test", "Test classes (held out, evaluated once)"),
+    ):
+        metrics = info.get(split) or {}
+        if metrics:
+            lines += [f"{title}:", "", *_metrics_table(metrics), ""]
+    if not info.get("validation") and not info.get("test"):
+        lines += ["No metrics were recorded with this model.", ""]
+    verification = info.get("verification")
+    if verification:
+        lines += [
+            "## Verification threshold",
+            "",
+            "```json",
+            json.dumps(verification, indent=2),
+            "```",
+            "",
+        ]
+    lines += [
+        "## Training command",
+        "",
+        "```bash",
+        str(info.get("command", "")),
+        "```",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "import mbdl",
+        "",
+        'model, transform = mbdl.load_embedder("path/to/this/directory")',
+        "embeddings = model(transform(image).unsqueeze(0))",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _run_dir_of(path: Path) -> Path | None:
+    """The run directory of a run directory or of ``RUN/checkpoints/x.pt``."""
+    if path.is_dir() and (path / "checkpoints").is_dir():
+        return path
+    if path.is_file() and path.parent.name == "checkpoints":
+        return path.parent.parent
+    return None
+
+
+def save_pretrained(
+    source: str | os.PathLike[str], directory: str | os.PathLike[str], *, name: str | None = None
+) -> Path:
+    """Write the model directory of a run, checkpoint or model directory ``source``.
+
+    The directory is assembled in a temporary sibling and moved into place: it is either the
+    old one or the complete new one. An existing non-model directory is refused.
+    """
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise ImportError("safetensors is not installed; run: pip install safetensors") from None
+    target = Path(directory)
+    if target.exists() and not is_model_dir(target):
+        if not target.is_dir() or any(target.iterdir()):
+            raise ValueError(f"{str(target)!r} exists and is not an mbdl model directory")
+    state = load_state(source)
+    source_path = Path(source)
+    info: dict[str, Any] = {
+        "format": MODEL_FORMAT,
+        "version": MODEL_VERSION,
+        "mbdl_version": mbdl.__version__,
+        "name": name or target.name,
+        "model_args": dict(state["model_args"]),
+        "data_args": dict(state.get("data_args", {})),
+        "preprocessing": state_preprocessing(state),
+        "distance": ((state.get("config") or {}).get("eval") or {}).get("distance", "euclidean"),
+        "validation": dict(state.get("validation") or {}),
+        "test": {},
+        "verification": state.get("verification"),
+        "training_config": dict(state.get("config") or {}),
+    }
+    if "model_dir" in state:  # re-saving a model directory keeps what it recorded
+        for key in ("test", "command", "distance"):
+            if key in state["model_dir"]:
+                info[key] = state["model_dir"][key]
+    run_dir = _run_dir_of(source_path)
+    if run_dir is not None and (run_dir / "metrics.json").is_file():
+        metrics = _read_json(run_dir / "metrics.json")
+        info["test"] = dict(metrics.get("test") or {})
+    info.setdefault("command", _reproducing_command(info["training_config"]))
+    weights = {k: v.detach().cpu().contiguous().clone() for k, v in state["model_state"].items()}
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        save_file(weights, str(staging / WEIGHTS_FILE), metadata={"format": MODEL_FORMAT})
+        os.chmod(staging / WEIGHTS_FILE, default_file_mode())
+        atomic_write_text(staging / CONFIG_FILE, json.dumps(info, indent=2) + "\n")
+        atomic_write_text(
+            staging / PREPROCESSING_FILE, json.dumps(info["preprocessing"], indent=2) + "\n"
+        )
+        atomic_write_text(staging / CARD_FILE, model_card(info))
+        os.chmod(staging, 0o777 & ~_umask())
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+            old.rmdir()
+            os.replace(target, old)
+            os.replace(staging, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX and TorchScript
+
+
+def _export_onnx(model: nn.Module, example: Tensor, path: Path) -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise missing_extra("onnx and onnxscript", "export") from None
+    import contextlib
+    import io
+
+    batch = torch.export.Dim("batch", min=1, max=2**20)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model,
+            (example,),
+            input_names=["images"],
+            output_names=["embeddings"],
+            dynamic_shapes={"images": {0: batch}},
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+    if program is None:  # pragma: no cover (the dynamo exporter returns the program)
+        raise RuntimeError("torch.onnx.export returned no program")
+    program.save(str(path))
+
+
+def _export_torchscript(model: nn.Module, example: Tensor, path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, example, check_trace=False)
+        torch.jit.save(traced, str(path))
+
+
+def onnx_runner(
+    path: str | os.PathLike[str], threads: int | None = None
+) -> Callable[[Tensor], Tensor]:
+    """A function running the ONNX file ``path`` with ONNX Runtime on CPU (``threads``: its
+    intra-op threads; None: ONNX Runtime's default)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise missing_extra("onnxruntime", "export") from None
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def run(images: Tensor) -> Tensor:
+        (output,) = session.run(["embeddings"], {"images": images.numpy()})
+        return torch.from_numpy(output)
+
+    return run
+
+
+def torchscript_runner(path: str | os.PathLike[str]) -> Callable[[Tensor], Tensor]:
+    """A function running the TorchScript file ``path`` on CPU."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = torch.jit.load(str(path), map_location="cpu").eval()
+
+    def run(images: Tensor) -> Tensor:
+        with torch.inference_mode():
+            return module(images).float()
+
+    return run
+
+
+def sidecar_path(path: str | os.PathLike[str]) -> Path:
+    """Where the preprocessing JSON of an exported file goes: ``<file name>.json``."""
+    target = Path(path)
+    return target.with_name(target.name + ".json")
+
+
+def export_file(
+    source: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    fmt: Format,
+    images: Tensor,
+    *,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> dict[str, Any]:
+    """Export the embedder of ``source`` to ``output`` and check it against PyTorch.
+
+    ``images`` (preprocessed, ``[N, C, H, W]``, at least 2) are embedded by PyTorch and by the
+    exported file (ONNX Runtime or TorchScript), in one batch of ``N`` and one of ``N - 1`` (the
+    batch axis is dynamic); above ``tolerance`` the export is refused and nothing is written.
+    ``safetensors`` writes a model directory (:func:`save_pretrained`) and checks it by loading
+    it back. Next to an ONNX / TorchScript file, ``<file name>.json`` (:func:`sidecar_path`) holds
+    the preprocessing.
+
+    Returns ``{"format", "path", "export_s", "bytes", "max_abs_diff", "images"}``.
+    """
+    from mbdl.train.checkpoint import model_from_state
+
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if images.ndim != 4 or images.shape[0] < 2:
+        raise ValueError(f"need at least 2 check images [N, C, H, W], got {tuple(images.shape)}")
+    state = load_state(source)
+    model = model_from_state(state, "cpu")
+    with torch.inference_mode():
+        expected = model(images).float()
+    target = Path(output)
+
+    def max_diff(runs: list[Tensor]) -> float:
+        """The largest difference to PyTorch; refuses the export above ``tolerance``."""
+        diff = max(float((run - ref).abs().max()) for run, ref in zip(runs, refs, strict=True))
+        if not diff <= tolerance:
+            raise ValueError(
+                f"the {fmt} export differs from PyTorch by {diff:.3g} (tolerance {tolerance:g}) "
+                f"on {len(images)} real images; export refused"
+            )
+        return diff
+
+    refs = [expected, expected[1:]]  # one full batch and one smaller: the batch axis is dynamic
+    start = time.perf_counter()
+    if fmt == "safetensors":
+        save_pretrained(source, target)
+        seconds = time.perf_counter() - start
+        loaded, _ = load_embedder(target)
+        with torch.inference_mode():
+            diff = max_diff([loaded(images).float(), loaded(images[1:]).float()])
+        size = sum(p.stat().st_size for p in target.iterdir() if p.is_file())
+    else:
+        if target.is_dir():
+            raise ValueError(f"-o {str(target)!r} is a directory; give a file name")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp_name = tempfile.mkstemp(
+            prefix=f".{target.name}.", suffix=".tmp", dir=target.parent
+        )
+        os.close(handle)
+        temp = Path(temp_name)
+        try:
+            export = _export_onnx if fmt == "onnx" else _export_torchscript
+            export(model, images[:2].clone(), temp)
+            seconds = time.perf_counter() - start
+            runner = (onnx_runner if fmt == "onnx" else torchscript_runner)(temp)
+            diff = max_diff([runner(images), runner(images[1:].contiguous())])
+            os.chmod(temp, default_file_mode())
+            os.replace(temp, target)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        size = target.stat().st_size
+    result = {
+        "format": fmt,
+        "path": str(target),
+        "export_s": seconds,
+        "bytes": size,
+        "max_abs_diff": diff,
+        "images": len(images),
+    }
+    if fmt != "safetensors":
+        sidecar = {
+            "format": fmt,
+            "input": "images",
+            "output": "embeddings",
+            "embedding_dim": int(expected.shape[1]),
+            "distance": ((state.get("config") or {}).get("eval") or {}).get(
+                "distance", "euclidean"
+            ),
+            "preprocessing": state_preprocessing(state),
+            "verification": state.get("verification"),
+            "check": {"max_abs_diff": diff, "tolerance": tolerance, "images": len(images)},
+        }
+        atomic_write_text(sidecar_path(target), json.dumps(sidecar, indent=2) + "\n")
+    return result
+
+
+def check_images(
+    state_or_path: dict[str, Any] | str | os.PathLike[str],
+    paths: Sequence[str | os.PathLike[str]] | None = None,
+    *,
+    count: int = 16,
+) -> Tensor:
+    """Preprocessed real images to check an export with: the given image files, else the first
+    ``count`` images of the model's test split (its training data)."""
+    from PIL import Image, UnidentifiedImageError
+
+    state = state_or_path if isinstance(state_or_path, dict) else load_state(state_or_path)
+    transform = transform_from_spec(state_preprocessing(state))
+    if paths:
+        tensors = []
+        for path in paths:
+            try:
+                with Image.open(path) as image:
+                    tensors.append(transform(image))
+            except (OSError, UnidentifiedImageError) as error:
+                raise ValueError(f"cannot read check image {str(path)!r}: {error}") from None
+    else:
+        from mbdl.config import _flatten, config_from_flat
+        from mbdl.train.trainer import load_data
+
+        config = state.get("config") or {}
+        if not config:
+            raise ValueError("this model records no training data; give check images (--images)")
+        flat = _flatten(dict(config), "checkpoint config")
+        flat["resume"] = False
+        test = load_data(config_from_flat(flat)).test
+        tensors = [transform(test.load_image(i)) for i in range(min(count, len(test)))]
+    if len(tensors) < 2:
+        raise ValueError(f"need at least 2 check images, got {len(tensors)}")
+    return torch.stack(tensors)
+
+
+__all__ = [
+    "FORMATS",
+    "MissingExtra",
+    "check_images",
+    "export_file",
+    "hub_download",
+    "is_model_dir",
+    "load_embedder",
+    "load_state",
+    "model_card",
+    "onnx_runner",
+    "preprocessing_spec",
+    "push_to_hub",
+    "save_pretrained",
+    "torchscript_runner",
+    "transform_from_spec",
+]
