@@ -22,12 +22,21 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import mbdl
+from mbdl.errors import (
+    EXIT_DIVERGED,
+    EXIT_INTERRUPTED,
+    EXIT_USER_ERROR,
+    UserError,
+    one_line,
+    terminal_safe,
+)
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
+#: exceptions reported as one line with exit code 2 (UserError is a ValueError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, MemoryError)
 _OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*=")
 
 
-class UsageError(Exception):
+class UsageError(UserError):
     """A command-line usage error (exit code 2)."""
 
 
@@ -295,8 +304,8 @@ def _configure_search(parser: argparse.ArgumentParser) -> None:
 @command("search", "find the nearest gallery images of query images", _configure_search)
 def _run_search(args: argparse.Namespace) -> int:
     import torch
-    from PIL import Image, UnidentifiedImageError
 
+    from mbdl.data.files import read_image
     from mbdl.functional.distances import pairwise_distance
     from mbdl.train.checkpoint import model_from_state
     from mbdl.train.trainer import embed_with_config, load_data
@@ -306,13 +315,8 @@ def _run_search(args: argparse.Namespace) -> int:
         raise UsageError("give at least one query IMAGE")
     if args.k < 1:
         raise UsageError(f"-k must be at least 1, got {args.k}")
-    queries = []
-    for path in images:
-        try:
-            with Image.open(path) as image:
-                queries.append(image.copy())
-        except (OSError, UnidentifiedImageError) as error:
-            raise ValueError(f"cannot read query image {path!r}: {error}") from None
+    # decoded by the data sets' table (16-bit, alpha, EXIF...), size-checked before decoding
+    queries = [read_image(path, "RGB") for path in images]
     if args.index is not None:
         return _search_index(args, images, queries, overrides)
     config, state = _checkpoint_config(args.checkpoint, overrides)
@@ -328,13 +332,16 @@ def _run_search(args: argparse.Namespace) -> int:
     k = min(args.k, len(gallery))
     values, indices = torch.topk(distances, k, dim=1, largest=False)
     for path, row_values, row_indices in zip(images, values, indices, strict=True):
-        print(f"query {path}")
+        print(f"query {terminal_safe(path)}")
         for rank, (distance, index) in enumerate(
             zip(row_values.tolist(), row_indices.tolist(), strict=True), start=1
         ):
             label = int(gallery_labels[index])
             name = gallery.class_names[label]
-            print(f"  {rank:>3}  {distance:.4f}  {name!r:<12}  {gallery.describe(index)}")
+            print(
+                f"  {rank:>3}  {distance:.4f}  {terminal_safe(repr(name)):<12}  "
+                f"{terminal_safe(gallery.describe(index))}"
+            )
     return 0
 
 
@@ -374,7 +381,7 @@ def _search_index(
         query_embeddings = model(batch).float().cpu()
     distances, indices = index.search(query_embeddings, min(args.k, len(index)), model_id=model_id)
     for path, row_values, row_indices in zip(images, distances, indices, strict=True):
-        print(f"query {path}")
+        print(f"query {terminal_safe(path)}")
         for rank, (distance, item) in enumerate(
             zip(row_values.tolist(), row_indices.tolist(), strict=True), start=1
         ):
@@ -383,7 +390,9 @@ def _search_index(
             label = int(index.labels[item])
             name = index.class_names[label] if label < len(index.class_names) else str(label)
             where = index.paths[item] if item < len(index.paths) else f"#{item}"
-            print(f"  {rank:>3}  {distance:.4f}  {name!r:<12}  {where}")
+            print(
+                f"  {rank:>3}  {distance:.4f}  {terminal_safe(repr(name)):<12}  {terminal_safe(where)}"
+            )
     return 0
 
 
@@ -516,12 +525,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return text or type(error).__name__
+    return one_line(error)
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    import torch
+
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``mbdl`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
+    """Run ``mbdl`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code.
+
+    Bad input (:class:`mbdl.errors.UserError`, ``ValueError``, ``OSError``, memory exhausted)
+    prints one terminal-safe line and returns 2; a diverged run 1; an interrupt 130.
+    ``MBDL_DEBUG=1`` re-raises instead, for the traceback.
+    """
     from mbdl.train.trainer import TrainingDiverged
 
     debug = os.environ.get("MBDL_DEBUG", "") not in ("", "0")
@@ -538,28 +557,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.items = [*(args.items or []), *extras]
         if getattr(args, "run", None) is None:
             parser.print_help(sys.stderr)
-            return 2
+            return EXIT_USER_ERROR
         return int(args.run(args))
     except UsageError as error:
         print(f"mbdl: error: {_one_line(error)}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     except TrainingDiverged as error:
         if debug:
             raise
         print(f"mbdl: error: {_one_line(error)}", file=sys.stderr)
-        return 1
-    except USER_ERRORS as error:
-        if debug:
-            raise
-        if isinstance(error, OSError) and error.filename is not None and error.strerror:
-            message = f"{error.filename}: {error.strerror}"
-        else:
-            message = _one_line(error)
-        print(f"mbdl: error: {message}", file=sys.stderr)
-        return 2
+        return EXIT_DIVERGED
     except KeyboardInterrupt:
         print("mbdl: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as error:
+        if debug or not (isinstance(error, USER_ERRORS) or _out_of_memory(error)):
+            raise
+        message = _one_line(error)
+        if _out_of_memory(error):
+            message = (
+                f"out of memory ({message}); lower eval.batch_size, train.batch_classes or "
+                "data.image_size, or use a machine with more memory"
+            )
+        print(f"mbdl: error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":  # pragma: no cover

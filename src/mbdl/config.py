@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from mbdl.errors import UserError
+
 SECTIONS: tuple[str, ...] = ("data", "model", "loss", "train", "eval")
 
 SOURCES = ("glyphs", "folder", "csv", "idx", "cub", "cars", "sop", "inshop")
@@ -78,6 +80,13 @@ CONFIG_SCHEMA: dict[str, tuple[str, Any, tuple[Any, ...] | None, str]] = {
         False,
         None,
         "Skip unreadable images with a warning (counted) instead of stopping with an error.",
+    ),
+    "data.allow_outside_root": (
+        "bool",
+        False,
+        None,
+        "Folder source: accept images and class folders whose resolved path (through symbolic "
+        "links) lies outside data.root; off, such a file is refused.",
     ),
     "data.bbox": (
         "bool",
@@ -294,7 +303,7 @@ RESUME_FREE_KEYS: frozenset[str] = frozenset(
 _TRAINER_SUPPLIED = ("num_classes", "embedding_dim")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration key or value that is not valid; the message names it and the fix."""
 
 
@@ -314,6 +323,7 @@ class DataConfig:
     skip_corrupt: bool = _default("data.skip_corrupt")
     bbox: bool = _default("data.bbox")
     augment: str = _default("data.augment")
+    allow_outside_root: bool = _default("data.allow_outside_root")
 
 
 @dataclass

@@ -165,6 +165,7 @@ def _source_options(config: Config) -> dict[str, Any]:
         "skip_corrupt": (config.data.skip_corrupt, config.data.skip_corrupt),
         "bbox": (config.data.bbox, config.data.bbox),
         "max_classes": (config.data.max_classes, config.data.max_classes is not None),
+        "allow_outside_root": (config.data.allow_outside_root, config.data.allow_outside_root),
     }
     if config.model.pretrained is not None:
         wanted["imagenet_norm"] = (True, False)
