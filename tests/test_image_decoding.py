@@ -4,6 +4,8 @@ up-front image checks, and the folder source's rules for links, duplicates and t
 from __future__ import annotations
 
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +63,27 @@ def test_alpha_is_composited_on_the_stated_background() -> None:
     assert np.all(np.abs(out[0, 2] - 127) <= 1)  # 255 * (1 - 128/255)
     la = Image.fromarray(np.array([[[0, 0], [0, 255]]], dtype=np.uint8), "LA")
     np.testing.assert_array_equal(np.asarray(to_mode(la, "L")), [[255, 0]])
+    # premultiplied alpha: un-premultiplied, then composited the same way
+    np.testing.assert_array_equal(np.asarray(to_mode(la.convert("La"), "L")), [[255, 0]])
+    rgba_pre = Image.fromarray(rgba, "RGBA").convert("RGBa")
+    out = np.asarray(to_mode(rgba_pre, "L")).astype(int)
+    assert out[0, 0] == 0 and out[0, 1] == 255 and abs(out[0, 2] - 127) <= 1
+
+
+def test_16_bit_colour_keeps_the_high_bytes(tmp_path: Path) -> None:
+    pixels = np.array([[[65535, 32896, 257], [256, 255, 0]]], dtype=">u2")
+    rows = b"".join(b"\x00" + row.tobytes() for row in pixels)  # filter byte 0 per row
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", 2, 1, 16, 2, 0, 0, 0)  # 2 x 1, 16 bits, colour
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+    png += chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    (tmp_path / "c16.png").write_bytes(png)
+    out = np.asarray(read_image(tmp_path / "c16.png", "RGB"))
+    np.testing.assert_array_equal(out, [[[255, 128, 1], [1, 0, 0]]])  # value >> 8
 
 
 def test_palette_with_a_transparent_index(tmp_path: Path) -> None:
@@ -168,8 +191,8 @@ def test_a_linked_file_in_its_own_class_counts_once(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="counted 1 file"):
         splits = load_splits(root, image_size=8, val_fraction=0.0)
     assert splits.info is not None and len(splits.info["duplicates"]) == 1
-    every = [*splits.train.paths, *splits.test.paths]
-    real = [os.path.realpath(root / p) for p in every]
+    every = [d.describe(i) for d in (splits.train, splits.test) for i in range(len(d))]
+    real = [os.path.realpath(p) for p in every]
     assert len(real) == len(set(real)) == 12  # no file twice, so no file in two splits
 
 

@@ -106,8 +106,8 @@ def to_mode(image: Image.Image, mode: str) -> Image.Image:
         image = _scale_16_bit(image)
     elif image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
-    elif image.mode == "PA":
-        image = image.convert("RGBA")
+    elif image.mode in ("PA", "La"):  # Pillow converts La only to LA
+        image = image.convert("RGBA" if image.mode == "PA" else "LA")
     if image.mode in ("LA", "La", "RGBA", "RGBa"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
@@ -130,7 +130,9 @@ def read_image(path: str | Path, mode: str = "RGB") -> Image.Image:
     except FileNotFoundError:
         raise ImageReadError(f"image file not found: {terminal_safe(path)}") from None
     except _PIL_ERRORS as error:
-        raise ImageReadError(f"cannot read image {terminal_safe(path)}: {error}") from None
+        raise ImageReadError(
+            f"cannot read image {terminal_safe(path)}: {_reason(error, path)}"
+        ) from None
 
 
 def _check_header(image: Image.Image) -> None:
@@ -169,9 +171,14 @@ def inspect_image(path: str | Path) -> str | None:
     except FileNotFoundError:
         return "file not found" + (" (broken symbolic link)" if os.path.islink(path) else "")
     except _PIL_ERRORS as error:
-        reason = str(error).replace(f" {str(path)!r}", "").replace(f" {path!r}", "")
-        return reason or type(error).__name__
+        return _reason(error, path)
     return None
+
+
+def _reason(error: BaseException, path: str | Path) -> str:
+    """PIL's message without the path it repeats."""
+    reason = str(error).replace(f" {str(path)!r}", "").replace(f" {path!r}", "")
+    return reason or type(error).__name__
 
 
 def verify_image(path: str | Path) -> str | None:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from mbdl.errors import UserError, terminal_safe
-from mbdl.fileio import default_file_mode
+from mbdl.fileio import default_file_mode, naming
 
 FORMAT = "mbdl-checkpoint"
 VERSION = 1
@@ -60,9 +60,9 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
             os.fsync(file.fileno())
         os.chmod(temp_name, default_file_mode())
         os.replace(temp_name, target)
-    except BaseException:
+    except BaseException as error:
         Path(temp_name).unlink(missing_ok=True)
-        raise
+        raise naming(error, target) from None
 
 
 def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
@@ -108,6 +108,7 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str = "cpu") -> 
         state = torch.load(file, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first = first.split(". ", 1)[0]  # torch's advice to drop weights_only is not ours
         raise UserError(
             f"refusing to load {str(file)!r}: it is not a plain checkpoint of tensors and values "
             f"(torch.load weights_only=True: {first})"

@@ -104,9 +104,10 @@ def acquire_run_lock(out: Path) -> Path:
 
 
 def release_run_lock(out: Path) -> None:
-    """Remove ``out/.lock`` if this process holds it."""
+    """Remove ``out/.lock`` if this process holds it (best effort: on a file system that turned
+    read-only or vanished the lock stays, and this process's next start takes it over)."""
     lock = out / RUN_LOCK
-    with contextlib.suppress(FileNotFoundError, IsADirectoryError, NotADirectoryError):
+    with contextlib.suppress(OSError):
         if lock.read_text(encoding="utf-8", errors="replace").strip() == lock_owner():
             lock.unlink()
 

@@ -73,6 +73,7 @@ from mbdl.distributed import (
     init_distributed,
     replicas_differ,
 )
+from mbdl.errors import UserError, terminal_safe
 from mbdl.fileio import atomic_write_text
 from mbdl.losses.xbm import CrossBatchMemory
 from mbdl.train.checkpoint import (
@@ -82,6 +83,7 @@ from mbdl.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from mbdl.train.preflight import describe_data, ranking_distance, validate_before_training
 from mbdl.train.runlock import RUN_LOCK, acquire_run_lock, release_run_lock, remove_debris
 from mbdl.train.schedule import warmup_cosine_schedule
 
@@ -339,7 +341,7 @@ def evaluate_dataset(
         embeddings,
         labels,
         ks=tuple(config.eval.ks),
-        distance=config.eval.distance,
+        distance=ranking_distance(config.eval.distance),
         seed=config.seed,
     )
     return metrics, embeddings, labels
@@ -361,7 +363,7 @@ def evaluate_test(
             query_embeddings=query,
             query_labels=query_labels,
             ks=tuple(config.eval.ks),
-            distance=config.eval.distance,
+            distance=ranking_distance(config.eval.distance),
             seed=config.seed,
         )
         test, test_labels = embed_with_config(model, splits.test, config, device)
@@ -429,19 +431,9 @@ class Trainer:
             barrier()
         train_set = self.splits.train
         num_classes = len(np.unique(train_set.labels))
-        if num_classes < config.train.batch_classes:
-            raise ConfigError(
-                f"train.batch_classes={config.train.batch_classes} but the training split has only "
-                f"{num_classes} classes; lower train.batch_classes"
-            )
-        val_classes = len(np.unique(self.splits.val.labels)) if len(self.splits.val) else 0
-        if val_classes == 1:
-            raise ConfigError(
-                "the validation split has only 1 class (retrieval needs 2); raise "
-                "data.val_fraction, or set it to 0 to train without model selection"
-            )
-        if len(np.unique(self.splits.test.labels)) < 2:
-            raise ConfigError("the test split has fewer than 2 classes")
+        validate_before_training(config, self.splits)  # every check the data allows, up front
+        if config.train.progress and self.dist.is_main:
+            print(terminal_safe(describe_data(self.splits)), file=sys.stderr, flush=True)
         self.sampler = ClassBalancedBatchSampler(
             train_set.labels,
             config.train.batch_classes,
@@ -623,7 +615,7 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
             self.progress = Progress.from_state(state["progress"])
             set_rng_state(state["rng"])
-        except ConfigError:
+        except UserError:
             raise
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as error:
             raise ConfigError(
