@@ -225,3 +225,19 @@ def test_a_bad_file_in_a_folder_stops_before_training(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="skipped 1"):
         splits = load_splits(root, image_size=8, val_fraction=0.0, skip_corrupt=True)
     assert splits.info is not None and splits.info["skipped"] == 1
+
+
+def test_splits_never_share_a_file_in_any_source(tmp_path: Path) -> None:
+    from mbdl.data import load_splits as load_any
+
+    rows = ["path,label,split"]
+    for c in range(4):
+        for k in range(2):
+            write_image(tmp_path / f"{c}_{k}.png", 10 * c + k, fmt="PNG")
+            rows.append(f"{c}_{k}.png,bird {c},{'train' if c < 2 else 'test'}")
+    (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
+    assert len(load_any("csv", tmp_path / "list.csv", image_size=8, val_fraction=0).test) == 4
+    os.symlink(tmp_path / "0_0.png", tmp_path / "alias.png")  # a training image, again
+    (tmp_path / "list.csv").write_text("\n".join([*rows, "alias.png,bird 3,test"]) + "\n")
+    with pytest.raises(UserError, match=r"alias\.png \(test\) and \S*0_0\.png \(train\) are the"):
+        load_any("csv", tmp_path / "list.csv", image_size=8, val_fraction=0)

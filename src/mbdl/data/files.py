@@ -459,6 +459,7 @@ def class_disjoint_splits(
     else:
         keep, val_pos = carve_validation_classes(dataset.labels[train_idx], val_fraction, seed)
         train_idx, val_idx = train_idx[keep], train_idx[val_pos]
+    check_no_shared_files(dataset, {"train": train_idx, "val": val_idx, "test": test_idx})
     details = {"skipped": dataset.skipped, "skipped_files": list(dataset.skipped_files)}
     details.update(info or {})
     splits = Splits(
@@ -471,6 +472,22 @@ def class_disjoint_splits(
         info=details,
     )
     return attach_transforms(splits, augment=augment, imagenet_norm=imagenet_norm)
+
+
+def check_no_shared_files(dataset: FileImageDataset, splits: dict[str, np.ndarray]) -> None:
+    """Refuse splits that share a file (the same resolved path listed in two of them, e.g. a
+    CSV row repeated with another label, or a link): a test image seen in training."""
+    owner: dict[str, tuple[str, int]] = {}
+    for split, indices in splits.items():
+        for i in indices.tolist():
+            real = os.path.realpath(dataset.full_path(i))
+            first_split, first = owner.setdefault(real, (split, i))
+            if first_split != split:
+                raise UserError(
+                    f"{terminal_safe(dataset.describe(i))} ({split}) and "
+                    f"{terminal_safe(dataset.describe(first))} ({first_split}) are the same file; "
+                    "the splits must not share a file: remove one of them"
+                )
 
 
 def find_root(root: str | os.PathLike[str], marker: str, subfolder: str) -> Path:
