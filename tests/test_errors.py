@@ -263,6 +263,43 @@ def _(ctx: Context) -> list[str]:
     return ctx.train(root)
 
 
+@case(
+    "non-utf8-name",
+    "a class folder whose name is not UTF-8, holding a broken image",
+    2,
+    r"cl\\udcffass/0\.png",
+    before_training=True,
+)
+def _(ctx: Context) -> list[str]:
+    root = ctx.folder()
+    os.rename(root / "class_5", os.fsdecode(bytes(root / "cl") + b"\xffass"))
+    (Path(os.fsdecode(bytes(root / "cl") + b"\xffass")) / "0.png").write_bytes(b"not an image")
+    return ctx.train(root)
+
+
+@case(
+    "image-size-too-large",
+    "data.image_size=100000 (10^10 pixels per image)",
+    2,
+    r"data\.image_size must be <= 4096",
+)
+def _(ctx: Context) -> list[str]:
+    return ["train", "data.image_size=100000"]
+
+
+@case(
+    "scan-unreadable",
+    "mbdl scan of a folder with two unreadable images",
+    2,
+    r"2 image\(s\) cannot be used \(listed above\)",
+)
+def _(ctx: Context) -> list[str]:
+    root = ctx.folder()
+    (root / "class_1" / "0.png").write_bytes(b"")
+    (root / "class_4" / "2.png").write_bytes(b"nope")
+    return ["scan", *ctx.train(root)[1:]]
+
+
 @case("missing-root", "data.root that does not exist", 2, r"image folder not found")
 def _(ctx: Context) -> list[str]:
     return ctx.train(ctx.tmp / "nowhere")
@@ -434,6 +471,11 @@ def _(ctx: Context) -> list[str]:
     return ["search", str(ctx.run), str(ctx.tmp / "q.png")]
 
 
+@case("query-is-directory", "a query path that is a directory", 2, r"cannot read image .*Is a dir")
+def _(ctx: Context) -> list[str]:
+    return ["search", str(ctx.run), str(ctx.tmp)]
+
+
 @case(
     "query-too-large",
     "a query image above the pixel limit (limit lowered to 100 pixels here)",
@@ -575,6 +617,23 @@ def test_failure_mode(
     if item.before_training:
         assert not (tmp_path / "out" / "checkpoints").exists()
         assert not (tmp_path / "out" / RUN_LOCK).exists()  # a failed start leaves no lock
+
+
+def test_scan_lists_every_problem_and_the_counts(tmp_path: Path) -> None:
+    root = make_folder(tmp_path / "data", 6, 4)
+    (root / "class_1" / "0.png").write_bytes(b"")
+    (root / "class_4" / "2.png").write_bytes(b"nope")
+    argv = ["scan", *TINY, f"data.root={root}", "--per-class"]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        assert main(argv) == 2
+        assert main([*argv, "data.skip_corrupt=true"]) == 0
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("data folder: train 11 images / 3 classes, 3-4 per class")
+    assert "skipped 2 unreadable" in lines[0]
+    assert sum("unreadable: " in line for line in lines) == 4  # both files, in both runs
+    assert "  train       3  class_1" in lines and "  test        3  class_4" in lines
+    assert err.getvalue().count("\n") == 1
 
 
 def test_debug_shows_the_traceback(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -485,6 +485,72 @@ def _run_data(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# mbdl scan
+
+_FILE_SOURCES = ("folder", "csv", "cub", "cars", "sop", "inshop")
+
+
+def _configure_scan(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "items",
+        nargs="*",
+        metavar="[CONFIG] [KEY=VALUE ...]",
+        help="the config and overrides a training would use, e.g. data.source=folder "
+        "data.root=/data/birds",
+    )
+    parser.add_argument(
+        "--per-class", action="store_true", help="also list the image count of every class"
+    )
+
+
+@command(
+    "scan",
+    "check a training's data before training: every image, counts per class, the config "
+    "against the data (exit 2 on any problem)",
+    _configure_scan,
+)
+def _run_scan(args: argparse.Namespace) -> int:
+    import warnings
+
+    import numpy as np
+
+    from mbdl.config import load_config
+    from mbdl.train.preflight import describe_data, validate_before_training
+    from mbdl.train.trainer import load_data
+
+    overrides, others = split_overrides(args.items)
+    if len(others) > 1:
+        raise UsageError(f"expected at most one config file, got {', '.join(others)}")
+    config = load_config(others[0] if others else None, overrides)
+    asked_to_skip = config.data.skip_corrupt
+    if config.data.source in _FILE_SOURCES:
+        config.data.skip_corrupt = True  # list every unreadable image, not only the first
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        splits = load_data(config)
+    print(terminal_safe(describe_data(splits)))
+    info = splits.info or {}
+    for line in info.get("skipped_files", []):
+        print(f"  unreadable: {terminal_safe(line)}")
+    for line in info.get("duplicates", []):
+        print(f"  counted once: {terminal_safe(line)}")
+    if args.per_class:
+        for name in ("train", "val", "test"):
+            dataset = getattr(splits, name)
+            counts = np.bincount(np.asarray(dataset.labels), minlength=len(dataset.class_names))
+            for class_name, count in zip(dataset.class_names, counts.tolist(), strict=True):
+                print(f"  {name:<5} {count:>7}  {terminal_safe(class_name)}")
+    validate_before_training(config, splits)
+    unreadable = len(info.get("skipped_files", []))
+    if unreadable and not asked_to_skip:
+        raise UserError(
+            f"{unreadable} image(s) cannot be used (listed above); fix or remove them, or set "
+            "data.skip_corrupt=true"
+        )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # mbdl compare (implementation: mbdl.compare)
 
 

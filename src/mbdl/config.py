@@ -284,6 +284,13 @@ _LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
     "eval.batch_size": (1, False),
 }
 
+# Inclusive upper bounds of the sizes that drive allocations (an image side of 10^5 pixels
+# would ask for tens of GB per image); checkpoints are held to the same bounds.
+UPPER_BOUNDS: dict[str, int] = {
+    "data.image_size": 4096,
+    "model.embedding_dim": 16_384,
+}
+
 # Keys that may differ between a run and its resumption (they do not change the results).
 RESUME_FREE_KEYS: frozenset[str] = frozenset(
     {
@@ -450,6 +457,8 @@ def _check_value(key: str, value: Any) -> Any:
         if value < bound or (strict and value == bound):
             relation = ">" if strict else ">="
             raise ConfigError(f"{key} must be {relation} {bound:g}; got {value!r}")
+    if key in UPPER_BOUNDS and value is not None and value > UPPER_BOUNDS[key]:
+        raise ConfigError(f"{key} must be <= {UPPER_BOUNDS[key]}; got {value!r}")
     return value
 
 

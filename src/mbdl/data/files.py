@@ -177,6 +177,8 @@ def inspect_image(path: str | Path) -> str | None:
 
 def _reason(error: BaseException, path: str | Path) -> str:
     """PIL's message without the path it repeats."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
     reason = str(error).replace(f" {str(path)!r}", "").replace(f" {path!r}", "")
     return reason or type(error).__name__
 

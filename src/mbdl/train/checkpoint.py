@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mbdl.config import UPPER_BOUNDS
 from mbdl.errors import UserError, terminal_safe
 from mbdl.fileio import default_file_mode, naming
 
@@ -41,7 +42,10 @@ FORMAT = "mbdl-checkpoint"
 VERSION = 1
 
 #: bounds on the checkpoint fields that size allocations (inclusive)
-LIMITS = {"embedding_dim": 16_384, "image_size": 4_096}
+LIMITS = {
+    "embedding_dim": UPPER_BOUNDS["model.embedding_dim"],
+    "image_size": UPPER_BOUNDS["data.image_size"],
+}
 #: how much more than its own size a checkpoint file may declare as contents (zip overhead)
 _DECLARED_SLACK_BYTES = 1 << 20
 
