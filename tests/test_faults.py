@@ -254,3 +254,17 @@ def test_a_failing_file_system_keeps_the_last_checkpoint(
         code, err = cli(*argv, "resume=true")
         assert code == 0, err
         assert_reproduces(out, reference)
+
+
+def test_the_address_space_guard_refuses_an_absurd_allocation() -> None:
+    import numpy as np
+
+    from mbdl.index import bounded_address_space
+
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs /proc (Linux)")
+    size = 4 << 30  # 4 GiB, reserved but never touched: the kernel grants it without the guard
+    assert np.empty(size, dtype=np.uint8).nbytes == size
+    with pytest.raises(MemoryError), bounded_address_space(64 << 20):
+        np.empty(size, dtype=np.uint8)
+    assert np.empty(size, dtype=np.uint8).nbytes == size  # the limit is lifted afterwards
