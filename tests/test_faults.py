@@ -268,3 +268,27 @@ def test_the_address_space_guard_refuses_an_absurd_allocation() -> None:
     with pytest.raises(MemoryError), bounded_address_space(64 << 20):
         np.empty(size, dtype=np.uint8)
     assert np.empty(size, dtype=np.uint8).nbytes == size  # the limit is lifted afterwards
+
+
+def test_an_index_write_killed_midway_leaves_nothing_that_lasts(tmp_path: Path) -> None:
+    from mbdl.errors import UserError
+    from mbdl.index import GalleryIndex
+
+    embeddings = torch.nn.functional.normalize(torch.randn(20, 4), dim=1)
+    index = GalleryIndex.build(embeddings, torch.arange(20) % 4, model_id="m")
+    target = tmp_path / "gallery.index"
+    host = os.uname().nodename
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".gallery.index.{host}-{dead.pid}.x1y2z3"  # a killed writer's staging
+    live = tmp_path / f".gallery.index.{host}-{os.getppid()}.a1b2c3"  # a live writer's: kept
+    for folder in (stale, live):
+        folder.mkdir()
+        (folder / "index.faiss").write_bytes(b"partial")
+    index.save(target)
+    assert not stale.exists() and live.exists()
+    assert len(GalleryIndex.load(target)) == 20
+    # killed between moving the old index aside and moving the new one in
+    os.replace(target, tmp_path / ".gallery.index.old")
+    with pytest.raises(UserError, match=r"\.gallery\.index\.old does: a write was interrupted"):
+        GalleryIndex.load(target)

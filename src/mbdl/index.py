@@ -179,7 +179,10 @@ class GalleryIndex:
         faiss = _faiss()
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        _remove_dead_staging(target)
+        staging = Path(
+            tempfile.mkdtemp(prefix=f".{target.name}.{_writer_id()}.", dir=target.parent)
+        )
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; an index is shared
@@ -217,6 +220,12 @@ class GalleryIndex:
         docstring); no pickle is involved."""
         faiss = _faiss()
         folder = Path(path)
+        backup = folder.with_name(f".{folder.name}.old")
+        if not folder.exists() and backup.is_dir():
+            raise UserError(
+                f"{terminal_safe(folder)} does not exist, but {terminal_safe(backup)} does: a "
+                "write was interrupted while replacing it; rename that back, or rebuild the index"
+            )
         for name in ("index.faiss", "meta.json", "labels.npy"):
             if not (folder / name).is_file():
                 raise UserError(f"{terminal_safe(folder)} is not an mbdl index: {name} is missing")
@@ -273,6 +282,29 @@ class GalleryIndex:
             meta.get("build_report", {}),
             meta.get("info", {}),
         )
+
+
+def _writer_id() -> str:
+    import socket
+
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _remove_dead_staging(target: Path) -> None:
+    """Remove the staging folders ``.NAME.HOST-PID.XXXX`` next to ``target`` whose writer (on
+    this host) is dead: what a write killed midway leaves."""
+    import re
+    import socket
+
+    from mbdl.train.runlock import process_alive
+
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(?P<host>.+)-(?P<pid>\d+)\.[^.]+$")
+    for entry in target.parent.glob(f".{target.name}.*"):
+        match = pattern.match(entry.name)
+        if match is None or not entry.is_dir() or entry.is_symlink():
+            continue
+        if match["host"] == socket.gethostname() and not process_alive(int(match["pid"])):
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 @contextlib.contextmanager
