@@ -177,7 +177,7 @@ def test_search_prints_top_k(
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not an image")
     assert main(["search", str(out), str(broken)]) == 2
-    assert "cannot read query image" in capsys.readouterr().err
+    assert "cannot read image" in capsys.readouterr().err
 
 
 def test_data_glyphs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -144,16 +144,15 @@ def small_cub(tmp_path) -> Path:
 def test_corrupt_image_error_names_the_file(small_cub):
     bad = small_cub / "CUB_200_2011/images/101.Bird_101/Bird_101_0000_301.jpg"
     write_corrupt(bad)
-    splits = load_splits("cub", small_cub, image_size=32)
-    index = [splits.test.describe(i) for i in range(len(splits.test))].index(str(bad))
-    with pytest.raises(ImageReadError, match=r"Bird_101_0000_301\.jpg"):
-        splits.test[index]
+    # found up front, before any training, by the scan of every image
+    with pytest.raises(ImageReadError, match=r"Bird_101_0000_301\.jpg \(cannot identify"):
+        load_splits("cub", small_cub, image_size=32)
 
 
 def test_missing_image_error_names_the_file(small_cub):
     missing = small_cub / "CUB_200_2011/images/005.Bird_5/Bird_5_0001_14.jpg"
     missing.unlink()
-    with pytest.raises(ImageReadError, match=r"not found: .*Bird_5_0001_14\.jpg \(1 of 600"):
+    with pytest.raises(ImageReadError, match=r"not found: .*Bird_5_0001_14\.jpg .*1 of 600"):
         load_splits("cub", small_cub, image_size=32)
 
 
@@ -174,10 +173,19 @@ def test_skip_corrupt_drops_unreadable_files_up_front(small_cub):
 
 def test_skip_corrupt_replaces_a_file_that_fails_only_on_decode(small_cub):
     path = small_cub / "CUB_200_2011/images/150.Bird_150/Bird_150_0001_449.jpg"
+    original = path.read_bytes()
     write_undecodable_png(path)
+    with pytest.warns(UserWarning, match="skipped 1"):  # the up-front scan decodes: found
+        scanned = load_splits("cub", small_cub, image_size=32, skip_corrupt=True)
+    assert scanned.test.skipped == 1 and "Bird_150_0001_449.jpg" in scanned.test.skipped_files[0]
+    with pytest.raises(ImageReadError, match=r"Bird_150_0001_449\.jpg .*skip_corrupt=true"):
+        load_splits("cub", small_cub, image_size=32)
+    # a file that breaks after the scan (replaced on disk mid-run) is replaced on load
+    path.write_bytes(original)
     splits = load_splits("cub", small_cub, image_size=32, skip_corrupt=True)
+    write_undecodable_png(path)
     test = splits.test
-    assert test.skipped == 0  # passes verify(): found only when decoded
+    assert test.skipped == 0
     index = [test.describe(i) for i in range(len(test))].index(str(path))
     with pytest.warns(UserWarning, match=r"Bird_150_0001_449\.jpg.*instead"):
         batches = list(DataLoader(test, batch_size=50))
@@ -192,9 +200,12 @@ def test_skip_corrupt_replaces_a_file_that_fails_only_on_decode(small_cub):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once; later loads use the stand-in silently
         np.testing.assert_array_equal(np.asarray(test.load_image(index)), replacement)
+    path.write_bytes(original)
     strict = load_splits("cub", small_cub, image_size=32)
+    write_undecodable_png(path)
     with pytest.raises(ImageReadError, match="Bird_150_0001_449"):
         strict.test.load_image(index)
+    path.write_bytes(original)
 
 
 # -- Cars196 ------------------------------------------------------------------------------------

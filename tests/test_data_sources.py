@@ -180,7 +180,11 @@ def test_idx_reader_checks_the_header(tmp_path):
 def test_file_dataset_contract_and_errors(tmp_path):
     write_image(tmp_path / "a.png", 1, fmt="PNG")
     write_corrupt(tmp_path / "b.jpg")
-    dataset = FileImageDataset(["a.png", "b.jpg"], [0, 1], ["x", "y"], root=tmp_path, mode="L")
+    with pytest.raises(ImageReadError, match=r"b\.jpg \(cannot identify image file\); 1 of 2"):
+        FileImageDataset(["a.png", "b.jpg"], [0, 1], ["x", "y"], root=tmp_path, mode="L")
+    dataset = FileImageDataset(
+        ["a.png", "b.jpg"], [0, 1], ["x", "y"], root=tmp_path, mode="L", _verified=True
+    )
     assert dataset.load_image(0).mode == "L" and dataset.describe(1) == str(tmp_path / "b.jpg")
     with pytest.raises(ImageReadError, match=r"cannot read image .*b\.jpg"):
         dataset.load_image(1)

@@ -24,12 +24,21 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import mbdl
+from mbdl.errors import (
+    EXIT_DIVERGED,
+    EXIT_INTERRUPTED,
+    EXIT_USER_ERROR,
+    UserError,
+    one_line,
+    terminal_safe,
+)
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
+#: exceptions reported as one line with exit code 2 (UserError is a ValueError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, MemoryError)
 _OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*=")
 
 
-class UsageError(Exception):
+class UsageError(UserError):
     """A command-line usage error (exit code 2)."""
 
 
@@ -445,8 +454,8 @@ def _configure_search(parser: argparse.ArgumentParser) -> None:
 @command("search", "find the nearest gallery images of query images", _configure_search)
 def _run_search(args: argparse.Namespace) -> int:
     import torch
-    from PIL import Image, UnidentifiedImageError
 
+    from mbdl.data.files import read_image
     from mbdl.functional.distances import pairwise_distance
     from mbdl.train.checkpoint import model_from_state
     from mbdl.train.trainer import embed_with_config, load_data
@@ -456,13 +465,8 @@ def _run_search(args: argparse.Namespace) -> int:
         raise UsageError("give at least one query IMAGE")
     if args.k < 1:
         raise UsageError(f"-k must be at least 1, got {args.k}")
-    queries = []
-    for path in images:
-        try:
-            with Image.open(path) as image:
-                queries.append(image.copy())
-        except (OSError, UnidentifiedImageError) as error:
-            raise ValueError(f"cannot read query image {path!r}: {error}") from None
+    # decoded by the data sets' table (16-bit, alpha, EXIF...), size-checked before decoding
+    queries = [read_image(path, "RGB") for path in images]
     if args.index is not None:
         return _search_index(args, images, queries, overrides)
     config, state = _checkpoint_config(args.checkpoint, overrides)
@@ -479,14 +483,17 @@ def _run_search(args: argparse.Namespace) -> int:
     k = min(args.k, len(gallery))
     values, indices = torch.topk(distances, k, dim=1, largest=False)
     for path, row_values, row_indices in zip(images, values, indices, strict=True):
-        print(f"query {path}")
+        print(f"query {terminal_safe(path)}")
         for rank, (distance, index) in enumerate(
             zip(row_values.tolist(), row_indices.tolist(), strict=True), start=1
         ):
             label = int(gallery_labels[index])
             name = gallery.class_names[label]
             mark = _match_mark(distance, threshold)
-            print(f"  {rank:>3}  {distance:.4f}{mark}  {name!r:<12}  {gallery.describe(index)}")
+            print(
+                f"  {rank:>3}  {distance:.4f}{mark}  {terminal_safe(repr(name)):<12}  "
+                f"{terminal_safe(gallery.describe(index))}"
+            )
     return 0
 
 
@@ -567,7 +574,7 @@ def _search_index(
         query_embeddings = model(batch).float().cpu()
     distances, indices = index.search(query_embeddings, min(args.k, len(index)), model_id=model_id)
     for path, row_values, row_indices in zip(images, distances, indices, strict=True):
-        print(f"query {path}")
+        print(f"query {terminal_safe(path)}")
         for rank, (distance, item) in enumerate(
             zip(row_values.tolist(), row_indices.tolist(), strict=True), start=1
         ):
@@ -577,7 +584,10 @@ def _search_index(
             name = index.class_names[label] if label < len(index.class_names) else str(label)
             where = index.paths[item] if item < len(index.paths) else f"#{item}"
             mark = _match_mark(distance, threshold)
-            print(f"  {rank:>3}  {distance:.4f}{mark}  {name!r:<12}  {where}")
+            print(
+                f"  {rank:>3}  {distance:.4f}{mark}  {terminal_safe(repr(name)):<12}  "
+                f"{terminal_safe(where)}"
+            )
     return 0
 
 
@@ -841,6 +851,72 @@ def _run_data(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# mbdl scan
+
+_FILE_SOURCES = ("folder", "csv", "cub", "cars", "sop", "inshop")
+
+
+def _configure_scan(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "items",
+        nargs="*",
+        metavar="[CONFIG] [KEY=VALUE ...]",
+        help="the config and overrides a training would use, e.g. data.source=folder "
+        "data.root=/data/birds",
+    )
+    parser.add_argument(
+        "--per-class", action="store_true", help="also list the image count of every class"
+    )
+
+
+@command(
+    "scan",
+    "check a training's data before training: every image, counts per class, the config "
+    "against the data (exit 2 on any problem)",
+    _configure_scan,
+)
+def _run_scan(args: argparse.Namespace) -> int:
+    import warnings
+
+    import numpy as np
+
+    from mbdl.config import load_config
+    from mbdl.train.preflight import describe_data, validate_before_training
+    from mbdl.train.trainer import load_data
+
+    overrides, others = split_overrides(args.items)
+    if len(others) > 1:
+        raise UsageError(f"expected at most one config file, got {', '.join(others)}")
+    config = load_config(others[0] if others else None, overrides)
+    asked_to_skip = config.data.skip_corrupt
+    if config.data.source in _FILE_SOURCES:
+        config.data.skip_corrupt = True  # list every unreadable image, not only the first
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        splits = load_data(config)
+    print(terminal_safe(describe_data(splits)))
+    info = splits.info or {}
+    for line in info.get("skipped_files", []):
+        print(f"  unreadable: {terminal_safe(line)}")
+    for line in info.get("duplicates", []):
+        print(f"  counted once: {terminal_safe(line)}")
+    if args.per_class:
+        for name in ("train", "val", "test"):
+            dataset = getattr(splits, name)
+            counts = np.bincount(np.asarray(dataset.labels), minlength=len(dataset.class_names))
+            for class_name, count in zip(dataset.class_names, counts.tolist(), strict=True):
+                print(f"  {name:<5} {count:>7}  {terminal_safe(class_name)}")
+    validate_before_training(config, splits)
+    unreadable = len(info.get("skipped_files", []))
+    if unreadable and not asked_to_skip:
+        raise UserError(
+            f"{unreadable} image(s) cannot be used (listed above); fix or remove them, or set "
+            "data.skip_corrupt=true"
+        )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # mbdl compare (implementation: mbdl.compare)
 
 
@@ -881,12 +957,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return text or type(error).__name__
+    return one_line(error)
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    import torch
+
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``mbdl`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
+    """Run ``mbdl`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code.
+
+    Bad input (:class:`mbdl.errors.UserError`, ``ValueError``, ``OSError``, memory exhausted)
+    prints one terminal-safe line and returns 2; a diverged run 1; an interrupt 130.
+    ``MBDL_DEBUG=1`` re-raises instead, for the traceback.
+    """
     from mbdl.train.trainer import TrainingDiverged
 
     debug = os.environ.get("MBDL_DEBUG", "") not in ("", "0")
@@ -903,28 +989,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.items = [*(args.items or []), *extras]
         if getattr(args, "run", None) is None:
             parser.print_help(sys.stderr)
-            return 2
+            return EXIT_USER_ERROR
         return int(args.run(args))
     except UsageError as error:
         print(f"mbdl: error: {_one_line(error)}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     except TrainingDiverged as error:
         if debug:
             raise
         print(f"mbdl: error: {_one_line(error)}", file=sys.stderr)
-        return 1
-    except USER_ERRORS as error:
-        if debug:
-            raise
-        if isinstance(error, OSError) and error.filename is not None and error.strerror:
-            message = f"{error.filename}: {error.strerror}"
-        else:
-            message = _one_line(error)
-        print(f"mbdl: error: {message}", file=sys.stderr)
-        return 2
+        return EXIT_DIVERGED
     except KeyboardInterrupt:
         print("mbdl: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as error:
+        if debug or not (isinstance(error, USER_ERRORS) or _out_of_memory(error)):
+            raise
+        message = _one_line(error)
+        if _out_of_memory(error):
+            message = (
+                f"out of memory ({message}); lower eval.batch_size, train.batch_classes or "
+                "data.image_size, or use a machine with more memory"
+            )
+        print(f"mbdl: error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":  # pragma: no cover

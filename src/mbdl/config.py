@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from mbdl.errors import UserError
+
 SECTIONS: tuple[str, ...] = ("data", "model", "loss", "train", "eval")
 
 SOURCES = ("glyphs", "folder", "csv", "idx", "cub", "cars", "sop", "inshop")
@@ -80,6 +82,13 @@ CONFIG_SCHEMA: dict[str, tuple[str, Any, tuple[Any, ...] | None, str]] = {
         False,
         None,
         "Skip unreadable images with a warning (counted) instead of stopping with an error.",
+    ),
+    "data.allow_outside_root": (
+        "bool",
+        False,
+        None,
+        "Folder source: accept images and class folders whose resolved path (through symbolic "
+        "links) lies outside data.root; off, such a file is refused.",
     ),
     "data.bbox": (
         "bool",
@@ -310,6 +319,13 @@ _LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
     "eval.verify_max_pairs": (1, False),
 }
 
+# Inclusive upper bounds of the sizes that drive allocations (an image side of 10^5 pixels
+# would ask for tens of GB per image); checkpoints are held to the same bounds.
+UPPER_BOUNDS: dict[str, int] = {
+    "data.image_size": 4096,
+    "model.embedding_dim": 16_384,
+}
+
 # Keys that may differ between a run and its resumption (they do not change the results).
 RESUME_FREE_KEYS: frozenset[str] = frozenset(
     {
@@ -333,7 +349,7 @@ RESUME_FREE_KEYS: frozenset[str] = frozenset(
 _TRAINER_SUPPLIED = ("num_classes", "embedding_dim")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration key or value that is not valid; the message names it and the fix."""
 
 
@@ -353,6 +369,7 @@ class DataConfig:
     skip_corrupt: bool = _default("data.skip_corrupt")
     bbox: bool = _default("data.bbox")
     augment: str = _default("data.augment")
+    allow_outside_root: bool = _default("data.allow_outside_root")
 
 
 @dataclass
@@ -494,6 +511,8 @@ def _check_value(key: str, value: Any) -> Any:
         if value < bound or (strict and value == bound):
             relation = ">" if strict else ">="
             raise ConfigError(f"{key} must be {relation} {bound:g}; got {value!r}")
+    if key in UPPER_BOUNDS and value is not None and value > UPPER_BOUNDS[key]:
+        raise ConfigError(f"{key} must be <= {UPPER_BOUNDS[key]}; got {value!r}")
     return value
 
 

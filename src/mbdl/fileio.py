@@ -17,6 +17,14 @@ def default_file_mode() -> int:
     return 0o666 & ~umask
 
 
+def naming(error: BaseException, target: Path) -> BaseException:
+    """``error``, or for an ``OSError`` that names no file (a full disk while writing) the same
+    error naming ``target``, so the message says which write failed."""
+    if isinstance(error, OSError) and error.filename is None and error.errno is not None:
+        return type(error)(error.errno, error.strerror or str(error), str(target))
+    return error
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same directory and
     ``os.replace`` (readers never see a partial file; a crash leaves the old file)."""
@@ -32,9 +40,9 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
             os.fsync(file.fileno())
         os.chmod(temp_name, default_file_mode())
         os.replace(temp_name, target)
-    except BaseException:
+    except BaseException as error:
         Path(temp_name).unlink(missing_ok=True)
-        raise
+        raise naming(error, target) from None
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:

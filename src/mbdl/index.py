@@ -5,16 +5,25 @@ distance, kind, dimension, class names, paths) and ``labels.npy`` (read with
 ``allow_pickle=False``), so opening an index received from someone else cannot run code.
 The model identity is a fingerprint of the model's weights: queries embedded by another model
 are refused, since their distances to the gallery would mean nothing.
+
+An index directory received from someone else is read within bounds (:meth:`GalleryIndex.load`):
+``meta.json`` is size-limited and its fields type-checked; ``labels.npy``'s header (dtype,
+shape) is checked against ``meta.json`` and the file's size before the array is read; the faiss
+file must be large enough for the vectors ``meta.json`` announces, and is read under an
+address-space limit (a few times its size, on Linux), so a header asking for hundreds of GB
+fails cleanly; the result must agree with ``meta.json`` (dimension, count, metric, kind).
+Every failure is a :class:`mbdl.errors.UserError` naming the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,8 +32,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mbdl.errors import UserError, terminal_safe
+
 KINDS = ("flat", "ivf", "hnsw")
 FORMAT_VERSION = 1
+#: the largest meta.json read (it lists every gallery item's path)
+MAX_META_BYTES = 1 << 30
+#: the largest embedding dimension accepted from an index
+MAX_DIM = 16_384
 
 
 def _faiss() -> Any:
@@ -164,7 +179,10 @@ class GalleryIndex:
         faiss = _faiss()
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        _remove_dead_staging(target)
+        staging = Path(
+            tempfile.mkdtemp(prefix=f".{target.name}.{_writer_id()}.", dir=target.parent)
+        )
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; an index is shared
@@ -198,26 +216,61 @@ class GalleryIndex:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> GalleryIndex:
-        """Open an index directory written by :meth:`save`; no pickle is involved."""
+        """Open an index directory written by :meth:`save`, within bounds (see the module
+        docstring); no pickle is involved."""
         faiss = _faiss()
         folder = Path(path)
+        backup = folder.with_name(f".{folder.name}.old")
+        if not folder.exists() and backup.is_dir():
+            raise UserError(
+                f"{terminal_safe(folder)} does not exist, but {terminal_safe(backup)} does: a "
+                "write was interrupted while replacing it; rename that back, or rebuild the index"
+            )
         for name in ("index.faiss", "meta.json", "labels.npy"):
             if not (folder / name).is_file():
-                raise ValueError(f"{folder} is not an mbdl index: {name} is missing")
-        try:
-            meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"{folder / 'meta.json'} is not valid JSON: {error}") from error
-        if not isinstance(meta, dict) or not {"model_id", "distance", "kind"} <= set(meta):
-            raise ValueError(f"{folder / 'meta.json'} lacks model_id, distance or kind")
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{folder} has index format {meta.get('format_version')}, expected {FORMAT_VERSION}"
+                raise UserError(f"{terminal_safe(folder)} is not an mbdl index: {name} is missing")
+        meta = _read_meta(folder / "meta.json")
+        items, dim = meta["items"], meta["dim"]
+        labels = _read_labels(folder / "labels.npy", items)
+        names = meta.get("class_names", [])
+        if names and len(labels) and (labels.min() < 0 or labels.max() >= len(names)):
+            raise UserError(f"{terminal_safe(folder)}: labels.npy has labels without class names")
+        vectors_file = folder / "index.faiss"
+        size = vectors_file.stat().st_size
+        if size < items * dim * 4:
+            raise UserError(
+                f"{terminal_safe(vectors_file)} has {size} bytes, fewer than the {items} x {dim} "
+                "vectors meta.json announces; the index is truncated: rebuild it"
             )
-        index = faiss.read_index(str(folder / "index.faiss"))
-        labels = np.load(folder / "labels.npy", allow_pickle=False)
-        if index.ntotal != labels.shape[0]:
-            raise ValueError(f"{folder}: {index.ntotal} vectors but {labels.shape[0]} labels")
+        try:
+            with bounded_address_space(4 * size + (256 << 20)):
+                index = faiss.read_index(str(vectors_file))
+        except (RuntimeError, MemoryError) as error:
+            text = str(error).strip().splitlines()[0] if str(error).strip() else "out of memory"
+            first = text.rsplit("Error: ", 1)[-1]
+            raise UserError(
+                f"cannot read {terminal_safe(vectors_file)} ({first[:120]}); it is damaged or "
+                "was altered: rebuild the index"
+            ) from None
+        expected_metric = (
+            faiss.METRIC_INNER_PRODUCT if meta["distance"] == "cosine" else faiss.METRIC_L2
+        )
+        expected_type = {
+            "flat": faiss.IndexFlat,
+            "ivf": faiss.IndexIVFFlat,
+            "hnsw": faiss.IndexHNSW,
+        }
+        if (
+            int(index.d) != dim
+            or int(index.ntotal) != items
+            or int(index.metric_type) != expected_metric
+            or not isinstance(index, expected_type[meta["kind"]])
+        ):
+            raise UserError(
+                f"{terminal_safe(vectors_file)} ({type(index).__name__}, {index.ntotal} x "
+                f"{index.d}) does not match meta.json ({meta['kind']}, {items} x {dim}, "
+                f"{meta['distance']}): rebuild the index"
+            )
         return cls(
             index,
             labels,
@@ -225,10 +278,128 @@ class GalleryIndex:
             meta["distance"],
             meta["kind"],
             meta.get("paths", []),
-            meta.get("class_names", []),
+            names,
             meta.get("build_report", {}),
             meta.get("info", {}),
         )
+
+
+def _writer_id() -> str:
+    import socket
+
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _remove_dead_staging(target: Path) -> None:
+    """Remove the staging folders ``.NAME.HOST-PID.XXXX`` next to ``target`` whose writer (on
+    this host) is dead: what a write killed midway leaves."""
+    import re
+    import socket
+
+    from mbdl.train.runlock import process_alive
+
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(?P<host>.+)-(?P<pid>\d+)\.[^.]+$")
+    for entry in target.parent.glob(f".{target.name}.*"):
+        match = pattern.match(entry.name)
+        if match is None or not entry.is_dir() or entry.is_symlink():
+            continue
+        if match["host"] == socket.gethostname() and not process_alive(int(match["pid"])):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def bounded_address_space(extra_bytes: int) -> Iterator[None]:
+    """Within the block, limit this process's address space to what it uses now plus
+    ``extra_bytes`` (``RLIMIT_AS``, Linux), so that reading a file whose header asks for an
+    absurd allocation raises ``MemoryError`` instead of exhausting the machine. A no-op where
+    the limit or the current size cannot be read."""
+    try:
+        import resource
+
+        with open("/proc/self/status", encoding="ascii") as status:
+            line = next(x for x in status if x.startswith("VmSize:"))
+        current = int(line.split()[1]) * 1024
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    except (ImportError, OSError, StopIteration, ValueError):
+        yield
+        return
+    limit = current + extra_bytes
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    if soft != resource.RLIM_INFINITY and soft <= limit:
+        yield
+        return
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def _read_meta(file: Path) -> dict[str, Any]:
+    """meta.json, size-limited, with every field type-checked."""
+    if file.stat().st_size > MAX_META_BYTES:
+        raise UserError(f"{terminal_safe(file)} is larger than {MAX_META_BYTES} bytes; refused")
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{terminal_safe(file)} is not valid JSON: {error}") from None
+    if not isinstance(meta, dict) or not {"model_id", "distance", "kind"} <= set(meta):
+        raise UserError(f"{terminal_safe(file)} lacks model_id, distance or kind")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise UserError(
+            f"{terminal_safe(file.parent)} has index format {meta.get('format_version')!r}, "
+            f"expected {FORMAT_VERSION}"
+        )
+
+    def bad(key: str, what: str) -> UserError:
+        return UserError(f"{terminal_safe(file)}: {key} must be {what}; got {meta.get(key)!r:.80}")
+
+    if not isinstance(meta["model_id"], str):
+        raise bad("model_id", "a string")
+    if meta["distance"] not in ("euclidean", "cosine"):
+        raise bad("distance", "euclidean or cosine")
+    if meta["kind"] not in KINDS:
+        raise bad("kind", " or ".join(KINDS))
+    for key, upper in (("dim", MAX_DIM), ("items", 1 << 40)):
+        value = meta.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= upper:
+            raise bad(key, f"an integer in 0..{upper}")
+    for key in ("paths", "class_names"):
+        value = meta.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise bad(key, "a list of strings")
+    if meta.get("paths") and len(meta["paths"]) != meta["items"]:
+        raise bad("paths", f"one per item ({meta['items']})")
+    for key in ("build_report", "info"):
+        if not isinstance(meta.get(key, {}), dict):
+            raise bad(key, "an object")
+    return meta
+
+
+def _read_labels(file: Path, items: int) -> np.ndarray:
+    """labels.npy, its header checked (integer dtype, shape ``(items,)``, the file's size)
+    before the array is read."""
+    try:
+        with open(file, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, _, dtype = read_header(handle)
+            offset = handle.tell()
+    except (ValueError, OSError, SyntaxError) as error:
+        raise UserError(f"{terminal_safe(file)} is not a NumPy array file: {error}") from None
+    if dtype.kind not in "iu" or dtype.hasobject or shape != (items,):
+        raise UserError(
+            f"{terminal_safe(file)} holds {dtype} {shape}; expected {items} integer labels "
+            "(one per indexed item)"
+        )
+    if file.stat().st_size != offset + items * dtype.itemsize:
+        raise UserError(f"{terminal_safe(file)} is truncated or padded: rebuild the index")
+    return np.asarray(np.load(file, allow_pickle=False), dtype=np.int64)
 
 
 def _as_float32(embeddings: Tensor | np.ndarray, distance: str) -> np.ndarray:

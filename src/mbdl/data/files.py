@@ -26,6 +26,7 @@ from PIL import Image
 
 from mbdl.data.base import ImageDataset, Splits
 from mbdl.data.splits import attach_transforms, carve_validation_classes, relabel_contiguous
+from mbdl.errors import UserError, terminal_safe
 
 #: file name endings recognised as images by the folder source
 IMAGE_EXTENSIONS = (
@@ -44,36 +45,158 @@ IMAGE_EXTENSIONS = (
 #: exceptions PIL raises on unreadable, truncated or malformed files
 _PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
+#: the largest image (width x height) read; larger ones are refused before decoding
+MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold (Image.MAX_IMAGE_PIXELS)
 
-class ImageReadError(ValueError):
-    """An image file that does not exist, cannot be read, or does not decode."""
+#: the background that transparent pixels are composited on (how a browser shows them)
+BACKGROUND = (255, 255, 255)
+
+#: modes mbdl reads, and how (the decoding table; see :func:`to_mode`)
+DECODING = {
+    "L": "8-bit grey: as stored",
+    "RGB": "8-bit colour: as stored (Pillow reduces 16-bit colour PNGs to their high bytes)",
+    "1": "1-bit: 0 and 255",
+    "I;16": "16-bit grey: value / 257, rounded (0..65535 -> 0..255)",
+    "I;16L": "16-bit grey: value / 257, rounded",
+    "I;16B": "16-bit grey: value / 257, rounded",
+    "I;16N": "16-bit grey: value / 257, rounded",
+    "I": "32-bit integer grey (16-bit PNG/TIFF): clipped to 0..65535, then value / 257",
+    "P": "palette: expanded to its colours; a transparent index composited on white",
+    "PA": "palette + alpha: composited on white",
+    "LA": "grey + alpha: composited on white",
+    "La": "grey + premultiplied alpha: composited on white",
+    "RGBA": "colour + alpha: composited on white",
+    "RGBa": "colour + premultiplied alpha: composited on white",
+    "RGBX": "colour + padding: the padding dropped",
+    "CMYK": "Pillow's CMYK -> RGB conversion (no ICC colour management)",
+    "YCbCr": "converted to RGB",
+    "LAB": "converted to RGB",
+    "HSV": "converted to RGB",
+}
+
+
+class ImageReadError(UserError):
+    """An image file that does not exist, cannot be read, does not decode, or is not supported."""
+
+
+def _scale_16_bit(image: Image.Image) -> Image.Image:
+    """A 16-bit (or 32-bit integer) grey image as 8-bit grey: ``round(v / 257)``, ``v`` clipped
+    to ``0..65535``, so 0 -> 0 and 65535 -> 255 (Pillow's own ``convert("L")`` clips at 255)."""
+    values = np.asarray(image, dtype=np.int64) if image.mode != "I;16B" else None
+    if values is None:  # big-endian 16-bit: read the raw bytes
+        values = np.frombuffer(image.tobytes(), dtype=">u2").reshape(image.height, image.width)
+    scaled = (np.clip(values, 0, 65535).astype(np.float64) / 257.0).round().astype(np.uint8)
+    return Image.fromarray(scaled, mode="L")
+
+
+def to_mode(image: Image.Image, mode: str) -> Image.Image:
+    """The decoded first frame of ``image`` as 8-bit ``mode`` (``"RGB"`` or ``"L"``) by the
+    :data:`DECODING` table: the EXIF orientation applied, 16-bit values scaled (not clipped),
+    palettes expanded, alpha composited on :data:`BACKGROUND`. Other modes (32-bit float ``F``)
+    raise ``ValueError``: their range is not defined, so any conversion would guess."""
+    from PIL import ImageOps
+
+    if image.mode not in DECODING:
+        raise ValueError(
+            f"pixel mode {image.mode} is not supported (supported: {', '.join(DECODING)}); "
+            "convert the file to 8- or 16-bit grey or colour"
+        )
+    image = ImageOps.exif_transpose(image) or image
+    if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+        image = _scale_16_bit(image)
+    elif image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    elif image.mode in ("PA", "La"):  # Pillow converts La only to LA
+        image = image.convert("RGBA" if image.mode == "PA" else "LA")
+    if image.mode in ("LA", "La", "RGBA", "RGBa"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
+        image = Image.alpha_composite(background, rgba).convert("RGB")
+    return image if image.mode == mode else image.convert(mode)
 
 
 def read_image(path: str | Path, mode: str = "RGB") -> Image.Image:
-    """Open and fully decode ``path`` with PIL, converted to ``mode`` (``"RGB"`` or ``"L"``).
+    """Open and fully decode ``path`` with PIL, converted to ``mode`` (``"RGB"`` or ``"L"``) by
+    :func:`to_mode` (the first frame of an animation).
 
-    Raises :class:`ImageReadError` naming the file when it is missing or corrupt.
+    Raises :class:`ImageReadError` naming the file when it is missing, corrupt, larger than
+    :data:`MAX_PIXELS` (checked from the header, before decoding) or of an unsupported mode.
     """
     try:
         with Image.open(path) as image:
+            _check_header(image)
             image.load()
-            return image.convert(mode)
+            return to_mode(image, mode)
     except FileNotFoundError:
-        raise ImageReadError(f"image file not found: {path}") from None
+        raise ImageReadError(f"image file not found: {terminal_safe(path)}") from None
     except _PIL_ERRORS as error:
-        raise ImageReadError(f"cannot read image {path}: {error}") from None
+        raise ImageReadError(
+            f"cannot read image {terminal_safe(path)}: {_reason(error, path)}"
+        ) from None
+
+
+def _check_header(image: Image.Image) -> None:
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ValueError(f"it has an empty size {width} x {height}")
+    if width * height > MAX_PIXELS:
+        raise ValueError(
+            f"{width} x {height} pixels is more than the limit of {MAX_PIXELS} "
+            "(mbdl.data.files.MAX_PIXELS); resize the image"
+        )
+    if image.mode not in DECODING:
+        raise ValueError(
+            f"pixel mode {image.mode} is not supported; convert the file to 8- or 16-bit grey "
+            "or colour"
+        )
+
+
+def inspect_image(path: str | Path) -> str | None:
+    """``None`` when ``path`` is a regular file holding a readable, supported image within
+    :data:`MAX_PIXELS`, else the reason it is not. Checks the header first (size, mode, no
+    pixel data read), then decodes the first frame (JPEGs at 1/8 scale, which is cheap)."""
+    import stat
+
+    try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            return "not a regular file"
+        if info.st_size == 0:
+            return "empty file"
+        with Image.open(path) as image:
+            _check_header(image)
+            if image.format == "JPEG":
+                image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))
+            image.load()
+    except FileNotFoundError:
+        return "file not found" + (" (broken symbolic link)" if os.path.islink(path) else "")
+    except _PIL_ERRORS as error:
+        return _reason(error, path)
+    return None
+
+
+def _reason(error: BaseException, path: str | Path) -> str:
+    """PIL's message without the path it repeats."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    reason = str(error).replace(f" {str(path)!r}", "").replace(f" {path!r}", "")
+    return reason or type(error).__name__
 
 
 def verify_image(path: str | Path) -> str | None:
-    """``None`` when ``path`` opens and passes PIL's ``verify()``, else the reason it does not."""
-    try:
-        with Image.open(path) as image:
-            image.verify()
-    except FileNotFoundError:
-        return "file not found"
-    except _PIL_ERRORS as error:
-        return str(error) or type(error).__name__
-    return None
+    """``None`` when ``path`` is a readable image (see :func:`inspect_image`), else the reason."""
+    return inspect_image(path)
+
+
+def inspect_images(paths: Sequence[str | Path], workers: int | None = None) -> list[str | None]:
+    """:func:`inspect_image` of each path, decoded in threads (Pillow decodes outside the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = workers or min(8, os.cpu_count() or 1)
+    if workers <= 1 or len(paths) < 64:
+        return [inspect_image(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(inspect_image, paths, chunksize=64))
 
 
 class FileImageDataset(ImageDataset):
@@ -142,33 +265,34 @@ class FileImageDataset(ImageDataset):
         return self.root / self.paths[index]
 
     def _check_files(self) -> None:
-        """Fail on the first missing file, or (``skip_corrupt``) drop missing and corrupt files."""
-        if not self.skip_corrupt:
-            for i in range(len(self.paths)):
-                path = self.full_path(i)
-                if not path.is_file():
-                    missing = sum(
-                        not self.full_path(j).is_file() for j in range(i, len(self.paths))
-                    )
-                    raise ImageReadError(
-                        f"image file not found: {path} ({missing} of {len(self.paths)} listed "
-                        f"images are missing under {self.root})"
-                    )
+        """Inspect every image up front (:func:`inspect_images`: header, size limit, mode, a
+        cheap decode). Any bad one fails with one error that names the first and counts them
+        all; with ``skip_corrupt`` they are dropped instead, with one warning."""
+        reasons = inspect_images([self.full_path(i) for i in range(len(self.paths))])
+        bad = [i for i, reason in enumerate(reasons) if reason is not None]
+        if not bad:
             return
-        keep = np.ones(len(self.paths), dtype=bool)
-        for i in range(len(self.paths)):
-            reason = verify_image(self.full_path(i))
-            if reason is not None:
-                keep[i] = False
-                self.skipped_files.append(f"{self.full_path(i)} ({reason})")
-                self._skipped_class_names.append(self.class_names[self.labels[i]])
-        if not keep.all():
-            warnings.warn(
-                f"skipped {len(self.skipped_files)} unreadable image(s) under {self.root}, "
-                f"first: {self.skipped_files[0]}",
-                stacklevel=3,
+        if not self.skip_corrupt:
+            first = bad[0]
+            missing = sum(str(reasons[i]).startswith("file not found") for i in bad)
+            reason = str(reasons[first])
+            what = "not found" if reason.startswith("file not found") else "cannot be read"
+            raise ImageReadError(
+                f"image {what}: {terminal_safe(self.full_path(first))} ({reason}); {len(bad)} of "
+                f"{len(self.paths)} listed images under {terminal_safe(self.root)} cannot be used "
+                f"({missing} missing); fix or remove them, or set data.skip_corrupt=true"
             )
-            self._keep_only(np.flatnonzero(keep))
+        for i in bad:
+            self.skipped_files.append(f"{self.full_path(i)} ({reasons[i]})")
+            self._skipped_class_names.append(self.class_names[self.labels[i]])
+        warnings.warn(
+            f"skipped {len(bad)} unreadable image(s) under {terminal_safe(self.root)}, "
+            f"first: {terminal_safe(self.skipped_files[0])}",
+            stacklevel=3,
+        )
+        keep = np.ones(len(self.paths), dtype=bool)
+        keep[bad] = False
+        self._keep_only(np.flatnonzero(keep))
 
     def _keep_only(self, indices: np.ndarray) -> None:
         self.paths = [self.paths[i] for i in indices]
@@ -337,6 +461,7 @@ def class_disjoint_splits(
     else:
         keep, val_pos = carve_validation_classes(dataset.labels[train_idx], val_fraction, seed)
         train_idx, val_idx = train_idx[keep], train_idx[val_pos]
+    check_no_shared_files(dataset, {"train": train_idx, "val": val_idx, "test": test_idx})
     details = {"skipped": dataset.skipped, "skipped_files": list(dataset.skipped_files)}
     details.update(info or {})
     splits = Splits(
@@ -349,6 +474,22 @@ def class_disjoint_splits(
         info=details,
     )
     return attach_transforms(splits, augment=augment, imagenet_norm=imagenet_norm)
+
+
+def check_no_shared_files(dataset: FileImageDataset, splits: dict[str, np.ndarray]) -> None:
+    """Refuse splits that share a file (the same resolved path listed in two of them, e.g. a
+    CSV row repeated with another label, or a link): a test image seen in training."""
+    owner: dict[str, tuple[str, int]] = {}
+    for split, indices in splits.items():
+        for i in indices.tolist():
+            real = os.path.realpath(dataset.full_path(i))
+            first_split, first = owner.setdefault(real, (split, i))
+            if first_split != split:
+                raise UserError(
+                    f"{terminal_safe(dataset.describe(i))} ({split}) and "
+                    f"{terminal_safe(dataset.describe(first))} ({first_split}) are the same file; "
+                    "the splits must not share a file: remove one of them"
+                )
 
 
 def find_root(root: str | os.PathLike[str], marker: str, subfolder: str) -> Path:

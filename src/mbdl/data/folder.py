@@ -11,34 +11,88 @@ The class-disjoint split is either
 
 Files whose names end in :data:`mbdl.data.files.IMAGE_EXTENSIONS` (any case) are images; hidden
 files and folders are ignored.
+
+A class folder is one class, and a file is counted once:
+
+- symbolic links (to files and to folders) are followed, a folder reached twice (a link loop)
+  is walked once;
+- a file reached twice within one class (a link, or a linked folder) is counted once; the
+  others are reported in ``info["duplicates"]``;
+- a file reached from two classes is refused (its label would be two things, and it would sit in
+  two splits);
+- a file or class folder whose resolved path lies outside ``root`` is refused unless
+  ``allow_outside_root=True`` (``data.allow_outside_root``).
+
+So train, validation and test never share a file.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 
 from mbdl.data.base import Splits
 from mbdl.data.files import IMAGE_EXTENSIONS, class_disjoint_splits, file_dataset
+from mbdl.errors import UserError, terminal_safe
 
 SPLIT_FILE = "split.txt"
 _SPLIT_LINE = re.compile(r"^(?P<name>.+?)[\s,]+(?P<split>train|val|test)$")
 
 
-def scan_folder(root: Path) -> tuple[list[str], list[str]]:
-    """``(relative image paths, class names)`` of every image below ``root/<class>/``, sorted."""
-    paths, classes = [], []
+def scan_folder(
+    root: Path, *, allow_outside_root: bool = False
+) -> tuple[list[str], list[str], list[str]]:
+    """``(relative image paths, class names, duplicates)`` of every image below
+    ``root/<class>/``, sorted, by the rules of the module docstring; ``duplicates`` lists the
+    paths counted once already (``"path (same file as other)"``)."""
+    real_root = Path(os.path.realpath(root))
+    paths: list[str] = []
+    classes: list[str] = []
+    duplicates: list[str] = []
+    owner: dict[str, tuple[str, str]] = {}  # resolved file -> (class, relative path)
+
+    def check_inside(path: str, real: str) -> None:
+        if not allow_outside_root and not Path(real).is_relative_to(real_root):
+            raise UserError(
+                f"{terminal_safe(path)} resolves to {terminal_safe(real)}, outside the data root "
+                f"{terminal_safe(real_root)}; copy it into the root, or set "
+                "data.allow_outside_root=true"
+            )
+
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     for class_dir in class_dirs:
-        for dirpath, dirnames, filenames in os.walk(class_dir):
+        check_inside(str(class_dir), os.path.realpath(class_dir))
+        visited: set[str] = set()
+        for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+            real_dir = os.path.realpath(dirpath)
+            if real_dir in visited:  # a link loop, or a folder linked twice
+                dirnames[:] = []
+                continue
+            visited.add(real_dir)
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for filename in sorted(filenames):
                 if filename.startswith(".") or not filename.lower().endswith(IMAGE_EXTENSIONS):
                     continue
-                paths.append(os.path.relpath(os.path.join(dirpath, filename), root))
+                full = os.path.join(dirpath, filename)
+                relative = os.path.relpath(full, root)
+                real = os.path.realpath(full)
+                check_inside(full, real)
+                if real in owner:
+                    first_class, first = owner[real]
+                    if first_class != class_dir.name:
+                        raise UserError(
+                            f"{terminal_safe(relative)} (class {terminal_safe(class_dir.name)!r}) "
+                            f"and {terminal_safe(first)} (class {terminal_safe(first_class)!r}) "
+                            "are the same file; a file belongs to one class: remove one of them"
+                        )
+                    duplicates.append(f"{relative} (same file as {first})")
+                    continue
+                owner[real] = (class_dir.name, relative)
+                paths.append(relative)
                 classes.append(class_dir.name)
-    return paths, classes
+    return paths, classes, duplicates
 
 
 def read_split_file(path: Path) -> dict[str, str]:
@@ -70,6 +124,7 @@ def load_splits(
     skip_corrupt: bool = False,
     augment: bool | str = True,
     imagenet_norm: bool = False,
+    allow_outside_root: bool = False,
 ) -> Splits:
     """The class-disjoint splits of an image folder (see the module docstring)."""
     if root is None:
@@ -79,7 +134,13 @@ def load_splits(
         raise FileNotFoundError(f"image folder not found: {base}")
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
-    paths, classes = scan_folder(base)
+    paths, classes, duplicates = scan_folder(base, allow_outside_root=allow_outside_root)
+    if duplicates:
+        warnings.warn(
+            f"counted {len(duplicates)} file(s) reached twice in a class once, first: "
+            f"{terminal_safe(duplicates[0])}",
+            stacklevel=2,
+        )
     names = sorted(set(classes))
     if len(names) < 2:
         raise ValueError(f"{base} needs at least 2 class folders with images, found {len(names)}")
@@ -120,7 +181,7 @@ def load_splits(
         image_size=image_size,
         val_fraction=val_fraction,
         seed=seed,
-        info={"root": str(base), "split": how},
+        info={"root": str(base), "split": how, "duplicates": duplicates},
         augment=augment,
         imagenet_norm=imagenet_norm,
     )

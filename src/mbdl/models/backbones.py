@@ -22,6 +22,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from mbdl.errors import UserError
 from mbdl.models.smallcnn import SmallCNN
 
 TORCHVISION_BACKBONES = ("resnet18", "resnet50", "googlenet", "mobilenet_v2", "efficientnet_b0")
@@ -43,7 +44,7 @@ NATIVE_INPUT_SIZES = {"smallcnn": 32} | {name: 224 for name in TORCHVISION_BACKB
 _WEIGHT_NAME = re.compile(r"^(?:[A-Za-z0-9_]+_Weights\.)?(?P<name>[A-Z][A-Z0-9_]*)$")
 
 
-class PretrainedWeightsError(ValueError):
+class PretrainedWeightsError(UserError):
     """Pretrained weights that cannot be found, fetched or loaded."""
 
 

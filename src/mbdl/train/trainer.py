@@ -40,9 +40,7 @@ import contextlib
 import inspect
 import json
 import math
-import os
 import random
-import socket
 import sys
 import time
 import warnings
@@ -75,15 +73,19 @@ from mbdl.distributed import (
     init_distributed,
     replicas_differ,
 )
+from mbdl.errors import UserError, terminal_safe
 from mbdl.fileio import atomic_write_text
 from mbdl.losses.xbm import CrossBatchMemory
 from mbdl.tracking import Sinks, check_sinks
 from mbdl.train.checkpoint import (
+    check_state_matches,
     load_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
+from mbdl.train.preflight import describe_data, ranking_distance, validate_before_training
+from mbdl.train.runlock import RUN_LOCK, acquire_run_lock, release_run_lock, remove_debris
 from mbdl.train.schedule import warmup_cosine_schedule
 
 
@@ -166,6 +168,7 @@ def _source_options(config: Config) -> dict[str, Any]:
         "skip_corrupt": (config.data.skip_corrupt, config.data.skip_corrupt),
         "bbox": (config.data.bbox, config.data.bbox),
         "max_classes": (config.data.max_classes, config.data.max_classes is not None),
+        "allow_outside_root": (config.data.allow_outside_root, config.data.allow_outside_root),
     }
     if config.model.pretrained is not None:
         wanted["imagenet_norm"] = (True, False)
@@ -214,66 +217,6 @@ def _default_out(config: Config) -> str:
     return str(Path("runs") / f"{config.data.source}-{config.loss.name}-{stamp}")
 
 
-RUN_LOCK = ".lock"
-
-
-def _lock_owner() -> str:
-    return f"{socket.gethostname()} {os.getpid()}"
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def acquire_run_lock(out: Path) -> Path:
-    """Mark ``out`` as trained into by this process (``out/.lock`` holds ``host pid``).
-
-    Two processes writing one run directory would interleave their logs and checkpoints, so a
-    second one is refused while the first is alive; a lock left by a process that died (or by
-    this same process, after an interrupted run) is taken over.
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    lock = out / RUN_LOCK
-    while True:
-        try:
-            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                holder = lock.read_text(encoding="utf-8").strip()
-            except FileNotFoundError:
-                continue
-            host, _, pid = holder.partition(" ")
-            if holder != _lock_owner() and host != socket.gethostname():
-                raise ConfigError(
-                    f"out={out} is locked by a run on {host} (pid {pid}); if that run is dead, "
-                    f"remove {lock}"
-                ) from None
-            if holder != _lock_owner() and pid.isdigit() and _process_alive(int(pid)):
-                raise ConfigError(
-                    f"out={out} is being trained into by another process (pid {pid}); wait for "
-                    "it to finish or choose another out="
-                ) from None
-            lock.unlink(missing_ok=True)
-            continue
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(_lock_owner())
-        return lock
-
-
-def release_run_lock(out: Path) -> None:
-    """Remove ``out/.lock`` if this process holds it."""
-    lock = out / RUN_LOCK
-    with contextlib.suppress(FileNotFoundError):
-        if lock.read_text(encoding="utf-8").strip() == _lock_owner():
-            lock.unlink()
-
-
 def prepare_run_dir(config: Config) -> tuple[Path, dict[str, Any] | None]:
     """Create or check ``config.out``; returns it and the ``last.pt`` state to resume (or None).
 
@@ -298,6 +241,7 @@ def prepare_run_dir(config: Config) -> tuple[Path, dict[str, Any] | None]:
         acquire_run_lock(out)
         return out, None
     acquire_run_lock(out)
+    remove_debris(out)  # the temporary files of a writer killed mid-save
     saved = out / "config.yaml"
     if saved.is_file():
         previous = load_config(saved)
@@ -411,7 +355,7 @@ def evaluate_dataset(
         embeddings,
         labels,
         ks=tuple(config.eval.ks),
-        distance=config.eval.distance,
+        distance=ranking_distance(config.eval.distance),
         seed=config.seed,
         **evaluation_options(config),
     )
@@ -445,7 +389,7 @@ def evaluate_test(
             query_embeddings=query,
             query_labels=query_labels,
             ks=tuple(config.eval.ks),
-            distance=config.eval.distance,
+            distance=ranking_distance(config.eval.distance),
             seed=config.seed,
             **evaluation_options(config),
         )
@@ -569,19 +513,9 @@ class Trainer:
             barrier()
         train_set = self.splits.train
         num_classes = len(np.unique(train_set.labels))
-        if num_classes < config.train.batch_classes:
-            raise ConfigError(
-                f"train.batch_classes={config.train.batch_classes} but the training split has only "
-                f"{num_classes} classes; lower train.batch_classes"
-            )
-        val_classes = len(np.unique(self.splits.val.labels)) if len(self.splits.val) else 0
-        if val_classes == 1:
-            raise ConfigError(
-                "the validation split has only 1 class (retrieval needs 2); raise "
-                "data.val_fraction, or set it to 0 to train without model selection"
-            )
-        if len(np.unique(self.splits.test.labels)) < 2:
-            raise ConfigError("the test split has fewer than 2 classes")
+        validate_before_training(config, self.splits)  # every check the data allows, up front
+        if config.train.progress and self.dist.is_main:
+            print(terminal_safe(describe_data(self.splits)), file=sys.stderr, flush=True)
         self.sampler = ClassBalancedBatchSampler(
             train_set.labels,
             config.train.batch_classes,
@@ -751,15 +685,29 @@ class Trainer:
             )
         if (self.memory is not None) != ("xbm_state" in state):
             raise ConfigError(f"{self.checkpoints / 'last.pt'} does not match train.xbm_size")
-        self.model.load_state_dict(state["model_state"])
-        self.loss.load_state_dict(state["loss_state"])
-        if self.memory is not None:
-            self.memory.load_state_dict(state["xbm_state"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.progress = Progress.from_state(state["progress"])
-        set_rng_state(state["rng"])
+        last = self.checkpoints / "last.pt"
+        try:  # every field checked against this run before anything is restored
+            check_state_matches(self.model.state_dict(), state["model_state"], f"{last} model")
+            check_state_matches(self.loss.state_dict(), state["loss_state"], f"{last} loss")
+            if self.memory is not None:
+                check_state_matches(self.memory.state_dict(), state["xbm_state"], f"{last} xbm")
+            self.model.load_state_dict(state["model_state"])
+            self.loss.load_state_dict(state["loss_state"])
+            if self.memory is not None:
+                self.memory.load_state_dict(state["xbm_state"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.progress = Progress.from_state(state["progress"])
+            set_rng_state(state["rng"])
+        except UserError:
+            raise
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as error:
+            raise ConfigError(
+                f"{last} does not match this run ({type(error).__name__}: "
+                f"{str(error).splitlines()[0] if str(error) else ''}); it is damaged or from "
+                "another version: start a new run with another out="
+            ) from None
         if self.dist.is_main:
             # log.jsonl may hold records written after this checkpoint: rewrite it from the history
             lines = "".join(json.dumps(r) + "\n" for r in self.progress.history)
