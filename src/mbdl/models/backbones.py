@@ -22,10 +22,10 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from mbdl.models.smallcnn import SmallCNN
+from mbdl.models.smallcnn import SMALL_CNNS, SmallCNN
 
 TORCHVISION_BACKBONES = ("resnet18", "resnet50", "googlenet", "mobilenet_v2", "efficientnet_b0")
-BACKBONES = ("smallcnn", *TORCHVISION_BACKBONES)
+BACKBONES = (*SMALL_CNNS, *TORCHVISION_BACKBONES)
 
 #: state_dict key prefixes that belong to the removed classifier (not loaded)
 CLASSIFIER_PREFIXES = {
@@ -34,7 +34,7 @@ CLASSIFIER_PREFIXES = {
     "googlenet": ("fc.", "aux1.", "aux2."),
     "mobilenet_v2": ("classifier.",),
     "efficientnet_b0": ("classifier.",),
-    "smallcnn": (),
+    **{name: () for name in SMALL_CNNS},
 }
 
 _WEIGHT_NAME = re.compile(r"^(?:[A-Za-z0-9_]+_Weights\.)?(?P<name>[A-Z][A-Z0-9_]*)$")
@@ -172,15 +172,16 @@ def build_backbone(
     if pretrained is not None:
         text = str(pretrained)
         if isinstance(pretrained, str) and is_weight_name(text):
-            if backbone == "smallcnn":
+            if backbone in SMALL_CNNS:
                 raise PretrainedWeightsError(
-                    f"smallcnn has no torchvision weights ({text!r}); give a local .pth file"
+                    f"{backbone} has no torchvision weights ({text!r}); give a local .pth file"
                 )
             state, source = hub_state_dict(backbone, text), f"{backbone} {text}"
         else:
             state, source = file_state_dict(text), text
-    if backbone == "smallcnn":
-        small = SmallCNN(in_channels=in_channels)
+    if backbone in SMALL_CNNS:
+        widths, pool_after = SMALL_CNNS[backbone]
+        small = SmallCNN(in_channels=in_channels, widths=widths, pool_after=pool_after)
         if state is not None:
             load_backbone_weights(small, backbone, state, source)
         return small, small.feature_dim

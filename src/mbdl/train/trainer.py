@@ -66,6 +66,7 @@ from mbdl.config import (
     config_to_yaml,
     load_config,
 )
+from mbdl.data.batched import batched_training_data
 from mbdl.distributed import (
     DistributedInfo,
     GatheredLoss,
@@ -315,13 +316,36 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpu_has_bf16_matrix_units() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX tiles), where
+    autocast to bf16 makes convolutions and matrix products faster than fp32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of ``train.amp`` on ``device`` (None: full precision)."""
+    """The autocast dtype of ``train.amp`` on ``device`` (None: full precision).
+
+    ``auto``: bf16 on a CUDA device that supports it (fp16, with a GradScaler, on older GPUs);
+    on CPU bf16 where :func:`cpu_has_bf16_matrix_units`, else full precision (bf16 emulated in
+    AVX2/AVX512 is slower than fp32). Measured on glyphs: docs/benchmarks.md, "CPU bf16".
+    """
+    if amp == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cpu" and cpu_has_bf16_matrix_units():
+            return torch.bfloat16
+        return None
     if amp == "off":
         return None
     if amp == "fp16" and device.type != "cuda":
         raise ConfigError("train.amp=fp16 needs a CUDA device; use train.amp=bf16 on CPU")
     return torch.float16 if amp == "fp16" else torch.bfloat16
+
+
+def amp_name(dtype: torch.dtype | None) -> str:
+    """``"bf16"``, ``"fp16"`` or ``"off"``: the precision a run trained in (``log.jsonl``)."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "off") if dtype else "off"
 
 
 def build_optimizer(config: Config, model: nn.Module, loss: nn.Module) -> torch.optim.Optimizer:
@@ -354,6 +378,11 @@ def build_optimizer(config: Config, model: nn.Module, loss: nn.Module) -> torch.
     if train.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum)
     return torch.optim.AdamW(groups, lr=train.lr)
+
+
+def _is_convolutional(model: nn.Module) -> bool:
+    """Whether ``model`` has 2-D convolutions (which the channels-last format speeds up)."""
+    return any(isinstance(module, nn.Conv2d) for module in model.modules())
 
 
 def _model_args(config: Config, channels: int) -> dict[str, Any]:
@@ -525,6 +554,12 @@ class Trainer:
             pretrained=config.model.pretrained,
             **args,
         ).to(self.device)
+        self.memory_format = (
+            torch.channels_last
+            if config.train.channels_last and _is_convolutional(self.model)
+            else torch.contiguous_format
+        )
+        self.model.to(memory_format=self.memory_format)
         extra: dict[str, Any] = {}
         needs = getattr(loss_class(config.loss.name), "needs", ())
         if "num_classes" in needs:
@@ -560,13 +595,25 @@ class Trainer:
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
             )
         self.loader_generator = torch.Generator()
-        self.loader = DataLoader(
-            SeededDataset(train_set),
-            batch_sampler=SeededBatches(self.sampler, config.seed),
-            num_workers=config.data.num_workers,
-            pin_memory=self.device.type == "cuda",
-            generator=self.loader_generator,
-        )
+        self.batched = batched_training_data(train_set)
+        self.loader: DataLoader[Any]
+        if self.batched is not None:  # in memory: whole batches, augmented on self.device
+            self.loader = DataLoader(
+                self.batched,
+                sampler=SeededBatches(self.sampler, config.seed),
+                batch_size=None,
+                num_workers=config.data.num_workers,
+                pin_memory=self.device.type == "cuda",
+                generator=self.loader_generator,
+            )
+        else:
+            self.loader = DataLoader(
+                SeededDataset(train_set),
+                batch_sampler=SeededBatches(self.sampler, config.seed),
+                num_workers=config.data.num_workers,
+                pin_memory=self.device.type == "cuda",
+                generator=self.loader_generator,
+            )
 
     def _prepare_run_dir(self) -> tuple[Path, dict[str, Any] | None]:
         """:func:`prepare_run_dir` on rank 0; the other ranks get its directory and state."""
@@ -697,8 +744,29 @@ class Trainer:
         )
         return f"{kept} Lower train.lr or set train.grad_clip, and start a new run."
 
+    @contextlib.contextmanager
+    def _contiguous_model(self) -> Iterator[None]:
+        """Evaluate in the default memory format, as ``mbdl eval`` does on a checkpoint, so that
+        it reproduces the trainer's metrics exactly (channels-last convolutions round
+        differently); training continues in :attr:`memory_format`."""
+        self.model.to(memory_format=torch.contiguous_format)
+        try:
+            yield
+        finally:
+            self.model.to(memory_format=self.memory_format)
+
+    def _augmented(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(images, labels)`` of a loader batch; a batched in-memory one is augmented here, on
+        the training device (:mod:`mbdl.data.batched`)."""
+        if self.batched is None:
+            return batch[0], batch[1]
+        images, labels, params = batch
+        images = images.to(self.device, non_blocking=True)
+        return self.batched.augment(images, params), labels
+
     def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
         images = images.to(self.device, non_blocking=True)
+        images = images.contiguous(memory_format=self.memory_format)
         labels = labels.to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
         autocast = (
@@ -753,7 +821,7 @@ class Trainer:
             batches = iter(self.loader)
             while p.step_in_epoch < self.steps_per_epoch:
                 start = time.perf_counter()
-                images, labels = next(batches)
+                images, labels = self._augmented(next(batches))
                 value = self._train_step(images, labels)
                 seconds = time.perf_counter() - start
                 p.step_in_epoch += 1
@@ -787,7 +855,10 @@ class Trainer:
             # (margin's negatives) and validating does not change the training
             saved = rng_state()
             try:
-                metrics, _, _ = evaluate_dataset(self.model, self.splits.val, config, self.device)
+                with self._contiguous_model():
+                    metrics, _, _ = evaluate_dataset(
+                        self.model, self.splits.val, config, self.device
+                    )
             finally:
                 set_rng_state(saved)
             self.model.train()
@@ -806,6 +877,7 @@ class Trainer:
             "images_per_s": p.epoch_images / p.epoch_seconds if p.epoch_seconds > 0 else None,
             "elapsed_s": p.elapsed_s,
             "world_size": self.dist.world_size,
+            "amp": amp_name(self.amp),
         }
         if validation is not None:
             record["validation"] = validation
@@ -887,9 +959,10 @@ class Trainer:
         best = load_checkpoint(self.checkpoints / "best.pt")
         self.model.load_state_dict(best["model_state"])
         self.model.eval()
-        test_metrics, embeddings, labels = evaluate_test(
-            self.model, self.splits, self.config, self.device
-        )
+        with self._contiguous_model():
+            test_metrics, embeddings, labels = evaluate_test(
+                self.model, self.splits, self.config, self.device
+            )
         metrics = {"validation": dict(best.get("validation", {})), "test": test_metrics}
         atomic_write_text(self.out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         if self.config.eval.report:
