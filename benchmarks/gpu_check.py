@@ -9,7 +9,8 @@ runs every part at toy sizes on whatever device there is (the CPU fallback the t
   ``trainer`` is the trainer's epoch loop (:meth:`Trainer._run_epoch`: sampler, DataLoader with
   ``data.num_workers`` worker processes and pinned memory, the same step). Two sources: random
   ``uint8`` images in memory (an :class:`ArrayImageDataset`) and a folder of 256-px JPEGs
-  (``data.source=folder``, decoded by PIL in the workers). A third variant, ``jpeg_gpu_decode``,
+  (``data.source=folder``, decoded once by the trainer, :mod:`mbdl.data.cache`); both then take
+  the batched path (:mod:`mbdl.data.batched`: crops and flips on the GPU). A third variant, ``jpeg_gpu_decode``,
   reads the same JPEG files' bytes and decodes them on the GPU (``torchvision.io.decode_jpeg``
   with ``device="cuda"``), random-resized-crops and flips there, then runs the same step.
   Interleaved repeats, medians; the ratio is trainer images/s over network images/s.
@@ -217,6 +218,7 @@ def time_trainer(trainer: Any, spec: dict[str, Any], decode_on_gpu: bool) -> dic
         "ratio": images_per_s["trainer"] / images_per_s["network"],
         "num_workers": trainer.config.data.num_workers,
         "amp": str(trainer.amp),
+        "batched": trainer.batched is not None,
         "raw_s": times,
     }
     if decode_on_gpu:
@@ -381,9 +383,21 @@ def markdown(payload: dict[str, Any]) -> str:
         "| source | network images/s | trainer images/s | trainer / network |",
         "|---|---:|---:|---:|",
     ]
+
+    def path(row: dict[str, Any]) -> str:
+        if row.get("batched"):
+            return "whole uint8 batches from memory, crop + flip on the GPU"
+        return "PIL decode, crop + flip per image in the workers"
+
     names = {
-        "in_memory": "random uint8 images in memory (PIL crop + flip in workers)",
-        "jpeg_folder": f"folder of {spec['jpeg_size']}-px JPEGs (PIL decode in workers)",
+        "in_memory": f"random uint8 images in memory ({path(t['in_memory'])})",
+        "jpeg_folder": f"folder of {spec['jpeg_size']}-px JPEGs"
+        + (
+            f", decoded once by the trainer in {payload['jpeg_trainer_build_s']:.0f} s"
+            if t["jpeg_folder"].get("batched")
+            else ""
+        )
+        + f" ({path(t['jpeg_folder'])})",
     }
     for key, label in names.items():
         row = t[key]
@@ -398,6 +412,8 @@ def markdown(payload: dict[str, Any]) -> str:
             f"GPU, main process) | {row['network_images_per_s']:.0f} | "
             f"{row['gpu_decode_images_per_s']:.0f} | {row['gpu_decode_ratio']:.2f} |"
         )
+    if payload.get("note"):
+        lines += ["", payload["note"]]
     losses = payload["losses"]
     lines += [
         "",
@@ -462,12 +478,14 @@ def run(spec: dict[str, Any], out: Path, tests: str | None) -> dict[str, Any]:
         payload["jpeg_bytes"] = write_jpeg_folder(
             jpegs, spec["classes"], spec["per_class"], spec["jpeg_size"]
         )
+        started = time.perf_counter()
         trainer = build_trainer(
             spec,
             device.type,
             root / "run-jpeg",
             ["data.source=folder", f"data.root={jpegs}", f"data.image_size={spec['image_size']}"],
         )
+        payload["jpeg_trainer_build_s"] = time.perf_counter() - started
         try:
             payload["trainer_vs_network"]["jpeg_folder"] = time_trainer(trainer, spec, True)
         finally:

@@ -81,6 +81,14 @@ CONFIG_SCHEMA: dict[str, tuple[str, Any, tuple[Any, ...] | None, str]] = {
         None,
         "DataLoader worker processes (0: load in the main process).",
     ),
+    "data.cache": (
+        "str",
+        "auto",
+        ("auto", "memory", "disk", "off"),
+        "Decode a file source's training images once, resized, as uint8 (mbdl.data.cache): auto: "
+        "in memory when they fit in a quarter of the available memory, else a memory-mapped "
+        "file in the cache directory; off: decode every image every epoch.",
+    ),
     "data.skip_corrupt": (
         "bool",
         False,
@@ -328,6 +336,7 @@ class DataConfig:
     val_fraction: float = _default("data.val_fraction")
     max_classes: int | None = _default("data.max_classes")
     num_workers: int = _default("data.num_workers")
+    cache: str = _default("data.cache")
     skip_corrupt: bool = _default("data.skip_corrupt")
     bbox: bool = _default("data.bbox")
     augment: str = _default("data.augment")

@@ -23,6 +23,7 @@ one and the result does not depend on ``data.num_workers``.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -168,7 +169,9 @@ class InMemoryBatches(Dataset[tuple[Tensor, Tensor, Tensor]]):
     the trainer applies :attr:`augment` to the images on its device."""
 
     def __init__(self, dataset: ArrayImageDataset, augment: BatchAugment) -> None:
-        images = torch.from_numpy(np.ascontiguousarray(dataset.images))
+        with warnings.catch_warnings():  # a read-only memory map (mbdl.data.cache) is not written
+            warnings.simplefilter("ignore", UserWarning)
+            images = torch.from_numpy(np.ascontiguousarray(dataset.images))
         self.images = images.unsqueeze(1) if images.dim() == 3 else images.permute(0, 3, 1, 2)
         self.labels = torch.from_numpy(np.asarray(dataset.labels, dtype=np.int64))
         self.augment = augment

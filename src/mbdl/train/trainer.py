@@ -67,6 +67,7 @@ from mbdl.config import (
     load_config,
 )
 from mbdl.data.batched import batched_training_data
+from mbdl.data.cache import decoded_training_split
 from mbdl.distributed import (
     DistributedInfo,
     GatheredLoss,
@@ -512,6 +513,12 @@ class Trainer:
         if not self.dist.is_main:
             barrier()  # rank 0 builds caches or downloads first
         self.splits = load_data(config)
+        self.splits.train = decoded_training_split(
+            self.splits.train,
+            self.splits.image_size,
+            self.splits.channels,
+            mode=config.data.cache,
+        )
         if self.dist.is_main:
             barrier()
         train_set = self.splits.train
