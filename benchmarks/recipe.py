@@ -9,6 +9,7 @@ the test metrics are recorded in the JSON, the table shows the chosen recipe's.
 
     python benchmarks/recipe.py                   # every candidate, writes benchmarks/results/recipe.json
     python benchmarks/recipe.py --candidates vgg_bf16 --epochs 1   # a smoke run, writes nothing
+    python benchmarks/recipe.py --publish results.json   # render a stored run into the docs
 """
 
 from __future__ import annotations
@@ -134,6 +135,8 @@ def markdown(payload: dict[str, Any]) -> str:
             f"{row['best_val_map@r']:.3f} ({row['best_epoch']}) | {row['train_s'] / 60:.1f} | "
             f"{row['wall_s'] / 60:.1f} | {curve} |"
         )
+    if payload.get("note"):
+        lines += ["", payload["note"]]
     if chosen in payload["candidates"]:
         row = payload["candidates"][chosen]
         test = row["test"]
@@ -153,7 +156,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--budget-min", type=float, default=3.0, help="wall minutes per run")
     parser.add_argument("--epochs", type=int, default=None, help="override (smoke runs)")
+    parser.add_argument("--publish", type=Path, default=None, help="a stored JSON to publish")
     args = parser.parse_args()
+    if args.publish is not None:
+        stored = json.loads(args.publish.read_text())
+        write_results("recipe", stored, markdown(stored))
+        print(markdown(stored))
+        return
     extra = [f"train.epochs={args.epochs}"] if args.epochs else []
     payload: dict[str, Any] = {**machine(), "threads": args.threads, "candidates": {}}
     for name in args.candidates:

@@ -17,7 +17,10 @@ Exact resumption: the batch order is a pure function of ``(seed, epoch)`` (the s
 augmentation of each image is seeded by ``(seed, epoch, batch, position)``, and the checkpoint
 holds the model, optimiser, scheduler, GradScaler, loss parameters, the cross-batch memory, RNG
 states, the position in the epoch, the best metric, the patience counter and the history; so on
-CPU a resumed run reproduces an uninterrupted one exactly.
+CPU a resumed run reproduces an uninterrupted one exactly. In-memory training sets (and file
+sources, once decoded by :mod:`mbdl.data.cache`) are loaded by whole batches and augmented as
+tensors on the training device (:mod:`mbdl.data.batched`), their parameters drawn from the same
+item seeds.
 
 Several processes (``torchrun --nproc_per_node W -m mbdl train ...``, multi-node through
 torchrun's rendezvous): the process group is initialised from torchrun's environment (gloo on
