@@ -1,317 +1,274 @@
-"""Training-step throughput: each loss (with the sampler and data path) against the model alone.
+"""Training-step throughput: the whole step (data path + network + loss) against the network alone.
 
-For each setup (a small CNN on 32x32 glyphs, batch P x K = 32 x 4; resnet18 on 64x64 three-channel
-glyphs, batch 8 x 4 = 32) this measures, interleaved so machine load hits every variant alike:
+For each setup this measures, interleaved so that machine load hits every variant alike:
 
-- ``model``: forward + backward + AdamW step of the model on one fixed in-memory batch, with the
-  trivial loss ``embeddings.sum()``: the floor a training step cannot go below;
-- ``<loss>`` (all 8 losses): a full training step as the trainer runs it: the next batch from a
-  ``DataLoader`` over the real glyphs training split with ``ClassBalancedBatchSampler``
-  (``num_workers=0``, the split's own training transforms), forward, the loss, backward, AdamW;
-- ``data``: the data path alone (sampler, image loading, transforms, collation);
-- each loss's own forward + backward on a fixed batch of embeddings.
+- ``network``: forward + backward + AdamW of the model on one fixed in-memory batch (trivial loss
+  ``embeddings.sum()``), with the trainer's precision and memory format (``train.amp=auto``,
+  ``train.channels_last=true``): the network's own speed, the floor of a step;
+- ``step_before`` / ``step_after``: a full training step as the trainer runs it, the next batch
+  from the data path, forward, the MDL loss, backward, AdamW; *before* is the per-image path
+  (each image a PIL image through its transform, in the main process, files decoded every
+  epoch), *after* the trainer's path since issue 16 (glyphs: whole batches from memory,
+  augmented as tensors, :mod:`mbdl.data.batched`; a folder: decoded once into memory,
+  :mod:`mbdl.data.cache`, then the same batched path);
+- ``data_before`` / ``data_after``: the data paths alone.
 
-The overhead of a loss is ``time(full step) / time(model alone) - 1``: what the loss, sampler and
-data path add on top of the model's forward + backward (target: at most 10%). Each measurement
-covers a few hundred images; the figure reported is the median over repeats. Torch uses 2 threads.
+The ratio that matters is ``network time / step time`` (target: at least 0.9). Setups: the
+default ``smallvgg`` on 32-px glyphs (P x K = 32 x 4), the former default ``smallcnn`` on the
+same, and ``smallcnn`` on a folder of 64-px PNGs (written by the script: 300 classes x 12
+images; 3 channels, random-resized-crop augmentation). Torch uses 2 threads, ``num_workers=0``.
 
-    python benchmarks/train.py            # both setups, writes benchmarks/results/train.json
-    python benchmarks/train.py --quick    # a smoke run (few repeats), writes nothing
+    python benchmarks/train.py            # all setups, writes benchmarks/results/train.json
+    python benchmarks/train.py --quick    # a smoke run (2 repeats), writes nothing
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS, machine, write_results
+from benchmarks.common import machine, write_results
 from mbdl.data import ClassBalancedBatchSampler, load_splits
-from mbdl.losses import LOSSES, MetricLoss, build_loss, loss_class
+from mbdl.data.batched import batched_training_data
+from mbdl.data.cache import decoded_training_split
+from mbdl.losses import build_loss
 from mbdl.models import build_model
+from mbdl.train.trainer import SeededBatches, SeededDataset, amp_dtype
 
 SETUPS: dict[str, dict[str, Any]] = {
-    "smallcnn-glyphs32": {
-        "backbone": "smallcnn",
+    "smallvgg-glyphs32": {
+        "backbone": "smallvgg",
+        "source": "glyphs",
         "image_size": 32,
         "channels": 1,
-        "classes_per_batch": 32,
-        "samples_per_class": 4,
-        "embedding_dim": 64,
-        "batches_per_measurement": 3,  # 384 images
+        "steps": 3,
+        "repeats": 7,
     },
-    "resnet18-glyphs64": {
-        "backbone": "resnet18",
+    "smallcnn-glyphs32": {
+        "backbone": "smallcnn",
+        "source": "glyphs",
+        "image_size": 32,
+        "channels": 1,
+        "steps": 3,
+        "repeats": 7,
+    },
+    "smallcnn-folder64": {
+        "backbone": "smallcnn",
+        "source": "folder",
         "image_size": 64,
         "channels": 3,
-        "classes_per_batch": 8,
-        "samples_per_class": 4,
-        "embedding_dim": 128,
-        "batches_per_measurement": 4,  # 128 images (a step takes seconds on 2 shared cores)
+        "steps": 2,
+        "repeats": 5,
     },
 }
+CLASSES_PER_BATCH, SAMPLES_PER_CLASS, EMBEDDING_DIM = 32, 4, 64
 
 
 class BatchStream:
-    """Endless batches from a DataLoader over a class-balanced sampler, epoch after epoch."""
+    """Endless ``(images, labels)`` from the per-image loader or the trainer's batched one."""
 
-    def __init__(self, dataset: Any, classes_per_batch: int, samples_per_class: int) -> None:
+    def __init__(self, dataset: Any, batched: bool) -> None:
         self.sampler = ClassBalancedBatchSampler(
-            dataset.labels, classes_per_batch, samples_per_class, seed=0
+            dataset.labels, CLASSES_PER_BATCH, SAMPLES_PER_CLASS, seed=0
         )
-        self.loader = DataLoader(dataset, batch_sampler=self.sampler, num_workers=0)
+        self.batches = batched_training_data(dataset) if batched else None
+        if batched and self.batches is None:
+            raise ValueError("this dataset does not take the batched path")
+        seeded = SeededBatches(self.sampler, 0)
+        self.loader: DataLoader[Any] = (
+            DataLoader(self.batches, sampler=seeded, batch_size=None)
+            if self.batches is not None
+            else DataLoader(SeededDataset(dataset), batch_sampler=seeded)
+        )
         self.epoch = 0
-        self.iterator: Iterator[tuple[Tensor, Tensor]] = iter(self.loader)
+        self.sampler.set_epoch(0)
+        self.iterator: Iterator[Any] = iter(self.loader)
 
     def next(self) -> tuple[Tensor, Tensor]:
         try:
-            return next(self.iterator)
+            batch = next(self.iterator)
         except StopIteration:
             self.epoch += 1
             self.sampler.set_epoch(self.epoch)
             self.iterator = iter(self.loader)
-            return next(self.iterator)
+            batch = next(self.iterator)
+        if self.batches is None:
+            return batch[0], batch[1]
+        images, labels, params = batch
+        return self.batches.augment(images, params), labels
 
 
-def make_loss(name: str, num_classes: int, embedding_dim: int) -> MetricLoss:
-    """The loss with its defaults, given the constructor arguments it ``needs`` (as the trainer)."""
-    needs = loss_class(name).needs
-    extra: dict[str, Any] = {}
-    if "num_classes" in needs:
-        extra["num_classes"] = num_classes
-    if "embedding_dim" in needs:
-        extra["embedding_dim"] = embedding_dim
-    return build_loss(name, **extra)
+def write_png_folder(root: Path, classes: int = 300, per_class: int = 12, size: int = 64) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        folder = root / f"class{c:03d}"
+        folder.mkdir(parents=True)
+        base = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        for i in range(per_class):
+            image = Image.fromarray(base).resize((size, size), Image.Resampling.BICUBIC)
+            shifted = np.roll(np.asarray(image), int(rng.integers(0, size)), axis=1)
+            Image.fromarray(shifted).save(folder / f"{i:02d}.png")
 
 
-def timed(fn: Callable[[], None], count: int) -> tuple[float, float]:
-    """``(wall seconds, CPU seconds of this process)`` for ``count`` calls of ``fn``."""
-    wall, cpu = time.perf_counter(), time.process_time()
+def timed(fn: Callable[[], None], count: int) -> float:
+    start = time.perf_counter()
     for _ in range(count):
         fn()
-    return time.perf_counter() - wall, time.process_time() - cpu
+    return time.perf_counter() - start
 
 
-def run_setup(name: str, spec: dict[str, Any], repeats: int, losses: list[str]) -> dict[str, Any]:
-    splits = load_splits("glyphs", image_size=spec["image_size"], channels=spec["channels"], seed=0)
-    train_set = splits.train
-    num_classes = len(train_set.class_names)
-    batch = spec["classes_per_batch"] * spec["samples_per_class"]
-    steps = spec["batches_per_measurement"]
-    torch.manual_seed(0)
-    model = build_model(spec["backbone"], spec["embedding_dim"], in_channels=spec["channels"])
-    model.train()
-    stream = BatchStream(train_set, spec["classes_per_batch"], spec["samples_per_class"])
-    fixed_images, fixed_labels = stream.next()
-    loss_modules = {n: make_loss(n, num_classes, spec["embedding_dim"]) for n in losses}
-    optimizers = {
-        key: torch.optim.AdamW(
-            list(model.parameters()) + (list(module.parameters()) if module is not None else []),
-            lr=1e-5,  # tiny: the weights barely move, so every variant times the same model
+def run_setup(name: str, spec: dict[str, Any], repeats: int, data_root: Path) -> dict[str, Any]:
+    if spec["source"] == "folder":
+        root = data_root / "png64"
+        if not root.exists():
+            write_png_folder(root, size=spec["image_size"])
+        splits = load_splits("folder", root, image_size=spec["image_size"], seed=0)
+        started = time.perf_counter()
+        after_set = decoded_training_split(
+            splits.train, spec["image_size"], spec["channels"], mode="memory"
         )
-        for key, module in [("model", None), *loss_modules.items()]
-    }
-    fixed_embeddings = torch.randn(batch, spec["embedding_dim"])
-    fixed_embeddings = nn.functional.normalize(fixed_embeddings, dim=1)
+        cache_s = time.perf_counter() - started
+    else:
+        splits = load_splits("glyphs", image_size=spec["image_size"], seed=0)
+        after_set, cache_s = splits.train, 0.0
+    before_set = splits.train
+    batch = CLASSES_PER_BATCH * SAMPLES_PER_CLASS
+    steps = spec["steps"]
+    torch.manual_seed(0)
+    model = build_model(spec["backbone"], EMBEDDING_DIM, in_channels=spec["channels"])
+    model.to(memory_format=torch.channels_last).train()
+    amp = amp_dtype("auto", torch.device("cpu"))
+    loss_fn = build_loss("mdl")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)  # tiny: the weights barely move
+    before, after = BatchStream(before_set, batched=False), BatchStream(after_set, batched=True)
+    fixed_images, _ = after.next()
 
-    def model_step() -> None:
-        optimizer = optimizers["model"]
+    def autocast() -> Any:
+        if amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cpu", dtype=amp)
+
+    def network_step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        model(fixed_images).sum().backward()
+        with autocast():
+            embeddings = model(fixed_images.contiguous(memory_format=torch.channels_last))
+        embeddings.float().sum().backward()
         optimizer.step()
 
-    def full_step(loss_name: str) -> Callable[[], None]:
-        loss_fn, optimizer = loss_modules[loss_name], optimizers[loss_name]
-
+    def full_step(stream: BatchStream) -> Callable[[], None]:
         def step() -> None:
             images, labels = stream.next()
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(images).float(), labels)
-            loss.backward()
+            with autocast():
+                embeddings = model(images.contiguous(memory_format=torch.channels_last))
+            loss_fn(embeddings.float(), labels).backward()
             optimizer.step()
 
         return step
 
-    def loss_only(loss_name: str) -> Callable[[], None]:
-        loss_fn = loss_modules[loss_name]
-
-        def step() -> None:
-            embeddings = fixed_embeddings.clone().requires_grad_(True)
-            loss_fn(embeddings, fixed_labels).backward()
-
-        return step
-
-    def data_only() -> None:
-        stream.next()
-
-    variants: dict[str, tuple[Callable[[], None], int]] = {"model": (model_step, steps)}
-    variants["data"] = (data_only, steps)
-    for loss_name in losses:
-        variants[loss_name] = (full_step(loss_name), steps)
-        variants[f"{loss_name}:loss_only"] = (loss_only(loss_name), 10)
-
-    for fn, _ in variants.values():  # warm-up: allocator, first-call costs, glyph cache
+    variants: dict[str, Callable[[], None]] = {
+        "network": network_step,
+        "step_before": full_step(before),
+        "step_after": full_step(after),
+        "data_before": lambda: before.next() and None,
+        "data_after": lambda: after.next() and None,
+    }
+    for fn in variants.values():
         fn()
-    times: dict[str, list[float]] = {key: [] for key in variants}
-    cpu_times: dict[str, list[float]] = {key: [] for key in variants}
+    times: dict[str, list[float]] = {k: [] for k in variants}
     keys = list(variants)
     for repeat in range(repeats):
-        rotation = repeat % len(keys)  # rotate the order so no variant always runs first
+        rotation = repeat % len(keys)
         for key in keys[rotation:] + keys[:rotation]:
-            fn, count = variants[key]
-            wall, cpu = timed(fn, count)
-            times[key].append(wall)
-            cpu_times[key].append(cpu)
-        print(f"  {name}: repeat {repeat + 1}/{repeats} done", file=sys.stderr, flush=True)
-
-    result: dict[str, Any] = {
+            times[key].append(timed(variants[key], steps))
+        print(f"  {name}: repeat {repeat + 1}/{repeats}", file=sys.stderr, flush=True)
+    rate = {k: batch * steps / statistics.median(v) for k, v in times.items()}
+    return {
         **spec,
         "batch_size": batch,
-        "images_per_measurement": batch * steps,
+        "amp": str(amp),
+        "train_images": len(before_set),
         "repeats": repeats,
-        "train_images": len(train_set),
-        "train_classes": num_classes,
-        "loss_only_calls": 10,
+        "cache_build_s": cache_s,
+        "images_per_s": rate,
+        "ratio_before": rate["step_before"] / rate["network"],
+        "ratio_after": rate["step_after"] / rate["network"],
+        "data_share_before": rate["network"] / rate["data_before"],
+        "data_share_after": rate["network"] / rate["data_after"],
         "raw_wall_s": times,
-        "raw_cpu_s": cpu_times,
     }
-    return summarize(result, losses)
-
-
-def summarize(result: dict[str, Any], losses: list[str]) -> dict[str, Any]:
-    """Add the medians and ratios to ``result`` from its raw per-repeat times.
-
-    Two overhead figures per loss, both from medians of interleaved repeats:
-
-    - ``overhead_*`` (end to end): ``time(full step) / time(model alone) - 1``. It subtracts two
-      large, separately measured times, so on a busy machine its noise (tens of percent) can
-      exceed the overhead itself;
-    - ``overhead_parts_cpu``: ``(CPU time of the data path alone + CPU time of the loss's own
-      forward + backward) / CPU time of the model step``: the same quantity built from the parts,
-      each measured on its own, which stays stable under load.
-    """
-    steps = result["batches_per_measurement"]
-    images = result["images_per_measurement"]
-    calls = result["loss_only_calls"]
-    times, cpu_times = result["raw_wall_s"], result["raw_cpu_s"]
-    model_s = statistics.median(times["model"])
-    model_cpu = statistics.median(cpu_times["model"])
-    data_s = statistics.median(times["data"])
-    data_cpu = statistics.median(cpu_times["data"])
-    result.update(
-        {
-            "model_images_per_s": images / model_s,
-            "model_step_cpu_ms": 1000 * model_cpu / steps,
-            "data_images_per_s": images / data_s,
-            "data_overhead": data_s / model_s,
-            "data_overhead_cpu": data_cpu / model_cpu,
-            "losses": {},
-        }
-    )
-    for loss_name in losses:
-        full_s = statistics.median(times[loss_name])
-        full_cpu = statistics.median(cpu_times[loss_name])
-        loss_s = statistics.median(times[f"{loss_name}:loss_only"]) / calls
-        loss_cpu = statistics.median(cpu_times[f"{loss_name}:loss_only"]) / calls
-        result["losses"][loss_name] = {
-            "step_images_per_s": images / full_s,
-            "overhead": full_s / model_s - 1.0,
-            "overhead_cpu": full_cpu / model_cpu - 1.0,
-            "overhead_parts_cpu": (data_cpu + steps * loss_cpu) / model_cpu,
-            "loss_fwd_bwd_ms": 1000 * loss_s,
-            "loss_fwd_bwd_cpu_ms": 1000 * loss_cpu,
-            "loss_share_of_model_step_cpu": loss_cpu / (model_cpu / steps),
-        }
-    return result
 
 
 def markdown(payload: dict[str, Any]) -> str:
     lines = [
-        "## train: training-step throughput, each loss against the model alone",
+        "## train: the whole training step against the network alone",
         "",
         f"`python benchmarks/train.py`, {payload['date']}, {payload['cpus']} CPUs, torch "
-        f"{payload['torch']} with {payload['torch_threads']} threads, CPU (1-minute load average "
-        f"{payload.get('load_average', '?')} at the start and end of each setup; above about 2 "
-        "other jobs shared the 2 cores). *Model alone*: forward + "
-        "backward (loss `embeddings.sum()`) + AdamW on a fixed batch. *Step*: the same plus the "
-        "next batch from a `DataLoader` (class-balanced sampler, glyphs training split with its "
-        "training transforms, `num_workers=0`) and the loss. *Overhead, end to end* = step time / "
-        "model-alone time - 1 (wall and process CPU time, medians of interleaved repeats): on this "
-        "busy machine its noise is tens of percent, larger than the effect. *Overhead, from parts* "
-        "= (CPU time of the data path alone + CPU time of the loss's own forward + backward) / CPU "
-        "time of the model step: the same quantity from parts measured on their own, stable under "
-        "load; the 10% target is judged on it. *Loss*: the loss's forward + backward on a fixed "
-        "batch of embeddings (CPU ms per batch).",
+        f"{payload['torch']} with 2 threads, CPU, `num_workers=0`; 1-minute load average "
+        f"{payload['load_average']} at the start and end of each setup (other jobs shared the "
+        "machine: every ratio below is between variants interleaved in the same run, medians). "
+        "*Network*: forward + backward + AdamW on a fixed batch (bf16 autocast where "
+        "`train.amp=auto` picks it, channels-last). *Step*: the same plus the next batch from the "
+        "data path and the MDL loss; *before*: the per-image path (PIL transforms per image, "
+        "files decoded every epoch); *after*: the trainer's path now (whole batches from memory "
+        "augmented as tensors; a folder decoded once into memory first). *Data share*: the data "
+        "path alone, as a fraction of the network step's time. Target: step / network >= 0.9.",
         "",
+        "| setup | network images/s | step before | step after | step / network, before "
+        "| step / network, after | data share before | data share after |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for setup, result in payload["setups"].items():
+    for name, r in payload["setups"].items():
+        rate = r["images_per_s"]
+        lines.append(
+            f"| {name} ({r['backbone']}, {r['image_size']} px, {r['channels']} ch) | "
+            f"{rate['network']:.0f} | {rate['step_before']:.0f} | {rate['step_after']:.0f} | "
+            f"{r['ratio_before']:.2f} | {r['ratio_after']:.2f} | {r['data_share_before']:.0%} | "
+            f"{r['data_share_after']:.0%} |"
+        )
+    folder = payload["setups"].get("smallcnn-folder64")
+    if folder:
         lines += [
-            f"**{setup}**: {result['backbone']}, {result['image_size']}x{result['image_size']}x"
-            f"{result['channels']}, batch {result['classes_per_batch']} x "
-            f"{result['samples_per_class']} = {result['batch_size']}, {result['embedding_dim']}-d; "
-            f"model alone {result['model_images_per_s']:.0f} images/s (wall), "
-            f"{result['model_step_cpu_ms']:.0f} CPU ms per batch; the data path alone costs "
-            f"{result['data_overhead_cpu']:.1%} of the model step (CPU time); "
-            f"{result['images_per_measurement']} images per measurement, "
-            f"{result['repeats']} repeats.",
             "",
-            "| loss | step images/s | overhead, end to end (wall / CPU) | loss fwd+bwd (ms) "
-            "| overhead, from parts | within 10% |",
-            "|---|---:|---:|---:|---:|:---:|",
+            f"The folder set ({folder['train_images']} training PNGs of 64 px) is decoded once in "
+            f"{folder['cache_build_s']:.1f} s; its data path alone runs at "
+            f"{folder['images_per_s']['data_before']:.0f} images/s before and "
+            f"{folder['images_per_s']['data_after']:.0f} after.",
         ]
-        for loss_name, row in result["losses"].items():
-            ok = "yes" if row["overhead_parts_cpu"] <= 0.10 else "no"
-            lines.append(
-                f"| {loss_name} | {row['step_images_per_s']:.0f} | {row['overhead']:+.0%} / "
-                f"{row['overhead_cpu']:+.0%} | {row['loss_fwd_bwd_cpu_ms']:.1f} | "
-                f"{row['overhead_parts_cpu']:.1%} | {ok} |"
-            )
-        lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=None, help="repeats per variant")
     parser.add_argument("--setups", nargs="*", default=list(SETUPS), choices=list(SETUPS))
-    parser.add_argument("--losses", nargs="*", default=list(LOSSES), choices=list(LOSSES))
     parser.add_argument("--quick", action="store_true", help="2 repeats, print, write nothing")
-    parser.add_argument(
-        "--rerender",
-        action="store_true",
-        help="recompute the tables from the raw times stored in benchmarks/results/train.json",
-    )
     args = parser.parse_args()
-    if args.rerender:
-        stored = json.loads((RESULTS / "train.json").read_text())
-        for result in stored["setups"].values():
-            summarize(result, list(result["losses"]))
-        write_results("train", stored, markdown(stored))
-        print(markdown(stored))
-        return
     torch.set_num_threads(2)
     payload: dict[str, Any] = {**machine(), "setups": {}}
     loads: list[str] = []
-    for name in args.setups:
-        loads.append(f"{os.getloadavg()[0]:.1f}")
-        default_repeats = 5 if SETUPS[name]["backbone"] == "smallcnn" else 3
-        repeats = 2 if args.quick else (args.repeats or default_repeats)
-        start = time.perf_counter()
-        payload["setups"][name] = run_setup(name, SETUPS[name], repeats, args.losses)
-        payload["setups"][name]["wall_s"] = time.perf_counter() - start
-        loads.append(f"{os.getloadavg()[0]:.1f}")
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        for name in args.setups:
+            loads.append(f"{os.getloadavg()[0]:.1f}")
+            repeats = 2 if args.quick else SETUPS[name]["repeats"]
+            payload["setups"][name] = run_setup(name, SETUPS[name], repeats, Path(tmp))
+            loads.append(f"{os.getloadavg()[0]:.1f}")
     payload["load_average"] = ", ".join(loads)
     table = markdown(payload)
     print(table)

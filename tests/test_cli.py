@@ -64,7 +64,7 @@ def test_user_error_in_a_real_process_is_one_line_with_exit_code_2() -> None:
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["train", "train.amp=fp32"], "choose one of off, bf16, fp16"),
+        (["train", "train.amp=fp32"], "choose one of auto, off, bf16, fp16"),
         (["train", "none.yaml"], "config file 'none.yaml' does not exist"),
         (["train", "a.yaml", "b.yaml"], "expected at most one config file"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),

@@ -28,7 +28,7 @@ def test_defaults_are_the_glyphs_mdl_recipe() -> None:
     config = load_config()
     assert isinstance(config, Config)
     assert config.data.source == "glyphs"
-    assert config.model.backbone == "smallcnn" and config.model.embedding_dim == 64
+    assert config.model.backbone == "smallvgg" and config.model.embedding_dim == 64
     assert config.loss.name == "mdl" and config.loss.params == loss_parameters("mdl")
     assert config.loss.params["margin"] == 0.2
     assert (config.train.batch_classes, config.train.batch_per_class) == (32, 4)
@@ -113,7 +113,7 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
         ("trian.lr=0.1", "unknown key trian.lr; did you mean train.lr"),
         ("model.embeding_dim=8", "did you mean model.embedding_dim"),
         ("loss.margn=0.1", "unknown key loss.margn"),
-        ("train.amp=fp32", "train.amp='fp32' is not allowed; choose one of off, bf16, fp16"),
+        ("train.amp=fp32", "train.amp='fp32' is not allowed; choose one of auto, off, bf16, fp16"),
         ("loss.name=arcface", "choose one of mdl, contrastive, triplet"),
         ("train.lr=fast", "train.lr must be a float"),
         ("train.epochs=2.5", "train.epochs must be a int"),
@@ -124,7 +124,7 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
         ("data.val_fraction=1.0", "data.val_fraction must be in [0, 1)"),
         ("loss.margin=-1", "loss 'mdl': margin"),
         ("train.progress=maybe", "train.progress must be a bool"),
-        ("model.backbone=vgg", "choose one of smallcnn, resnet18"),
+        ("model.backbone=vgg", "choose one of smallcnn, smallvgg, resnet18"),
         ("epochs", "must look like key=value"),
     ],
 )

@@ -27,7 +27,15 @@ from mbdl.errors import UserError
 SECTIONS: tuple[str, ...] = ("data", "model", "loss", "train", "eval")
 
 SOURCES = ("glyphs", "folder", "csv", "idx", "cub", "cars", "sop", "inshop")
-BACKBONES = ("smallcnn", "resnet18", "resnet50", "googlenet", "mobilenet_v2", "efficientnet_b0")
+BACKBONES = (
+    "smallcnn",
+    "smallvgg",
+    "resnet18",
+    "resnet50",
+    "googlenet",
+    "mobilenet_v2",
+    "efficientnet_b0",
+)
 LOSS_NAMES = (
     "mdl",
     "contrastive",
@@ -77,6 +85,14 @@ CONFIG_SCHEMA: dict[str, tuple[str, Any, tuple[Any, ...] | None, str]] = {
         None,
         "DataLoader worker processes (0: load in the main process).",
     ),
+    "data.cache": (
+        "str",
+        "auto",
+        ("auto", "memory", "disk", "off"),
+        "Decode a file source's training images once, resized, as uint8 (mbdl.data.cache): auto: "
+        "in memory when they fit in a quarter of the available memory, else a memory-mapped "
+        "file in the cache directory; off: decode every image every epoch.",
+    ),
     "data.skip_corrupt": (
         "bool",
         False,
@@ -104,7 +120,7 @@ CONFIG_SCHEMA: dict[str, tuple[str, Any, tuple[Any, ...] | None, str]] = {
         "jitter, glyphs and digits), auto (crop from 64 px up, else affine), none; true = auto, "
         "false = none.",
     ),
-    "model.backbone": ("str", "smallcnn", BACKBONES, "Backbone network."),
+    "model.backbone": ("str", "smallvgg", BACKBONES, "Backbone network."),
     "model.embedding_dim": ("int", 64, None, "Size of the embedding."),
     "model.pretrained": (
         "str | None",
@@ -167,9 +183,18 @@ CONFIG_SCHEMA: dict[str, tuple[str, Any, tuple[Any, ...] | None, str]] = {
     ),
     "train.amp": (
         "str",
-        "off",
-        ("off", "bf16", "fp16"),
-        "Mixed precision: bf16 autocast (CPU or CUDA), fp16 autocast with a GradScaler (CUDA only).",
+        "auto",
+        ("auto", "off", "bf16", "fp16"),
+        "Mixed precision: bf16 autocast (CPU or CUDA), fp16 autocast with a GradScaler (CUDA only); "
+        "auto: bf16 on a GPU that supports it (else fp16) and on a CPU with bf16 matrix "
+        "instructions (AVX512-BF16 or AMX), else off.",
+    ),
+    "train.channels_last": (
+        "bool",
+        True,
+        None,
+        "Run convolutional backbones in the channels-last memory format (faster convolutions "
+        "on CPUs with oneDNN and on GPU tensor cores; the same results up to rounding).",
     ),
     "train.device": ("str", "auto", ("auto", "cpu", "cuda"), "Device; auto: cuda when available."),
     "train.num_threads": (
@@ -366,6 +391,7 @@ class DataConfig:
     val_fraction: float = _default("data.val_fraction")
     max_classes: int | None = _default("data.max_classes")
     num_workers: int = _default("data.num_workers")
+    cache: str = _default("data.cache")
     skip_corrupt: bool = _default("data.skip_corrupt")
     bbox: bool = _default("data.bbox")
     augment: str = _default("data.augment")
@@ -401,6 +427,7 @@ class TrainConfig:
     warmup_epochs: float = _default("train.warmup_epochs")
     grad_clip: float | None = _default("train.grad_clip")
     amp: str = _default("train.amp")
+    channels_last: bool = _default("train.channels_last")
     device: str = _default("train.device")
     num_threads: int | None = _default("train.num_threads")
     val_every: int = _default("train.val_every")

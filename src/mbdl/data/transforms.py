@@ -88,4 +88,12 @@ def build_transforms(
             steps.append(T.Normalize(IMAGENET_MEAN, IMAGENET_STD))
         else:
             steps.append(T.Normalize((sum(IMAGENET_MEAN) / 3,), (sum(IMAGENET_STD) / 3,)))
-    return T.Compose(steps)
+    composed = T.Compose(steps)
+    # what this transform does, for the batched in-memory path (mbdl.data.batched)
+    composed.spec = {
+        "kind": kind,
+        "image_size": image_size,
+        "channels": channels,
+        "imagenet_norm": imagenet_norm,
+    }
+    return composed

@@ -23,10 +23,10 @@ import torchvision
 from torch import Tensor, nn
 
 from mbdl.errors import UserError
-from mbdl.models.smallcnn import SmallCNN
+from mbdl.models.smallcnn import SMALL_CNNS, SmallCNN
 
 TORCHVISION_BACKBONES = ("resnet18", "resnet50", "googlenet", "mobilenet_v2", "efficientnet_b0")
-BACKBONES = ("smallcnn", *TORCHVISION_BACKBONES)
+BACKBONES = (*SMALL_CNNS, *TORCHVISION_BACKBONES)
 
 #: state_dict key prefixes that belong to the removed classifier (not loaded)
 CLASSIFIER_PREFIXES = {
@@ -35,11 +35,13 @@ CLASSIFIER_PREFIXES = {
     "googlenet": ("fc.", "aux1.", "aux2."),
     "mobilenet_v2": ("classifier.",),
     "efficientnet_b0": ("classifier.",),
-    "smallcnn": (),
+    **{name: () for name in SMALL_CNNS},
 }
 
 #: the input side each backbone was designed for: the largest size an automatic choice picks
-NATIVE_INPUT_SIZES = {"smallcnn": 32} | {name: 224 for name in TORCHVISION_BACKBONES}
+NATIVE_INPUT_SIZES = {name: 32 for name in SMALL_CNNS} | {
+    name: 224 for name in TORCHVISION_BACKBONES
+}
 
 _WEIGHT_NAME = re.compile(r"^(?:[A-Za-z0-9_]+_Weights\.)?(?P<name>[A-Z][A-Z0-9_]*)$")
 
@@ -143,21 +145,25 @@ def backbones_fitting(state: Mapping[str, Tensor]) -> list[str]:
         kept = {
             k: tuple(v.shape) for k, v in state.items() if not (prefixes and k.startswith(prefixes))
         }
+        candidates: list[nn.Module]
         with torch.device("meta"):
-            if name == "smallcnn":
-                model: nn.Module = SmallCNN()
+            if name in SMALL_CNNS:
+                widths, pool_after = SMALL_CNNS[name]
+                candidates = [SmallCNN(c, widths=widths, pool_after=pool_after) for c in (1, 3)]
             else:
                 options = (
                     {"aux_logits": False, "init_weights": False} if name == "googlenet" else {}
                 )
-                model = torchvision.models.get_model(name, weights=None, **options)
-        own = {
-            k: tuple(v.shape)
-            for k, v in model.state_dict().items()
-            if not (prefixes and k.startswith(prefixes))
-        }
-        if own == kept:
-            fitting.append(name)
+                candidates = [torchvision.models.get_model(name, weights=None, **options)]
+        for model in candidates:
+            own = {
+                k: tuple(v.shape)
+                for k, v in model.state_dict().items()
+                if not (prefixes and k.startswith(prefixes))
+            }
+            if own == kept:
+                fitting.append(name)
+                break
     return fitting
 
 
@@ -205,15 +211,16 @@ def build_backbone(
     if pretrained is not None:
         text = str(pretrained)
         if isinstance(pretrained, str) and is_weight_name(text):
-            if backbone == "smallcnn":
+            if backbone in SMALL_CNNS:
                 raise PretrainedWeightsError(
-                    f"smallcnn has no torchvision weights ({text!r}); give a local .pth file"
+                    f"{backbone} has no torchvision weights ({text!r}); give a local .pth file"
                 )
             state, source = hub_state_dict(backbone, text), f"{backbone} {text}"
         else:
             state, source = file_state_dict(text), text
-    if backbone == "smallcnn":
-        small = SmallCNN(in_channels=in_channels)
+    if backbone in SMALL_CNNS:
+        widths, pool_after = SMALL_CNNS[backbone]
+        small = SmallCNN(in_channels=in_channels, widths=widths, pool_after=pool_after)
         if state is not None:
             load_backbone_weights(small, backbone, state, source)
         return small, small.feature_dim

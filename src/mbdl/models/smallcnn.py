@@ -1,9 +1,15 @@
-"""A small 6-layer CNN for 32x32 grey or colour images (glyphs, MNIST-style digits).
+"""Small 6-layer CNNs for 32x32 grey or colour images (glyphs, MNIST-style digits).
 
-Six 3x3 convolutions (each followed by BatchNorm and ReLU) with widths 16, 32, 64, 64, 128, 128;
-2x2 max pooling after the first, second and fourth (32 -> 16 -> 8 -> 4 pixels at 32x32 input);
-global average pooling gives a 128-d feature. About 0.29 M parameters and 8.5 M multiply-adds
-per 32x32 image; any input size of at least 8x8 works.
+Six 3x3 convolutions (each followed by BatchNorm and ReLU), then global average pooling to a
+128-d feature; any input size of at least 8x8 works. Two shapes (:data:`SMALL_CNNS`):
+
+- ``smallcnn``: widths 16, 32, 64, 64, 128, 128, 2x2 max pooling after the first, second and
+  fourth convolution (32 -> 16 -> 8 -> 4 pixels): about 0.29 M parameters and 8.5 M
+  multiply-adds per 32x32 image.
+- ``smallvgg``: VGG-style stages of two convolutions, widths 32-32, 64-64, 128-128, pooling after
+  the first two stages (32 -> 16 -> 8 pixels): about 0.29 M parameters and 38 M multiply-adds per
+  32x32 image (4.5x ``smallcnn``): more resolution in the deep layers, which fine glyph strokes
+  reward (the default recipe; see docs/benchmarks.md, "default recipe").
 """
 
 from __future__ import annotations
@@ -15,6 +21,12 @@ from torch import Tensor, nn
 
 DEFAULT_WIDTHS = (16, 32, 64, 64, 128, 128)
 DEFAULT_POOL_AFTER = (0, 1, 3)
+
+#: backbone name -> (widths, positions of the convolutions followed by 2x2 max pooling)
+SMALL_CNNS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
+    "smallcnn": (DEFAULT_WIDTHS, DEFAULT_POOL_AFTER),
+    "smallvgg": ((32, 32, 64, 64, 128, 128), (1, 3)),
+}
 
 
 class SmallCNN(nn.Module):

@@ -17,7 +17,10 @@ Exact resumption: the batch order is a pure function of ``(seed, epoch)`` (the s
 augmentation of each image is seeded by ``(seed, epoch, batch, position)``, and the checkpoint
 holds the model, optimiser, scheduler, GradScaler, loss parameters, the cross-batch memory, RNG
 states, the position in the epoch, the best metric, the patience counter and the history; so on
-CPU a resumed run reproduces an uninterrupted one exactly.
+CPU a resumed run reproduces an uninterrupted one exactly. In-memory training sets (and file
+sources, once decoded by :mod:`mbdl.data.cache`) are loaded by whole batches and augmented as
+tensors on the training device (:mod:`mbdl.data.batched`), their parameters drawn from the same
+item seeds.
 
 Several processes (``torchrun --nproc_per_node W -m mbdl train ...``, multi-node through
 torchrun's rendezvous): the process group is initialised from torchrun's environment (gloo on
@@ -64,6 +67,8 @@ from mbdl.config import (
     config_to_yaml,
     load_config,
 )
+from mbdl.data.batched import batched_training_data
+from mbdl.data.cache import decoded_training_split
 from mbdl.distributed import (
     DistributedInfo,
     GatheredLoss,
@@ -273,13 +278,36 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpu_has_bf16_matrix_units() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX tiles), where
+    autocast to bf16 makes convolutions and matrix products faster than fp32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of ``train.amp`` on ``device`` (None: full precision)."""
+    """The autocast dtype of ``train.amp`` on ``device`` (None: full precision).
+
+    ``auto``: bf16 on a CUDA device that supports it (fp16, with a GradScaler, on older GPUs);
+    on CPU bf16 where :func:`cpu_has_bf16_matrix_units`, else full precision (bf16 emulated in
+    AVX2/AVX512 is slower than fp32). Measured on glyphs: docs/benchmarks.md, "CPU bf16".
+    """
+    if amp == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cpu" and cpu_has_bf16_matrix_units():
+            return torch.bfloat16
+        return None
     if amp == "off":
         return None
     if amp == "fp16" and device.type != "cuda":
         raise ConfigError("train.amp=fp16 needs a CUDA device; use train.amp=bf16 on CPU")
     return torch.float16 if amp == "fp16" else torch.bfloat16
+
+
+def amp_name(dtype: torch.dtype | None) -> str:
+    """``"bf16"``, ``"fp16"`` or ``"off"``: the precision a run trained in (``log.jsonl``)."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "off") if dtype else "off"
 
 
 def build_optimizer(config: Config, model: nn.Module, loss: nn.Module) -> torch.optim.Optimizer:
@@ -312,6 +340,11 @@ def build_optimizer(config: Config, model: nn.Module, loss: nn.Module) -> torch.
     if train.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum)
     return torch.optim.AdamW(groups, lr=train.lr)
+
+
+def _is_convolutional(model: nn.Module) -> bool:
+    """Whether ``model`` has 2-D convolutions (which the channels-last format speeds up)."""
+    return any(isinstance(module, nn.Conv2d) for module in model.modules())
 
 
 def _model_args(config: Config, channels: int) -> dict[str, Any]:
@@ -509,6 +542,12 @@ class Trainer:
         if not self.dist.is_main:
             barrier()  # rank 0 builds caches or downloads first
         self.splits = load_data(config)
+        self.splits.train = decoded_training_split(
+            self.splits.train,
+            self.splits.image_size,
+            self.splits.channels,
+            mode=config.data.cache,
+        )
         if self.dist.is_main:
             barrier()
         train_set = self.splits.train
@@ -541,6 +580,12 @@ class Trainer:
             pretrained=config.model.pretrained,
             **args,
         ).to(self.device)
+        self.memory_format = (
+            torch.channels_last
+            if config.train.channels_last and _is_convolutional(self.model)
+            else torch.contiguous_format
+        )
+        self.model.to(memory_format=self.memory_format)
         extra: dict[str, Any] = {}
         needs = getattr(loss_class(config.loss.name), "needs", ())
         if "num_classes" in needs:
@@ -576,13 +621,25 @@ class Trainer:
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
             )
         self.loader_generator = torch.Generator()
-        self.loader = DataLoader(
-            SeededDataset(train_set),
-            batch_sampler=SeededBatches(self.sampler, config.seed),
-            num_workers=config.data.num_workers,
-            pin_memory=self.device.type == "cuda",
-            generator=self.loader_generator,
-        )
+        self.batched = batched_training_data(train_set)
+        self.loader: DataLoader[Any]
+        if self.batched is not None:  # in memory: whole batches, augmented on self.device
+            self.loader = DataLoader(
+                self.batched,
+                sampler=SeededBatches(self.sampler, config.seed),
+                batch_size=None,
+                num_workers=config.data.num_workers,
+                pin_memory=self.device.type == "cuda",
+                generator=self.loader_generator,
+            )
+        else:
+            self.loader = DataLoader(
+                SeededDataset(train_set),
+                batch_sampler=SeededBatches(self.sampler, config.seed),
+                num_workers=config.data.num_workers,
+                pin_memory=self.device.type == "cuda",
+                generator=self.loader_generator,
+            )
         self.sinks = Sinks.open(config.train.loggers, self.out, enabled=self.dist.is_main)
         self.sinks.log_params(config_to_flat(config))
 
@@ -730,8 +787,29 @@ class Trainer:
         )
         return f"{kept} Lower train.lr or set train.grad_clip, and start a new run."
 
+    @contextlib.contextmanager
+    def _contiguous_model(self) -> Iterator[None]:
+        """Evaluate in the default memory format, as ``mbdl eval`` does on a checkpoint, so that
+        it reproduces the trainer's metrics exactly (channels-last convolutions round
+        differently); training continues in :attr:`memory_format`."""
+        self.model.to(memory_format=torch.contiguous_format)
+        try:
+            yield
+        finally:
+            self.model.to(memory_format=self.memory_format)
+
+    def _augmented(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(images, labels)`` of a loader batch; a batched in-memory one is augmented here, on
+        the training device (:mod:`mbdl.data.batched`)."""
+        if self.batched is None:
+            return batch[0], batch[1]
+        images, labels, params = batch
+        images = images.to(self.device, non_blocking=True)
+        return self.batched.augment(images, params), labels
+
     def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
         images = images.to(self.device, non_blocking=True)
+        images = images.contiguous(memory_format=self.memory_format)
         labels = labels.to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
         autocast = (
@@ -786,7 +864,7 @@ class Trainer:
             batches = iter(self.loader)
             while p.step_in_epoch < self.steps_per_epoch:
                 start = time.perf_counter()
-                images, labels = next(batches)
+                images, labels = self._augmented(next(batches))
                 value = self._train_step(images, labels)
                 seconds = time.perf_counter() - start
                 p.step_in_epoch += 1
@@ -820,7 +898,10 @@ class Trainer:
             # (margin's negatives) and validating does not change the training
             saved = rng_state()
             try:
-                metrics, _, _ = evaluate_dataset(self.model, self.splits.val, config, self.device)
+                with self._contiguous_model():
+                    metrics, _, _ = evaluate_dataset(
+                        self.model, self.splits.val, config, self.device
+                    )
             finally:
                 set_rng_state(saved)
             self.model.train()
@@ -839,6 +920,7 @@ class Trainer:
             "images_per_s": p.epoch_images / p.epoch_seconds if p.epoch_seconds > 0 else None,
             "elapsed_s": p.elapsed_s,
             "world_size": self.dist.world_size,
+            "amp": amp_name(self.amp),
         }
         if validation is not None:
             record["validation"] = validation
@@ -928,14 +1010,15 @@ class Trainer:
         best = load_checkpoint(self.checkpoints / "best.pt")
         self.model.load_state_dict(best["model_state"])
         self.model.eval()
-        test_metrics, embeddings, labels = evaluate_test(
-            self.model, self.splits, self.config, self.device
-        )
-        metrics: dict[str, Any] = {
-            "validation": dict(best.get("validation", {})),
-            "test": test_metrics,
-        }
-        verification = self._verification(best, embeddings, labels)
+        with self._contiguous_model():
+            test_metrics, embeddings, labels = evaluate_test(
+                self.model, self.splits, self.config, self.device
+            )
+            metrics: dict[str, Any] = {
+                "validation": dict(best.get("validation", {})),
+                "test": test_metrics,
+            }
+            verification = self._verification(best, embeddings, labels)
         if verification is not None:
             metrics["test"].update(verification.pop("test"))
             metrics["verification"] = verification

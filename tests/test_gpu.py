@@ -1,0 +1,241 @@
+"""The CUDA paths: AMP fp16 with a GradScaler, bf16, one-process NCCL under torchrun, kNN and
+k-means on the GPU, pinned-memory loading. Skipped without a GPU (``benchmarks/gpu_check.sh``
+runs them on a CUDA machine); the CPU side of each choice is tested here too."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from mbdl.config import ConfigError, load_config
+from mbdl.evaluate import evaluate
+from mbdl.functional.kmeans import kmeans
+from mbdl.functional.knn import knn
+from mbdl.train import train
+from mbdl.train.checkpoint import load_checkpoint
+from mbdl.train.trainer import Trainer, amp_dtype, cpu_has_bf16_matrix_units
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+SMALL = [
+    "data.max_classes=40",
+    "model.embedding_dim=16",
+    "train.epochs=1",
+    "train.batch_classes=8",
+    "train.batch_per_class=4",
+    "train.max_steps_per_epoch=4",
+    "train.warmup_epochs=0",
+    "train.progress=false",
+    "train.num_threads=1",
+    "eval.ks=[1, 2]",
+    "eval.report=false",
+]
+
+
+def small_config(tmp_path: Path, *extra: str) -> object:
+    return load_config(None, [*SMALL, f"data.root={tmp_path / 'cache'}", *extra])
+
+
+def log_records(out: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+# --- the choice of precision (CPU side always runs) -------------------------------------------
+
+
+def test_amp_choice_on_cpu() -> None:
+    cpu = torch.device("cpu")
+    assert amp_dtype("off", cpu) is None
+    assert amp_dtype("bf16", cpu) is torch.bfloat16
+    expected = torch.bfloat16 if cpu_has_bf16_matrix_units() else None
+    assert amp_dtype("auto", cpu) is expected
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        amp_dtype("fp16", cpu)
+
+
+def test_cpu_bf16_training_logs_its_precision(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    config = small_config(tmp_path, f"out={out}", "train.device=cpu", "train.amp=bf16")
+    metrics = train(config)  # type: ignore[arg-type]
+    assert 0.0 <= metrics["test"]["map@r"] <= 1.0
+    assert log_records(out)[-1]["amp"] == "bf16"
+
+
+# --- GPU -------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_amp_auto_on_gpu() -> None:
+    cuda = torch.device("cuda")
+    expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    assert amp_dtype("auto", cuda) is expected
+    assert amp_dtype("fp16", cuda) is torch.float16
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_fp16_training_with_grad_scaler_on_gpu(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    config = small_config(tmp_path, f"out={out}", "train.device=cuda", "train.amp=fp16")
+    metrics = train(config)  # type: ignore[arg-type]
+    assert 0.0 <= metrics["test"]["map@r"] <= 1.0
+    assert log_records(out)[-1]["amp"] == "fp16"
+    scaler = load_checkpoint(out / "checkpoints" / "last.pt")["scaler"]
+    assert scaler.get("scale", 0) > 0  # the GradScaler was enabled and stepped
+    assert all(
+        torch.isfinite(v).all()
+        for v in load_checkpoint(out / "checkpoints" / "best.pt")["model_state"].values()
+        if v.is_floating_point()
+    )
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_bf16_training_on_gpu_resumes_and_keeps_channels_last(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    config = small_config(tmp_path, f"out={out}", "train.device=cuda", "train.amp=bf16")
+    trainer = Trainer(config)  # type: ignore[arg-type]
+    try:
+        conv = next(m for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d))
+        assert conv.weight.is_cuda
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+        trainer.fit()
+        metrics = trainer.test()
+    finally:
+        trainer.close()
+    assert 0.0 <= metrics["test"]["map@r"] <= 1.0
+    assert log_records(out)[-1]["amp"] == "bf16"
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_pinned_memory_loading_on_gpu(tmp_path: Path) -> None:
+    config = small_config(tmp_path, f"out={tmp_path / 'run'}", "train.device=cuda")
+    trainer = Trainer(config)  # type: ignore[arg-type]
+    try:
+        trainer.sampler.set_epoch(0)
+        batch = next(iter(trainer.loader))  # glyphs: uint8 images, labels, parameters
+        assert trainer.batched is not None and len(batch) == 3
+        assert all(tensor.is_pinned() for tensor in batch)
+        on_gpu = batch[0].to(trainer.device, non_blocking=True)
+        torch.cuda.synchronize()
+        assert torch.equal(on_gpu.cpu(), batch[0])
+        images, _ = trainer._augmented(batch)
+        assert images.is_cuda and images.dtype == torch.float32
+    finally:
+        trainer.close()
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_knn_kmeans_and_metrics_on_gpu_equal_cpu() -> None:
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(20, 32, generator=g) * 4
+    labels = torch.arange(20).repeat_interleave(50)
+    x = centres[labels] + 0.5 * torch.randn(1000, 32, generator=g)
+    dist_cpu, idx_cpu = knn(x, None, 8, exclude_self=True)
+    dist_gpu, idx_gpu = knn(x.cuda(), None, 8, exclude_self=True, memory_budget_bytes=100_000)
+    assert dist_gpu.is_cuda
+    torch.testing.assert_close(dist_gpu.cpu(), dist_cpu, atol=1e-3, rtol=0)
+    assert (idx_gpu.cpu() == idx_cpu).float().mean() > 0.99  # ties may order differently
+    assign_cpu = kmeans(x, 20, seed=3, backend="torch")
+    assign_gpu = kmeans(x.cuda(), 20, seed=3, backend="torch")
+    assert assign_gpu.is_cuda
+    assert torch.equal(assign_gpu.cpu(), assign_cpu)  # well separated: no boundary points
+    metrics_cpu = evaluate(x, labels, backend="torch")
+    metrics_gpu = evaluate(x.cuda(), labels.cuda(), backend="torch")
+    for key, value in metrics_cpu.items():
+        assert metrics_gpu[key] == pytest.approx(value, abs=1e-6), key
+
+
+NCCL_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    import torch.distributed as dist
+    from mbdl.distributed import _GatherWithGrad, broadcast_object
+    from mbdl.losses import build_loss
+
+    dist.init_process_group("nccl")
+    rank = dist.get_rank()
+    torch.cuda.set_device(rank)
+    device = torch.device("cuda", rank)
+    model = torch.nn.Linear(8, 4).to(device)
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rank])
+    x = torch.randn(16, 8, device=device)
+    labels = torch.arange(4, device=device).repeat_interleave(4)
+    gathered = _GatherWithGrad.apply(torch.nn.functional.normalize(ddp(x), dim=1))
+    loss = build_loss("mdl")(gathered.float(), labels)
+    loss.backward()
+    total = torch.ones(3, device=device)
+    dist.all_reduce(total)
+    found = {
+        "backend": dist.get_backend(),
+        "world": dist.get_world_size(),
+        "loss": float(loss),
+        "grad_finite": bool(torch.isfinite(model.weight.grad).all()),
+        "all_reduce": total.tolist(),
+        "broadcast": broadcast_object("hello"),
+    }
+    dist.destroy_process_group()
+    print("RESULT " + json.dumps(found))
+    """
+)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_one_process_nccl_under_torchrun(tmp_path: Path) -> None:
+    script = tmp_path / "nccl_check.py"
+    script.write_text(NCCL_SCRIPT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc_per_node", "1", str(script)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
+    found = json.loads(line.removeprefix("RESULT "))
+    assert found["backend"] == "nccl" and found["world"] == 1
+    assert found["grad_finite"] and found["all_reduce"] == [1.0, 1.0, 1.0]
+    assert found["broadcast"] == "hello"
+
+
+# --- the GPU check script: syntax and its CPU fallback ----------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_gpu_check_script_syntax_and_cpu_fallback(tmp_path: Path) -> None:
+    script = ROOT / "benchmarks" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "gpu_check.py"),
+            "--smoke",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    payload = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert payload["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert payload["smoke"] is True
+    for name in ("in_memory", "jpeg_folder"):
+        row = payload["trainer_vs_network"][name]
+        assert row["network_images_per_s"] > 0 and row["trainer_images_per_s"] > 0
+    assert all(v["ms"] > 0 for v in payload["losses"]["losses"].values())
+    assert payload["knn"]["ms"] > 0
