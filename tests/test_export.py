@@ -221,6 +221,19 @@ def test_export_errors_are_one_line(
     args = ["export", str(run_dir), "--format", "torchscript", "-o", str(tmp_path / "m.pt")]
     assert main([*args, "--images", str(bad), str(bad)]) == 2
     assert "cannot read check image" in capsys.readouterr().err
+    moved = tmp_path / "moved.pt"  # a model whose training data is gone
+    state = load_checkpoint(run_dir / "checkpoints" / "best.pt")
+    state["config"]["data"]["source"] = "folder"
+    state["config"]["data"]["root"] = str(tmp_path / "gone")
+    save_checkpoint(moved, {k: v for k, v in state.items() if k not in ("format", "version")})
+    assert (
+        main(["export", str(moved), "--format", "torchscript", "-o", str(tmp_path / "m.pt")]) == 2
+    )
+    assert "give check images with --images" in capsys.readouterr().err
+    good = str(tmp_path / "good.png")
+    Image.new("L", (30, 30), 50).save(good)
+    assert main([*args, "--images", good, good]) == 0
+    capsys.readouterr()
     monkeypatch.setitem(sys.modules, "onnxscript", None)
     assert main(["export", str(run_dir), "--format", "onnx", "-o", str(tmp_path / "m.onnx")]) == 2
     err = capsys.readouterr().err.strip()

@@ -652,7 +652,13 @@ def check_images(
             raise ValueError("this model records no training data; give check images (--images)")
         flat = _flatten(dict(config), "checkpoint config")
         flat["resume"] = False
-        test = load_data(config_from_flat(flat)).test
+        try:
+            test = load_data(config_from_flat(flat)).test
+        except (ValueError, OSError) as error:
+            raise ValueError(
+                f"cannot load the model's test images to check the export ({error}); give check "
+                "images with --images"
+            ) from None
         tensors = [transform(test.load_image(i)) for i in range(min(count, len(test)))]
     if len(tensors) < 2:
         raise ValueError(f"need at least 2 check images, got {len(tensors)}")
