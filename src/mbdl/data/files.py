@@ -1,16 +1,19 @@
 """Images stored as files on disk (the official benchmarks, image folders, CSV lists).
 
-:class:`FileImageDataset` opens each image with PIL on demand. An unreadable or corrupt image
-raises :class:`ImageReadError` naming the file. With ``skip_corrupt=True``:
+:class:`FileImageDataset` checks every image when it is built (:func:`inspect_image`: a regular
+file, a header PIL recognises, at most :data:`MAX_PIXELS` pixels, a supported mode, a cheap
+decode of the first frame) and decodes each on demand by the table :data:`DECODING`
+(:func:`to_mode`). Any bad image raises one :class:`ImageReadError` that names the first and
+counts them all, before training starts. With ``skip_corrupt=True``:
 
-- missing files and files that fail PIL's cheap ``verify()`` are dropped up front, with one
-  warning; ``skipped_files`` lists them and ``skipped`` counts them;
-- a file that passes ``verify()`` but still fails to decode (e.g. corrupt compressed pixel data)
-  is replaced, from its first load on, by the next readable image of the same class (the batch
-  keeps its class composition and the label stays right), with one warning; it is added to
-  ``skipped_files`` and counted in ``skipped``. So a ``DataLoader`` never crashes mid-epoch
-  (unless every image of a class is unreadable: then a clear error). With ``num_workers > 0`` load-time skips are counted in
-  the worker processes, not in the main process's ``skipped``.
+- images that fail the check are dropped up front, with one warning; ``skipped_files`` lists
+  them and ``skipped`` counts them;
+- a file that breaks after the check (replaced on disk mid-run) is replaced, from its first load
+  on, by the next readable image of the same class (the batch keeps its class composition and
+  the label stays right), with one warning; it is added to ``skipped_files`` and counted in
+  ``skipped``. So a ``DataLoader`` never crashes mid-epoch (unless every image of a class is
+  unreadable: then a clear error). With ``num_workers > 0`` load-time skips are counted in the
+  worker processes, not in the main process's ``skipped``.
 """
 
 from __future__ import annotations
@@ -181,11 +184,6 @@ def _reason(error: BaseException, path: str | Path) -> str:
         return error.strerror
     reason = str(error).replace(f" {str(path)!r}", "").replace(f" {path!r}", "")
     return reason or type(error).__name__
-
-
-def verify_image(path: str | Path) -> str | None:
-    """``None`` when ``path`` is a readable image (see :func:`inspect_image`), else the reason."""
-    return inspect_image(path)
 
 
 def inspect_images(paths: Sequence[str | Path], workers: int | None = None) -> list[str | None]:
