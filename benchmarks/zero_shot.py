@@ -22,7 +22,8 @@ from mbdl.config import load_config
 from mbdl.evaluate import embed_dataset, evaluate
 from mbdl.fileio import atomic_write_text
 from mbdl.models import build_backbone
-from mbdl.train.trainer import describe_splits, load_data
+from mbdl.train.preflight import describe_data
+from mbdl.train.trainer import load_data
 
 
 class PooledFeatures(nn.Module):
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     if config.train.num_threads is not None:
         torch.set_num_threads(config.train.num_threads)
     splits = load_data(config)
-    print(describe_splits(splits), file=sys.stderr)
+    print(describe_data(splits), file=sys.stderr)
     backbone, feature_dim = build_backbone(
         config.model.backbone, pretrained=config.model.pretrained, in_channels=splits.channels
     )

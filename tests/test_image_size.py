@@ -83,5 +83,5 @@ def test_train_prints_size_speed_and_eta(
     )
     err = capsys.readouterr().err
     assert code == 0, err[-2000:]
-    assert "input 32 px, picked for smallcnn" in err
+    assert "input 32 px, picked for smallvgg" in err  # the default backbone's native size
     assert "img/s" in err and "ETA" in err

@@ -86,7 +86,8 @@ def validate_before_training(config: Config, splits: Any) -> None:
 
 
 def describe_data(splits: Any) -> str:
-    """One line: images and classes of each split, the class sizes, and what was skipped."""
+    """One line: images and classes of each split, the class sizes, what was skipped, and the
+    network's input size (and how it was picked)."""
     parts = []
     for name in ("train", "val", "test", "query", "gallery"):
         dataset = getattr(splits, name, None)
@@ -101,4 +102,6 @@ def describe_data(splits: Any) -> str:
     duplicates = len(info.get("duplicates", []))
     extra = f"; skipped {skipped} unreadable" if skipped else ""
     extra += f"; {duplicates} duplicate paths counted once" if duplicates else ""
+    size = info.get("image_size") or f"{splits.image_size} px"
+    extra += f"; input {size}, {splits.channels} channel(s)"
     return f"data {splits.source}: " + ", ".join(parts) + extra

@@ -201,18 +201,6 @@ def load_data(config: Config) -> Any:
     )
 
 
-def describe_splits(splits: Any) -> str:
-    """One line: images and classes per split and the network's input size."""
-    parts = []
-    for name in ("train", "val", "test"):
-        dataset = getattr(splits, name)
-        classes = len(np.unique(dataset.labels)) if len(dataset) else 0
-        parts.append(f"{name} {len(dataset)} images / {classes} classes")
-    how = (splits.info or {}).get("image_size")
-    size = how or f"{splits.image_size} px"
-    return f"data {splits.source}: {', '.join(parts)}; input {size}, {splits.channels} channel(s)"
-
-
 # ---------------------------------------------------------------------------------------------
 # run directory
 
@@ -970,7 +958,6 @@ class Trainer:
         shown = self.config.train.progress and self.dist.is_main
         if shown and p.epoch < self.config.train.epochs:
             where = f" from epoch {p.epoch + 1}, step {p.step_in_epoch}" if p.global_step else ""
-            print(describe_splits(self.splits), file=sys.stderr, flush=True)
             print(f"training into {self.out}{where}", file=sys.stderr, flush=True)
         wall: list[float] = []  # seconds per epoch run here, validation included (for the ETA)
         while p.epoch < self.config.train.epochs and not p.stopped_early:
