@@ -5,7 +5,8 @@
 # set). All 8 losses under one budget (configs/icons_mobilenet_v2.yaml: 48 px, 10 epochs of 20
 # batches of 16 x 4), a validation-only search of 2 values per loss with the first seed, 3 seeds.
 # Then the two reference rows: the pretrained network untrained (benchmarks/zero_shot.py) and
-# the MDL recipe from random initialisation (RANDOM_INIT_SEEDS, default "0 1 2").
+# the MDL recipe from random initialisation, with frozen and with trained BatchNorm
+# (RANDOM_INIT_SEEDS, default "0 1 2").
 # The short budget of docs/results.md (5 epochs of 12 batches, warm-up 0.5):
 #   OUT=runs/compare-icons-short EXTRA="train.epochs=5 train.max_steps_per_epoch=12 train.warmup_epochs=0.5" TAG=_short
 # Resumable: rerun the same command to continue. Summaries -> benchmarks/results/compare_icons*.json
@@ -40,3 +41,10 @@ for SEED in ${RANDOM_INIT_SEEDS:-0 1 2}; do
     loss.name=mdl loss.margin="$MARGIN" seed=$SEED out="$OUT-random-init/seed$SEED" resume=true
 done
 python benchmarks/collect_runs.py "$OUT-random-init"/seed* --out "benchmarks/results/compare_icons${TAG}_random_init.json"
+
+# the same, with BatchNorm trained (frozen BatchNorm keeps a random network's initial statistics)
+for SEED in ${RANDOM_INIT_SEEDS:-0 1 2}; do
+  mbdl train configs/icons_mobilenet_v2.yaml "${COMMON[@]}" model.pretrained=null model.freeze_bn=false \
+    loss.name=mdl loss.margin="$MARGIN" seed=$SEED out="$OUT-random-init-bn/seed$SEED" resume=true
+done
+python benchmarks/collect_runs.py "$OUT-random-init-bn"/seed* --out "benchmarks/results/compare_icons${TAG}_random_init_trained_bn.json"
