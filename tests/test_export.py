@@ -84,7 +84,8 @@ def test_model_directory_round_trip(run_dir: Path, tmp_path: Path) -> None:
     assert info["format"] == "mbdl-model"
     assert info["test"] == metrics["test"]
     assert info["validation"] == metrics["validation"]
-    assert info["verification"] is None
+    best = load_checkpoint(run_dir / "checkpoints" / "best.pt")
+    assert info["verification"] == best["verification"]  # the threshold chosen on validation
     assert json.loads((target / "preprocessing.json").read_text()) == info["preprocessing"]
     card = (target / "README.md").read_text()
     assert "Test classes" in card and "Validation classes" in card

@@ -249,10 +249,10 @@ def _rates_at_stored_threshold(
     threshold (none when it has none, or when eval.distance was overridden)."""
     import torch
 
-    from mbdl.train.checkpoint import load_checkpoint, resolve_checkpoint
+    from mbdl.export import load_state
     from mbdl.train.trainer import verification_at_threshold
 
-    stored = load_checkpoint(resolve_checkpoint(checkpoint)).get("verification")
+    stored = load_state(checkpoint).get("verification")
     if not isinstance(stored, dict) or stored.get("distance") != config.eval.distance:
         return {}
     if torch.unique(labels).numel() < 2:
@@ -619,10 +619,11 @@ def _run_verify(args: argparse.Namespace) -> int:
     from PIL import Image, UnidentifiedImageError
 
     from mbdl.data import build_transforms
+    from mbdl.export import load_state
     from mbdl.functional.distances import pairwise_distance
-    from mbdl.train.checkpoint import load_checkpoint, model_from_state, resolve_checkpoint
+    from mbdl.train.checkpoint import model_from_state
 
-    state = load_checkpoint(resolve_checkpoint(args.checkpoint))
+    state = load_state(args.checkpoint)
     distance_name = str(state.get("config", {}).get("eval", {}).get("distance", "euclidean"))
     threshold = _match_threshold(args.threshold or "checkpoint", state, distance_name)
     assert threshold is not None
