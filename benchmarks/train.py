@@ -57,7 +57,7 @@ SETUPS: dict[str, dict[str, Any]] = {
         "image_size": 32,
         "channels": 1,
         "steps": 3,
-        "repeats": 7,
+        "repeats": 5,
     },
     "smallcnn-glyphs32": {
         "backbone": "smallcnn",
@@ -65,7 +65,7 @@ SETUPS: dict[str, dict[str, Any]] = {
         "image_size": 32,
         "channels": 1,
         "steps": 3,
-        "repeats": 7,
+        "repeats": 5,
     },
     "smallcnn-folder64": {
         "backbone": "smallcnn",
@@ -73,7 +73,7 @@ SETUPS: dict[str, dict[str, Any]] = {
         "image_size": 64,
         "channels": 3,
         "steps": 2,
-        "repeats": 5,
+        "repeats": 4,
     },
 }
 CLASSES_PER_BATCH, SAMPLES_PER_CLASS, EMBEDDING_DIM = 32, 4, 64

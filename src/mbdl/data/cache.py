@@ -105,7 +105,8 @@ def decode_all(dataset: Any, side: int, channels: int, out: np.ndarray) -> None:
     """Decode every item of ``dataset`` into ``out`` (``[N, side, side(, 3)]``)."""
     count = len(dataset)
     workers = decode_workers(count)
-    chunk = 64
+    # a few chunks per worker: each job carries the dataset (its file list) once
+    chunk = max(64, -(-count // (4 * max(1, workers))))
     ranges = [range(s, min(s + chunk, count)) for s in range(0, count, chunk)]
     if workers == 0:
         for r in ranges:

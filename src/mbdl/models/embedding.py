@@ -63,7 +63,10 @@ class EmbeddingModel(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         embeddings = self.head(self.backbone(images))
-        return F.normalize(embeddings, p=2, dim=1) if self.normalize else embeddings
+        if not self.normalize:
+            return embeddings
+        # in fp32 also under bf16/fp16 autocast: unit norm to float32 precision
+        return F.normalize(embeddings.float(), p=2, dim=1)
 
 
 def build_model(
