@@ -113,7 +113,7 @@ PLAN: list[tuple[int, int, str, tuple[str, ...], int]] = [
     (10_000, 128, "retrieval", ("mbdl", "floor", "pml"), 2),
     (60_000, 128, "retrieval", ("mbdl", "floor"), 2),
     (10_000, 128, "clustering", ("mbdl", "mbdl-1-restart", "mbdl-faiss", "pml"), 1),
-    (60_000, 128, "clustering", ("mbdl", "mbdl-1-restart", "pml"), 1),
+    (60_000, 128, "clustering", ("pml", "mbdl-1-restart", "mbdl"), 1),
 ]
 
 

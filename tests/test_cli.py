@@ -283,3 +283,18 @@ def test_search_threshold_marks_matches(
     assert main(["search", str(out), str(query), "-k", "3", "--threshold", "-1"]) == 0
     rows = capsys.readouterr().out.strip().splitlines()[1:]
     assert not any("match" in row for row in rows)
+
+
+def test_threshold_option_needs_a_stored_threshold_or_a_number() -> None:
+    from mbdl.cli import UsageError, _match_threshold
+
+    assert _match_threshold(None, {}, "euclidean") is None
+    assert _match_threshold("0.5", {}, "euclidean") == 0.5
+    stored = {"verification": {"threshold": 0.25, "distance": "euclidean", "far": 1e-3}}
+    assert _match_threshold("checkpoint", stored, "euclidean") == 0.25
+    with pytest.raises(UsageError, match="no verification threshold"):
+        _match_threshold("checkpoint", {}, "euclidean")
+    with pytest.raises(UsageError, match=r"euclidean distance but eval\.distance is cosine"):
+        _match_threshold("checkpoint", stored, "cosine")
+    with pytest.raises(UsageError, match="finite"):
+        _match_threshold("nan", {}, "euclidean")

@@ -145,18 +145,21 @@ def _sample_genuine(
     total = int(counts.sum())
     if total == 0:
         return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
-    if total <= max_pairs:  # every genuine pair, class by class
+    if total <= max_pairs:  # every genuine pair, one batch per distinct (size_a, size_b)
         a_parts, b_parts = [], []
-        for c in counts.nonzero().flatten().tolist():
-            items_a = order_a[starts_a[c] : starts_a[c] + sizes_a[c]]
-            items_b = order_b[starts_b[c] : starts_b[c] + sizes_b[c]]
+        present = counts.nonzero().flatten()
+        shape_key = sizes_a[present] * (int(sizes_b.max()) + 1) + sizes_b[present]
+        for key in torch.unique(shape_key).tolist():
+            group = present[shape_key == key]
+            size_a, size_b = int(sizes_a[group[0]]), int(sizes_b[group[0]])
             if same_set:
-                i, j = torch.triu_indices(items_a.numel(), items_a.numel(), offset=1)
+                i, j = torch.triu_indices(size_a, size_a, offset=1)
             else:
-                i = torch.arange(items_a.numel()).repeat_interleave(items_b.numel())
-                j = torch.arange(items_b.numel()).repeat(items_a.numel())
-            a_parts.append(items_a[i])
-            b_parts.append(items_b[j])
+                i = torch.arange(size_a).repeat_interleave(size_b)
+                j = torch.arange(size_b).repeat(size_a)
+            # rows: the group's classes; columns: the pairs (i, j) within a class
+            a_parts.append(order_a[(starts_a[group].unsqueeze(1) + i).flatten()])
+            b_parts.append(order_b[(starts_b[group].unsqueeze(1) + j).flatten()])
         return torch.cat(a_parts), torch.cat(b_parts)
     cls = torch.multinomial(counts.double(), max_pairs, replacement=True, generator=generator)
     u = (torch.rand(max_pairs, generator=generator, dtype=torch.float64) * sizes_a[cls]).long()
