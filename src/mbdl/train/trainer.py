@@ -425,24 +425,14 @@ def choose_verification_threshold(
     """The distance threshold at FAR ``eval.verify_far`` on the validation classes' pairs (never
     the test classes'), with the validation TAR and FAR it reaches; None without validation
     classes."""
-    from mbdl.functional.verification import (
-        pair_distances,
-        rates_at_threshold,
-        threshold_at_far,
-    )
+    from mbdl.functional.verification import rates_at_threshold, threshold_at_far
 
     if len(splits.val) == 0:
         return None
     embeddings, labels = embed_with_config(model, splits.val, config, device)
     if torch.unique(labels).numel() < 2:
         return None
-    genuine, impostor, _ = pair_distances(
-        embeddings,
-        labels,
-        distance=config.eval.distance,
-        max_pairs=config.eval.verify_max_pairs,
-        seed=config.seed,
-    )
+    genuine, impostor = _verification_pairs(embeddings, labels, config)
     threshold = threshold_at_far(genuine, impostor, config.eval.verify_far)
     tar, far = rates_at_threshold(genuine, impostor, threshold)
     return {
@@ -460,7 +450,17 @@ def verification_at_threshold(
     embeddings: torch.Tensor, labels: torch.Tensor, config: Config, threshold: float
 ) -> dict[str, float]:
     """TAR and FAR of the pairs of ``embeddings`` at a threshold chosen elsewhere."""
-    from mbdl.functional.verification import pair_distances, rates_at_threshold
+    from mbdl.functional.verification import rates_at_threshold
+
+    tar, far = rates_at_threshold(*_verification_pairs(embeddings, labels, config), threshold)
+    return {"tar@threshold": tar, "far@threshold": far}
+
+
+def _verification_pairs(
+    embeddings: torch.Tensor, labels: torch.Tensor, config: Config
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Genuine and impostor pair distances of a split, as ``eval.*`` and the seed say."""
+    from mbdl.functional.verification import pair_distances
 
     genuine, impostor, _ = pair_distances(
         embeddings,
@@ -469,8 +469,7 @@ def verification_at_threshold(
         max_pairs=config.eval.verify_max_pairs,
         seed=config.seed,
     )
-    tar, far = rates_at_threshold(genuine, impostor, threshold)
-    return {"tar@threshold": tar, "far@threshold": far}
+    return genuine, impostor
 
 
 # ---------------------------------------------------------------------------------------------
