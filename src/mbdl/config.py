@@ -142,7 +142,7 @@ CONFIG_SCHEMA: dict[str, tuple[str, Any, tuple[Any, ...] | None, str]] = {
         "Loss. Its hyper-parameters are further loss.* keys, the keyword arguments of the loss "
         "class (e.g. loss.margin=0.2); num_classes and embedding_dim are set by the trainer.",
     ),
-    "train.epochs": ("int", 10, None, "Training epochs."),
+    "train.epochs": ("int", 30, None, "Training epochs."),
     "train.batch_classes": ("int", 32, None, "P: classes per batch."),
     "train.batch_per_class": ("int", 4, None, "K: images per class in a batch (batch size P x K)."),
     "train.optimizer": ("str", "adamw", ("adamw", "sgd"), "Optimiser."),
