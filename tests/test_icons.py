@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -224,6 +225,13 @@ def test_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["data", "icons", "--out", str(tmp_path / "o3"), "--themes-dir", str(few)])
     assert code == 2
     assert "need at least 4" in capsys.readouterr().err
+
+
+def test_missing_renderer_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "cairosvg", None)  # import fails as if not installed
+    with pytest.raises(IconsError, match=r"pip install 'mbdl\[icons\]'"):
+        build_icons(tmp_path / "out", themes_dir=_themes(tmp_path / "themes", families=4))
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_builds_and_describes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

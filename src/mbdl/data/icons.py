@@ -454,6 +454,12 @@ def build_icons(
         raise IconsError(f"min_families must be >= 2, got {min_families}")
     if not 0.0 < test_fraction < 1.0:
         raise IconsError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    try:
+        import cairosvg
+    except ImportError:
+        raise IconsError(
+            "mbdl data icons needs CairoSVG to render the SVG icons: pip install 'mbdl[icons]'"
+        ) from None
     target = Path(os.path.expanduser(str(out)))
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise IconsError(f"{target} already exists and is not empty; choose another output folder")
@@ -519,8 +525,6 @@ def build_icons(
         lines = [f"{name} {row['split']}" for name, row in sorted(class_rows.items())]
         (staging / "split.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
         packages = sorted({t.package for t in themes if t.package})
-        import cairosvg
-
         manifest = {
             "icons_version": ICONS_VERSION,
             "built": datetime.now(timezone.utc).isoformat(timespec="seconds"),
