@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
+from mbdl.compare import mean_std
 from mbdl.fileio import atomic_write_text
 
 
@@ -26,9 +26,8 @@ def main(argv: list[str] | None = None) -> int:
         keys = [k for k, v in runs[0][split].items() if isinstance(v, (int, float))]
         table = {}
         for key in keys:
-            values = [float(r[split][key]) for r in runs if key in r[split]]
-            std = statistics.stdev(values) if len(values) > 1 else None
-            table[key] = {"mean": statistics.fmean(values), "std": std}
+            mean, std = mean_std([float(r[split][key]) for r in runs if key in r[split]])
+            table[key] = {"mean": mean, "std": std}
         summary[split] = table
     atomic_write_text(Path(args.out), json.dumps(summary, indent=2) + "\n")
     return 0

@@ -91,12 +91,15 @@ def _print_metrics(metrics: dict[str, Any], file: Any = None) -> None:
 # mbdl train
 
 
+def _add_config_items(parser: argparse.ArgumentParser, help: str) -> None:
+    """The ``[CONFIG] [KEY=VALUE ...]`` positional arguments of ``train`` and ``scan``."""
+    parser.add_argument("items", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]", help=help)
+
+
 def _configure_train(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "items",
-        nargs="*",
-        metavar="[CONFIG] [KEY=VALUE ...]",
-        help="a YAML config file (default: MDL on glyphs) and dotted overrides, e.g. "
+    _add_config_items(
+        parser,
+        "a YAML config file (default: MDL on glyphs) and dotted overrides, e.g. "
         "loss.name=triplet loss.margin=0.1 train.epochs=5",
     )
     parser.add_argument(
@@ -858,11 +861,9 @@ _FILE_SOURCES = ("folder", "csv", "cub", "cars", "sop", "inshop")
 
 
 def _configure_scan(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "items",
-        nargs="*",
-        metavar="[CONFIG] [KEY=VALUE ...]",
-        help="the config and overrides a training would use, e.g. data.source=folder "
+    _add_config_items(
+        parser,
+        "the config and overrides a training would use, e.g. data.source=folder "
         "data.root=/data/birds",
     )
     parser.add_argument(
