@@ -58,7 +58,7 @@ def _allowed_text(key: str, allowed: tuple[Any, ...] | None, bounds: dict[str, A
 def configuration_page() -> str:
     """The configuration reference, generated from ``mbdl.config`` and the loss registry."""
     from mbdl import config as config_module
-    from mbdl.losses import LOSSES, loss_class
+    from mbdl.losses import builtin_losses, loss_class
 
     schema = config_module.CONFIG_SCHEMA
     bounds = getattr(config_module, "_LOWER_BOUNDS", {})
@@ -96,7 +96,7 @@ def configuration_page() -> str:
             )
         lines.append("")
         if section == "loss":
-            lines.extend(_loss_parameter_lines(LOSSES, loss_class))
+            lines.extend(_loss_parameter_lines(builtin_losses(), loss_class))
     lines.append("## Defaults as a YAML file\n")
     lines.append(
         "The resolved default configuration, as `mbdl train` writes it to `config.yaml` (`out: null` "
@@ -134,6 +134,38 @@ def _loss_parameter_lines(losses: dict[str, Any], loss_class: Callable[[str], ty
         lines.append(f"| [`{name}`](losses/{name}.md#parameters) | {', '.join(keys) or 'none'} |")
     lines.append("")
     return lines
+
+
+def page_heading(page: Path) -> str:
+    """The first ``# `` heading of a markdown page (its file name without one)."""
+    for line in page.read_text(encoding="utf-8").splitlines():
+        if line.startswith("# "):
+            return line[2:].strip()
+    return page.stem
+
+
+def losses_table(docs_dir: Path = DOCS) -> str:
+    """The table of the built-in losses on losses/index.md, read from their declarations
+    (``name``, ``needs``, ``accepts_ref``, ``search_grid``) and their pages' headings."""
+    from mbdl.losses import builtin_losses
+
+    lines = [
+        "| `loss.name` | loss | class | the trainer supplies | cross-batch memory | "
+        "`mbdl compare` searches |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, cls in builtin_losses().items():
+        page = docs_dir / "losses" / f"{name}.md"
+        title = page_heading(page) if page.is_file() else name
+        needs = ", ".join(f"`{n}`" for n in cls.needs)
+        memory = "yes" if cls.accepts_ref else "no"
+        param, values = cls.search_grid or ("", ())
+        grid = f"`{param}` in " + ", ".join(f"{v:g}" for v in values)
+        lines.append(
+            f"| `{name}` | [{_cell(title)}]({name}.md) | `{cls.__name__}` | {needs} | {memory} | "
+            f"{grid} |"
+        )
+    return "\n".join(lines)
 
 
 def _defaults_yaml(config_module: Any) -> str:

@@ -149,7 +149,7 @@ def test_resume_trains_nothing(
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--losses", "mdl,arcface"], "unknown loss 'arcface'"),
+        (["--losses", "mdl,nosuchloss"], "unknown loss 'nosuchloss'"),
         (["--losses", "mdl", "--seeds", "0"], "--seeds must be at least 1"),
         (["--losses", "mdl", "--search-budget", "9"], "--search-budget must be between"),
         (["--losses", "mdl,mdl"], "lists a loss twice"),

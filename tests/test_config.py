@@ -114,7 +114,7 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
         ("model.embeding_dim=8", "did you mean model.embedding_dim"),
         ("loss.margn=0.1", "unknown key loss.margn"),
         ("train.amp=fp32", "train.amp='fp32' is not allowed; choose one of auto, off, bf16, fp16"),
-        ("loss.name=arcface", "choose one of mdl, contrastive, triplet"),
+        ("loss.name=nosuchloss", "loss.name=nosuchloss: unknown loss 'nosuchloss'; choose one of"),
         ("train.lr=fast", "train.lr must be a float"),
         ("train.epochs=2.5", "train.epochs must be a int"),
         ("train.epochs=0", "train.epochs must be >= 1"),

@@ -100,17 +100,57 @@ def test_code_examples_run(page: Path, tmp_path: Path, monkeypatch: pytest.Monke
         torch.set_num_threads(threads)
 
 
+def _load_hooks():
+    spec = importlib.util.spec_from_file_location("mbdl_docs_hooks", DOCS / "hooks.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _site_nav() -> list:
+    """mkdocs.yml's nav as the build sees it (docs/hooks.py adds the loss pages)."""
+    return _load_hooks().with_loss_pages(_mkdocs_config()["nav"], DOCS)
+
+
 def test_every_page_is_in_the_nav() -> None:
-    nav = set(_nav_pages(_mkdocs_config()["nav"]))
+    nav = _nav_pages(_site_nav())
     pages = {str(p.relative_to(DOCS)) for p in PAGES}
-    assert pages - nav == set(), "pages missing from mkdocs.yml's nav"
-    assert nav - pages == set(), "nav entries without a page"
+    assert pages - set(nav) == set(), "pages missing from mkdocs.yml's nav"
+    assert set(nav) - pages == set(), "nav entries without a page"
+    assert len(nav) == len(set(nav)), "a page listed twice"
+
+
+def test_a_new_loss_page_joins_the_losses_nav(tmp_path: Path) -> None:
+    (tmp_path / "losses").mkdir()
+    (tmp_path / "losses" / "index.md").write_text("# Losses\n")
+    (tmp_path / "losses" / "newloss.md").write_text("# NewLoss: a new loss\n")
+    nav = [{"Home": "index.md"}, {"Losses": [{"Overview": "losses/index.md"}]}]
+    assert _load_hooks().with_loss_pages(nav, tmp_path)[1]["Losses"] == [
+        {"Overview": "losses/index.md"},
+        {"NewLoss": "losses/newloss.md"},
+    ]
+
+
+def test_losses_table_lists_every_registered_loss() -> None:
+    from mbdl.losses import LOSSES, loss_class
+
+    table = _load_gen_docs().losses_table()
+    text = (DOCS / "losses" / "index.md").read_text(encoding="utf-8")
+    assert _load_hooks().LOSSES_TABLE_MARKER in text
+    for name in LOSSES.names():
+        cls = loss_class(name)
+        param, values = cls.search_grid
+        assert f"| `{name}` | [" in table and f"({name}.md)" in table, name
+        assert f"`{cls.__name__}`" in table and f"`{param}` in {values[0]:g}" in table, name
 
 
 def test_every_loss_has_a_page_with_its_class() -> None:
-    from mbdl.losses import LOSSES
+    from mbdl.losses import LOSSES, loss_class
 
-    for name, (module, cls) in LOSSES.items():
+    for name in LOSSES.names():
+        found = loss_class(name)
+        module, cls = found.__module__, found.__name__
         text = (DOCS / "losses" / f"{name}.md").read_text(encoding="utf-8")
         assert f"::: {module}.{cls}" in text, f"docs/losses/{name}.md does not document {cls}"
         assert "**Paper" in text, f"docs/losses/{name}.md does not cite its paper"
@@ -147,7 +187,7 @@ def test_configuration_page_lists_every_key_and_loss_parameter() -> None:
         ), key
         for value in allowed or ():
             assert f"`{value}`" in text, (key, value)
-    for name in LOSSES:
+    for name in LOSSES.names():
         for param in loss_parameters(name):
             assert f"`loss.{param}=" in text, (name, param)
 

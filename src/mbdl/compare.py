@@ -37,7 +37,7 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,20 +55,38 @@ from mbdl.config import (
 )
 from mbdl.fileio import atomic_write_bytes, atomic_write_text
 
+
+class _SearchGrids(Mapping[str, tuple[str, tuple[float, ...]]]):
+    """loss -> (searched hyper-parameter, its grid; the loss's default first), read from each
+    registered loss class's ``search_grid`` (``mbdl.losses``); plugin losses by name too."""
+
+    def __getitem__(self, loss: str) -> tuple[str, tuple[float, ...]]:
+        from mbdl.losses import search_grid
+
+        return search_grid(loss)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(LOSS_NAMES)
+
+    def __len__(self) -> int:
+        return len(LOSS_NAMES)
+
+    def __contains__(self, loss: object) -> bool:
+        return loss in LOSS_NAMES
+
+
 #: loss -> (searched hyper-parameter, its grid; the loss's default first). Budget N uses the
-#: first N values. N-pair has one point: its only hyper-parameter, ``l2_reg``, adds a constant
-#: on the L2-normalised embeddings the models output, so other values would train identically.
-SEARCH_GRIDS: dict[str, tuple[str, tuple[float, ...]]] = {
-    "mdl": ("margin", (0.2, 0.1, 0.4)),
-    "contrastive": ("neg_margin", (1.0, 0.7, 1.3)),
-    "triplet": ("margin", (0.2, 0.1, 0.4)),
-    "lifted": ("margin", (1.0, 0.5, 1.5)),
-    "npair": ("l2_reg", (0.02,)),
-    "margin": ("alpha", (0.2, 0.1, 0.4)),
-    "multisimilarity": ("base", (0.5, 0.3, 0.7)),
-    "proxyanchor": ("margin", (0.1, 0.05, 0.2)),
-}
-MAX_SEARCH_BUDGET = max(len(grid) for _, grid in SEARCH_GRIDS.values())
+#: first N values of each grid.
+SEARCH_GRIDS: Mapping[str, tuple[str, tuple[float, ...]]] = _SearchGrids()
+
+
+def max_search_budget(losses: Sequence[str] = ()) -> int:
+    """The longest grid among the built-in losses and ``losses`` (which may be plugins)."""
+    from mbdl.losses import builtin_losses
+
+    return max(len(SEARCH_GRIDS[name][1]) for name in (*builtin_losses(), *losses))
+
+
 TEST_METRICS = (
     "recall@1",
     "recall@2",
@@ -215,10 +233,9 @@ def check_request(losses: Sequence[str], seeds: int, search_budget: int) -> None
         raise ValueError(f"--losses lists a loss twice: {','.join(losses)}")
     if seeds < 1:
         raise ValueError(f"--seeds must be at least 1; got {seeds}")
-    if not 1 <= search_budget <= MAX_SEARCH_BUDGET:
-        raise ValueError(
-            f"--search-budget must be between 1 and {MAX_SEARCH_BUDGET}; got {search_budget}"
-        )
+    budget = max_search_budget(losses)  # also resolves every loss and its grid: errors up front
+    if not 1 <= search_budget <= budget:
+        raise ValueError(f"--search-budget must be between 1 and {budget}; got {search_budget}")
 
 
 def compare(
@@ -570,7 +587,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--search-budget",
         type=int,
         default=3,
-        help=f"values of each loss's hyper-parameter tried on validation (1-{MAX_SEARCH_BUDGET})",
+        help=f"values of each loss's hyper-parameter tried on validation (1-{max_search_budget()})",
     )
     parser.add_argument(
         "--search-epochs", type=int, default=None, help="epochs of a search run (default: config's)"

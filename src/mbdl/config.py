@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,21 +37,39 @@ BACKBONES = (
     "mobilenet_v2",
     "efficientnet_b0",
 )
-LOSS_NAMES = (
-    "mdl",
-    "contrastive",
-    "triplet",
-    "lifted",
-    "npair",
-    "margin",
-    "multisimilarity",
-    "proxyanchor",
-)
+
+
+class _LossNames(Sequence[str]):
+    """The names of the registered losses (``mbdl.losses.LOSSES``: the built-ins found in the
+    package, then installed plugins), read on first use; ``in`` also accepts import paths
+    ``package.module:Name``."""
+
+    def _names(self) -> tuple[str, ...]:
+        from mbdl.losses import LOSSES
+
+        return LOSSES.names()
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._names()[index]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __contains__(self, name: object) -> bool:
+        from mbdl.losses import LOSSES
+
+        return name in LOSSES
+
+    def __repr__(self) -> str:
+        return repr(self._names())
+
+
+LOSS_NAMES: Sequence[str] = _LossNames()
 SELECT_METRICS = ("map@r", "r_precision", "precision@1", "nmi", "f1", "recall@K (K in eval.ks)")
 
 # key -> (type, default, allowed values or None, help). Types are the strings
 # "str", "int", "float", "bool", "list[int]", "list[str]", optionally with " | None".
-CONFIG_SCHEMA: dict[str, tuple[str, Any, tuple[Any, ...] | None, str]] = {
+CONFIG_SCHEMA: dict[str, tuple[str, Any, Sequence[Any] | None, str]] = {
     "data.source": (
         "str",
         "glyphs",
@@ -518,7 +537,22 @@ def _coerce(key: str, value: Any, type_name: str) -> Any:
     raise ConfigError(f"{key} must be {expected}; got {value!r} ({_type_name(value)})")
 
 
+def _check_loss_name(value: Any) -> str:
+    """``loss.name``: a registered loss, an installed plugin's name or ``package.module:Name``,
+    resolved now so that a bad name or plugin class stops the run before anything starts."""
+    from mbdl.losses import loss_class
+
+    name: str = _coerce("loss.name", value, "str")
+    try:
+        loss_class(name)
+    except ValueError as error:  # PluginError: unknown name, import failure, not a loss class
+        raise ConfigError(f"loss.name={name}: {error}") from None
+    return name
+
+
 def _check_value(key: str, value: Any) -> Any:
+    if key == "loss.name":
+        return _check_loss_name(value)
     type_name, _, allowed, _ = CONFIG_SCHEMA[key]
     if key == "data.augment" and isinstance(value, bool):
         value = "auto" if value else "none"

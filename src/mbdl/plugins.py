@@ -14,7 +14,7 @@ so that ``loss.name=my_loss`` finds it. Built-in names win over entry points of 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Generic, TypeVar
 
@@ -69,7 +69,7 @@ class Registry(Generic[T]):
         self,
         kind: str,
         group: str,
-        builtin: dict[str, Callable[[], T]],
+        builtin: Mapping[str, Callable[[], T]],
         check: Callable[[Any, str], T] | None = None,
     ) -> None:
         self.kind = kind

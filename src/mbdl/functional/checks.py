@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
 from torch import Tensor
+
+# identities of the (embeddings, labels, ref_emb, ref_labels) a loss module has just validated
+_CHECKED: ContextVar[tuple[int, int, int, int] | None] = ContextVar(
+    "mbdl_checked_loss_inputs", default=None
+)
 
 
 def check_embeddings(embeddings: Tensor, name: str = "embeddings") -> None:
@@ -45,7 +54,13 @@ def check_loss_inputs(
     ref_emb: Tensor | None = None,
     ref_labels: Tensor | None = None,
 ) -> None:
-    """Validate the ``(embeddings, labels, ref_emb, ref_labels)`` arguments every loss takes."""
+    """Validate the ``(embeddings, labels, ref_emb, ref_labels)`` arguments every loss takes.
+
+    Inside :func:`loss_inputs_checked` for these same tensor objects it returns at once, so a
+    loss module that calls a kernel validates once per call (each check costs a host sync on GPU).
+    """
+    if _CHECKED.get() == _identities(embeddings, labels, ref_emb, ref_labels):
+        return
     check_embeddings(embeddings)
     check_labels(labels, embeddings.shape[0])
     if (ref_emb is None) != (ref_labels is None):
@@ -57,3 +72,26 @@ def check_loss_inputs(
             raise ValueError(
                 f"ref_emb has dimension {ref_emb.shape[1]} but embeddings have {embeddings.shape[1]}"
             )
+
+
+def _identities(*tensors: object) -> tuple[int, int, int, int]:
+    first, second, third, fourth = (id(t) for t in tensors)
+    return first, second, third, fourth
+
+
+@contextmanager
+def loss_inputs_checked(
+    embeddings: Tensor,
+    labels: Tensor,
+    ref_emb: Tensor | None = None,
+    ref_labels: Tensor | None = None,
+) -> Iterator[None]:
+    """Validate the loss inputs now; inside the block, :func:`check_loss_inputs` of the same
+    tensor objects (a kernel called by the module) skips the repeated check. Any other tensors
+    (a kernel called on something else) are still checked."""
+    check_loss_inputs(embeddings, labels, ref_emb, ref_labels)
+    token = _CHECKED.set(_identities(embeddings, labels, ref_emb, ref_labels))
+    try:
+        yield
+    finally:
+        _CHECKED.reset(token)

@@ -1,46 +1,176 @@
 """Losses: one file per loss, each a thin ``nn.Module`` over a pure function of :mod:`mbdl.functional`.
 
 Every loss is called as ``loss(embeddings, labels, ref_emb=None, ref_labels=None)``.
+
+The registry :data:`LOSSES` finds the built-in losses itself: every class of a module of this
+package that declares a ``name`` (see :class:`~mbdl.losses.base.MetricLoss`) is registered under
+it, so a new loss is its file and nothing else. ``loss.name`` also takes an import path
+``my_package.my_module:MyLoss`` or the name an installed package declares in the entry-point
+group ``mbdl.losses`` (see :mod:`mbdl.plugins`).
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
+import pkgutil
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from mbdl.losses.base import MetricLoss
+from torch import nn
 
-# config name -> (module, class). Classes are imported on first use so `import mbdl.losses` is light.
-LOSSES: dict[str, tuple[str, str]] = {
-    "mdl": ("mbdl.losses.mdl", "MarginDiscriminateLoss"),
-    "contrastive": ("mbdl.losses.contrastive", "ContrastiveLoss"),
-    "triplet": ("mbdl.losses.triplet", "TripletMarginLoss"),
-    "lifted": ("mbdl.losses.lifted", "LiftedStructureLoss"),
-    "npair": ("mbdl.losses.npair", "NPairLoss"),
-    "margin": ("mbdl.losses.margin", "MarginLoss"),
-    "multisimilarity": ("mbdl.losses.multisimilarity", "MultiSimilarityLoss"),
-    "proxyanchor": ("mbdl.losses.proxyanchor", "ProxyAnchorLoss"),
-}
-_BY_CLASS = {cls: module for module, cls in LOSSES.values()}
+from mbdl.losses.base import (
+    FunctionalLoss,
+    LossDeclarationError,
+    MetricLoss,
+    check_declaration,
+)
+from mbdl.plugins import PluginError, Registry
 
-__all__ = ["LOSSES", "MetricLoss", "build_loss", "loss_class", *sorted(_BY_CLASS)]
+__all__ = [
+    "LOSSES",
+    "FunctionalLoss",
+    "LossDeclarationError",
+    "MetricLoss",
+    "build_loss",
+    "builtin_losses",
+    "check_loss_class",
+    "loss_class",
+    "search_grid",
+]
 
 
-def loss_class(name: str) -> type[MetricLoss]:
-    """The loss class registered under the config name ``name`` (``mdl``, ``triplet``, ...)."""
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
-    module, cls = LOSSES[name]
-    found: type[MetricLoss] = getattr(importlib.import_module(module), cls)
+def discover_losses(package: str, path: list[str]) -> dict[str, type[MetricLoss]]:
+    """Config name -> class of every :class:`MetricLoss` that declares a ``name`` in the modules
+    of ``package`` (found by listing its files: no hand-written list), ordered by module name."""
+    found: dict[str, type[MetricLoss]] = {}
+    for info in sorted(pkgutil.iter_modules(path), key=lambda module: module.name):
+        module = importlib.import_module(f"{package}.{info.name}")
+        for cls in vars(module).values():
+            if not (
+                isinstance(cls, type)
+                and issubclass(cls, MetricLoss)
+                and cls.__module__ == module.__name__
+                and vars(cls).get("name") is not None
+            ):
+                continue
+            name = str(cls.name)
+            if name in found:
+                raise LossDeclarationError(
+                    f"loss name {name!r} is declared twice: by {found[name].__module__}."
+                    f"{found[name].__qualname__} and by {cls.__module__}.{cls.__qualname__}"
+                )
+            found[name] = cls
     return found
 
 
-def build_loss(name: str, **params: Any) -> MetricLoss:
-    """Instantiate the loss registered as ``name`` with its hyper-parameters ``params``."""
+class _BuiltinLosses(Mapping[str, Callable[[], type[MetricLoss]]]):
+    """The built-in losses as the registry's ``name -> loader``, discovered on first use (so
+    ``import mbdl.losses`` imports no loss module)."""
+
+    def __init__(self) -> None:
+        self._classes: dict[str, type[MetricLoss]] | None = None
+
+    def classes(self) -> dict[str, type[MetricLoss]]:
+        if self._classes is None:
+            self._classes = discover_losses(__name__, list(__path__))
+        return self._classes
+
+    def __getitem__(self, name: str) -> Callable[[], type[MetricLoss]]:
+        cls = self.classes()[name]
+        return lambda: cls
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.classes())
+
+    def __len__(self) -> int:
+        return len(self.classes())
+
+
+def check_loss_class(found: Any, name: str) -> type[nn.Module]:
+    """``found`` if it is a usable loss class, else :class:`PluginError` saying what is wrong.
+
+    A usable loss is a :class:`MetricLoss` subclass, or an ``nn.Module`` subclass whose
+    ``forward`` takes ``(embeddings, labels, ref_emb=None, ref_labels=None)`` (and
+    ``anchor_offset=None`` unless it declares ``accepts_ref = False``), with a valid
+    declaration (``needs``, ``accepts_ref``; ``search_grid`` when it sets ``name``).
+    """
+    what = f"loss {name!r}"
+    if not isinstance(found, type):
+        raise PluginError(
+            f"{what} is a {type(found).__name__}, not a class: name a subclass of "
+            "mbdl.losses.MetricLoss (or of torch.nn.Module)"
+        )
+    if not issubclass(found, nn.Module):
+        raise PluginError(
+            f"{what}: {found.__qualname__} is not a torch.nn.Module; subclass "
+            "mbdl.losses.MetricLoss"
+        )
+    if issubclass(found, MetricLoss):
+        return found  # its declaration was checked when the class was created
+    check_declaration(found)
+    forward = inspect.signature(found.forward)
+    try:
+        forward.bind(None, "embeddings", "labels")
+        forward.bind(None, "embeddings", "labels", "ref_emb", "ref_labels")
+    except TypeError:
+        raise PluginError(
+            f"{what}: {found.__qualname__}.forward{forward} must take (embeddings, labels, "
+            "ref_emb=None, ref_labels=None); or subclass mbdl.losses.MetricLoss"
+        ) from None
+    if getattr(found, "accepts_ref", True):
+        try:
+            forward.bind(None, "embeddings", "labels", "ref_emb", "ref_labels", anchor_offset=0)
+        except TypeError:
+            raise PluginError(
+                f"{what}: {found.__qualname__}.forward takes no anchor_offset keyword, which "
+                "cross-batch memory passes: add anchor_offset=None, or set accepts_ref = False"
+            ) from None
+    return found
+
+
+_BUILTIN = _BuiltinLosses()
+
+#: Every loss by config name: the built-ins (discovered), import paths, installed plugins.
+LOSSES: Registry[type[nn.Module]] = Registry("loss", "mbdl.losses", _BUILTIN, check_loss_class)
+
+
+def builtin_losses() -> dict[str, type[MetricLoss]]:
+    """Config name -> class of every built-in loss, ordered by module name."""
+    return dict(_BUILTIN.classes())
+
+
+def loss_class(name: str) -> type[nn.Module]:
+    """The loss class for ``loss.name``: a built-in name (``mdl``, ``triplet``, ...), the name an
+    installed package declares in the entry-point group ``mbdl.losses``, or an import path
+    ``my_package.my_module:MyLoss``. Raises :class:`PluginError` (a ``ValueError``) naming the
+    problem."""
+    return LOSSES.get(name)
+
+
+def build_loss(name: str, **params: Any) -> nn.Module:
+    """Instantiate the loss ``name`` (see :func:`loss_class`) with its hyper-parameters ``params``."""
     return loss_class(name)(**params)
 
 
-def __getattr__(attr: str) -> Any:
-    if attr in _BY_CLASS:
-        return getattr(importlib.import_module(_BY_CLASS[attr]), attr)
+def search_grid(name: str) -> tuple[str, tuple[float, ...]]:
+    """``(constructor keyword, values)`` that ``mbdl compare`` searches for loss ``name``, the
+    default first (the class's ``search_grid``)."""
+    grid = getattr(loss_class(name), "search_grid", None)
+    if grid is None:
+        raise PluginError(
+            f"loss {name!r} declares no search_grid, which mbdl compare needs: add e.g. "
+            "search_grid = ('margin', (0.2, 0.1, 0.4)) to its class (a constructor keyword, its "
+            "default first)"
+        )
+    param, values = grid
+    return str(param), tuple(values)
+
+
+def __getattr__(attr: str) -> Any:  # the loss classes by class name, imported on first use
+    if attr.startswith("__"):
+        raise AttributeError(attr)
+    for cls in builtin_losses().values():
+        if cls.__name__ == attr:
+            return cls
     raise AttributeError(f"module 'mbdl.losses' has no attribute {attr!r}")

@@ -1,13 +1,23 @@
-"""The base class of every mbdl loss: input validation and the common call signature."""
+"""The base class of every mbdl loss: its declaration, input validation and the call signature."""
 
 from __future__ import annotations
 
+import inspect
+import re
 from collections.abc import Callable
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from mbdl.functional.checks import check_loss_inputs
+from mbdl.functional.checks import loss_inputs_checked
+from mbdl.plugins import PluginError
+
+#: Constructor arguments the trainer can supply from the data (``needs``).
+TRAINER_SUPPLIED = ("num_classes", "embedding_dim")
+
+
+class LossDeclarationError(PluginError):
+    """A loss class whose declaration (``name``, ``needs``, ``accepts_ref``, ``search_grid``) is invalid."""
 
 
 class MetricLoss(nn.Module):
@@ -18,12 +28,27 @@ class MetricLoss(nn.Module):
     ``anchor_offset=k`` says that ``ref_emb[k + i]`` is ``embeddings[i]`` itself, so that pair is
     skipped (the batch itself is always skipped when ``ref_emb`` is None).
     Subclasses implement :meth:`compute` over the pure functions of :mod:`mbdl.functional`.
-    ``needs`` names the constructor arguments the trainer must supply (``"num_classes"``,
-    ``"embedding_dim"``) for losses with parameters of their own.
+
+    A loss is declared once, by class attributes that everything else reads (config choices,
+    ``mbdl compare``'s grids, the docs):
+
+    - ``name``: the config name (``loss.name=...``); a class of the ``mbdl.losses`` package that
+      sets it is registered.
+    - ``needs``: the constructor arguments the trainer supplies (``"num_classes"``,
+      ``"embedding_dim"``), for losses with parameters of their own.
+    - ``accepts_ref``: whether it takes ``ref_emb``/``ref_labels`` (cross-batch memory).
+    - ``search_grid``: ``(constructor keyword, values)`` that ``mbdl compare`` searches, the
+      constructor's default first. Required with ``name``.
     """
 
-    needs: tuple[str, ...] = ()
-    accepts_ref: bool = True  # False for losses that cannot take a reference set (proxy losses)
+    name: ClassVar[str | None] = None
+    needs: ClassVar[tuple[str, ...]] = ()
+    accepts_ref: ClassVar[bool] = True  # False for losses that cannot take a reference set
+    search_grid: ClassVar[tuple[str, tuple[float, ...]] | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        check_declaration(cls)
 
     def forward(
         self,
@@ -34,8 +59,9 @@ class MetricLoss(nn.Module):
         *,
         anchor_offset: int | None = None,
     ) -> Tensor:
-        check_loss_inputs(embeddings, labels, ref_emb, ref_labels)
-        return self.compute(embeddings, labels, ref_emb, ref_labels, anchor_offset)
+        # validated here, once: the kernel's own check of these same tensors is skipped
+        with loss_inputs_checked(embeddings, labels, ref_emb, ref_labels):
+            return self.compute(embeddings, labels, ref_emb, ref_labels, anchor_offset)
 
     def compute(
         self,
@@ -46,6 +72,80 @@ class MetricLoss(nn.Module):
         anchor_offset: int | None,
     ) -> Tensor:
         raise NotImplementedError
+
+
+def constructor_defaults(cls: type) -> dict[str, Any]:
+    """Keyword parameter -> default of ``cls.__init__`` (``inspect.Parameter.empty`` if required)."""
+    parameters = inspect.signature(cls).parameters.values()
+    return {
+        p.name: p.default for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
+
+
+def check_declaration(cls: type[nn.Module]) -> None:
+    """Raise :class:`LossDeclarationError` unless ``cls``'s declaration is complete and valid.
+
+    ``needs`` must list constructor arguments the trainer supplies; a class that sets ``name``
+    (in its own body) must also declare a ``search_grid`` whose keyword is a constructor
+    argument and whose first value is that argument's default.
+    """
+    label = f"loss class {cls.__module__}.{cls.__qualname__}"
+    defaults = constructor_defaults(cls)
+    needs = getattr(cls, "needs", ())
+    if not isinstance(needs, tuple) or any(n not in TRAINER_SUPPLIED for n in needs):
+        raise LossDeclarationError(
+            f"{label}: needs must be a tuple of {', '.join(TRAINER_SUPPLIED)}; got {needs!r}"
+        )
+    missing = [n for n in needs if n not in defaults]
+    if missing:
+        raise LossDeclarationError(
+            f"{label}: needs lists {', '.join(missing)} but __init__ takes no such argument"
+        )
+    undeclared = [
+        n for n in TRAINER_SUPPLIED if defaults.get(n) is inspect.Parameter.empty and n not in needs
+    ]
+    if undeclared:
+        raise LossDeclarationError(
+            f"{label}: __init__ requires {', '.join(undeclared)}, which only the trainer knows: "
+            f"declare needs = {tuple(undeclared)!r}"
+        )
+    if not isinstance(getattr(cls, "accepts_ref", True), bool):
+        raise LossDeclarationError(f"{label}: accepts_ref must be True or False")
+    if vars(cls).get("name") is None:
+        return
+    name = vars(cls)["name"]
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+        raise LossDeclarationError(
+            f"{label}: name must be lower-case letters, digits and _ (a config name); got {name!r}"
+        )
+    grid = getattr(cls, "search_grid", None)
+    if grid is None:
+        raise LossDeclarationError(
+            f"{label} (loss.name={name}) declares no search_grid: add e.g. "
+            "search_grid = ('margin', (0.2, 0.1, 0.4)) (a constructor keyword, its default first) "
+            "so that mbdl compare can tune it"
+        )
+    if not (
+        isinstance(grid, tuple)
+        and len(grid) == 2
+        and isinstance(grid[0], str)
+        and isinstance(grid[1], tuple)
+        and grid[1]
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in grid[1])
+    ):
+        raise LossDeclarationError(
+            f"{label}: search_grid must be (keyword, (numbers, ...)); got {grid!r}"
+        )
+    param, values = grid
+    if param not in defaults or param in TRAINER_SUPPLIED:
+        raise LossDeclarationError(
+            f"{label}: search_grid searches {param!r}, which is not a keyword of its __init__"
+        )
+    if defaults[param] != values[0]:
+        raise LossDeclarationError(
+            f"{label}: search_grid must start with the default {param}={defaults[param]!r}; "
+            f"got {values[0]!r}"
+        )
 
 
 class FunctionalLoss(MetricLoss):

@@ -13,6 +13,9 @@ class ContrastiveLoss(FunctionalLoss):
     over negative pairs, each mean over the non-zero terms (pytorch-metric-learning's convention).
     """
 
+    name = "contrastive"
+    search_grid = ("neg_margin", (1.0, 0.7, 1.3))
+
     loss_function = staticmethod(contrastive_loss)
     hyper_parameters = ("pos_margin", "neg_margin", "distance", "normalize")
 

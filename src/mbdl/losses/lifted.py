@@ -13,6 +13,9 @@ class LiftedStructureLoss(FunctionalLoss):
     With ``ref_emb`` the negatives of the ``j`` end come from the reference set.
     """
 
+    name = "lifted"
+    search_grid = ("margin", (1.0, 0.5, 1.5))
+
     loss_function = staticmethod(lifted_structure_loss)
     hyper_parameters = ("margin", "normalize")
 

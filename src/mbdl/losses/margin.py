@@ -23,7 +23,9 @@ class MarginLoss(MetricLoss):
     instead (PML's ``MarginLoss`` without a miner).
     """
 
-    needs: tuple[str, ...] = ("num_classes",)
+    name = "margin"
+    needs = ("num_classes",)
+    search_grid = ("alpha", (0.2, 0.1, 0.4))
 
     def __init__(
         self,

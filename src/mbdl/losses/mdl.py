@@ -21,6 +21,9 @@ class MarginDiscriminateLoss(FunctionalLoss):
     ``soft_boundary=t`` replaces max/min by ``t``-temperature log-sum-exp.
     """
 
+    name = "mdl"
+    search_grid = ("margin", (0.2, 0.1, 0.4))
+
     loss_function = staticmethod(margin_discriminate_loss)
     hyper_parameters = ("margin", "soft_boundary", "distance", "normalize")
 

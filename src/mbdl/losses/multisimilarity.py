@@ -13,6 +13,9 @@ class MultiSimilarityLoss(FunctionalLoss):
     ``S_ij - epsilon < max_{N_i} S`` and negatives with ``S_ik + epsilon > min_{P_i} S``.
     """
 
+    name = "multisimilarity"
+    search_grid = ("base", (0.5, 0.3, 0.7))
+
     loss_function = staticmethod(multisimilarity_loss)
     hyper_parameters = ("alpha", "beta", "base", "epsilon")
 

@@ -14,7 +14,10 @@ class NPairLoss(MetricLoss):
     ``L = CE over x_c . x_{c'}^+ with target c`` ``+ l2_reg * mean_i ||x_i||^2``.
     """
 
-    needs: tuple[str, ...] = ()
+    name = "npair"
+    # one point: l2_reg adds a constant on the L2-normalised embeddings the models output, so
+    # other values would train identically
+    search_grid = ("l2_reg", (0.02,))
 
     def __init__(self, l2_reg: float = 0.02) -> None:
         super().__init__()

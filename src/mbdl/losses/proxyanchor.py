@@ -16,8 +16,10 @@ class ProxyAnchorLoss(MetricLoss):
     ``ValueError``; labels must be in ``[0, num_classes)``.
     """
 
-    needs: tuple[str, ...] = ("num_classes", "embedding_dim")
-    accepts_ref: bool = False
+    name = "proxyanchor"
+    needs = ("num_classes", "embedding_dim")
+    accepts_ref = False
+    search_grid = ("margin", (0.1, 0.05, 0.2))
 
     def __init__(
         self, num_classes: int, embedding_dim: int, margin: float = 0.1, alpha: float = 32.0

@@ -14,6 +14,9 @@ class TripletMarginLoss(FunctionalLoss):
     ``"semi_hard"`` (every triplet with ``D_ap < D_an < D_ap + m``).
     """
 
+    name = "triplet"
+    search_grid = ("margin", (0.2, 0.1, 0.4))
+
     loss_function = staticmethod(triplet_margin_loss)
     hyper_parameters = ("margin", "mining", "distance", "normalize")
 

@@ -16,11 +16,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mbdl.losses.base import MetricLoss
-
 
 class CrossBatchMemory(nn.Module):
-    """Wrap a pair-based ``loss`` with a memory of the last ``memory_size`` embeddings."""
+    """Wrap a pair-based ``loss`` (a :class:`MetricLoss` or a plugin module with ``accepts_ref``)
+    with a memory of the last ``memory_size`` embeddings."""
 
     memory: Tensor
     memory_labels: Tensor
@@ -29,7 +28,7 @@ class CrossBatchMemory(nn.Module):
     steps: Tensor
 
     def __init__(
-        self, loss: MetricLoss, memory_size: int, embedding_dim: int, warmup_steps: int = 0
+        self, loss: nn.Module, memory_size: int, embedding_dim: int, warmup_steps: int = 0
     ) -> None:
         super().__init__()
         if not getattr(loss, "accepts_ref", True):
