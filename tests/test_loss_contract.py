@@ -96,11 +96,24 @@ def check_bad_inputs(make: Factory) -> None:
 
 
 def check_gradcheck(make: Factory) -> None:
-    """The gradient with respect to the embeddings matches finite differences (float64)."""
+    """The gradients with respect to the embeddings, the loss's own parameters (proxies, learnable
+    margins) and, where it takes one, the reference set match finite differences (float64)."""
     loss = make().double()
     x, labels = batch(1, size=8)
-    x.requires_grad_(True)
-    torch.autograd.gradcheck(lambda e: loss(e, labels), (x,), eps=1e-6, atol=1e-5)
+    names = [name for name, _ in loss.named_parameters()]
+    params = [p.detach().clone().requires_grad_(True) for _, p in loss.named_parameters()]
+
+    def with_params(embeddings: Tensor, *values: Tensor) -> Tensor:
+        state = dict(zip(names, values, strict=True))
+        return torch.func.functional_call(loss, state, (embeddings, labels))
+
+    inputs = (x.requires_grad_(True), *params)
+    torch.autograd.gradcheck(with_params, inputs, eps=1e-6, atol=1e-5)
+    if getattr(loss, "accepts_ref", True):
+        ref, ref_labels = batch(2, size=6)
+        torch.autograd.gradcheck(
+            lambda e, r: loss(e, labels, r, ref_labels), (x, ref.requires_grad_(True)), atol=1e-5
+        )
 
 
 def stable_shuffle(labels: Tensor, generator: torch.Generator) -> Tensor:

@@ -11,10 +11,9 @@ from pytorch_metric_learning import losses as pml_losses
 from mbdl.functional.distances import loss_distances
 from mbdl.functional.margin import distance_weights, margin_loss, sample_negatives
 from mbdl.functional.pairs import pair_masks
-from mbdl.losses import MarginLoss, build_loss, loss_class
+from mbdl.losses import MarginLoss
 from reference_losses_b import (
     LAYOUTS,
-    assert_rejects_bad_inputs,
     batch,
     ref_distance_weight,
     ref_margin,
@@ -200,19 +199,14 @@ def test_beta_is_learnable_or_fixed_and_per_class():
     assert MarginLoss.needs == ("num_classes",)
 
 
-def test_dtypes():
+def test_sampled_negatives_of_half_precision_inputs():
+    # the contract test covers fp16/bf16 with sampling="all"; this is the sampling path
     x64, labels = batch(1, 32, "p_by_k", dim=16)
-    loss = MarginLoss(sampling="all")
-    reference = loss(x64, labels)
-    torch.testing.assert_close(loss(x64.float(), labels).double(), reference, rtol=1e-5, atol=1e-6)
     x16 = x64.bfloat16().requires_grad_(True)
-    low = loss(x16, labels)
-    assert low.dtype == torch.float32
-    torch.testing.assert_close(low.double(), reference, rtol=3e-2, atol=2e-2)
-    low.backward()
-    assert x16.grad is not None and x16.grad.dtype == torch.bfloat16
     sampled = MarginLoss(seed=0)(x16, labels)
     assert sampled.dtype == torch.float32 and math.isfinite(sampled.item())
+    sampled.backward()
+    assert x16.grad is not None and x16.grad.dtype == torch.bfloat16
 
 
 def test_gradcheck():
@@ -228,7 +222,6 @@ def test_gradcheck():
 
 
 def test_value_errors():
-    assert_rejects_bad_inputs(MarginLoss())
     with pytest.raises(ValueError, match="num_classes"):
         MarginLoss(beta_per_class=True)
     with pytest.raises(ValueError, match="sampling"):
@@ -240,8 +233,3 @@ def test_value_errors():
     x, labels = batch(0, 6, "p_by_k", dim=4)
     with pytest.raises(ValueError, match=r"labels must be in \[0, 2\)"):
         MarginLoss(beta_per_class=True, num_classes=2)(x, labels)
-
-
-def test_registry():
-    assert loss_class("margin") is MarginLoss
-    assert build_loss("margin", num_classes=10, alpha=0.3).alpha == 0.3

@@ -15,7 +15,7 @@ from mbdl.functional.mdl import (
     violation_masks,
 )
 from mbdl.functional.pairs import pair_masks
-from mbdl.losses import MarginDiscriminateLoss, build_loss, loss_class
+from mbdl.losses import MarginDiscriminateLoss
 from reference_losses import LAYOUTS, make_labels, ref_mdl, ref_strictly_discriminated
 
 DISTANCES = ("euclidean", "squared_euclidean", "cosine")
@@ -81,13 +81,6 @@ def test_matches_reference_with_ref_emb(seed, distance):
     got = margin_discriminate_loss(x, labels, ref, ref_labels, distance=distance, anchor_offset=7)
     expected = ref_mdl(x, labels, ref, ref_labels, distance=distance, anchor_offset=7)
     assert got.item() == pytest.approx(expected, abs=1e-6)
-
-
-def test_ref_emb_equal_to_batch_with_offset_zero_equals_plain_call():
-    x, labels = _batch(3, 16, "p_by_k")
-    plain = margin_discriminate_loss(x, labels)
-    as_ref = margin_discriminate_loss(x, labels, x, labels, anchor_offset=0)
-    assert as_ref.item() == pytest.approx(plain.item(), abs=1e-12)
 
 
 @pytest.mark.parametrize("distance", DISTANCES)
@@ -257,23 +250,10 @@ def test_gradcheck(distance, soft_boundary):
     assert torch.autograd.gradcheck(loss, (x,), eps=1e-6, atol=1e-5)
 
 
-def test_gradcheck_with_ref_emb():
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
-    ref = torch.randn(9, 4, generator=g, dtype=torch.float64, requires_grad=True)
-    labels, ref_labels = torch.tensor([0, 1, 1, 2, 0]), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2])
-    assert torch.autograd.gradcheck(
-        lambda a, r: margin_discriminate_loss(a, labels, r, ref_labels, margin=0.6),
-        (x, ref),
-        eps=1e-6,
-        atol=1e-5,
-    )
-
-
 # ---------------------------------------------------------------- invariances
 
 
-@pytest.mark.parametrize("soft_boundary", [None, 0.1])
+@pytest.mark.parametrize("soft_boundary", [0.1])  # the hard form: tests/test_loss_contract.py
 def test_permutation_and_relabel_invariance(soft_boundary):
     for seed in range(5):
         x, labels = _batch(seed, 30, "random")
@@ -323,13 +303,8 @@ def test_no_valid_anchor_gives_a_connected_zero(layout, soft_boundary):
     assert torch.equal(grad, torch.zeros_like(grad))
 
 
-def test_single_item_batch():
-    loss, grad = _loss_and_grad(torch.randn(1, 3), torch.tensor([4]))
-    assert loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad))
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("distance", ["squared_euclidean", "cosine"])  # euclidean: the contract
 def test_half_precision_inputs_close_to_fp32(dtype, distance):
     x, labels = _batch(0, 32, "p_by_k", dtype=torch.float32)
     half = x.to(dtype).requires_grad_()
@@ -357,9 +332,6 @@ def test_module_equals_functional_and_is_registered():
     module = MarginDiscriminateLoss(margin=0.3, soft_boundary=0.1, distance="cosine")
     expected = margin_discriminate_loss(x, labels, margin=0.3, soft_boundary=0.1, distance="cosine")
     assert module(x, labels).item() == expected.item()
-    assert loss_class("mdl") is MarginDiscriminateLoss
-    assert MarginDiscriminateLoss.needs == ()
-    assert isinstance(build_loss("mdl", margin=0.1), MarginDiscriminateLoss)
     assert "margin=0.3" in repr(module)
 
 
@@ -379,31 +351,3 @@ def test_bad_options_raise(options, message):
     x, labels = _batch(0, 4, "p_by_k")
     with pytest.raises(ValueError, match=message):
         margin_discriminate_loss(x, labels, **options)
-
-
-# The input errors come from the shared checks; each of the three losses must raise them.
-_X = torch.randn(6, 4)
-_Y = torch.tensor([0, 0, 1, 1, 2, 2])
-BAD_INPUTS = [
-    ((_X.clone().index_fill_(0, torch.tensor([2]), math.nan), _Y), {}, "NaN or Inf"),
-    ((_X.clone().index_fill_(0, torch.tensor([2]), math.inf), _Y), {}, "NaN or Inf"),
-    ((_X[:, 0], _Y), {}, "2-D"),
-    ((_X[:, :1], _Y), {}, "at least 2 dimensions"),
-    ((_X.long(), _Y), {}, "floating point"),
-    ((_X, _Y[:5]), {}, "5 entries"),
-    ((_X, _Y.float()), {}, "integers"),
-    ((_X, _Y.bool()), {}, "integers"),
-    ((_X, _Y[None]), {}, "1-D"),
-    ((_X, _Y, _X), {}, "together"),
-    ((_X, _Y, torch.randn(6, 3), _Y), {}, "dimension 3"),
-    ((_X, _Y, _X.clone().fill_(math.nan), _Y), {}, "ref_emb contain NaN"),
-    ((_X, _Y, _X, _Y[:4]), {}, "ref_labels has 4 entries"),
-    ((_X, _Y, _X, _Y), {"anchor_offset": 3}, "anchor_offset"),
-]
-
-
-@pytest.mark.parametrize("name", ["mdl", "contrastive", "triplet"])
-@pytest.mark.parametrize(("args", "kwargs", "message"), BAD_INPUTS)
-def test_bad_inputs_raise_one_clear_value_error(name, args, kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        build_loss(name)(*args, **kwargs)

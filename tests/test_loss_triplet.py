@@ -12,7 +12,7 @@ from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners as pml_miners
 
 from mbdl.functional.triplet import MINING, triplet_margin_loss
-from mbdl.losses import TripletMarginLoss, build_loss, loss_class
+from mbdl.losses import TripletMarginLoss
 from reference_losses import LAYOUTS, make_labels, ref_triplet
 
 DISTANCES = ("euclidean", "squared_euclidean", "cosine")
@@ -199,9 +199,7 @@ def test_all_triplets_at_a_large_batch_stays_in_quadratic_memory():
     assert torch.isfinite(loss) and loss.item() > 0 and torch.isfinite(x.grad).all()
 
 
-def test_module_registry_and_options():
-    assert loss_class("triplet") is TripletMarginLoss and TripletMarginLoss.needs == ()
-    assert isinstance(build_loss("triplet", mining="batch_hard"), TripletMarginLoss)
+def test_module_options():
     with pytest.raises(ValueError, match="mining"):
         TripletMarginLoss(mining="hardest")
     for bad in (-0.1, math.nan):
