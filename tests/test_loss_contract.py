@@ -433,7 +433,22 @@ class _UnsavedParameter(_PairLoss):
         return self.scale * super().compute(embeddings, labels, ref_emb, ref_labels, anchor_offset)
 
 
+class _IgnoresAnchorOffset(_PairLoss):
+    def compute(self, embeddings, labels, ref_emb, ref_labels, anchor_offset):
+        if ref_emb is None:
+            return super().compute(embeddings, labels, None, None, None)
+        return super().compute(embeddings, labels, ref_emb, ref_labels, None)  # pairs with itself
+
+
+class _NaNAtZeroDistance(_PairLoss):
+    def pair_terms(self, x, ref, labels, ref_labels, offset):
+        terms, positive = super().pair_terms(x, ref, labels, ref_labels, offset)
+        return terms.sqrt(), positive  # the gradient of sqrt at 0 is infinite
+
+
 BROKEN: list[tuple[Callable[[Factory], None], type[nn.Module]]] = [
+    (check_reference_set_of_the_batch, _IgnoresAnchorOffset),
+    (check_degenerate_batches, _NaNAtZeroDistance),
     (check_permutation_and_relabel_invariance, _PositionDependent),
     (check_permutation_and_relabel_invariance, _LabelValueDependent),
     (check_bad_inputs, _Unvalidated),
@@ -447,10 +462,8 @@ BROKEN: list[tuple[Callable[[Factory], None], type[nn.Module]]] = [
 
 def test_the_correct_helper_loss_passes_every_check() -> None:
     make = lambda seed=0: _PairLoss()  # noqa: E731
-    for check, _ in BROKEN:
+    for check in {check for check, _ in BROKEN}:
         check(make)
-    check_reference_set_of_the_batch(make)
-    check_degenerate_batches(make)
 
 
 @pytest.mark.parametrize(
