@@ -52,8 +52,8 @@ def arcface_loss(
     ``[-1 + eps, 1 - eps]``, so it stays finite when an embedding points exactly at (or away from)
     its proxy.
     """
-    cosines = proxy_cosines(embeddings, labels, proxies)
     check_arcface_options(margin, scale)
+    cosines = proxy_cosines(embeddings, labels, proxies)
     rows = labels.long()[:, None]
     target = cosines.gather(1, rows)
     limit = 1 - torch.finfo(cosines.dtype).eps

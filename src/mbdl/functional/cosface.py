@@ -41,7 +41,7 @@ def cosface_loss(
 
     See the module docstring for the formula; ``proxies`` is the ``C x d`` class-weight matrix.
     """
-    cosines = proxy_cosines(embeddings, labels, proxies)
     check_cosface_options(margin, scale)
+    cosines = proxy_cosines(embeddings, labels, proxies)
     target = torch.nn.functional.one_hot(labels.long(), cosines.shape[1]).to(cosines.dtype)
     return proxy_softmax_loss((cosines - margin * target) * scale, labels)

@@ -60,6 +60,6 @@ def normsoftmax_loss(
 
     See the module docstring for the formula; ``proxies`` is the ``C x d`` class-weight matrix.
     """
-    cosines = proxy_cosines(embeddings, labels, proxies)
     check_normsoftmax_options(temperature)
+    cosines = proxy_cosines(embeddings, labels, proxies)
     return proxy_softmax_loss(cosines / temperature, labels)
