@@ -55,7 +55,7 @@ def _pml(ours: ArcFaceLoss) -> pml_losses.ArcFaceLoss:
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("batch_size", [1, 5, 16, 64])
+@pytest.mark.parametrize("batch_size", [1, 5, 32])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_matches_reference_loop(seed, batch_size, layout):
     x, labels = batch(seed, batch_size, layout)

@@ -38,7 +38,7 @@ def _proxies(num_classes: int, dim: int, seed: int = 99) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("batch_size", [1, 5, 16, 64])
+@pytest.mark.parametrize("batch_size", [1, 5, 32])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_matches_reference_loop(seed, batch_size, layout):
     x, labels = batch(seed, batch_size, layout)
