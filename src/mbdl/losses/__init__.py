@@ -42,9 +42,10 @@ __all__ = [
 
 def discover_losses(package: str, path: list[str]) -> dict[str, type[MetricLoss]]:
     """Config name -> class of every :class:`MetricLoss` that declares a ``name`` in the modules
-    of ``package`` (found by listing its files: no hand-written list), ordered by module name."""
+    of ``package`` (found by listing its files: no hand-written list): MDL, the project's loss,
+    first, then by module name."""
     found: dict[str, type[MetricLoss]] = {}
-    for info in sorted(pkgutil.iter_modules(path), key=lambda module: module.name):
+    for info in sorted(pkgutil.iter_modules(path), key=lambda module: (module.name != "mdl", module.name)):
         module = importlib.import_module(f"{package}.{info.name}")
         for cls in vars(module).values():
             if not (

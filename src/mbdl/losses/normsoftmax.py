@@ -19,8 +19,8 @@ class ProxySoftmaxLoss(MetricLoss):
     Subclasses implement :meth:`proxy_loss`.
     """
 
-    needs: tuple[str, ...] = ("num_classes", "embedding_dim")
-    accepts_ref: bool = False
+    needs = ("num_classes", "embedding_dim")
+    accepts_ref = False
 
     def __init__(self, num_classes: int, embedding_dim: int) -> None:
         super().__init__()
