@@ -220,8 +220,9 @@ def kmeans_plus_plus(
         proposals = proposals.clamp_max_(n - 1)
         # rounding may land on a zero-weight row: u * 0 < D^2 never holds, so it is rejected
         threshold = uniforms.to(device) * nearest_sq[proposals].double()
-        # |x|^2 - 2 x.p for every proposal p and row x; |p|^2 is added per candidate
-        partial = torch.addmm(sq_norms, x[proposals], x.T, alpha=-2.0)  # pool x N
+        # 2 p.x - |p|^2 for every proposal p and row x, so |x - p|^2 = |x|^2 - this
+        closeness = torch.mm(2 * x[proposals], x.T).sub_(sq_norms[proposals].unsqueeze(1))
+        rows = closeness.new_empty(trials, n)
         start = 0
         while count < num_clusters:
             current = nearest_sq[proposals[start:]].double()
@@ -230,14 +231,14 @@ def kmeans_plus_plus(
                 break
             candidates = start + accepted[:trials]
             # gain of a candidate c: sum_x max(0, D^2(x) - |x - c|^2)
-            lowered = nearest_sq - sq_norms[proposals[candidates]].unsqueeze(1)
-            gain = lowered.sub_(partial.index_select(0, candidates)).clamp_min_(0).sum(dim=1)
+            torch.index_select(closeness, 0, candidates, out=rows)
+            gain = rows.add_(nearest_sq - sq_norms).clamp_min_(0).sum(dim=1)
             best = int(candidates[int(torch.argmax(gain))])
             j = int(proposals[best])
             chosen[count] = j
             count += 1
-            column = partial[best] + sq_norms[j]
-            torch.minimum(nearest_sq, column.clamp_min_(0), out=nearest_sq)
+            column = (sq_norms - closeness[best]).clamp_min_(0)
+            torch.minimum(nearest_sq, column, out=nearest_sq)
             nearest_sq[j] = 0
             start = int(candidates[-1]) + 1
     return chosen.to(device)
