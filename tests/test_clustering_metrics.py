@@ -363,3 +363,15 @@ def test_kmeans_errors():
         kmeans(x, 2, restarts=0)
     with pytest.raises(ValueError, match="NaN"):
         kmeans(torch.full((4, 2), float("nan")), 2)
+
+
+def test_kmeans_restores_the_torch_thread_count():
+    # the seeding steps and Lloyd's bookkeeping run on one thread, the GEMMs on all of them
+    x, _ = blobs(3, num_classes=6, per_class=10)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        kmeans(x, 6, seed=0)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)

@@ -21,6 +21,8 @@ invariant to that scaling.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -155,6 +157,20 @@ def within_cluster_sum_of_squares(x: Tensor, assignment: Tensor) -> float:
 SEEDING_BUFFER_BYTES = 2**28
 
 
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run torch's CPU operations on ``count`` threads, then restore the previous count.
+
+    Loops of many small operations run on one: each multi-threaded operation waits for all its
+    threads to be scheduled, which on a loaded machine costs a time slice per operation."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def seeding_pool_size(n: int, trials: int) -> int:
     """Proposals per pool of :func:`kmeans_plus_plus` for ``n`` rows: up to 1,024 (enough for
     an efficient GEMM) while the ``pool x n`` float32 distances fit in 256 MiB, never fewer
@@ -224,23 +240,24 @@ def kmeans_plus_plus(
         closeness = torch.mm(2 * x[proposals], x.T).sub_(sq_norms[proposals].unsqueeze(1))
         rows = closeness.new_empty(trials, n)
         start = 0
-        while count < num_clusters:
-            current = nearest_sq[proposals[start:]].double()
-            accepted = (threshold[start:] < current).nonzero().flatten()
-            if accepted.numel() < trials:
-                break
-            candidates = start + accepted[:trials]
-            # gain of a candidate c: sum_x max(0, D^2(x) - |x - c|^2)
-            torch.index_select(closeness, 0, candidates, out=rows)
-            gain = rows.add_(nearest_sq - sq_norms).clamp_min_(0).sum(dim=1)
-            best = int(candidates[int(torch.argmax(gain))])
-            j = int(proposals[best])
-            chosen[count] = j
-            count += 1
-            column = (sq_norms - closeness[best]).clamp_min_(0)
-            torch.minimum(nearest_sq, column, out=nearest_sq)
-            nearest_sq[j] = 0
-            start = int(candidates[-1]) + 1
+        with torch_threads(1):  # thousands of small steps: no thread synchronisation in each
+            while count < num_clusters:
+                current = nearest_sq[proposals[start:]].double()
+                accepted = (threshold[start:] < current).nonzero().flatten()
+                if accepted.numel() < trials:
+                    break
+                candidates = start + accepted[:trials]
+                # gain of a candidate c: sum_x max(0, D^2(x) - |x - c|^2)
+                torch.index_select(closeness, 0, candidates, out=rows)
+                gain = rows.add_(nearest_sq - sq_norms).clamp_min_(0).sum(dim=1)
+                best = int(candidates[int(torch.argmax(gain))])
+                j = int(proposals[best])
+                chosen[count] = j
+                count += 1
+                column = (sq_norms - closeness[best]).clamp_min_(0)
+                torch.minimum(nearest_sq, column, out=nearest_sq)
+                nearest_sq[j] = 0
+                start = int(candidates[-1]) + 1
     return chosen.to(device)
 
 
@@ -312,38 +329,46 @@ def lloyd(x: Tensor, centres: Tensor, *, max_iter: int, budget: int = 2**30) -> 
     x = x.detach().float()
     centroids = centres.to(x).clone()
     num_clusters = centroids.shape[0]
-    assignment, upper, lower = two_nearest_centroids(x, centroids, budget)
-    for _ in range(max_iter):
-        sums = torch.zeros_like(centroids).index_add_(0, assignment, x)
-        counts = torch.bincount(assignment, minlength=num_clusters).to(x.dtype)
-        filled = counts > 0
-        updated = centroids.clone()
-        updated[filled] = sums[filled] / counts[filled].unsqueeze(1)
-        moved = (updated != centroids).any(dim=1)
-        if not bool(moved.any()):
-            break
-        shift = (updated - centroids).norm(dim=1)
-        centroids = updated
-        own_moved = moved[assignment].nonzero().flatten()
-        upper[own_moved] = (x[own_moved] - centroids[assignment[own_moved]]).norm(dim=1)
-        # A small slack keeps float32 rounding from skipping a point that should move.
-        slack = 1e-4 * upper + 1e-6
-        check = (upper + slack >= lower - shift.max()).nonzero().flatten()
-        unmoved_bound = lower[check]  # unmoved centroids are still at least this far
-        lower -= shift.max()
-        moved_ids = moved.nonzero().flatten()
-        if check.numel() and 2 * moved_ids.numel() <= num_clusters:
-            nearest, first, second = two_nearest_centroids(x[check], centroids[moved_ids], budget)
-            other = torch.where(moved_ids[nearest] == assignment[check], second, first)
-            bound = torch.minimum(unmoved_bound, other)
-            keep = upper[check] + slack[check] < bound
-            lower[check[keep]] = bound[keep]
-            check = check[~keep]
-        if check.numel() == 0:
-            break
-        new_assignment, new_upper, new_lower = two_nearest_centroids(x[check], centroids, budget)
-        changed = bool((new_assignment != assignment[check]).any())
-        assignment[check], upper[check], lower[check] = new_assignment, new_upper, new_lower
-        if not changed:
-            break
+    threads = torch.get_num_threads()
+
+    def nearest_two(rows: Tensor, candidates: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        large = rows.shape[0] * candidates.shape[0] >= 2**22  # worth all threads
+        with torch_threads(threads if large else 1):
+            return two_nearest_centroids(rows, candidates, budget)
+
+    with torch_threads(1):  # the bookkeeping between the GEMMs: small operations
+        assignment, upper, lower = nearest_two(x, centroids)
+        for _ in range(max_iter):
+            sums = torch.zeros_like(centroids).index_add_(0, assignment, x)
+            counts = torch.bincount(assignment, minlength=num_clusters).to(x.dtype)
+            filled = counts > 0
+            updated = centroids.clone()
+            updated[filled] = sums[filled] / counts[filled].unsqueeze(1)
+            moved = (updated != centroids).any(dim=1)
+            if not bool(moved.any()):
+                break
+            shift = (updated - centroids).norm(dim=1)
+            centroids = updated
+            own_moved = moved[assignment].nonzero().flatten()
+            upper[own_moved] = (x[own_moved] - centroids[assignment[own_moved]]).norm(dim=1)
+            # A small slack keeps float32 rounding from skipping a point that should move.
+            slack = 1e-4 * upper + 1e-6
+            check = (upper + slack >= lower - shift.max()).nonzero().flatten()
+            unmoved_bound = lower[check]  # unmoved centroids are still at least this far
+            lower -= shift.max()
+            moved_ids = moved.nonzero().flatten()
+            if check.numel() and 2 * moved_ids.numel() <= num_clusters:
+                nearest, first, second = nearest_two(x[check], centroids[moved_ids])
+                other = torch.where(moved_ids[nearest] == assignment[check], second, first)
+                bound = torch.minimum(unmoved_bound, other)
+                keep = upper[check] + slack[check] < bound
+                lower[check[keep]] = bound[keep]
+                check = check[~keep]
+            if check.numel() == 0:
+                break
+            new_assignment, new_upper, new_lower = nearest_two(x[check], centroids)
+            changed = bool((new_assignment != assignment[check]).any())
+            assignment[check], upper[check], lower[check] = new_assignment, new_upper, new_lower
+            if not changed:
+                break
     return assignment
