@@ -203,6 +203,8 @@ def test_batched_kmeans_plus_plus_equals_plain_greedy_seeding(seed):
             x.tolist(), 12, torch.Generator().manual_seed(seed), trials, pool_size
         )
         assert ours.tolist() == expected
+    with pytest.raises(ValueError, match="pool_size=2 must be at least trials=3"):
+        kmeans_plus_plus(x, 12, torch.Generator(), trials=3, pool_size=2)
 
 
 def test_batched_kmeans_plus_plus_draws_each_seed_with_probability_d_squared():
