@@ -213,6 +213,8 @@ def kmeans_plus_plus(
     if pool_size < trials:
         raise ValueError(f"pool_size={pool_size} must be at least trials={trials}")
     sq_norms = x.pow(2).sum(dim=1)
+    # thousands of steps of a few passes over trials x N values: on one thread unless large
+    step_threads = torch.get_num_threads() if trials * n >= 2**22 else 1
     chosen = torch.empty(num_clusters, dtype=torch.long)
     first = int(torch.randint(n, (1,), generator=generator))
     chosen[0] = first
@@ -240,7 +242,7 @@ def kmeans_plus_plus(
         closeness = torch.mm(2 * x[proposals], x.T).sub_(sq_norms[proposals].unsqueeze(1))
         rows = closeness.new_empty(trials, n)
         start = 0
-        with torch_threads(1):  # thousands of small steps: no thread synchronisation in each
+        with torch_threads(step_threads):
             while count < num_clusters:
                 current = nearest_sq[proposals[start:]].double()
                 accepted = (threshold[start:] < current).nonzero().flatten()
