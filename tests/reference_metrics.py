@@ -133,12 +133,16 @@ def lloyd_reference(
 
 
 def greedy_kmeans_plus_plus_reference(
-    points: list[list[float]], num_clusters: int, generator: Any, trials: int
+    points: list[list[float]], num_clusters: int, generator: Any, trials: int, pool_size: int
 ) -> list[int]:
     """Greedy k-means++ by plain loops, drawing from ``generator`` exactly as the package does:
-    one ``randint(n)`` for the first seed, then per seed ``trials`` uniforms in [0, 1) scaled
-    by the potential, each mapped to the first row whose cumulative D^2 exceeds it; the
-    candidate with the lowest resulting potential is kept (the first on ties)."""
+    one ``randint(n)`` for the first seed; then pools of ``min(pool_size, 2 * trials * seeds
+    left)`` proposals: as many uniforms in [0, 1) scaled by the potential at the pool's start,
+    each mapped to the first row whose cumulative D^2 exceeds it, then as many uniforms ``u``.
+    A proposal ``p`` is accepted at a step when ``u * D_0^2(p) < D^2(p)`` (``D_0`` at the
+    pool's start, ``D`` now); a seed's candidates are the first ``trials`` accepted proposals
+    after the previous seed's last candidate, and the candidate with the lowest resulting
+    potential is kept (the first on ties); a new pool is drawn when fewer are left."""
     import torch
 
     def sq(a: list[float], b: list[float]) -> float:
@@ -149,21 +153,39 @@ def greedy_kmeans_plus_plus_reference(
     chosen = [first]
     nearest = [sq(p, points[first]) for p in points]
     nearest[first] = 0.0
-    for _ in range(1, num_clusters):
+    while len(chosen) < num_clusters:
         cumulative, running = [], 0.0
         for value in nearest:
             running += value
             cumulative.append(running)
-        targets = (torch.rand(trials, generator=generator, dtype=torch.float64) * running).tolist()
-        best = None
-        for target in targets:
-            j = next(i for i, c in enumerate(cumulative) if c > target)
-            potential = sum(min(d, sq(p, points[j])) for p, d in zip(points, nearest, strict=True))
-            if best is None or potential < best[0]:
-                best = (potential, j)
-        assert best is not None
-        j = best[1]
-        chosen.append(j)
-        nearest = [min(d, sq(p, points[j])) for p, d in zip(points, nearest, strict=True)]
-        nearest[j] = 0.0
+        size = min(pool_size, 2 * trials * (num_clusters - len(chosen)))
+        targets = (torch.rand(size, generator=generator, dtype=torch.float64) * running).tolist()
+        uniforms = torch.rand(size, generator=generator, dtype=torch.float64).tolist()
+        proposals = [next((i for i, c in enumerate(cumulative) if c > t), n - 1) for t in targets]
+        at_start = [nearest[p] for p in proposals]
+        position = 0
+        while len(chosen) < num_clusters:
+            candidates = []
+            for slot in range(position, size):
+                if (
+                    len(candidates) < trials
+                    and uniforms[slot] * at_start[slot] < nearest[proposals[slot]]
+                ):
+                    candidates.append(slot)
+            if len(candidates) < trials:
+                break
+            best = None
+            for slot in candidates:
+                j = proposals[slot]
+                potential = sum(
+                    min(d, sq(p, points[j])) for p, d in zip(points, nearest, strict=True)
+                )
+                if best is None or potential < best[0]:
+                    best = (potential, j)
+            assert best is not None
+            j = best[1]
+            chosen.append(j)
+            nearest = [min(d, sq(p, points[j])) for p, d in zip(points, nearest, strict=True)]
+            nearest[j] = 0.0
+            position = candidates[-1] + 1
     return chosen

@@ -168,17 +168,74 @@ def test_torch_lloyd_equals_plain_lloyd(seed):
         assert ours.tolist() == expected
 
 
+@pytest.mark.parametrize("seed", range(2))
+def test_torch_lloyd_measuring_only_moved_centroids_equals_plain_lloyd(seed, monkeypatch):
+    # many clusters: late iterations move a few centroids, measured alone against the points
+    import mbdl.functional.kmeans as kmeans_module
+
+    measured = []
+    two_nearest = kmeans_module.two_nearest_centroids
+
+    def recording(x, centroids, budget):
+        measured.append(centroids.shape[0])
+        return two_nearest(x, centroids, budget)
+
+    monkeypatch.setattr(kmeans_module, "two_nearest_centroids", recording)
+    x, _ = blobs(seed, num_classes=30, per_class=8, dim=3)
+    x = x + 15 * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 20))
+    start = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:30]
+    ours = lloyd(x, x[start], max_iter=50)
+    expected = lloyd_reference(x.double().tolist(), x[start].double().tolist(), 50)
+    assert ours.tolist() == expected
+    assert min(measured) < 15  # the moved-centroid path ran
+
+
 @pytest.mark.parametrize("seed", range(3))
-def test_pruned_kmeans_plus_plus_equals_plain_greedy_seeding(seed):
-    # the triangle-inequality pruning must not change a single seed
+def test_batched_kmeans_plus_plus_equals_plain_greedy_seeding(seed):
+    # the pools, the rejection test and the one-GEMM gains must give the plain loop's seeds
     x, _ = blobs(seed, num_classes=9, per_class=8, dim=3)
     x = (x + 6 * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))).double()
-    for trials in (1, 3):
-        ours = kmeans_plus_plus(x, 12, torch.Generator().manual_seed(seed), trials=trials)
+    for trials, pool_size in ((1, 1), (1, 5), (3, 3), (3, 7), (3, 1024)):
+        ours = kmeans_plus_plus(
+            x, 12, torch.Generator().manual_seed(seed), trials=trials, pool_size=pool_size
+        )
         expected = greedy_kmeans_plus_plus_reference(
-            x.tolist(), 12, torch.Generator().manual_seed(seed), trials
+            x.tolist(), 12, torch.Generator().manual_seed(seed), trials, pool_size
         )
         assert ours.tolist() == expected
+    with pytest.raises(ValueError, match="pool_size=2 must be at least trials=3"):
+        kmeans_plus_plus(x, 12, torch.Generator(), trials=3, pool_size=2)
+
+
+def test_batched_kmeans_plus_plus_draws_each_seed_with_probability_d_squared():
+    # k-means++ (one trial): P(a, b, c) = 1/n * D_a^2(b) / sum D_a^2 * D_ab^2(c) / sum D_ab^2.
+    # Pools of 8 proposals drawn from a stale D^2 must still give these by rejection.
+    points = torch.tensor([[0.0], [1.0], [3.0], [7.0], [15.0]], dtype=torch.float64)
+    n, draws = points.shape[0], 6000
+    square = (points - points.T).pow(2)
+    expected = {}
+    for a in range(n):
+        for b in range(n):
+            for c in range(n):
+                if len({a, b, c}) < 3:
+                    continue
+                after_a = square[a]
+                after_ab = torch.minimum(square[a], square[b])
+                p = (after_a[b] / after_a.sum()) * (after_ab[c] / after_ab.sum()) / n
+                expected[(a, b, c)] = float(p)
+    counts = dict.fromkeys(expected, 0)
+    for seed in range(draws):
+        g = torch.Generator().manual_seed(seed)
+        triple = tuple(kmeans_plus_plus(points, 3, g, trials=1, pool_size=8).tolist())
+        counts[triple] += 1  # a KeyError would mean a repeated seed
+    # Pearson's chi-square, the triples expected fewer than 5 times pooled into one cell
+    rare = [t for t, p in expected.items() if draws * p < 5]
+    cells = [([t], expected[t]) for t in expected if t not in rare]
+    cells.append((rare, sum(expected[t] for t in rare)))
+    chi_square = sum(
+        (sum(counts[t] for t in group) - draws * p) ** 2 / (draws * p) for group, p in cells
+    )
+    assert chi_square < 2 * len(cells)  # about 40 degrees of freedom; a stale D^2: thousands
 
 
 def separated(seed, num_clusters=20, per_cluster=10):
@@ -308,3 +365,15 @@ def test_kmeans_errors():
         kmeans(x, 2, restarts=0)
     with pytest.raises(ValueError, match="NaN"):
         kmeans(torch.full((4, 2), float("nan")), 2)
+
+
+def test_kmeans_restores_the_torch_thread_count():
+    # the seeding steps and Lloyd's bookkeeping run on one thread, the GEMMs on all of them
+    x, _ = blobs(3, num_classes=6, per_class=10)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        kmeans(x, 6, seed=0)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)

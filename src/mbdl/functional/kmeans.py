@@ -1,15 +1,16 @@
 """Seeded k-means for the clustering metrics: k-means++ seeding, Lloyd iterations, restarts.
 
-Each restart seeds ``num_clusters`` centres by k-means++ (Arthur and Vassilvitskii, "k-means++:
-The Advantages of Careful Seeding", SODA 2007): the first centre is a random row, each next one
-a row drawn with probability proportional to its squared distance ``D(x)^2`` to the nearest
-centre so far. The seeding is vectorised and pruned by the triangle inequality (Elkan, ICML
-2003; Raff, "Exact Acceleration of K-Means++ and K-Means||", IJCAI 2021): a point owned by centre
-``c_j`` can only come closer to the new centre ``c`` when ``|c - c_j| < 2 D(x)``, so only the
-points of centres with ``|c - c_j| < 2 r_j`` (``r_j`` the largest ``D`` among their points) are
-measured. Lloyd's algorithm then runs from those centres, in torch (exact, chunked, Hamerly's
-bounds, stops when no assignment changes) or in faiss (``niter`` iterations, no subsampling).
-Of ``restarts`` runs the one with the lowest inertia (within-cluster sum of squares) is kept.
+Each restart seeds ``num_clusters`` centres by greedy k-means++ (Arthur and Vassilvitskii,
+"k-means++: The Advantages of Careful Seeding", SODA 2007; the greedy variant of scikit-learn):
+the first centre is a random row, each next one the best (lowest potential) of a few rows drawn
+with probability proportional to their squared distance ``D(x)^2`` to the nearest centre so
+far. The draws are batched by rejection sampling: a pool of proposals drawn from the potential
+at the pool's start gets its distances to all rows from one GEMM, and each step accepts a
+proposal with probability ``D^2 / D_0^2``, which leaves the seeds distributed exactly as
+sequential k-means++. Lloyd's algorithm then runs from those centres, in torch (exact, chunked,
+Hamerly's bounds, only moved centroids measured, stops when no assignment changes) or in faiss
+(``niter`` iterations, no subsampling). Of ``restarts`` runs the one with the lowest inertia
+(within-cluster sum of squares) is kept.
 
 The seeding is the same for both backends (torch, from one generator seeded by ``seed``), so
 they differ only by floating-point rounding in Lloyd's iterations. Rows are scaled by a power
@@ -20,6 +21,8 @@ invariant to that scaling.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -151,81 +154,112 @@ def within_cluster_sum_of_squares(x: Tensor, assignment: Tensor) -> float:
     return float((x64 - means[assignment]).pow(2).sum())
 
 
+SEEDING_BUFFER_BYTES = 2**28
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run torch's CPU operations on ``count`` threads, then restore the previous count.
+
+    Loops of many small operations run on one: each multi-threaded operation waits for all its
+    threads to be scheduled, which on a loaded machine costs a time slice per operation."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def seeding_pool_size(n: int, trials: int) -> int:
+    """Proposals per pool of :func:`kmeans_plus_plus` for ``n`` rows: up to 1,024 (enough for
+    an efficient GEMM) while the ``pool x n`` float32 distances fit in 256 MiB, never fewer
+    than ``trials``. It depends on ``n`` alone, so the memory budget never changes the seeds."""
+    return max(trials, min(1024, SEEDING_BUFFER_BYTES // (4 * max(n, 1))))
+
+
 def kmeans_plus_plus(
-    x: Tensor, num_clusters: int, generator: torch.Generator, trials: int | None = None
+    x: Tensor,
+    num_clusters: int,
+    generator: torch.Generator,
+    trials: int | None = None,
+    *,
+    pool_size: int | None = None,
 ) -> Tensor:
     """Row indices of ``num_clusters`` greedy k-means++ seeds of ``x`` (float32, ``N x d``).
 
-    Each step draws ``trials`` candidates (default ``2 + floor(ln k)``, as scikit-learn) with
-    probability proportional to ``D(x)^2`` and keeps the one that lowers the potential
-    ``sum_x D(x)^2`` most. Draws from ``generator`` (a CPU generator). Once every point
-    coincides with a centre (duplicates), the remaining seeds are drawn uniformly among the
-    rows not yet chosen.
+    Each step takes ``trials`` candidates (default ``2 + floor(ln k)``, as scikit-learn) drawn
+    with probability proportional to ``D(x)^2``, the squared distance to the nearest seed so
+    far, and keeps the one that lowers the potential ``sum_x D(x)^2`` most.
+
+    Batched by rejection sampling, so that the distances come from one GEMM per pool instead
+    of one thin GEMM per seed: a pool of ``pool_size`` proposals is drawn at once from the
+    potential ``D_0^2`` at the pool's start, together with one uniform ``u`` each, and their
+    distances to every row are computed in one matrix multiply. A step scans the pool in order
+    and accepts a proposal ``p`` when ``u * D_0^2(p) < D^2(p)`` (``D`` the current distances);
+    an accepted proposal is then distributed exactly as ``D^2`` now (``D <= D_0``: rejection
+    sampling), so the seeds are those of sequential greedy k-means++, with a different random
+    stream. The first ``trials`` accepted proposals are the step's candidates; a new pool (of
+    at most ``2 * trials`` proposals per seed still to find) is drawn when fewer are left. Draws from ``generator`` (a CPU generator). Once every point
+    coincides with a seed (duplicates), the remaining seeds are drawn uniformly among the rows
+    not yet chosen.
     """
     n = x.shape[0]
     device = x.device
     if trials is None:
         trials = 2 + int(math.log(num_clusters))
+    if pool_size is None:
+        pool_size = seeding_pool_size(n, trials)
+    if pool_size < trials:
+        raise ValueError(f"pool_size={pool_size} must be at least trials={trials}")
     sq_norms = x.pow(2).sum(dim=1)
+    # thousands of steps of a few passes over trials x N values: on one thread unless large
+    step_threads = torch.get_num_threads() if trials * n >= 2**22 else 1
     chosen = torch.empty(num_clusters, dtype=torch.long)
-    centres = x.new_empty(num_clusters, x.shape[1])
-    centre_sq = x.new_empty(num_clusters)
-    radius = x.new_zeros(num_clusters)  # an upper bound on D(x) over the points a centre owns
     first = int(torch.randint(n, (1,), generator=generator))
     chosen[0] = first
-    centres[0], centre_sq[0] = x[first], sq_norms[first]
     nearest_sq = (sq_norms + sq_norms[first] - 2 * (x @ x[first])).clamp_min_(0)
     nearest_sq[first] = 0
-    owner = torch.zeros(n, dtype=torch.long, device=device)
-    radius[0] = nearest_sq.max().sqrt()
-    taken: Tensor | None = None
-    for i in range(1, num_clusters):
+    count = 1
+    while count < num_clusters:
         cumulative = torch.cumsum(nearest_sq, 0, dtype=torch.float64)
         total = float(cumulative[-1])
-        if total > 0:
-            targets = torch.rand(trials, generator=generator, dtype=torch.float64) * total
-            picks = torch.searchsorted(cumulative, targets.to(device), right=True)
-            picks = picks.clamp_max_(n - 1)
-            # rounding may land on a zero-probability row: take the last row with weight
-            picks = torch.where(
-                nearest_sq[picks] > 0, picks, torch.searchsorted(cumulative, cumulative[-1:])
-            )
-        else:
-            if taken is None:
-                taken = torch.zeros(n, dtype=torch.bool)
-                taken[chosen[:i]] = True
+        if total <= 0:  # every row coincides with a seed: the rest uniformly among the others
+            taken = torch.zeros(n, dtype=torch.bool)
+            taken[chosen[:count]] = True
             free = (~taken).nonzero().flatten()
-            picks = free[torch.randint(free.numel(), (1,), generator=generator)].to(device)
-        candidates = x[picks]
-        # centres whose points may come closer to a candidate: |c - c_j| < 2 r_j (with slack)
-        between = centre_sq[:i, None] + sq_norms[picks][None, :] - 2 * (centres[:i] @ candidates.T)
-        reach = 2 * radius[:i] * 1.001 + 1e-6 * (1 + centre_sq[:i].sqrt())
-        groups = (between.clamp_min_(0).sqrt_() < reach[:, None]).any(dim=1)
-        if bool(groups.all()):  # every point may move: no gathers
-            points: Tensor | None = None
-            rows, rows_sq, rows_nearest = x, sq_norms, nearest_sq
-        else:
-            points = groups[owner].nonzero().flatten()
-            rows, rows_sq, rows_nearest = x[points], sq_norms[points], nearest_sq[points]
-        distance_sq = torch.addmm(
-            rows_sq[:, None] + sq_norms[picks][None, :], rows, candidates.T, alpha=-2.0
-        ).clamp_min_(0)
-        gain = (rows_nearest[:, None] - distance_sq).clamp_min_(0).sum(dim=0, dtype=torch.float64)
-        best = int(torch.argmax(gain))
-        j = int(picks[best])
-        if taken is not None:
-            taken[j] = True
-        chosen[i] = j
-        centres[i], centre_sq[i] = x[j], sq_norms[j]
-        column = distance_sq[:, best]
-        closer = column < rows_nearest
-        moved = closer.nonzero().flatten() if points is None else points[closer]
-        moved_sq = column[closer]
-        nearest_sq[moved] = moved_sq
-        nearest_sq[j] = 0
-        owner[moved] = i
-        owner[j] = i
-        radius[i] = moved_sq.max().sqrt() if moved_sq.numel() else 0.0
+            order = torch.randperm(free.numel(), generator=generator)[: num_clusters - count]
+            chosen[count:] = free[order]
+            break
+        size = min(pool_size, 2 * trials * (num_clusters - count))  # no waste near the end
+        targets = torch.rand(size, generator=generator, dtype=torch.float64) * total
+        uniforms = torch.rand(size, generator=generator, dtype=torch.float64)
+        proposals = torch.searchsorted(cumulative, targets.to(device), right=True)
+        proposals = proposals.clamp_max_(n - 1)
+        # rounding may land on a zero-weight row: u * 0 < D^2 never holds, so it is rejected
+        threshold = uniforms.to(device) * nearest_sq[proposals].double()
+        # 2 p.x - |p|^2 for every proposal p and row x, so |x - p|^2 = |x|^2 - this
+        closeness = torch.mm(2 * x[proposals], x.T).sub_(sq_norms[proposals].unsqueeze(1))
+        rows = closeness.new_empty(trials, n)
+        start = 0
+        with torch_threads(step_threads):
+            while count < num_clusters:
+                current = nearest_sq[proposals[start:]].double()
+                accepted = (threshold[start:] < current).nonzero().flatten()
+                if accepted.numel() < trials:
+                    break
+                candidates = start + accepted[:trials]
+                # gain of a candidate c: sum_x max(0, D^2(x) - |x - c|^2)
+                torch.index_select(closeness, 0, candidates, out=rows)
+                gain = rows.add_(nearest_sq - sq_norms).clamp_min_(0).sum(dim=1)
+                best = int(candidates[int(torch.argmax(gain))])
+                j = int(proposals[best])
+                chosen[count] = j
+                count += 1
+                column = (sq_norms - closeness[best]).clamp_min_(0)
+                torch.minimum(nearest_sq, column, out=nearest_sq)
+                nearest_sq[j] = 0
+                start = int(candidates[-1]) + 1
     return chosen.to(device)
 
 
@@ -281,40 +315,62 @@ def two_nearest_centroids(
 
 
 def lloyd(x: Tensor, centres: Tensor, *, max_iter: int, budget: int = 2**30) -> Tensor:
-    """Lloyd's algorithm from ``centres``, with Hamerly's bounds (Hamerly, "Making k-means even faster", SDM 2010).
+    """Lloyd's algorithm from ``centres``, with Hamerly's bounds (Hamerly, "Making k-means even faster", SDM 2010)
+    and only the moved centroids measured.
 
-    Each point keeps an upper bound on the distance to its centroid and a lower bound on the
-    distance to every other centroid; after centroids move by ``shift``, the bounds move by at
-    most ``shift``, and a point whose upper bound stays below its lower bound cannot change
-    cluster, so only the other points are re-assigned. The result is that of plain Lloyd: each
-    iteration assigns every point to its nearest centroid, then moves each non-empty cluster's
-    centroid to its mean; it stops early when no assignment changes.
+    Each point keeps its distance to its centroid (``upper``) and a lower bound on the distance
+    to every other centroid (``lower``). After an update step, a point skips the assignment when
+    ``upper < lower - max shift`` (Hamerly). Otherwise only the centroids that moved are
+    measured (one GEMM against them): the unmoved ones are still at least ``lower`` away, so a
+    point closer to its own centroid than to ``min(lower, nearest other moved centroid)`` keeps
+    it; the rest are measured against every centroid. Late iterations move few centroids, so
+    they cost a fraction of a full assignment. The result is that of plain Lloyd: each iteration
+    assigns every point to its nearest centroid, then moves each non-empty cluster's centroid to
+    its mean; it stops early when no assignment changes.
     """
     x = x.detach().float()
     centroids = centres.to(x).clone()
     num_clusters = centroids.shape[0]
-    assignment, upper, lower = two_nearest_centroids(x, centroids, budget)
-    for _ in range(max_iter):
-        sums = torch.zeros_like(centroids).index_add_(0, assignment, x)
-        counts = torch.bincount(assignment, minlength=num_clusters).to(x.dtype)
-        filled = counts > 0
-        moved = centroids.clone()
-        moved[filled] = sums[filled] / counts[filled].unsqueeze(1)
-        shift = (moved - centroids).norm(dim=1)
-        centroids = moved
-        upper = upper + shift[assignment]
-        lower = lower - shift.max()
-        # A small slack keeps float32 rounding from skipping a point that should move.
-        slack = 1e-4 * upper + 1e-6
-        check = (upper + slack >= lower).nonzero().flatten()
-        if check.numel():
-            upper[check] = (x[check] - centroids[assignment[check]]).norm(dim=1)
-            check = check[upper[check] + slack[check] >= lower[check]]
-        if check.numel() == 0:
-            break
-        new_assignment, new_upper, new_lower = two_nearest_centroids(x[check], centroids, budget)
-        changed = bool((new_assignment != assignment[check]).any())
-        assignment[check], upper[check], lower[check] = new_assignment, new_upper, new_lower
-        if not changed:
-            break
+    threads = torch.get_num_threads()
+
+    def nearest_two(rows: Tensor, candidates: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        large = rows.shape[0] * candidates.shape[0] >= 2**22  # worth all threads
+        with torch_threads(threads if large else 1):
+            return two_nearest_centroids(rows, candidates, budget)
+
+    with torch_threads(1):  # the bookkeeping between the GEMMs: small operations
+        assignment, upper, lower = nearest_two(x, centroids)
+        for _ in range(max_iter):
+            sums = torch.zeros_like(centroids).index_add_(0, assignment, x)
+            counts = torch.bincount(assignment, minlength=num_clusters).to(x.dtype)
+            filled = counts > 0
+            updated = centroids.clone()
+            updated[filled] = sums[filled] / counts[filled].unsqueeze(1)
+            moved = (updated != centroids).any(dim=1)
+            if not bool(moved.any()):
+                break
+            shift = (updated - centroids).norm(dim=1)
+            centroids = updated
+            own_moved = moved[assignment].nonzero().flatten()
+            upper[own_moved] = (x[own_moved] - centroids[assignment[own_moved]]).norm(dim=1)
+            # A small slack keeps float32 rounding from skipping a point that should move.
+            slack = 1e-4 * upper + 1e-6
+            check = (upper + slack >= lower - shift.max()).nonzero().flatten()
+            unmoved_bound = lower[check]  # unmoved centroids are still at least this far
+            lower -= shift.max()
+            moved_ids = moved.nonzero().flatten()
+            if check.numel() and 2 * moved_ids.numel() <= num_clusters:
+                nearest, first, second = nearest_two(x[check], centroids[moved_ids])
+                other = torch.where(moved_ids[nearest] == assignment[check], second, first)
+                bound = torch.minimum(unmoved_bound, other)
+                keep = upper[check] + slack[check] < bound
+                lower[check[keep]] = bound[keep]
+                check = check[~keep]
+            if check.numel() == 0:
+                break
+            new_assignment, new_upper, new_lower = nearest_two(x[check], centroids)
+            changed = bool((new_assignment != assignment[check]).any())
+            assignment[check], upper[check], lower[check] = new_assignment, new_upper, new_lower
+            if not changed:
+                break
     return assignment
