@@ -89,9 +89,10 @@ CONFIG_SCHEMA: dict[str, tuple[str, Any, tuple[Any, ...] | None, str]] = {
         "str",
         "auto",
         ("auto", "memory", "disk", "off"),
-        "Decode a file source's training images once, resized, as uint8 (mbdl.data.cache): auto: "
+        "Decode a file source's training images once, resized, as uint8 (mbdl.data.cache), and "
+        "its evaluation splits once at the network's input size: auto: "
         "in memory when they fit in a quarter of the available memory, else a memory-mapped "
-        "file in the cache directory; off: decode every image every epoch.",
+        "file in the cache directory; off: decode every image every epoch and evaluation.",
     ),
     "data.skip_corrupt": (
         "bool",

@@ -68,7 +68,7 @@ from mbdl.config import (
     load_config,
 )
 from mbdl.data.batched import batched_training_data
-from mbdl.data.cache import decoded_training_split
+from mbdl.data.cache import decode_splits
 from mbdl.distributed import (
     DistributedInfo,
     GatheredLoss,
@@ -529,12 +529,7 @@ class Trainer:
         if not self.dist.is_main:
             barrier()  # rank 0 builds caches or downloads first
         self.splits = load_data(config)
-        self.splits.train = decoded_training_split(
-            self.splits.train,
-            self.splits.image_size,
-            self.splits.channels,
-            mode=config.data.cache,
-        )
+        decode_splits(self.splits, config.data.cache)  # training and evaluation splits, once
         if self.dist.is_main:
             barrier()
         train_set = self.splits.train
