@@ -69,14 +69,22 @@ class BatchAugment:
 
     def __call__(self, images: Tensor, params: Tensor) -> Tensor:
         """Augment ``images`` (``uint8``, on any device) with ``params`` from :meth:`draw`."""
+        return self.scale(self.geometry(images, params))
+
+    def geometry(self, images: Tensor, params: Tensor) -> Tensor:
+        """The geometric part: ``uint8`` out for ``crop`` and ``none`` (a quarter of the bytes
+        to pass between processes), float in ``[0, 1]`` for ``affine``."""
         if images.shape[1] != self.channels:  # grey stored, three channels wanted
             images = images.expand(-1, self.channels, -1, -1)
         if self.kind == "crop":
-            out = crop_resize_flip(images, params, self.image_size).float().div_(255)
-        else:
-            out = images.float().div_(255)
-            if self.kind == "affine":
-                out = affine_nearest(out, params.to(out.device))
+            return crop_resize_flip(images, params, self.image_size)
+        if self.kind == "affine":
+            return affine_nearest(images.float().div_(255), params.to(images.device))
+        return images
+
+    def scale(self, images: Tensor) -> Tensor:
+        """:meth:`geometry`'s output as float in ``[0, 1]``, ImageNet-normalised if asked."""
+        out = images.float().div_(255) if images.dtype == torch.uint8 else images
         if self.imagenet_norm:
             mean: tuple[float, ...] = IMAGENET_MEAN
             std: tuple[float, ...] = IMAGENET_STD
@@ -187,7 +195,14 @@ def _resize_bilinear(images: Tensor, size: int) -> Tensor:
 class InMemoryBatches(Dataset[tuple[Tensor, Tensor, Tensor]]):
     """``batches[[(index, seed), ...]] -> (uint8 images [B, C, H, W], labels [B], params [B, P])``
     of an :class:`ArrayImageDataset`, for ``DataLoader(batch_size=None, sampler=SeededBatches)``;
-    the trainer applies :attr:`augment` to the images on its device."""
+    the trainer's :meth:`finish` applies :attr:`augment` to the images on its device.
+
+    With :attr:`augment_in_loader` (training on a CPU) the geometric part of the augmentation is
+    done here instead, in the loader, so that worker processes overlap it with the training step;
+    :meth:`finish` then only scales it to float. Same numbers either way.
+    """
+
+    augment_in_loader: bool = False
 
     def __init__(self, dataset: ArrayImageDataset, augment: BatchAugment) -> None:
         with warnings.catch_warnings():  # a read-only memory map (mbdl.data.cache) is not written
@@ -206,7 +221,17 @@ class InMemoryBatches(Dataset[tuple[Tensor, Tensor, Tensor]]):
         seeds = pairs[:, 1].astype(np.uint64)
         height, width = self.images.shape[-2:]
         params = self.augment.draw(seeds, int(height), int(width))
-        return self.images[indices], self.labels[indices], params
+        images = self.images[indices]
+        if self.augment_in_loader:
+            images = self.augment.geometry(images, params)
+        return images, self.labels[indices], params
+
+    def finish(self, images: Tensor, params: Tensor) -> Tensor:
+        """The augmented batch from a loaded one (with :attr:`augment_in_loader`, its geometry
+        was done in the loader: only the scaling is left)."""
+        if self.augment_in_loader:
+            return self.augment.scale(images)
+        return self.augment(images, params)
 
 
 def batched_training_data(dataset: Any) -> InMemoryBatches | None:

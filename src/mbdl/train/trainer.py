@@ -69,6 +69,7 @@ from mbdl.config import (
 )
 from mbdl.data.batched import batched_training_data
 from mbdl.data.cache import decode_splits
+from mbdl.data.workers import loader_workers
 from mbdl.distributed import (
     DistributedInfo,
     GatheredLoss,
@@ -361,7 +362,7 @@ def embed_with_config(
         dataset,
         batch_size=config.eval.batch_size,
         device=str(device),
-        num_workers=config.data.num_workers,
+        num_workers=loader_workers(config.data.num_workers, dataset, training=False),
     )
 
 
@@ -604,13 +605,18 @@ class Trainer:
             )
         self.loader_generator = torch.Generator()
         self.batched = batched_training_data(train_set)
+        if self.batched is not None:  # on a CPU, loader workers overlap the augmentation
+            self.batched.augment_in_loader = self.device.type == "cpu"
         self.loader: DataLoader[Any]
+        loaded = self.batched if self.batched is not None else SeededDataset(train_set)
+        workers = loader_workers(config.data.num_workers, loaded, training=True)
         if self.batched is not None:  # in memory: whole batches, augmented on self.device
             self.loader = DataLoader(
                 self.batched,
                 sampler=SeededBatches(self.sampler, config.seed),
                 batch_size=None,
-                num_workers=config.data.num_workers,
+                num_workers=workers,
+                persistent_workers=workers > 0,  # not started again every epoch
                 pin_memory=self.device.type == "cuda",
                 generator=self.loader_generator,
             )
@@ -618,7 +624,8 @@ class Trainer:
             self.loader = DataLoader(
                 SeededDataset(train_set),
                 batch_sampler=SeededBatches(self.sampler, config.seed),
-                num_workers=config.data.num_workers,
+                num_workers=workers,
+                persistent_workers=workers > 0,  # not started again every epoch
                 pin_memory=self.device.type == "cuda",
                 generator=self.loader_generator,
             )
@@ -787,7 +794,7 @@ class Trainer:
             return batch[0], batch[1]
         images, labels, params = batch
         images = images.to(self.device, non_blocking=True)
-        return self.batched.augment(images, params), labels
+        return self.batched.finish(images, params), labels
 
     def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
         images = images.to(self.device, non_blocking=True)
