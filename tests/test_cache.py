@@ -178,7 +178,6 @@ def test_trainer_evaluates_the_cached_splits_to_the_same_metrics(tmp_path: Path)
             "train.batch_classes=2",
             "train.batch_per_class=2",
             "train.max_steps_per_epoch=1",
-            "train.num_threads=1",
             "train.progress=false",
             "eval.report=false",
             "eval.kmeans_restarts=1",
