@@ -267,6 +267,16 @@ def markdown(payload: dict[str, Any]) -> str:
             f"{r['ratio_after_0_workers']:.2f} | {r['data_share_before']:.0%} | "
             f"{r['data_share_after']:.0%} | {r['data_share_after_0_workers']:.0%} |"
         )
+    loads = [float(x) for x in str(payload["load_average"]).split(", ") if x]
+    if loads and max(loads) > payload["cpus"]:
+        lines += [
+            "",
+            f"**Measured under load** (1-minute load average up to {max(loads):.1f} on "
+            f"{payload['cpus']} CPUs, from other jobs; the benchmark ran at autogroup nice -10): "
+            "interleaving spreads the contention over the variants, but a 2-thread network and a "
+            "loader process do not suffer it alike, so these ratios are indicative only; rerun on a "
+            "quiet machine before quoting them.",
+        ]
     folder = payload["setups"].get("smallcnn-folder64")
     if folder:
         lines += [

@@ -1,16 +1,21 @@
 """``data.num_workers=auto``: DataLoader worker processes sized to the machine and the data path.
 
-Measured with ``benchmarks/train.py`` (the step with and without a worker, interleaved in one
-run) and trainer epochs (see docs/benchmarks.md):
+Chosen by measurement (2 CPUs shared with other jobs, load average 11-15, so indicative only;
+docs/benchmarks.md): ``benchmarks/train.py`` interleaves the step with the trainer's path with
+and without one worker: step / network 0.94 against 0.88 (smallvgg, glyphs), 0.97 against 0.93
+(smallcnn, glyphs), 0.92 both (smallcnn, 64-px folder); whole trainer epochs (smallcnn, glyphs)
+ran at 2122, 3318 and 3490 images/s with 0, 1 and 2 workers. Hence:
 
-- training from memory by whole batches (:mod:`mbdl.data.batched`, CPU): one worker process
-  draws, gathers and augments the next batch while the main process trains on this one; a
-  second adds nothing measurable;
-- training image by image (PIL transforms, files decoded every epoch): the work is per image and
-  parallel, so one worker per CPU but one (the training step's), at most :data:`MAX_WORKERS`;
+- training from memory by whole batches (:mod:`mbdl.data.batched`, CPU): one persistent worker
+  process draws, gathers and does the geometric augmentation of the next batch while the main
+  process trains on this one (a second added nothing beyond the noise);
+- training image by image (PIL transforms, files decoded every epoch; ``data.cache=off`` or a
+  custom transform): the work is per image and parallel, so one worker per CPU but one (the
+  training step's), at most :data:`MAX_WORKERS` (by reasoning; not measured here);
 - evaluation from memory (:class:`~mbdl.data.splits.ArrayImageDataset`, a decoded evaluation
-  split of :mod:`mbdl.data.cache`): none; an item costs microseconds and starting the processes
-  again for every evaluation costs more than it saves; from files: as training image by image.
+  split of :mod:`mbdl.data.cache`): none (by reasoning, not measured: an item is a copy and a
+  ``ToTensor``, while worker processes would start again at every evaluation); from files: as
+  training image by image.
 """
 
 from __future__ import annotations
