@@ -187,3 +187,5 @@ def test_augmenting_in_the_loader_gives_the_same_batches(
     assert torch.equal(in_loader.finish(loaded, loaded_params), expected)
     if in_loader.augment.kind == "crop":
         assert loaded.dtype == torch.uint8  # a quarter of the bytes between processes
+        # stored [N, H, W, 3]: channels-last out, as the trainer feeds the network
+        assert expected.is_contiguous(memory_format=torch.channels_last)

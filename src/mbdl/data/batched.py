@@ -170,7 +170,15 @@ def crop_resize_flip(images: Tensor, params: Tensor, size: int) -> Tensor:
     ``interpolate`` on CPUs; elsewhere in float, rounded back to ``uint8``. The flips are one
     indexing of the whole batch.
     """
-    out = images.new_empty(images.shape[0], images.shape[1], size, size)
+    # in the images' memory format: RGB squares stored [N, H, W, 3] come out channels-last, the
+    # format the trainer feeds a convolutional network (no conversion copy on its critical path)
+    channels_last = images.is_contiguous(memory_format=torch.channels_last)
+    out = torch.empty(
+        (images.shape[0], images.shape[1], size, size),
+        dtype=images.dtype,
+        device=images.device,
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format,
+    )
     for k, (top, left, h, w) in enumerate(params[:, :4].long().tolist()):
         crop = images[k : k + 1, :, top : top + h, left : left + w]
         if (h, w) != (size, size):
