@@ -10,13 +10,16 @@ For each setup this measures, interleaved so that machine load hits every varian
   (each image a PIL image through its transform, in the main process, files decoded every
   epoch), *after* the trainer's path since issue 16 (glyphs: whole batches from memory,
   augmented as tensors, :mod:`mbdl.data.batched`; a folder: decoded once into memory,
-  :mod:`mbdl.data.cache`, then the same batched path);
-- ``data_before`` / ``data_after``: the data paths alone.
+  :mod:`mbdl.data.cache`, then the same batched path), with the trainer's default
+  ``data.num_workers=auto`` (:mod:`mbdl.data.workers`: a persistent worker process draws,
+  gathers and augments the next batch); ``step_after_0_workers`` the same in the main process;
+- ``data_before`` / ``data_after`` / ``data_after_0_workers``: the data paths alone (with a
+  worker: the main process's wait for the next batch).
 
 The ratio that matters is ``network time / step time`` (target: at least 0.9). Setups: the
 default ``smallvgg`` on 32-px glyphs (P x K = 32 x 4), the former default ``smallcnn`` on the
 same, and ``smallcnn`` on a folder of 64-px PNGs (written by the script: 300 classes x 12
-images; 3 channels, random-resized-crop augmentation). Torch uses 2 threads, ``num_workers=0``.
+images; 3 channels, random-resized-crop augmentation). Torch uses 2 threads in the main process.
 
     python benchmarks/train.py            # all setups, writes benchmarks/results/train.json
     python benchmarks/train.py --quick    # a smoke run (2 repeats), writes nothing
@@ -46,6 +49,7 @@ from benchmarks.common import machine, write_results
 from mbdl.data import ClassBalancedBatchSampler, load_splits
 from mbdl.data.batched import batched_training_data
 from mbdl.data.cache import decoded_training_split
+from mbdl.data.workers import loader_workers
 from mbdl.losses import build_loss
 from mbdl.models import build_model
 from mbdl.train.trainer import SeededBatches, SeededDataset, amp_dtype
@@ -82,7 +86,7 @@ CLASSES_PER_BATCH, SAMPLES_PER_CLASS, EMBEDDING_DIM = 32, 4, 64
 class BatchStream:
     """Endless ``(images, labels)`` from the per-image loader or the trainer's batched one."""
 
-    def __init__(self, dataset: Any, batched: bool) -> None:
+    def __init__(self, dataset: Any, batched: bool, workers: int | str = 0) -> None:
         self.sampler = ClassBalancedBatchSampler(
             dataset.labels, CLASSES_PER_BATCH, SAMPLES_PER_CLASS, seed=0
         )
@@ -90,10 +94,18 @@ class BatchStream:
         if batched and self.batches is None:
             raise ValueError("this dataset does not take the batched path")
         seeded = SeededBatches(self.sampler, 0)
+        if self.batches is not None:  # as the trainer on a CPU: augmented in the loader
+            self.batches.augment_in_loader = True
+        loaded = self.batches if self.batches is not None else SeededDataset(dataset)
+        self.workers = loader_workers(workers, loaded, training=True)
+        options: dict[str, Any] = {
+            "num_workers": self.workers,
+            "persistent_workers": self.workers > 0,
+        }
         self.loader: DataLoader[Any] = (
-            DataLoader(self.batches, sampler=seeded, batch_size=None)
+            DataLoader(self.batches, sampler=seeded, batch_size=None, **options)
             if self.batches is not None
-            else DataLoader(SeededDataset(dataset), batch_sampler=seeded)
+            else DataLoader(SeededDataset(dataset), batch_sampler=seeded, **options)
         )
         self.epoch = 0
         self.sampler.set_epoch(0)
@@ -110,7 +122,7 @@ class BatchStream:
         if self.batches is None:
             return batch[0], batch[1]
         images, labels, params = batch
-        return self.batches.augment(images, params), labels
+        return self.batches.finish(images, params), labels
 
 
 def write_png_folder(root: Path, classes: int = 300, per_class: int = 12, size: int = 64) -> None:
@@ -157,8 +169,10 @@ def run_setup(name: str, spec: dict[str, Any], repeats: int, data_root: Path) ->
     amp = amp_dtype("auto", torch.device("cpu"))
     loss_fn = build_loss("mdl")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)  # tiny: the weights barely move
-    before, after = BatchStream(before_set, batched=False), BatchStream(after_set, batched=True)
-    fixed_images, _ = after.next()
+    before = BatchStream(before_set, batched=False)
+    after_in_process = BatchStream(after_set, batched=True)
+    after = BatchStream(after_set, batched=True, workers="auto")  # the trainer's default
+    fixed_images, _ = after_in_process.next()
 
     def autocast() -> Any:
         if amp is None:
@@ -187,8 +201,10 @@ def run_setup(name: str, spec: dict[str, Any], repeats: int, data_root: Path) ->
         "network": network_step,
         "step_before": full_step(before),
         "step_after": full_step(after),
+        "step_after_0_workers": full_step(after_in_process),
         "data_before": lambda: before.next() and None,
         "data_after": lambda: after.next() and None,
+        "data_after_0_workers": lambda: after_in_process.next() and None,
     }
     for fn in variants.values():
         fn()
@@ -210,8 +226,11 @@ def run_setup(name: str, spec: dict[str, Any], repeats: int, data_root: Path) ->
         "images_per_s": rate,
         "ratio_before": rate["step_before"] / rate["network"],
         "ratio_after": rate["step_after"] / rate["network"],
+        "ratio_after_0_workers": rate["step_after_0_workers"] / rate["network"],
+        "workers_after": after.workers,
         "data_share_before": rate["network"] / rate["data_before"],
         "data_share_after": rate["network"] / rate["data_after"],
+        "data_share_after_0_workers": rate["network"] / rate["data_after_0_workers"],
         "raw_wall_s": times,
     }
 
@@ -221,7 +240,7 @@ def markdown(payload: dict[str, Any]) -> str:
         "## train: the whole training step against the network alone",
         "",
         f"`python benchmarks/train.py`, {payload['date']}, {payload['cpus']} CPUs, torch "
-        f"{payload['torch']} with 2 threads, CPU, `num_workers=0`; 1-minute load average "
+        f"{payload['torch']} with 2 threads, CPU; 1-minute load average "
         f"{payload['load_average']} at the start and end of each setup (other jobs shared the "
         "machine: every ratio below is between variants interleaved in the same run, medians). "
         "*Network*: forward + backward + AdamW on a fixed batch (bf16 autocast where "
@@ -229,20 +248,35 @@ def markdown(payload: dict[str, Any]) -> str:
         "data path and the MDL loss; *before*: the per-image path (PIL transforms per image, "
         "files decoded every epoch); *after*: the trainer's path now (whole batches from memory "
         "augmented as tensors; a folder decoded once into memory first). *Data share*: the data "
-        "path alone, as a fraction of the network step's time. Target: step / network >= 0.9.",
+        "path alone, as a fraction of the network step's time. *After* runs with the trainer's "
+        "default `data.num_workers=auto` (the workers column: a persistent process draws, "
+        "gathers and augments the next batch); *0 workers*: the same path in the main process. "
+        "Target: step / network >= 0.9.",
         "",
         "| setup | network images/s | step before | step after | step / network, before "
-        "| step / network, after | data share before | data share after |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| step / network, after (workers) | step / network, after, 0 workers "
+        "| data share before | data share after | data share after, 0 workers |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in payload["setups"].items():
         rate = r["images_per_s"]
         lines.append(
             f"| {name} ({r['backbone']}, {r['image_size']} px, {r['channels']} ch) | "
             f"{rate['network']:.0f} | {rate['step_before']:.0f} | {rate['step_after']:.0f} | "
-            f"{r['ratio_before']:.2f} | {r['ratio_after']:.2f} | {r['data_share_before']:.0%} | "
-            f"{r['data_share_after']:.0%} |"
+            f"{r['ratio_before']:.2f} | {r['ratio_after']:.2f} ({r['workers_after']}) | "
+            f"{r['ratio_after_0_workers']:.2f} | {r['data_share_before']:.0%} | "
+            f"{r['data_share_after']:.0%} | {r['data_share_after_0_workers']:.0%} |"
         )
+    loads = [float(x) for x in str(payload["load_average"]).split(", ") if x]
+    if loads and max(loads) > payload["cpus"]:
+        lines += [
+            "",
+            f"**Measured under load** (1-minute load average up to {max(loads):.1f} on "
+            f"{payload['cpus']} CPUs, from other jobs; the benchmark ran at autogroup nice -10): "
+            "interleaving spreads the contention over the variants, but a 2-thread network and a "
+            "loader process do not suffer it alike, so these ratios are indicative only; rerun on a "
+            "quiet machine before quoting them.",
+        ]
     folder = payload["setups"].get("smallcnn-folder64")
     if folder:
         lines += [

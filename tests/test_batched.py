@@ -165,3 +165,27 @@ def test_which_datasets_take_the_batched_path() -> None:
     custom = dataset(32)
     custom.transform = lambda image: TF.to_tensor(image)
     assert batched_training_data(custom) is None
+
+
+@pytest.mark.parametrize(
+    ("size", "stored", "rgb", "norm"), [(32, 32, False, False), (64, 73, True, True)]
+)
+def test_augmenting_in_the_loader_gives_the_same_batches(
+    size: int, stored: int, rgb: bool, norm: bool
+) -> None:
+    source = dataset(stored, count=16, rgb=rgb)
+    source.transform = build_transforms(True, size, 3 if rgb else 1, imagenet_norm=norm)
+    in_main, in_loader = batched_training_data(source), batched_training_data(source)
+    assert in_main is not None and in_loader is not None
+    in_loader.augment_in_loader = True
+    batch = [(i, 1000 + 7 * i) for i in (3, 0, 5, 5, 9, 12)]
+    images, labels, params = in_main[batch]
+    loaded, loaded_labels, loaded_params = in_loader[batch]
+    assert torch.equal(labels, loaded_labels) and torch.equal(params, loaded_params)
+    expected = in_main.finish(images, params)
+    assert expected.shape == (6, 3 if rgb else 1, size, size)
+    assert torch.equal(in_loader.finish(loaded, loaded_params), expected)
+    if in_loader.augment.kind == "crop":
+        assert loaded.dtype == torch.uint8  # a quarter of the bytes between processes
+        # stored [N, H, W, 3]: channels-last out, as the trainer feeds the network
+        assert expected.is_contiguous(memory_format=torch.channels_last)

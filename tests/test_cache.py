@@ -1,4 +1,4 @@
-"""Decode-once cache of a file source's training split (mbdl.data.cache)."""
+"""Decode-once cache of a file source's training and evaluation splits (mbdl.data.cache)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from mbdl.data import build_transforms, load_splits
 from mbdl.data import cache as cache_module
-from mbdl.data import load_splits
 from mbdl.data.batched import batched_training_data
-from mbdl.data.cache import cache_side, decode_resized, decoded_training_split
+from mbdl.data.cache import (
+    DecodedEvaluationSplit,
+    cache_side,
+    decode_resized,
+    decode_splits,
+    decoded_evaluation_split,
+    decoded_training_split,
+)
 from mbdl.data.splits import ArrayImageDataset
 
 
@@ -90,3 +98,100 @@ def test_what_is_left_alone(tmp_path: Path) -> None:
     assert decoded_training_split(glyphs.train, 32, 1) is glyphs.train  # already in memory
     with pytest.raises(ValueError, match="cache mode"):
         decoded_training_split(splits.train, 32, 3, mode="sometimes")
+
+
+@pytest.mark.parametrize(("image_size", "channels"), [(32, 3), (64, 3), (64, 1)])
+def test_evaluation_splits_give_the_per_image_tensors_bit_for_bit(
+    tmp_path: Path, image_size: int, channels: int
+) -> None:
+    splits = load_splits("folder", write_folder(tmp_path / "data"), image_size=image_size, seed=0)
+    test = splits.test
+    test.transform = build_transforms(False, image_size, channels, imagenet_norm=channels == 3)
+    cached = decoded_evaluation_split(test, mode="memory")
+    assert isinstance(cached, DecodedEvaluationSplit)
+    assert cached.images.shape[1:3] == (image_size, image_size)
+    assert len(cached) == len(test) and np.array_equal(cached.labels, test.labels)
+    assert cached.class_names == test.class_names
+    for i in range(len(test)):
+        image, label = cached[i]
+        expected, expected_label = test[i]
+        assert torch.equal(image, expected) and label == expected_label
+        assert cached.describe(i) == test.describe(i)
+    assert cached.load_image(0).size == test.load_image(0).size  # the original, for thumbnails
+
+
+def test_evaluation_cache_on_disk_is_keyed_by_the_transform(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = write_folder(tmp_path / "data")
+    store = tmp_path / "cache"
+    val = load_splits("folder", root, image_size=64, seed=0).val
+    first = decoded_evaluation_split(val, mode="disk", cache_dir=store)
+    assert len(list(store.glob("decoded-*.u8"))) == 1
+    monkeypatch.setattr(cache_module, "decode_all", lambda *args: pytest.fail("decoded again"))
+    again = decoded_evaluation_split(val, mode="disk", cache_dir=store)
+    assert all(torch.equal(again[i][0], first[i][0]) for i in range(len(val)))
+    assert all(torch.equal(again[i][0], val[i][0]) for i in range(len(val)))
+    monkeypatch.undo()
+    val.transform = build_transforms(False, 32, 3)  # another size: another file
+    smaller = decoded_evaluation_split(val, mode="disk", cache_dir=store)
+    assert len(list(store.glob("decoded-*.u8"))) == 2 and smaller[0][0].shape == (3, 32, 32)
+
+
+def test_evaluation_splits_left_alone(tmp_path: Path) -> None:
+    splits = load_splits("folder", write_folder(tmp_path / "data"), image_size=32, seed=0)
+    assert decoded_evaluation_split(splits.test, mode="off") is splits.test
+    assert decoded_evaluation_split(splits.train) is splits.train  # random: not an eval transform
+    splits.test.transform = T.Compose([T.Resize(32), T.ToTensor()])  # custom
+    assert decoded_evaluation_split(splits.test) is splits.test
+    glyphs = load_splits("glyphs", root=str(tmp_path / "glyphs"), image_size=32, max_classes=10)
+    assert decoded_evaluation_split(glyphs.test) is glyphs.test  # already in memory
+    with pytest.raises(ValueError, match="cache mode"):
+        decoded_evaluation_split(splits.test, mode="sometimes")
+
+
+def test_decode_splits_caches_every_split_a_run_reads_again(tmp_path: Path) -> None:
+    splits = load_splits("folder", write_folder(tmp_path / "data"), image_size=32, seed=0)
+    originals = (splits.val, splits.test)
+    decode_splits(splits, "memory")
+    assert isinstance(splits.train, ArrayImageDataset)
+    for cached, original in zip((splits.val, splits.test), originals, strict=True):
+        assert isinstance(cached, DecodedEvaluationSplit) and cached.source is original
+    assert splits.query is None and splits.gallery is None
+
+
+def test_trainer_evaluates_the_cached_splits_to_the_same_metrics(tmp_path: Path) -> None:
+    from mbdl.config import load_config
+    from mbdl.train.trainer import Trainer, evaluate_test, load_data
+
+    root = write_folder(tmp_path / "data", classes=20, per_class=4)
+    config = load_config(
+        None,
+        [
+            "data.source=folder",
+            f"data.root={root}",
+            "data.image_size=16",
+            "data.val_fraction=0.3",
+            "model.backbone=smallcnn",
+            "model.embedding_dim=8",
+            "train.epochs=1",
+            "train.batch_classes=2",
+            "train.batch_per_class=2",
+            "train.max_steps_per_epoch=1",
+            "train.progress=false",
+            "eval.report=false",
+            "eval.kmeans_restarts=1",
+            f"out={tmp_path / 'run'}",
+        ],
+    )
+    trainer = Trainer(config)
+    try:
+        trainer.fit()
+        metrics = trainer.test()
+        assert isinstance(trainer.splits.val, DecodedEvaluationSplit)
+        assert isinstance(trainer.splits.test, DecodedEvaluationSplit)
+        with trainer._contiguous_model():  # as the trainer evaluates
+            uncached, _, _ = evaluate_test(trainer.model, load_data(config), config, trainer.device)
+    finally:
+        trainer.close()
+    assert {key: metrics["test"][key] for key in uncached} == uncached  # exactly

@@ -676,3 +676,22 @@ def print_table() -> None:
 
 if __name__ == "__main__":
     print_table()
+
+
+def test_an_error_from_a_loader_worker_is_its_own_one_line_message() -> None:
+    from torch.utils.data import DataLoader, Dataset
+
+    from mbdl.data.files import ImageReadError
+    from mbdl.errors import one_line
+
+    class Broken(Dataset[int]):
+        def __len__(self) -> int:
+            return 2
+
+        def __getitem__(self, index: int) -> int:
+            raise ImageReadError("cannot read /data/a.png: truncated")
+
+    with pytest.raises(ImageReadError) as caught:
+        next(iter(DataLoader(Broken(), num_workers=1)))
+    assert "Original Traceback" in str(caught.value)  # torch's wrapping
+    assert one_line(caught.value) == "cannot read /data/a.png: truncated"

@@ -284,3 +284,15 @@ def test_warmup_then_cosine() -> None:
     assert warmup_cosine_factor(0, 0, 5) == 1.0
     with pytest.raises(ValueError, match="warmup_steps"):
         warmup_cosine_factor(0, 6, 5)
+
+
+def test_results_do_not_depend_on_loader_workers(
+    reference: tuple[Path, dict], tmp_path: Path, glyph_cache: str
+) -> None:
+    out, metrics = reference  # data.num_workers=auto: a worker process augments the batches
+    in_process = train(small_config(tmp_path / "w0", glyph_cache, "data.num_workers=0"))
+    assert in_process == metrics
+    assert_same_state(
+        model_state(out / "checkpoints" / "last.pt"),
+        model_state(tmp_path / "w0" / "checkpoints" / "last.pt"),
+    )

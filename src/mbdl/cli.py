@@ -344,6 +344,7 @@ def _embed_streaming(args: argparse.Namespace, overrides: list[str]) -> int:
     """``mbdl embed ... -o X.npy``: stream into memory-mapped files; one shard per torchrun rank."""
     import torch
 
+    from mbdl.data.workers import loader_workers
     from mbdl.distributed import init_distributed
     from mbdl.embedstore import ImageFiles, embed_to_files, model_dim, output_paths
     from mbdl.export import load_state, state_preprocessing, transform_from_spec
@@ -370,7 +371,11 @@ def _embed_streaming(args: argparse.Namespace, overrides: list[str]) -> int:
             spec = state_preprocessing(state)
             dataset = _split_dataset(_load_data_once(config), args.split)
             batch_size = args.batch_size or config.eval.batch_size
-            workers = config.data.num_workers if args.workers is None else args.workers
+            workers = (
+                loader_workers(config.data.num_workers, dataset, training=False)
+                if args.workers is None
+                else args.workers
+            )
             class_names, what = list(dataset.class_names), f"{args.split} split"
         distance = ((state.get("config") or {}).get("eval") or {}).get("distance", "euclidean")
         files = embed_to_files(

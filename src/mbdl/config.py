@@ -100,17 +100,20 @@ CONFIG_SCHEMA: dict[str, tuple[str, Any, Sequence[Any] | None, str]] = {
     ),
     "data.num_workers": (
         "int",
-        0,
+        "auto",
         None,
-        "DataLoader worker processes (0: load in the main process).",
+        "DataLoader worker processes (0: load in the main process); auto: sized to the machine "
+        "and the data path by measurement (mbdl.data.workers: one for batches from memory, the "
+        "CPUs but one for images decoded one by one, none for evaluating from memory).",
     ),
     "data.cache": (
         "str",
         "auto",
         ("auto", "memory", "disk", "off"),
-        "Decode a file source's training images once, resized, as uint8 (mbdl.data.cache): auto: "
+        "Decode a file source's training images once, resized, as uint8 (mbdl.data.cache), and "
+        "its evaluation splits once at the network's input size: auto: "
         "in memory when they fit in a quarter of the available memory, else a memory-mapped "
-        "file in the cache directory; off: decode every image every epoch.",
+        "file in the cache directory; off: decode every image every epoch and evaluation.",
     ),
     "data.skip_corrupt": (
         "bool",
@@ -409,7 +412,7 @@ class DataConfig:
     image_size: int | None = _default("data.image_size")
     val_fraction: float = _default("data.val_fraction")
     max_classes: int | None = _default("data.max_classes")
-    num_workers: int = _default("data.num_workers")
+    num_workers: int | str = _default("data.num_workers")
     cache: str = _default("data.cache")
     skip_corrupt: bool = _default("data.skip_corrupt")
     bbox: bool = _default("data.bbox")
@@ -558,6 +561,10 @@ def _check_value(key: str, value: Any) -> Any:
         value = "auto" if value else "none"
     if key == "train.amp" and value is False:
         value = "off"  # YAML 1.1 reads a bare `off` as false
+    if key == "data.num_workers" and value == "auto":
+        return value  # an int otherwise
+    if key == "data.num_workers" and isinstance(value, str):
+        raise ConfigError(f"data.num_workers must be auto or a count >= 0; got {value!r}")
     value = _coerce(key, value, type_name)
     if allowed is not None and isinstance(value, list):
         for item in value:

@@ -13,6 +13,7 @@ keeps working.
 from __future__ import annotations
 
 import errno
+import re
 import unicodedata
 
 #: exit codes of the ``mbdl`` command
@@ -57,9 +58,19 @@ def terminal_safe(text: object) -> str:
 
 
 def one_line(error: BaseException) -> str:
-    """An exception as one terminal-safe line (whitespace runs collapsed)."""
+    """An exception as one terminal-safe line (whitespace runs collapsed); an error re-raised
+    from a DataLoader worker process as its own message, without the worker's traceback."""
     if isinstance(error, OSError) and not isinstance(error, UserError) and error.strerror:
         text = describe_os_error(error)
     else:
-        text = str(error)
+        text = from_loader_worker(str(error))
     return terminal_safe(" ".join(text.split())) or type(error).__name__
+
+
+def from_loader_worker(text: str) -> str:
+    """The original message of an error that torch re-raised from a DataLoader worker ("Caught
+    X in DataLoader worker process N. Original Traceback ... module.X: message"), else ``text``."""
+    if not (text.startswith("Caught ") and "Original Traceback" in text):
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    return re.sub(r"^[A-Za-z_][\w.]*: ", "", last.strip(), count=1)

@@ -69,14 +69,22 @@ class BatchAugment:
 
     def __call__(self, images: Tensor, params: Tensor) -> Tensor:
         """Augment ``images`` (``uint8``, on any device) with ``params`` from :meth:`draw`."""
+        return self.scale(self.geometry(images, params))
+
+    def geometry(self, images: Tensor, params: Tensor) -> Tensor:
+        """The geometric part: ``uint8`` out for ``crop`` and ``none`` (a quarter of the bytes
+        to pass between processes), float in ``[0, 1]`` for ``affine``."""
         if images.shape[1] != self.channels:  # grey stored, three channels wanted
             images = images.expand(-1, self.channels, -1, -1)
         if self.kind == "crop":
-            out = crop_resize_flip(images, params, self.image_size).float().div_(255)
-        else:
-            out = images.float().div_(255)
-            if self.kind == "affine":
-                out = affine_nearest(out, params.to(out.device))
+            return crop_resize_flip(images, params, self.image_size)
+        if self.kind == "affine":
+            return affine_nearest(images.float().div_(255), params.to(images.device))
+        return images
+
+    def scale(self, images: Tensor) -> Tensor:
+        """:meth:`geometry`'s output as float in ``[0, 1]``, ImageNet-normalised if asked."""
+        out = images.float().div_(255) if images.dtype == torch.uint8 else images
         if self.imagenet_norm:
             mean: tuple[float, ...] = IMAGENET_MEAN
             std: tuple[float, ...] = IMAGENET_STD
@@ -135,15 +143,19 @@ def affine_nearest(images: Tensor, params: Tensor) -> Tensor:
         [
             xs.expand(height, width),
             ys.unsqueeze(1).expand(height, width),
-            torch.ones_like(xs.expand(height, width)),
+            xs.new_ones(height, width),
         ],
         dim=-1,
-    ).view(1, height * width, 3)
+    ).view(height * width, 3)
     halves = torch.tensor([0.5 * width, 0.5 * height], device=images.device)
-    grid = base.expand(batch, -1, -1).bmm(theta.transpose(1, 2) / halves)
+    # one [HW, 3] x [3, 2B] product for the whole batch (a batched bmm with an inner size of 3 is
+    # ten times slower on CPUs); equal to the per-image grids up to the float rounding of a sum
+    # of three products
+    per_image = (theta.transpose(1, 2) / halves).permute(1, 0, 2).reshape(3, batch * 2)
+    grid = (base @ per_image).view(height, width, batch, 2).permute(2, 0, 1, 3)
     return torch.nn.functional.grid_sample(
         images,
-        grid.view(batch, height, width, 2),
+        grid,
         mode="nearest",
         padding_mode="zeros",
         align_corners=False,
@@ -152,21 +164,53 @@ def affine_nearest(images: Tensor, params: Tensor) -> Tensor:
 
 def crop_resize_flip(images: Tensor, params: Tensor, size: int) -> Tensor:
     """Each image's box ``params[i, :4] = (top, left, h, w)`` resized to ``size x size`` with
-    antialiasing (torchvision's tensor ``resized_crop``), flipped where ``params[i, 4] == 1``."""
-    from torchvision.transforms.v2 import functional as F
+    antialiasing (torchvision's tensor ``resized_crop``), flipped where ``params[i, 4] == 1``.
 
-    out = []
-    for image, row in zip(images, params.tolist(), strict=True):
-        top, left, h, w, flip = (int(v) for v in row)
-        crop = F.resized_crop(image, top, left, h, w, [size, size], antialias=True)
-        out.append(F.horizontal_flip(crop) if flip else crop)
-    return torch.stack(out)
+    The resize is torchvision's, without its per-call dispatch: ``uint8`` bilinear antialiased
+    ``interpolate`` on CPUs; elsewhere in float, rounded back to ``uint8``. The flips are one
+    indexing of the whole batch.
+    """
+    # in the images' memory format: RGB squares stored [N, H, W, 3] come out channels-last, the
+    # format the trainer feeds a convolutional network (no conversion copy on its critical path)
+    channels_last = images.is_contiguous(memory_format=torch.channels_last)
+    out = torch.empty(
+        (images.shape[0], images.shape[1], size, size),
+        dtype=images.dtype,
+        device=images.device,
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format,
+    )
+    for k, (top, left, h, w) in enumerate(params[:, :4].long().tolist()):
+        crop = images[k : k + 1, :, top : top + h, left : left + w]
+        if (h, w) != (size, size):
+            crop = _resize_bilinear(crop, size)
+        out[k : k + 1] = crop
+    flips = params[:, 4].to(images.device) == 1
+    if bool(flips.any()):
+        out[flips] = out[flips].flip(-1)
+    return out
+
+
+def _resize_bilinear(images: Tensor, size: int) -> Tensor:
+    """``uint8 [N, C, h, w] -> [N, C, size, size]``, bilinear with antialiasing, as torchvision's
+    ``resize`` computes it (native ``uint8`` on CPUs, float then rounded elsewhere)."""
+    interpolate = torch.nn.functional.interpolate
+    options: dict[str, Any] = {"mode": "bilinear", "align_corners": False, "antialias": True}
+    if images.device.type == "cpu":
+        return interpolate(images, size=[size, size], **options)
+    return interpolate(images.float(), size=[size, size], **options).round_().to(images.dtype)
 
 
 class InMemoryBatches(Dataset[tuple[Tensor, Tensor, Tensor]]):
     """``batches[[(index, seed), ...]] -> (uint8 images [B, C, H, W], labels [B], params [B, P])``
     of an :class:`ArrayImageDataset`, for ``DataLoader(batch_size=None, sampler=SeededBatches)``;
-    the trainer applies :attr:`augment` to the images on its device."""
+    the trainer's :meth:`finish` applies :attr:`augment` to the images on its device.
+
+    With :attr:`augment_in_loader` (training on a CPU) the geometric part of the augmentation is
+    done here instead, in the loader, so that worker processes overlap it with the training step;
+    :meth:`finish` then only scales it to float. Same numbers either way.
+    """
+
+    augment_in_loader: bool = False
 
     def __init__(self, dataset: ArrayImageDataset, augment: BatchAugment) -> None:
         with warnings.catch_warnings():  # a read-only memory map (mbdl.data.cache) is not written
@@ -180,11 +224,22 @@ class InMemoryBatches(Dataset[tuple[Tensor, Tensor, Tensor]]):
         return len(self.labels)
 
     def __getitem__(self, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
-        indices = torch.tensor([int(i) for i, _ in batch], dtype=torch.int64)
-        seeds = np.array([int(s) for _, s in batch], dtype=np.uint64)
+        pairs = np.asarray(batch, dtype=np.int64).reshape(-1, 2)  # seeds are below 2**63
+        indices = torch.from_numpy(pairs[:, 0])
+        seeds = pairs[:, 1].astype(np.uint64)
         height, width = self.images.shape[-2:]
         params = self.augment.draw(seeds, int(height), int(width))
-        return self.images[indices], self.labels[indices], params
+        images = self.images[indices]
+        if self.augment_in_loader:
+            images = self.augment.geometry(images, params)
+        return images, self.labels[indices], params
+
+    def finish(self, images: Tensor, params: Tensor) -> Tensor:
+        """The augmented batch from a loaded one (with :attr:`augment_in_loader`, its geometry
+        was done in the loader: only the scaling is left)."""
+        if self.augment_in_loader:
+            return self.augment.scale(images)
+        return self.augment(images, params)
 
 
 def batched_training_data(dataset: Any) -> InMemoryBatches | None:

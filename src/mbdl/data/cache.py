@@ -18,22 +18,35 @@ then loads and augments by whole batches:
   times), ``S``, the channels and :data:`CACHE_VERSION`; a later run with the same data and
   parameters maps it at once. The file is written under a temporary name, then renamed.
 
+The evaluation splits (validation, test, query, gallery) are decoded again at every evaluation
+without it. Their transform is deterministic, so :func:`decoded_evaluation_split` caches its whole
+image part (grey/RGB conversion, resize, centre crop: ``uint8`` at the network's input size,
+keyed by the files and that part's parameters) and applies only ``ToTensor`` (and the
+normalisation) per item: the same tensors as the per-image path, bit for bit.
+:func:`decode_splits` does both for the trainer.
+
 ``data.cache``: ``auto`` (the above), ``memory``, ``disk``, or ``off`` (decode per image, every
-epoch). Sources already in memory (glyphs, IDX) are not touched.
+epoch and every evaluation). Sources already in memory (glyphs, IDX) are not touched.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
+from torch import Tensor
+from torchvision import transforms as T
 
+from mbdl.data.base import ImageDataset
 from mbdl.data.splits import ArrayImageDataset
 from mbdl.data.transforms import NATURAL_IMAGE_MIN_SIZE
 
@@ -63,9 +76,13 @@ def decode_resized(image: Any, side: int, channels: int) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
-def _decode_range(job: tuple[Any, range, int, int]) -> np.ndarray:
-    dataset, indices, side, channels = job
-    return np.stack([decode_resized(dataset.load_image(i), side, channels) for i in indices])
+#: a picklable ``PIL image -> uint8 array`` (run in worker processes)
+Prepare = Callable[[Image.Image], Any]
+
+
+def _decode_range(job: tuple[Any, range, Prepare]) -> np.ndarray:
+    dataset, indices, prepare = job
+    return np.stack([np.asarray(prepare(dataset.load_image(i)), dtype=np.uint8) for i in indices])
 
 
 def available_memory() -> int:
@@ -86,9 +103,10 @@ def decode_workers(count: int) -> int:
     return 0 if count < 256 else max(1, min(cpus or 1, 32))
 
 
-def cache_key(dataset: Any, side: int, channels: int) -> str:
-    """A hash of the items (their descriptions; for files also size and modification time)."""
-    digest = hashlib.sha256(json.dumps([CACHE_VERSION, side, channels]).encode())
+def cache_key(dataset: Any, *params: Any) -> str:
+    """A hash of the items (their descriptions; for files also size and modification time) and
+    of ``params`` (JSON values: what the decoding does)."""
+    digest = hashlib.sha256(json.dumps([CACHE_VERSION, *params]).encode())
     for i in range(len(dataset)):
         name = dataset.describe(i)
         digest.update(name.encode("utf-8", "surrogateescape"))
@@ -101,8 +119,8 @@ def cache_key(dataset: Any, side: int, channels: int) -> str:
     return digest.hexdigest()[:20]
 
 
-def decode_all(dataset: Any, side: int, channels: int, out: np.ndarray) -> None:
-    """Decode every item of ``dataset`` into ``out`` (``[N, side, side(, 3)]``)."""
+def decode_all(dataset: Any, prepare: Prepare, out: np.ndarray) -> None:
+    """``prepare(dataset.load_image(i))`` of every item into ``out`` (``[N, H, W(, 3)]``)."""
     count = len(dataset)
     workers = decode_workers(count)
     # a few chunks per worker: each job carries the dataset (its file list) once
@@ -110,10 +128,10 @@ def decode_all(dataset: Any, side: int, channels: int, out: np.ndarray) -> None:
     ranges = [range(s, min(s + chunk, count)) for s in range(0, count, chunk)]
     if workers == 0:
         for r in ranges:
-            out[r.start : r.stop] = _decode_range((dataset, r, side, channels))
+            out[r.start : r.stop] = _decode_range((dataset, r, prepare))
         return
     with ProcessPoolExecutor(workers) as pool:
-        jobs = [(dataset, r, side, channels) for r in ranges]
+        jobs = [(dataset, r, prepare) for r in ranges]
         for r, block in zip(ranges, pool.map(_decode_range, jobs), strict=True):
             out[r.start : r.stop] = block
 
@@ -136,37 +154,125 @@ def decoded_training_split(
         return dataset
     side = cache_side(image_size)
     shape = (len(dataset), side, side) + (() if channels == 1 else (3,))
-    size = int(np.prod(shape))
-    if mode == "memory" or (mode == "auto" and size <= MEMORY_FRACTION * available_memory()):
-        images = np.empty(shape, dtype=np.uint8)
-        decode_all(dataset, side, channels, images)
-    else:
-        images = _disk_cache(dataset, side, channels, shape, cache_dir)
+    prepare = functools.partial(decode_resized, side=side, channels=channels)
+    images = _decoded(dataset, prepare, shape, mode, cache_dir, [side, channels])
     describe = [dataset.describe(i) for i in range(len(dataset))]
     return ArrayImageDataset(
         images, dataset.labels, dataset.class_names, describe, dataset.transform
     )
 
 
+class DecodedEvaluationSplit(ImageDataset):
+    """An evaluation split with the image part of its transform done once: ``dataset[i]`` is
+    ``tensor_steps(images[i])``, the same tensor as ``source[i]``; labels, class names,
+    :meth:`describe` and :meth:`load_image` (the original image) are the source's."""
+
+    def __init__(self, source: Any, images: np.ndarray, tensor_steps: Callable[..., Tensor]):
+        self.source = source
+        self.images = images
+        self.labels = source.labels
+        self.class_names = source.class_names
+        self.transform = source.transform
+        self.tensor_steps = tensor_steps
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        # a copy: a read-only memory map is never handed to torch.from_numpy
+        return self.tensor_steps(np.array(self.images[index])), int(self.labels[index])
+
+    def load_image(self, index: int) -> Image.Image:
+        return self.source.load_image(index)
+
+    def describe(self, index: int) -> str:
+        return str(self.source.describe(index))
+
+
+def split_evaluation_transform(transform: Any) -> tuple[Prepare, Callable[..., Tensor]] | None:
+    """``(image_steps, tensor_steps)`` of an evaluation transform of
+    :func:`mbdl.data.build_transforms` (everything before ``ToTensor``, then the rest), or None
+    when ``transform`` is not one (a custom or random transform must see every image)."""
+    spec = getattr(transform, "spec", None)
+    if not isinstance(transform, T.Compose) or not isinstance(spec, dict):
+        return None
+    if spec.get("kind") != "none":
+        return None
+    steps = list(transform.transforms)
+    cut = next((i for i, step in enumerate(steps) if isinstance(step, T.ToTensor)), None)
+    if cut is None:
+        return None
+    return T.Compose(steps[:cut]), T.Compose(steps[cut:])
+
+
+def decoded_evaluation_split(
+    dataset: Any,
+    *,
+    mode: str = "auto",
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> Any:
+    """``dataset`` with its evaluation transform's image part done once (see the module
+    docstring), or ``dataset`` itself when ``mode`` is ``off``, when it is in memory already,
+    is empty, or when its transform is not an evaluation transform of
+    :func:`mbdl.data.build_transforms`."""
+    if mode not in CACHE_MODES:
+        raise ValueError(f"cache mode must be one of {', '.join(CACHE_MODES)}; got {mode!r}")
+    parts = split_evaluation_transform(getattr(dataset, "transform", None))
+    if mode == "off" or isinstance(dataset, ArrayImageDataset) or parts is None or not len(dataset):
+        return dataset
+    image_steps, tensor_steps = parts
+    first = np.asarray(image_steps(dataset.load_image(0)), dtype=np.uint8)
+    shape = (len(dataset), *first.shape)
+    images = _decoded(dataset, image_steps, shape, mode, cache_dir, ["eval", repr(image_steps)])
+    return DecodedEvaluationSplit(dataset, images, tensor_steps)
+
+
+def decode_splits(splits: Any, mode: str = "auto") -> None:
+    """Decode once, in place, what a run reads more than once: the training split
+    (:func:`decoded_training_split`) and the evaluation splits (:func:`decoded_evaluation_split`)."""
+    splits.train = decoded_training_split(
+        splits.train, splits.image_size, splits.channels, mode=mode
+    )
+    for name in ("val", "test", "query", "gallery"):
+        dataset = getattr(splits, name, None)
+        if dataset is not None:
+            setattr(splits, name, decoded_evaluation_split(dataset, mode=mode))
+
+
+def _decoded(
+    dataset: Any,
+    prepare: Prepare,
+    shape: tuple[int, ...],
+    mode: str,
+    cache_dir: str | os.PathLike[str] | None,
+    key: list[Any],
+) -> np.ndarray:
+    """The ``uint8`` array of ``prepare`` over ``dataset``: in memory when ``mode`` says so (or,
+    for ``auto``, when it fits), else memory-mapped from the cache directory."""
+    size = int(np.prod(shape))
+    if mode == "memory" or (mode == "auto" and size <= MEMORY_FRACTION * available_memory()):
+        images = np.empty(shape, dtype=np.uint8)
+        decode_all(dataset, prepare, images)
+        return images
+    return _disk_cache(dataset, prepare, shape, cache_dir, key)
+
+
 def _disk_cache(
     dataset: Any,
-    side: int,
-    channels: int,
+    prepare: Prepare,
     shape: tuple[int, ...],
     cache_dir: str | os.PathLike[str] | None,
+    key: list[Any],
 ) -> np.ndarray:
     from mbdl.data.glyphs import default_cache_dir
 
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"decoded-{cache_key(dataset, side, channels)}.u8"
+    path = folder / f"decoded-{cache_key(dataset, *key)}.u8"
     size = int(np.prod(shape))
     if not (path.is_file() and path.stat().st_size == size):
         handle, temp = tempfile.mkstemp(dir=folder, prefix=path.name, suffix=".tmp")
         os.close(handle)
         try:
             raw = np.memmap(temp, dtype=np.uint8, mode="w+", shape=shape)
-            decode_all(dataset, side, channels, raw)
+            decode_all(dataset, prepare, raw)
             raw.flush()
             del raw
             os.replace(temp, path)

@@ -45,7 +45,9 @@ def discover_losses(package: str, path: list[str]) -> dict[str, type[MetricLoss]
     of ``package`` (found by listing its files: no hand-written list): MDL, the project's loss,
     first, then by module name."""
     found: dict[str, type[MetricLoss]] = {}
-    for info in sorted(pkgutil.iter_modules(path), key=lambda module: (module.name != "mdl", module.name)):
+    for info in sorted(
+        pkgutil.iter_modules(path), key=lambda module: (module.name != "mdl", module.name)
+    ):
         module = importlib.import_module(f"{package}.{info.name}")
         for cls in vars(module).values():
             if not (

@@ -68,7 +68,8 @@ from mbdl.config import (
     load_config,
 )
 from mbdl.data.batched import batched_training_data
-from mbdl.data.cache import decoded_training_split
+from mbdl.data.cache import decode_splits
+from mbdl.data.workers import loader_workers
 from mbdl.distributed import (
     DistributedInfo,
     GatheredLoss,
@@ -361,7 +362,7 @@ def embed_with_config(
         dataset,
         batch_size=config.eval.batch_size,
         device=str(device),
-        num_workers=config.data.num_workers,
+        num_workers=loader_workers(config.data.num_workers, dataset, training=False),
     )
 
 
@@ -529,12 +530,7 @@ class Trainer:
         if not self.dist.is_main:
             barrier()  # rank 0 builds caches or downloads first
         self.splits = load_data(config)
-        self.splits.train = decoded_training_split(
-            self.splits.train,
-            self.splits.image_size,
-            self.splits.channels,
-            mode=config.data.cache,
-        )
+        decode_splits(self.splits, config.data.cache)  # training and evaluation splits, once
         if self.dist.is_main:
             barrier()
         train_set = self.splits.train
@@ -609,13 +605,18 @@ class Trainer:
             )
         self.loader_generator = torch.Generator()
         self.batched = batched_training_data(train_set)
+        if self.batched is not None:  # on a CPU, loader workers overlap the augmentation
+            self.batched.augment_in_loader = self.device.type == "cpu"
         self.loader: DataLoader[Any]
+        loaded = self.batched if self.batched is not None else SeededDataset(train_set)
+        workers = loader_workers(config.data.num_workers, loaded, training=True)
         if self.batched is not None:  # in memory: whole batches, augmented on self.device
             self.loader = DataLoader(
                 self.batched,
                 sampler=SeededBatches(self.sampler, config.seed),
                 batch_size=None,
-                num_workers=config.data.num_workers,
+                num_workers=workers,
+                persistent_workers=workers > 0,  # not started again every epoch
                 pin_memory=self.device.type == "cuda",
                 generator=self.loader_generator,
             )
@@ -623,7 +624,8 @@ class Trainer:
             self.loader = DataLoader(
                 SeededDataset(train_set),
                 batch_sampler=SeededBatches(self.sampler, config.seed),
-                num_workers=config.data.num_workers,
+                num_workers=workers,
+                persistent_workers=workers > 0,  # not started again every epoch
                 pin_memory=self.device.type == "cuda",
                 generator=self.loader_generator,
             )
@@ -792,7 +794,7 @@ class Trainer:
             return batch[0], batch[1]
         images, labels, params = batch
         images = images.to(self.device, non_blocking=True)
-        return self.batched.augment(images, params), labels
+        return self.batched.finish(images, params), labels
 
     def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
         images = images.to(self.device, non_blocking=True)
