@@ -857,8 +857,6 @@ def _run_data(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 # mbdl scan
 
-_FILE_SOURCES = ("folder", "csv", "cub", "cars", "sop", "inshop")
-
 
 def _configure_scan(parser: argparse.ArgumentParser) -> None:
     _add_config_items(
@@ -883,6 +881,7 @@ def _run_scan(args: argparse.Namespace) -> int:
     import numpy as np
 
     from mbdl.config import load_config
+    from mbdl.data.sources import SOURCES
     from mbdl.train.preflight import describe_data, validate_before_training
     from mbdl.train.trainer import load_data
 
@@ -891,7 +890,7 @@ def _run_scan(args: argparse.Namespace) -> int:
         raise UsageError(f"expected at most one config file, got {', '.join(others)}")
     config = load_config(others[0] if others else None, overrides)
     asked_to_skip = config.data.skip_corrupt
-    if config.data.source in _FILE_SOURCES:
+    if SOURCES.get(config.data.source).accepts("skip_corrupt"):
         config.data.skip_corrupt = True  # list every unreadable image, not only the first
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
