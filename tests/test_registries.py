@@ -14,7 +14,14 @@ from torch import nn
 import example_plugins
 from mbdl.config import ConfigError, load_config
 from mbdl.data import SOURCES, Splits, load_splits
-from mbdl.models import BACKBONES, BUILTIN_BACKBONES, build_backbone, build_model, native_input_size
+from mbdl.models import (
+    BACKBONES,
+    BUILTIN_BACKBONES,
+    PretrainedWeightsError,
+    build_backbone,
+    build_model,
+    native_input_size,
+)
 from mbdl.models.backbones import backbones_fitting
 from mbdl.plugins import PluginError
 from mbdl.train import train
@@ -255,3 +262,69 @@ def test_train_and_reload_with_plugin_source_and_backbone(tmp_path: Path) -> Non
     assert state["model_args"]["backbone"] == BACKBONE
     model = model_from_checkpoint(out / "checkpoints" / "best.pt")
     assert model.eval()(torch.randn(2, 1, 16, 16)).shape == (2, 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# timm (optional extra: pip install 'mbdl[timm]'); offline, random weights
+
+
+def test_timm_missing_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm raises ImportError
+    with pytest.raises(ConfigError, match=r"model.backbone: .*pip install 'mbdl\[timm\]'"):
+        load_config(None, ["model.backbone=timm/resnet18"])
+
+
+def test_timm_backbone_builds_grey_and_colour_without_its_classifier() -> None:
+    pytest.importorskip("timm")
+    assert load_config(None, ["model.backbone=timm/test_resnet"]).model.backbone == (
+        "timm/test_resnet"
+    )
+    for channels in (1, 3):
+        module, dim = build_backbone("timm/test_resnet", in_channels=channels)
+        module.eval()
+        with torch.no_grad():
+            assert module(torch.randn(2, channels, 48, 48)).shape == (2, dim)
+        assert dim == module.num_features and module.num_classes == 0
+    model = build_model("timm/test_resnet", 8, in_channels=1).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(torch.randn(2, 1, 48, 48)).norm(dim=1), torch.ones(2))
+    with pytest.raises(ConfigError, match="unknown timm model 'no_such_net'"):
+        load_config(None, ["model.backbone=timm/no_such_net"])
+
+
+def test_timm_pretrained_is_a_local_file_or_a_clear_error(tmp_path: Path) -> None:
+    timm = pytest.importorskip("timm")
+    reference = timm.create_model("test_resnet", num_classes=7)  # its classifier differs
+    path = tmp_path / "test_resnet.pth"
+    torch.save(reference.state_dict(), path)
+    module, _ = build_backbone("timm/test_resnet", pretrained=str(path))
+    for key, tensor in module.state_dict().items():
+        torch.testing.assert_close(tensor, reference.state_dict()[key], rtol=0, atol=0)
+    grey, _ = build_backbone("timm/test_resnet", pretrained=path, in_channels=1)
+    first = reference.pretrained_cfg["first_conv"] + ".weight"
+    torch.testing.assert_close(
+        grey.state_dict()[first], reference.state_dict()[first].sum(dim=1, keepdim=True)
+    )
+    for name in ("DEFAULT", "IMAGENET1K_V1", str(tmp_path / "missing.pth")):
+        with pytest.raises(PretrainedWeightsError) as info:
+            build_backbone("timm/test_resnet", pretrained=name)
+        message = str(info.value)
+        assert "need a network" in message and "model.pretrained=PATH" in message
+        assert "\n" not in message
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    with pytest.raises(PretrainedWeightsError, match="cannot load pretrained weights"):
+        build_backbone("timm/test_resnet", pretrained=tmp_path / "junk.pth")
+
+
+def test_the_documented_plugins_are_the_tested_ones() -> None:
+    """Every code block of docs/sources-and-backbones.md is a verbatim part of the example
+    plugins that this file trains, so the documentation cannot drift from working code."""
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    page = (root / "docs" / "sources-and-backbones.md").read_text(encoding="utf-8")
+    example = Path(example_plugins.__file__).read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", page, flags=re.DOTALL)
+    assert len(blocks) == 2
+    for block in blocks:
+        assert block in example

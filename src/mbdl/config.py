@@ -96,7 +96,7 @@ class DataConfig:
         "glyphs",
         "Data source: a built-in name, the name of an installed plugin (entry point group "
         "mbdl.sources) or the import path package.module:load_splits of your own loader (see "
-        "Plugins); every built-in source but glyphs needs data.root.",
+        "Data sources and backbones); every built-in source but glyphs needs data.root.",
         registry="mbdl.data.sources:SOURCES",
     )
     root: str | None = key(None, "Directory (or file) of the data set.", resume_free=True)
@@ -152,7 +152,7 @@ class ModelConfig:
         "smallvgg",
         "Backbone network: a built-in name, timm/<name> (any timm model; pip install "
         "'mbdl[timm]'), the name of an installed plugin (entry point group mbdl.backbones) or the "
-        "import path package.module:build of your own builder (see Plugins).",
+        "import path package.module:build of your own builder (see Data sources and backbones).",
         registry="mbdl.models.backbones:BACKBONES",
     )
     embedding_dim: int = key(64, "Size of the embedding.", minimum=2, maximum=16384)

@@ -422,7 +422,9 @@ class TimmBackbone:
             options |= {"pretrained": True, "pretrained_cfg_overlay": {"file": str(file)}}
         try:
             module = timm.create_model(self.model, **options)
-        except (RuntimeError, OSError, ValueError, KeyError) as error:
+        except Exception as error:  # torch.load and load_state_dict raise many types
+            if pretrained is None:
+                raise
             first = (str(error).splitlines() or [type(error).__name__])[0]
             raise PretrainedWeightsError(
                 f"cannot load pretrained weights {pretrained} into {name}: {first}"
