@@ -7,8 +7,10 @@ values parsed as YAML scalars: ``loss.name=triplet loss.margin=0.1 train.epochs=
 The loss's own hyper-parameters are flat keys of the ``loss`` section (``loss.margin``,
 ``loss.alpha``, ...): they are the keyword arguments of the loss class's constructor (see
 ``mbdl.losses``), validated against its signature; ``num_classes`` and ``embedding_dim`` are
-supplied by the trainer. :data:`CONFIG_SCHEMA` lists every other key with its type, default,
-allowed values and help text; the documentation's configuration reference is generated from it.
+supplied by the trainer. Every other key is declared once, as a field of the dataclasses below
+(:func:`key`: default, help, allowed values or the registry of its values, bounds, whether a
+resumed run may change it; the type is the field's annotation). :data:`CONFIG_SCHEMA`, the bounds,
+:data:`RESUME_FREE_KEYS` and the documentation's configuration reference derive from them.
 """
 
 from __future__ import annotations
