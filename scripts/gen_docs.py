@@ -1,7 +1,7 @@
 """Generate the reference pages docs/configuration.md and docs/cli.md from the code.
 
-- docs/configuration.md from ``mbdl.config.CONFIG_SCHEMA`` (every key: type, default, allowed
-  values, help) and from the constructor signatures of the registered losses (``loss.*`` keys).
+- docs/configuration.md from ``mbdl.config.CONFIG_SCHEMA`` (every key as declared once by the
+  config dataclasses' fields: type, default, allowed values or bounds, help) and from the constructor signatures of the registered losses (``loss.*`` keys).
 - docs/cli.md from the argparse parser of ``mbdl.cli`` (``build_parser()``).
 
 Usage: ``python scripts/gen_docs.py`` rewrites the pages that changed;
@@ -39,20 +39,30 @@ def _cell(text: str) -> str:
 
 
 def _type_text(type_name: str) -> str:
-    """Schema type -> reader's type: ``"int | None"`` -> ``"int or null"``."""
-    base, _, optional = type_name.partition(" | ")
-    return f"{base} or null" if optional else base
+    """Schema type -> reader's type: ``"int | None"`` -> ``"int or null"``, ``"int | str"`` -> ``"int or str"``."""
+    base = type_name.removesuffix(" | None").replace(" | ", " or ")
+    return f"{base} or null" if type_name.endswith(" | None") else base
 
 
-def _allowed_text(key: str, allowed: tuple[Any, ...] | None, bounds: dict[str, Any]) -> str:
-    if allowed is not None:
+def _allowed_text(declared: Any) -> str:
+    """A key's allowed values: its choices, its registry's names (and plugins) or its bounds."""
+    if declared.choices is not None:
         return ", ".join(
-            f"`{_yaml_value(v)}`" if not isinstance(v, str) else f"`{v}`" for v in allowed
+            f"`{_yaml_value(v)}`" if not isinstance(v, str) else f"`{v}`" for v in declared.choices
         )
-    if key in bounds:
-        bound, strict = bounds[key]
-        return f"{'>' if strict else '>='} {bound:g}"
-    return ""
+    if declared.registry is not None:
+        from mbdl.config import registry_choices
+        from mbdl.plugins import import_object
+
+        return registry_choices(import_object(declared.registry, kind="registry"))
+    bounds = []
+    if declared.above is not None:
+        bounds.append(f"> {declared.above:g}")
+    elif declared.minimum is not None:
+        bounds.append(f">= {declared.minimum:g}")
+    if declared.maximum is not None:
+        bounds.append(f"<= {declared.maximum:g}")
+    return ", ".join(bounds)
 
 
 def configuration_page() -> str:
@@ -61,7 +71,6 @@ def configuration_page() -> str:
     from mbdl.losses import builtin_losses, loss_class
 
     schema = config_module.CONFIG_SCHEMA
-    bounds = getattr(config_module, "_LOWER_BOUNDS", {})
     lines = [HEADER.format(source="mbdl.config.CONFIG_SCHEMA and the loss classes")]
     lines.append("# Configuration reference\n")
     lines.append(
@@ -89,10 +98,10 @@ def configuration_page() -> str:
         lines.append("| key | type | default | allowed values | description |")
         lines.append("| --- | --- | --- | --- | --- |")
         for key in keys:
-            type_name, default, allowed, help_text = schema[key]
+            declared = schema[key]
             lines.append(
-                f"| `{key}` | {_type_text(type_name)} | `{_cell(_yaml_value(default))}` | "
-                f"{_cell(_allowed_text(key, allowed, bounds))} | {_cell(help_text)} |"
+                f"| `{key}` | {_type_text(declared.type)} | `{_cell(_yaml_value(declared.default))}` | "
+                f"{_cell(_allowed_text(declared))} | {_cell(declared.help)} |"
             )
         lines.append("")
         if section == "loss":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -9,8 +10,12 @@ import yaml
 
 from mbdl.config import (
     CONFIG_SCHEMA,
+    RESUME_FREE_KEYS,
+    SECTIONS,
+    UPPER_BOUNDS,
     Config,
     ConfigError,
+    Key,
     config_differences,
     config_to_dict,
     config_to_flat,
@@ -35,28 +40,69 @@ def test_defaults_are_the_glyphs_mdl_recipe() -> None:
     assert config.train.optimizer == "adamw" and config.train.lr == 1e-3
     assert config.train.select_metric == "map@r"
     flat = config_to_flat(config)
-    for key, (_, default, _, _) in CONFIG_SCHEMA.items():
-        assert flat[key] == default, key
+    for key, declared in CONFIG_SCHEMA.items():
+        assert flat[key] == declared.default, key
 
 
 def test_schema_is_plain_data() -> None:
-    for key, entry in CONFIG_SCHEMA.items():
-        type_name, default, allowed, help_text = entry
-        assert type_name.removesuffix(" | None") in {
+    for key, declared in CONFIG_SCHEMA.items():
+        assert isinstance(declared, Key)
+        assert declared.type.removesuffix(" | None") in {
             "str",
             "int",
+            "int | str",
             "float",
             "bool",
             "list[int]",
             "list[str]",
         }
-        assert isinstance(help_text, str) and help_text
+        assert isinstance(declared.help, str) and declared.help
+        allowed, default = declared.choices, declared.default
         if allowed is not None and isinstance(default, list):
             assert set(default) <= set(allowed), key
         elif allowed is not None:
             assert default in allowed, key
         # every default passes its own validation
         load_config(None, [f"{key}={yaml.safe_dump(default, default_flow_style=True).strip()}"])
+
+
+def test_each_key_is_declared_once_as_a_dataclass_field() -> None:
+    """The schema, the defaults, the bounds and the resume-free keys are one declaration: the
+    fields of Config's sections (plus the top-level keys), in their order."""
+    expected = [
+        f"{section}.{f.name}" for section in SECTIONS for f in fields(getattr(Config(), section))
+    ]
+    expected += [f.name for f in fields(Config) if f.name not in SECTIONS]
+    assert list(CONFIG_SCHEMA) == [k for k in expected if k != "loss.params"]
+    config = Config()
+    for key, declared in CONFIG_SCHEMA.items():
+        section, _, name = key.rpartition(".")
+        value = getattr(getattr(config, section) if section else config, name)
+        assert value == declared.default, key
+        if declared.maximum is not None:
+            assert UPPER_BOUNDS[key] == declared.maximum
+    assert RESUME_FREE_KEYS == {k for k, d in CONFIG_SCHEMA.items() if d.resume_free}
+    assert {"out", "resume", "train.device"} <= RESUME_FREE_KEYS
+    assert "train.lr" not in RESUME_FREE_KEYS
+    # a list default is a fresh list per config, not shared
+    assert Config().eval.ks is not Config().eval.ks
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("data.image_size=4097", "data.image_size must be <= 4096; got 4097"),
+        ("model.embedding_dim=16385", "model.embedding_dim must be <= 16384"),
+        ("data.image_size=7", "data.image_size must be >= 8; got 7"),
+        ("eval.verify_far=0", "eval.verify_far must be > 0; got 0.0"),
+        ("train.grad_clip=0", "train.grad_clip must be > 0"),
+        ("train.loggers=[wandb]", "train.loggers: 'wandb' is not allowed; choose from tensorboard"),
+    ],
+)
+def test_bounds_and_choices_from_the_declaration(override: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert expected in str(info.value)
 
 
 def test_overrides_are_yaml_scalars() -> None:
@@ -114,7 +160,7 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
         ("model.embeding_dim=8", "did you mean model.embedding_dim"),
         ("loss.margn=0.1", "unknown key loss.margn"),
         ("train.amp=fp32", "train.amp='fp32' is not allowed; choose one of auto, off, bf16, fp16"),
-        ("loss.name=nosuchloss", "loss.name=nosuchloss: unknown loss 'nosuchloss'; choose one of"),
+        ("loss.name=nosuchloss", "loss.name='nosuchloss' is not allowed; choose one of"),
         ("train.lr=fast", "train.lr must be a float"),
         ("train.epochs=2.5", "train.epochs must be a int"),
         ("train.epochs=0", "train.epochs must be >= 1"),

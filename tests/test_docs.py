@@ -175,18 +175,30 @@ def test_generator_rewrites_only_changed_pages(tmp_path: Path) -> None:
 
 def test_configuration_page_lists_every_key_and_loss_parameter() -> None:
     from mbdl.config import CONFIG_SCHEMA, loss_parameters
+    from mbdl.data import SOURCES
     from mbdl.losses import LOSSES
+    from mbdl.models import BACKBONES
 
     gen_docs = _load_gen_docs()
     text = gen_docs.configuration_page()
-    for key, (_, default, allowed, _) in CONFIG_SCHEMA.items():
+    for key, declared in CONFIG_SCHEMA.items():
         assert f"| `{key}` |" in text, key
         assert (
-            f"| `{key}` | {gen_docs._type_text(CONFIG_SCHEMA[key][0])} | `{gen_docs._yaml_value(default)}` |"
-            in text
+            f"| `{key}` | {gen_docs._type_text(declared.type)} | "
+            f"`{gen_docs._yaml_value(declared.default)}` |" in text
         ), key
-        for value in allowed or ():
+        for value in declared.choices or ():
             assert f"`{value}`" in text, (key, value)
+        if declared.minimum is not None:
+            assert f">= {declared.minimum:g}" in text, key
+    # the values of the registry-backed keys are the registries' names
+    source_row = next(line for line in text.splitlines() if line.startswith("| `data.source`"))
+    backbone_row = next(line for line in text.splitlines() if line.startswith("| `model.backbone`"))
+    for name in SOURCES.builtin_names():
+        assert name in source_row, name
+    for name in BACKBONES.builtin_names():
+        assert name in backbone_row, name
+    assert "timm/<name>" in backbone_row and "package.module:" in source_row
     for name in LOSSES.names():
         for param in loss_parameters(name):
             assert f"`loss.{param}=" in text, (name, param)

@@ -41,7 +41,7 @@ def test_auto_image_size(side: int, backbone: str, expected: int) -> None:
 def test_every_backbone_has_a_native_size() -> None:
     from mbdl.models import BACKBONES
 
-    assert set(NATIVE_INPUT_SIZES) == set(BACKBONES)
+    assert set(NATIVE_INPUT_SIZES) == set(BACKBONES.builtin_names())
 
 
 def test_typical_side_reads_headers(tmp_path: Path) -> None:

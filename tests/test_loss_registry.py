@@ -192,7 +192,7 @@ def test_a_plugin_loss_is_configured_like_a_built_in() -> None:
         (["loss.name=example_loss_plugin:WrongForward"], "must take (embeddings, labels, ref_emb"),
         (["loss.name=example_loss_plugin:UndeclaredNeeds"], "declare needs = ('num_classes',)"),
         (["loss.name=example_loss_plugin:torch"], "is a module, not a class"),
-        (["loss.name=nosuchloss"], "unknown loss 'nosuchloss'; choose one of"),
+        (["loss.name=nosuchloss"], "loss.name='nosuchloss' is not allowed; choose one of mdl, "),
     ],
 )
 def test_a_bad_plugin_is_one_clear_config_error(overrides: list[str], message: str) -> None:
@@ -204,7 +204,7 @@ def test_a_bad_plugin_is_one_clear_config_error(overrides: list[str], message: s
 def test_a_bad_plugin_stops_the_cli_with_exit_code_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", "loss.name=example_loss_plugin:WrongForward"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and "loss.name=example_loss_plugin:WrongForward" in lines[0]
+    assert len(lines) == 1 and "loss.name: loss 'example_loss_plugin:WrongForward'" in lines[0]
 
 
 def test_an_installed_package_names_its_loss_by_entry_point(

@@ -8,7 +8,9 @@ import torch
 from PIL import Image
 
 import mbdl.data
-from mbdl.data import SOURCES, Splits, load_splits
+from mbdl.config import ConfigError, load_config
+from mbdl.data import SOURCES, Source, Splits, load_splits
+from mbdl.data.sources import check_signature
 from mbdl.data.splits import (
     ArrayImageDataset,
     SubsetImageDataset,
@@ -146,26 +148,51 @@ def test_attach_transforms_sets_train_and_eval() -> None:
     assert torch.equal(a, b)  # evaluation is deterministic
 
 
-def test_dispatcher_rejects_unknown_sources_and_missing_roots() -> None:
-    assert SOURCES == ("glyphs", "folder", "csv", "idx", "cub", "cars", "sop", "inshop")
+@pytest.mark.parametrize("name", SOURCES.builtin_names())
+def test_every_builtin_source_is_declared_documented_and_checked(name: str) -> None:
+    declared = SOURCES.get(name)
+    assert isinstance(declared, Source) and name in SOURCES
+    function = declared.function()
+    check_signature(function, name)  # callable as (root, *, image_size, val_fraction, seed)
+    assert (function.__doc__ or "").strip(), f"{name}: load_splits has no docstring"
+    assert 8 <= declared.image_size <= 4096
+    if declared.needs_root:
+        with pytest.raises(ValueError, match=f"data source '{name}' needs a root directory"):
+            load_splits(name)
+        with pytest.raises(ConfigError, match=f"data.source={name} needs data.root"):
+            load_config(None, [f"data.source={name}"])
+    else:
+        assert load_config(None, [f"data.source={name}"]).data.source == name
+
+
+def test_dispatcher_rejects_unknown_sources() -> None:
+    assert SOURCES.builtin_names()[0] == "glyphs"  # the default source comes first
     with pytest.raises(ValueError, match=r"unknown data source 'mnist'; allowed: glyphs, folder"):
         load_splits("mnist")
-    for source in SOURCES[1:]:
-        with pytest.raises(ValueError, match=f"data source '{source}' needs a root directory"):
-            load_splits(source)
+    with pytest.raises(
+        ConfigError, match=r"data.source='mnist' is not allowed; choose one of glyphs"
+    ):
+        load_config(None, ["data.source=mnist"])
 
 
-def test_dispatcher_passes_arguments_to_the_source_module(monkeypatch: pytest.MonkeyPatch) -> None:
+def _fake_splits(source: str = "fake") -> Splits:
+    return Splits(small_dataset(), small_dataset(), small_dataset(), 1, 16, source)
+
+
+def test_dispatcher_passes_arguments_to_the_source_function(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     calls = []
 
-    class FakeModule:
-        @staticmethod
-        def load_splits(root, **kwargs):  # type: ignore[no-untyped-def]
-            calls.append((root, kwargs))
-            return "splits"
+    def fake(root, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append((root, kwargs))
+        return _fake_splits()
 
-    monkeypatch.setattr(mbdl.data.importlib, "import_module", lambda name: (name, FakeModule)[1])
-    assert load_splits("cub", "/data/CUB", seed=3, crop=True) == "splits"
+    for name in ("cub", "glyphs"):
+        module = SOURCES.get(name).load
+        assert isinstance(module, str)
+        monkeypatch.setattr(f"{module.replace(':', '.')}", fake)
+    assert isinstance(load_splits("cub", "/data/CUB", seed=3, crop=True), Splits)
     assert calls[-1] == (
         "/data/CUB",
         {"image_size": 224, "val_fraction": 0.15, "seed": 3, "crop": True},

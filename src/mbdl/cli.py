@@ -628,7 +628,7 @@ def _run_verify(args: argparse.Namespace) -> int:
 
     from mbdl.data import build_transforms
     from mbdl.export import load_state
-    from mbdl.functional.distances import pairwise_distance
+    from mbdl.functional.verification import paired_distances
     from mbdl.train.checkpoint import model_from_state
 
     state = load_state(args.checkpoint)
@@ -655,7 +655,9 @@ def _run_verify(args: argparse.Namespace) -> int:
     with torch.inference_mode():
         batch = torch.stack([transform(image) for image in images]).to(device)
         embeddings = model(batch).float().cpu()
-    distance = float(pairwise_distance(embeddings[:1], embeddings[1:], distance_name)[0, 0])
+    # the pair's own distance, as the stored threshold was chosen (float64; not a GEMM
+    # expansion, whose rounding leaves two identical images about 3e-4 apart)
+    distance = float(paired_distances(embeddings[:1], embeddings[1:], distance_name)[0])
     same = distance <= threshold
     stored = state.get("verification") or {}
     answer = {
@@ -862,8 +864,6 @@ def _run_data(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 # mbdl scan
 
-_FILE_SOURCES = ("folder", "csv", "cub", "cars", "sop", "inshop")
-
 
 def _configure_scan(parser: argparse.ArgumentParser) -> None:
     _add_config_items(
@@ -888,6 +888,7 @@ def _run_scan(args: argparse.Namespace) -> int:
     import numpy as np
 
     from mbdl.config import load_config
+    from mbdl.data.sources import SOURCES
     from mbdl.train.preflight import describe_data, validate_before_training
     from mbdl.train.trainer import load_data
 
@@ -896,7 +897,7 @@ def _run_scan(args: argparse.Namespace) -> int:
         raise UsageError(f"expected at most one config file, got {', '.join(others)}")
     config = load_config(others[0] if others else None, overrides)
     asked_to_skip = config.data.skip_corrupt
-    if config.data.source in _FILE_SOURCES:
+    if SOURCES.get(config.data.source).accepts("skip_corrupt"):
         config.data.skip_corrupt = True  # list every unreadable image, not only the first
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

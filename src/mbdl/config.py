@@ -7,8 +7,10 @@ values parsed as YAML scalars: ``loss.name=triplet loss.margin=0.1 train.epochs=
 The loss's own hyper-parameters are flat keys of the ``loss`` section (``loss.margin``,
 ``loss.alpha``, ...): they are the keyword arguments of the loss class's constructor (see
 ``mbdl.losses``), validated against its signature; ``num_classes`` and ``embedding_dim`` are
-supplied by the trainer. :data:`CONFIG_SCHEMA` lists every other key with its type, default,
-allowed values and help text; the documentation's configuration reference is generated from it.
+supplied by the trainer. Every other key is declared once, as a field of the dataclasses below
+(:func:`key`: default, help, allowed values or the registry of its values, bounds, whether a
+resumed run may change it; the type is the field's annotation). :data:`CONFIG_SCHEMA`, the bounds,
+:data:`RESUME_FREE_KEYS` and the documentation's configuration reference derive from them.
 """
 
 from __future__ import annotations
@@ -17,26 +19,15 @@ import difflib
 import inspect
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, get_type_hints
 
 import yaml
 
 from mbdl.errors import UserError
 
 SECTIONS: tuple[str, ...] = ("data", "model", "loss", "train", "eval")
-
-SOURCES = ("glyphs", "folder", "csv", "idx", "cub", "cars", "sop", "inshop")
-BACKBONES = (
-    "smallcnn",
-    "smallvgg",
-    "resnet18",
-    "resnet50",
-    "googlenet",
-    "mobilenet_v2",
-    "efficientnet_b0",
-)
 
 
 class _LossNames(Sequence[str]):
@@ -67,330 +58,49 @@ class _LossNames(Sequence[str]):
 LOSS_NAMES: Sequence[str] = _LossNames()
 SELECT_METRICS = ("map@r", "r_precision", "precision@1", "nmi", "f1", "recall@K (K in eval.ks)")
 
-# key -> (type, default, allowed values or None, help). Types are the strings
-# "str", "int", "float", "bool", "list[int]", "list[str]", optionally with " | None".
-CONFIG_SCHEMA: dict[str, tuple[str, Any, Sequence[Any] | None, str]] = {
-    "data.source": (
-        "str",
-        "glyphs",
-        SOURCES,
-        "Data source; every source but glyphs needs data.root.",
-    ),
-    "data.root": ("str | None", None, None, "Directory (or file) of the data set."),
-    "data.image_size": (
-        "int | None",
-        None,
-        None,
-        "Side of the square network input in pixels; null: glyphs and idx 32; file sources "
-        "(folder, csv, cub, ...) pick it from the training images: their median shorter side "
-        "rounded down to a multiple of 16 (at least 32), at most the backbone's native size "
-        "(smallcnn 32, torchvision backbones 224).",
-    ),
-    "data.val_fraction": (
-        "float",
-        0.15,
-        None,
-        "Fraction of the training classes held out as validation classes (model selection); 0: none.",
-    ),
-    "data.max_classes": (
-        "int | None",
-        None,
-        None,
-        "glyphs only: use a subset of this many characters (quick runs and tests).",
-    ),
-    "data.num_workers": (
-        "int",
-        "auto",
-        None,
-        "DataLoader worker processes (0: load in the main process); auto: sized to the machine "
-        "and the data path by measurement (mbdl.data.workers: one for batches from memory, the "
-        "CPUs but one for images decoded one by one, none for evaluating from memory).",
-    ),
-    "data.cache": (
-        "str",
-        "auto",
-        ("auto", "memory", "disk", "off"),
-        "Decode a file source's training images once, resized, as uint8 (mbdl.data.cache), and "
-        "its evaluation splits once at the network's input size: auto: "
-        "in memory when they fit in a quarter of the available memory, else a memory-mapped "
-        "file in the cache directory; off: decode every image every epoch and evaluation.",
-    ),
-    "data.skip_corrupt": (
-        "bool",
-        False,
-        None,
-        "Skip unreadable images with a warning (counted) instead of stopping with an error.",
-    ),
-    "data.allow_outside_root": (
-        "bool",
-        False,
-        None,
-        "Folder source: accept images and class folders whose resolved path (through symbolic "
-        "links) lies outside data.root; off, such a file is refused.",
-    ),
-    "data.bbox": (
-        "bool",
-        False,
-        None,
-        "cub and cars only: crop every image to its bounding box.",
-    ),
-    "data.augment": (
-        "str",
-        "auto",
-        ("auto", "crop", "affine", "none"),
-        "Training augmentation: crop (random resized crop + flip, photographs), affine (small "
-        "jitter, glyphs and digits), auto (crop from 64 px up, else affine), none; true = auto, "
-        "false = none.",
-    ),
-    "model.backbone": ("str", "smallvgg", BACKBONES, "Backbone network."),
-    "model.embedding_dim": ("int", 64, None, "Size of the embedding."),
-    "model.pretrained": (
-        "str | None",
-        None,
-        None,
-        "torchvision weight name (IMAGENET1K_V1, DEFAULT) or a local weights file; null: random init.",
-    ),
-    "model.freeze_bn": (
-        "bool",
-        False,
-        None,
-        "Freeze the backbone's BatchNorm statistics and affine.",
-    ),
-    "model.head_bn": ("bool", False, None, "BatchNorm in the embedding head."),
-    "loss.name": (
-        "str",
-        "mdl",
-        LOSS_NAMES,
-        "Loss. Its hyper-parameters are further loss.* keys, the keyword arguments of the loss "
-        "class (e.g. loss.margin=0.2); num_classes and embedding_dim are set by the trainer.",
-    ),
-    "train.epochs": ("int", 30, None, "Training epochs."),
-    "train.batch_classes": ("int", 32, None, "P: classes per batch."),
-    "train.batch_per_class": ("int", 4, None, "K: images per class in a batch (batch size P x K)."),
-    "train.optimizer": ("str", "adamw", ("adamw", "sgd"), "Optimiser."),
-    "train.lr": (
-        "float",
-        1e-3,
-        None,
-        "Learning rate of the backbone (peak, after warm-up), for the global batch: under torchrun "
-        "with W processes a step sees P x K x W images and the same gradients as one process on "
-        "them, so lr is not scaled with W.",
-    ),
-    "train.head_lr_mult": ("float", 1.0, None, "Learning rate of the embedding head = lr x this."),
-    "train.loss_lr": (
-        "float | None",
-        None,
-        None,
-        "Learning rate of the loss's own parameters (proxies, margin beta); null: train.lr.",
-    ),
-    "train.momentum": ("float", 0.9, None, "SGD momentum."),
-    "train.weight_decay": (
-        "float",
-        1e-4,
-        None,
-        "Weight decay of the network's weight matrices and kernels (not biases, norms or loss "
-        "parameters).",
-    ),
-    "train.warmup_epochs": (
-        "float",
-        1.0,
-        None,
-        "Linear learning-rate warm-up (epochs, fractions allowed), then cosine decay to 0 per step.",
-    ),
-    "train.grad_clip": (
-        "float | None",
-        None,
-        None,
-        "Clip the gradients' global L2 norm to this value; null: no clipping.",
-    ),
-    "train.amp": (
-        "str",
-        "auto",
-        ("auto", "off", "bf16", "fp16"),
-        "Mixed precision: bf16 autocast (CPU or CUDA), fp16 autocast with a GradScaler (CUDA only); "
-        "auto: bf16 on a GPU that supports it (else fp16) and on a CPU with bf16 matrix "
-        "instructions (AVX512-BF16 or AMX), else off.",
-    ),
-    "train.channels_last": (
-        "bool",
-        True,
-        None,
-        "Run convolutional backbones in the channels-last memory format (faster convolutions "
-        "on CPUs with oneDNN and on GPU tensor cores; the same results up to rounding).",
-    ),
-    "train.device": ("str", "auto", ("auto", "cpu", "cuda"), "Device; auto: cuda when available."),
-    "train.num_threads": (
-        "int | None",
-        None,
-        None,
-        "torch CPU threads; null: torch's default.",
-    ),
-    "train.val_every": (
-        "int",
-        1,
-        None,
-        "Validate every this many epochs (and always after the last epoch).",
-    ),
-    "train.select_metric": (
-        "str",
-        "map@r",
-        None,
-        "Validation metric that chooses the best checkpoint: map@r, r_precision, precision@1, "
-        "nmi, f1 or recall@K with K in eval.ks.",
-    ),
-    "train.patience": (
-        "int | None",
-        None,
-        None,
-        "Early stopping: stop after this many validations without improvement; null: never.",
-    ),
-    "train.max_steps_per_epoch": (
-        "int | None",
-        None,
-        None,
-        "Cap on the batches per epoch (smoke runs); null: a full pass of the sampler.",
-    ),
-    "train.checkpoint_every_steps": (
-        "int | None",
-        None,
-        None,
-        "Also write checkpoints/last.pt every this many steps within an epoch; null: per epoch only.",
-    ),
-    "train.progress": (
-        "bool",
-        True,
-        None,
-        "Progress bar per epoch (only shown when stderr is a terminal).",
-    ),
-    "train.xbm_size": (
-        "int",
-        0,
-        None,
-        "Cross-batch memory (Wang et al., CVPR 2020): keep the last this many training embeddings "
-        "(all ranks' under torchrun) as extra positives and negatives; 0: off. Not for proxyanchor.",
-    ),
-    "train.xbm_warmup_steps": (
-        "int",
-        0,
-        None,
-        "Optimiser steps before the cross-batch memory is used (it is filled from the start); "
-        "the paper waits about 1000 iterations while the embedding still drifts fast.",
-    ),
-    "train.loggers": (
-        "list[str]",
-        [],
-        ("tensorboard", "mlflow"),
-        "Experiment trackers that also receive log.jsonl's records, the config, the test metrics "
-        "and the report's figures: tensorboard (OUT/tensorboard), mlflow ($MLFLOW_TRACKING_URI, "
-        "else OUT/mlruns); each needs its extra (pip install 'mbdl[tensorboard]').",
-    ),
-    "eval.ks": ("list[int]", [1, 2, 4, 8], None, "K values of Recall@K."),
-    "eval.batch_size": ("int", 256, None, "Batch size when embedding a data set."),
-    "eval.distance": (
-        "str",
-        "euclidean",
-        ("euclidean", "squared_euclidean", "cosine"),
-        "Distance for retrieval and search.",
-    ),
-    "eval.report": (
-        "bool",
-        True,
-        None,
-        "Write OUT/report.html (plots, embedding projection, retrieval examples) after the test.",
-    ),
-    "eval.kmeans_restarts": (
-        "int",
-        3,
-        None,
-        "k-means runs (greedy k-means++ seeding each) behind NMI, AMI and F1; the run with the "
-        "lowest inertia is kept.",
-    ),
-    "eval.verify_far": (
-        "float",
-        1e-3,
-        None,
-        "False accept rate at which mbdl train chooses the verification threshold on the "
-        "validation classes (stored in checkpoints/best.pt, used by mbdl verify and mbdl search "
-        "--threshold); the test TAR and FAR at that threshold go to metrics.json.",
-    ),
-    "eval.verify_max_pairs": (
-        "int",
-        1_000_000,
-        None,
-        "Verification pairs: every pair of a split when there are at most this many, else a "
-        "seeded sample of this many genuine and this many impostor pairs.",
-    ),
-    "seed": ("int", 0, None, "Seed of the split, model initialisation, sampler and augmentation."),
-    "out": (
-        "str | None",
-        None,
-        None,
-        "Run directory; null: runs/<source>-<loss>-<date>-<time>. A fresh run refuses a "
-        "non-empty directory.",
-    ),
-    "resume": (
-        "bool",
-        False,
-        None,
-        "Continue the run in out from checkpoints/last.pt (starts fresh when there is none yet).",
-    ),
-}
 
-# Inclusive lower bounds, (value, strict) where strict means the bound itself is not allowed.
-_LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
-    "data.image_size": (8, False),
-    "data.val_fraction": (0.0, False),
-    "data.max_classes": (4, False),
-    "data.num_workers": (0, False),
-    "model.embedding_dim": (2, False),
-    "train.epochs": (1, False),
-    "train.batch_classes": (2, False),
-    "train.batch_per_class": (2, False),
-    "train.lr": (0.0, True),
-    "train.head_lr_mult": (0.0, False),
-    "train.loss_lr": (0.0, False),
-    "train.momentum": (0.0, False),
-    "train.weight_decay": (0.0, False),
-    "train.warmup_epochs": (0.0, False),
-    "train.grad_clip": (0.0, True),
-    "train.num_threads": (1, False),
-    "train.val_every": (1, False),
-    "train.patience": (1, False),
-    "train.max_steps_per_epoch": (1, False),
-    "train.checkpoint_every_steps": (1, False),
-    "train.xbm_size": (0, False),
-    "train.xbm_warmup_steps": (0, False),
-    "eval.batch_size": (1, False),
-    "eval.kmeans_restarts": (1, False),
-    "eval.verify_far": (0.0, True),
-    "eval.verify_max_pairs": (1, False),
-}
+class Key(NamedTuple):
+    """One configuration key, declared once as a field of the config dataclasses (:func:`key`).
 
-# Inclusive upper bounds of the sizes that drive allocations (an image side of 10^5 pixels
-# would ask for tens of GB per image); checkpoints are held to the same bounds.
-UPPER_BOUNDS: dict[str, int] = {
-    "data.image_size": 4096,
-    "model.embedding_dim": 16_384,
-}
+    The type is the field's annotation (``"int | None"``); ``choices`` are the allowed values;
+    ``registry`` is the import path of a :class:`mbdl.plugins.Registry` whose names (and plugin
+    import paths) the value must be; ``minimum`` / ``above`` are inclusive / strict lower bounds,
+    ``maximum`` an inclusive upper bound; ``resume_free`` keys may differ between a run and its
+    resumption (they do not change the results).
+    """
 
-# Keys that may differ between a run and its resumption (they do not change the results).
-RESUME_FREE_KEYS: frozenset[str] = frozenset(
-    {
-        "resume",
-        "out",
-        "data.root",
-        "data.num_workers",
-        "train.device",
-        "train.num_threads",
-        "train.progress",
-        "train.loggers",
-        "eval.batch_size",
-        "eval.report",
-        "eval.kmeans_restarts",
-        "eval.verify_far",
-        "eval.verify_max_pairs",
-    }
-)
+    type: str
+    default: Any
+    choices: tuple[Any, ...] | None
+    help: str
+    minimum: float | None = None
+    above: float | None = None
+    maximum: float | None = None
+    resume_free: bool = False
+    registry: str | None = None
+
+
+_KEY = "mbdl.config.key"  # the dataclass field metadata entry that holds a field's Key
+
+
+def key(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple[Any, ...] | None = None,
+    registry: str | None = None,
+    minimum: float | None = None,
+    above: float | None = None,
+    maximum: float | None = None,
+    resume_free: bool = False,
+) -> Any:
+    """A config dataclass field that declares one key (its type is the field's annotation)."""
+    declared = Key("", default, choices, help, minimum, above, maximum, resume_free, registry)
+    metadata = {_KEY: declared}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
 
 # Loss constructor arguments that the trainer supplies (MetricLoss.needs).
 _TRAINER_SUPPLIED = ("num_classes", "embedding_dim")
@@ -400,78 +110,242 @@ class ConfigError(UserError):
     """A configuration key or value that is not valid; the message names it and the fix."""
 
 
-def _default(key: str) -> Any:
-    value = CONFIG_SCHEMA[key][1]
-    return list(value) if isinstance(value, list) else value
-
-
 @dataclass
 class DataConfig:
-    source: str = _default("data.source")
-    root: str | None = _default("data.root")
-    image_size: int | None = _default("data.image_size")
-    val_fraction: float = _default("data.val_fraction")
-    max_classes: int | None = _default("data.max_classes")
-    num_workers: int | str = _default("data.num_workers")
-    cache: str = _default("data.cache")
-    skip_corrupt: bool = _default("data.skip_corrupt")
-    bbox: bool = _default("data.bbox")
-    augment: str = _default("data.augment")
-    allow_outside_root: bool = _default("data.allow_outside_root")
+    source: str = key(
+        "glyphs",
+        "Data source: a built-in name, the name of an installed plugin (entry point group "
+        "mbdl.sources) or the import path package.module:load_splits of your own loader (see "
+        "Data sources and backbones); every built-in source but glyphs needs data.root.",
+        registry="mbdl.data.sources:SOURCES",
+    )
+    root: str | None = key(None, "Directory (or file) of the data set.", resume_free=True)
+    image_size: int | None = key(
+        None,
+        "Side of the square network input in pixels; null: glyphs and idx 32; file sources "
+        "(folder, csv, cub, ...) pick it from the training images: their median shorter side "
+        "rounded down to a multiple of 16 (at least 32), at most the backbone's native size "
+        "(smallcnn 32, torchvision backbones 224).",
+        minimum=8,
+        maximum=4096,
+    )
+    val_fraction: float = key(
+        0.15,
+        "Fraction of the training classes held out as validation classes (model selection); 0: "
+        "none.",
+        minimum=0.0,
+    )
+    max_classes: int | None = key(
+        None, "glyphs only: use a subset of this many characters (quick runs and tests).", minimum=4
+    )
+    num_workers: int | str = key(
+        "auto",
+        "DataLoader worker processes (0: load in the main process); auto: sized to the machine "
+        "and the data path by measurement (mbdl.data.workers: one for batches from memory, the "
+        "CPUs but one for images decoded one by one, none for evaluating from memory).",
+        minimum=0,
+        resume_free=True,
+    )
+    cache: str = key(
+        "auto",
+        "Decode a file source's training images once, resized, as uint8 (mbdl.data.cache), and "
+        "its evaluation splits once at the network's input size: auto: in memory when they fit "
+        "in a quarter of the available memory, else a memory-mapped file in the cache directory; "
+        "off: decode every image every epoch and evaluation.",
+        choices=("auto", "memory", "disk", "off"),
+    )
+    skip_corrupt: bool = key(
+        False, "Skip unreadable images with a warning (counted) instead of stopping with an error."
+    )
+    bbox: bool = key(False, "cub and cars only: crop every image to its bounding box.")
+    augment: str = key(
+        "auto",
+        "Training augmentation: crop (random resized crop + flip, photographs), affine (small "
+        "jitter, glyphs and digits), auto (crop from 64 px up, else affine), none; true = auto, "
+        "false = none.",
+        choices=("auto", "crop", "affine", "none"),
+    )
+    allow_outside_root: bool = key(
+        False,
+        "Folder source: accept images and class folders whose resolved path (through symbolic "
+        "links) lies outside data.root; off, such a file is refused.",
+    )
 
 
 @dataclass
 class ModelConfig:
-    backbone: str = _default("model.backbone")
-    embedding_dim: int = _default("model.embedding_dim")
-    pretrained: str | None = _default("model.pretrained")
-    freeze_bn: bool = _default("model.freeze_bn")
-    head_bn: bool = _default("model.head_bn")
+    backbone: str = key(
+        "smallvgg",
+        "Backbone network: a built-in name, timm/<name> (any timm model; pip install "
+        "'mbdl[timm]'), the name of an installed plugin (entry point group mbdl.backbones) or the "
+        "import path package.module:build of your own builder (see Data sources and backbones).",
+        registry="mbdl.models.backbones:BACKBONES",
+    )
+    embedding_dim: int = key(64, "Size of the embedding.", minimum=2, maximum=16384)
+    pretrained: str | None = key(
+        None,
+        "torchvision weight name (IMAGENET1K_V1, DEFAULT) or a local weights file; null: random "
+        "init.",
+    )
+    freeze_bn: bool = key(False, "Freeze the backbone's BatchNorm statistics and affine.")
+    head_bn: bool = key(False, "BatchNorm in the embedding head.")
 
 
 @dataclass
 class LossConfig:
-    name: str = _default("loss.name")
+    name: str = key(
+        "mdl",
+        "Loss. Its hyper-parameters are further loss.* keys, the keyword arguments of the loss "
+        "class (e.g. loss.margin=0.2); num_classes and embedding_dim are set by the trainer. A "
+        "built-in name, the name of an installed plugin (entry point group mbdl.losses) or the "
+        "import path package.module:MyLoss of your own loss (see Losses).",
+        registry="mbdl.losses:LOSSES",
+    )
     params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = _default("train.epochs")
-    batch_classes: int = _default("train.batch_classes")
-    batch_per_class: int = _default("train.batch_per_class")
-    optimizer: str = _default("train.optimizer")
-    lr: float = _default("train.lr")
-    head_lr_mult: float = _default("train.head_lr_mult")
-    loss_lr: float | None = _default("train.loss_lr")
-    momentum: float = _default("train.momentum")
-    weight_decay: float = _default("train.weight_decay")
-    warmup_epochs: float = _default("train.warmup_epochs")
-    grad_clip: float | None = _default("train.grad_clip")
-    amp: str = _default("train.amp")
-    channels_last: bool = _default("train.channels_last")
-    device: str = _default("train.device")
-    num_threads: int | None = _default("train.num_threads")
-    val_every: int = _default("train.val_every")
-    select_metric: str = _default("train.select_metric")
-    patience: int | None = _default("train.patience")
-    max_steps_per_epoch: int | None = _default("train.max_steps_per_epoch")
-    checkpoint_every_steps: int | None = _default("train.checkpoint_every_steps")
-    progress: bool = _default("train.progress")
-    xbm_size: int = _default("train.xbm_size")
-    xbm_warmup_steps: int = _default("train.xbm_warmup_steps")
-    loggers: list[str] = field(default_factory=lambda: _default("train.loggers"))
+    epochs: int = key(30, "Training epochs.", minimum=1)
+    batch_classes: int = key(32, "P: classes per batch.", minimum=2)
+    batch_per_class: int = key(4, "K: images per class in a batch (batch size P x K).", minimum=2)
+    optimizer: str = key("adamw", "Optimiser.", choices=("adamw", "sgd"))
+    lr: float = key(
+        0.001,
+        "Learning rate of the backbone (peak, after warm-up), for the global batch: under torchrun"
+        " with W processes a step sees P x K x W images and the same gradients as one process on "
+        "them, so lr is not scaled with W.",
+        above=0.0,
+    )
+    head_lr_mult: float = key(1.0, "Learning rate of the embedding head = lr x this.", minimum=0.0)
+    loss_lr: float | None = key(
+        None,
+        "Learning rate of the loss's own parameters (proxies, margin beta); null: train.lr.",
+        minimum=0.0,
+    )
+    momentum: float = key(0.9, "SGD momentum.", minimum=0.0)
+    weight_decay: float = key(
+        0.0001,
+        "Weight decay of the network's weight matrices and kernels (not biases, norms or loss "
+        "parameters).",
+        minimum=0.0,
+    )
+    warmup_epochs: float = key(
+        1.0,
+        "Linear learning-rate warm-up (epochs, fractions allowed), then cosine decay to 0 per "
+        "step.",
+        minimum=0.0,
+    )
+    grad_clip: float | None = key(
+        None, "Clip the gradients' global L2 norm to this value; null: no clipping.", above=0.0
+    )
+    amp: str = key(
+        "auto",
+        "Mixed precision: bf16 autocast (CPU or CUDA), fp16 autocast with a GradScaler (CUDA "
+        "only); auto: bf16 on a GPU that supports it (else fp16) and on a CPU with bf16 matrix "
+        "instructions (AVX512-BF16 or AMX), else off.",
+        choices=("auto", "off", "bf16", "fp16"),
+    )
+    channels_last: bool = key(
+        True,
+        "Run convolutional backbones in the channels-last memory format (faster convolutions on "
+        "CPUs with oneDNN and on GPU tensor cores; the same results up to rounding).",
+    )
+    device: str = key(
+        "auto",
+        "Device; auto: cuda when available.",
+        choices=("auto", "cpu", "cuda"),
+        resume_free=True,
+    )
+    num_threads: int | None = key(
+        None, "torch CPU threads; null: torch's default.", minimum=1, resume_free=True
+    )
+    val_every: int = key(
+        1, "Validate every this many epochs (and always after the last epoch).", minimum=1
+    )
+    select_metric: str = key(
+        "map@r",
+        "Validation metric that chooses the best checkpoint: map@r, r_precision, precision@1, nmi,"
+        " f1 or recall@K with K in eval.ks.",
+    )
+    patience: int | None = key(
+        None,
+        "Early stopping: stop after this many validations without improvement; null: never.",
+        minimum=1,
+    )
+    max_steps_per_epoch: int | None = key(
+        None,
+        "Cap on the batches per epoch (smoke runs); null: a full pass of the sampler.",
+        minimum=1,
+    )
+    checkpoint_every_steps: int | None = key(
+        None,
+        "Also write checkpoints/last.pt every this many steps within an epoch; null: per epoch "
+        "only.",
+        minimum=1,
+    )
+    progress: bool = key(
+        True, "Progress bar per epoch (only shown when stderr is a terminal).", resume_free=True
+    )
+    xbm_size: int = key(
+        0,
+        "Cross-batch memory (Wang et al., CVPR 2020): keep the last this many training embeddings "
+        "(all ranks' under torchrun) as extra positives and negatives; 0: off. Not for "
+        "proxyanchor.",
+        minimum=0,
+    )
+    xbm_warmup_steps: int = key(
+        0,
+        "Optimiser steps before the cross-batch memory is used (it is filled from the start); the "
+        "paper waits about 1000 iterations while the embedding still drifts fast.",
+        minimum=0,
+    )
+    loggers: list[str] = key(
+        [],
+        "Experiment trackers that also receive log.jsonl's records, the config, the test metrics "
+        "and the report's figures: tensorboard (OUT/tensorboard), mlflow ($MLFLOW_TRACKING_URI, "
+        "else OUT/mlruns); each needs its extra (pip install 'mbdl[tensorboard]').",
+        choices=("tensorboard", "mlflow"),
+        resume_free=True,
+    )
 
 
 @dataclass
 class EvalConfig:
-    ks: list[int] = field(default_factory=lambda: _default("eval.ks"))
-    batch_size: int = _default("eval.batch_size")
-    distance: str = _default("eval.distance")
-    report: bool = _default("eval.report")
-    kmeans_restarts: int = _default("eval.kmeans_restarts")
-    verify_far: float = _default("eval.verify_far")
-    verify_max_pairs: int = _default("eval.verify_max_pairs")
+    ks: list[int] = key([1, 2, 4, 8], "K values of Recall@K.")
+    batch_size: int = key(256, "Batch size when embedding a data set.", minimum=1, resume_free=True)
+    distance: str = key(
+        "euclidean",
+        "Distance for retrieval and search.",
+        choices=("euclidean", "squared_euclidean", "cosine"),
+    )
+    report: bool = key(
+        True,
+        "Write OUT/report.html (plots, embedding projection, retrieval examples) after the test.",
+        resume_free=True,
+    )
+    kmeans_restarts: int = key(
+        3,
+        "k-means runs (greedy k-means++ seeding each) behind NMI, AMI and F1; the run with the "
+        "lowest inertia is kept.",
+        minimum=1,
+        resume_free=True,
+    )
+    verify_far: float = key(
+        0.001,
+        "False accept rate at which mbdl train chooses the verification threshold on the "
+        "validation classes (stored in checkpoints/best.pt, used by mbdl verify and mbdl search "
+        "--threshold); the test TAR and FAR at that threshold go to metrics.json.",
+        above=0.0,
+        resume_free=True,
+    )
+    verify_max_pairs: int = key(
+        1000000,
+        "Verification pairs: every pair of a split when there are at most this many, else a seeded"
+        " sample of this many genuine and this many impostor pairs.",
+        minimum=1,
+        resume_free=True,
+    )
 
 
 @dataclass
@@ -483,9 +357,53 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    seed: int = _default("seed")
-    out: str | None = _default("out")
-    resume: bool = _default("resume")
+    seed: int = key(0, "Seed of the split, model initialisation, sampler and augmentation.")
+    out: str | None = key(
+        None,
+        "Run directory; null: runs/<source>-<loss>-<date>-<time>. A fresh run refuses a non-empty "
+        "directory.",
+        resume_free=True,
+    )
+    resume: bool = key(
+        False,
+        "Continue the run in out from checkpoints/last.pt (starts fresh when there is none yet).",
+        resume_free=True,
+    )
+
+
+def _declared_keys() -> dict[str, Key]:
+    """Every key declared by the fields of :class:`Config` and its sections, in their order."""
+    schema: dict[str, Key] = {}
+    sections = get_type_hints(Config)
+    for outer in fields(Config):
+        if outer.name in SECTIONS:
+            inner = [(f"{outer.name}.{f.name}", f) for f in fields(sections[outer.name])]
+        else:
+            inner = [(outer.name, outer)]
+        for name, declared in inner:
+            if _KEY in declared.metadata:
+                schema[name] = declared.metadata[_KEY]._replace(type=str(declared.type))
+    return schema
+
+
+#: every key (but the loss's own hyper-parameters) -> its :class:`Key`; derived from the fields
+CONFIG_SCHEMA: dict[str, Key] = _declared_keys()
+
+#: inclusive upper bounds of the sizes that drive allocations (an image side of 10^5 pixels
+#: would ask for tens of GB per image); checkpoints are held to the same bounds
+UPPER_BOUNDS: dict[str, float] = {
+    name: k.maximum for name, k in CONFIG_SCHEMA.items() if k.maximum is not None
+}
+
+#: keys that may differ between a run and its resumption (they do not change the results)
+RESUME_FREE_KEYS: frozenset[str] = frozenset(
+    name for name, k in CONFIG_SCHEMA.items() if k.resume_free
+)
+
+
+def _default(key: str) -> Any:
+    value = CONFIG_SCHEMA[key].default
+    return list(value) if isinstance(value, list) else value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -509,6 +427,9 @@ def _coerce(key: str, value: Any, type_name: str) -> Any:
             return value
     elif base == "int":
         if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif base == "int | str":
+        if isinstance(value, (int, str)) and not isinstance(value, bool):
             return value
     elif base == "float":
         if isinstance(value, str) and _looks_like_number(value):
@@ -540,32 +461,18 @@ def _coerce(key: str, value: Any, type_name: str) -> Any:
     raise ConfigError(f"{key} must be {expected}; got {value!r} ({_type_name(value)})")
 
 
-def _check_loss_name(value: Any) -> str:
-    """``loss.name``: a registered loss, an installed plugin's name or ``package.module:Name``,
-    resolved now so that a bad name or plugin class stops the run before anything starts."""
-    from mbdl.losses import loss_class
-
-    name: str = _coerce("loss.name", value, "str")
-    try:
-        loss_class(name)
-    except ValueError as error:  # PluginError: unknown name, import failure, not a loss class
-        raise ConfigError(f"loss.name={name}: {error}") from None
-    return name
-
-
 def _check_value(key: str, value: Any) -> Any:
-    if key == "loss.name":
-        return _check_loss_name(value)
-    type_name, _, allowed, _ = CONFIG_SCHEMA[key]
+    declared = CONFIG_SCHEMA[key]
+    allowed = declared.choices
     if key == "data.augment" and isinstance(value, bool):
         value = "auto" if value else "none"
     if key == "train.amp" and value is False:
         value = "off"  # YAML 1.1 reads a bare `off` as false
-    if key == "data.num_workers" and value == "auto":
-        return value  # an int otherwise
     if key == "data.num_workers" and isinstance(value, str):
-        raise ConfigError(f"data.num_workers must be auto or a count >= 0; got {value!r}")
-    value = _coerce(key, value, type_name)
+        if value != "auto":
+            raise ConfigError(f"data.num_workers must be auto or a count >= 0; got {value!r}")
+        return value
+    value = _coerce(key, value, declared.type)
     if allowed is not None and isinstance(value, list):
         for item in value:
             if item not in allowed:
@@ -574,14 +481,41 @@ def _check_value(key: str, value: Any) -> Any:
                 )
     elif allowed is not None and value not in allowed:
         raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(allowed)}")
-    if key in _LOWER_BOUNDS and value is not None:
-        bound, strict = _LOWER_BOUNDS[key]
-        if value < bound or (strict and value == bound):
+    if declared.registry is not None:
+        _check_registered(key, value, declared.registry)
+    lower = declared.above if declared.above is not None else declared.minimum
+    if lower is not None and value is not None:
+        strict = declared.above is not None
+        if value < lower or (strict and value == lower):
             relation = ">" if strict else ">="
-            raise ConfigError(f"{key} must be {relation} {bound:g}; got {value!r}")
-    if key in UPPER_BOUNDS and value is not None and value > UPPER_BOUNDS[key]:
-        raise ConfigError(f"{key} must be <= {UPPER_BOUNDS[key]}; got {value!r}")
+            raise ConfigError(f"{key} must be {relation} {lower:g}; got {value!r}")
+    if declared.maximum is not None and value is not None and value > declared.maximum:
+        raise ConfigError(f"{key} must be <= {declared.maximum:g}; got {value!r}")
     return value
+
+
+def registry_choices(registry: Any) -> str:
+    """The values a registry accepts, for messages and docs: its names, then plugins."""
+    describe = getattr(registry, "describe_choices", None)
+    if describe is not None:
+        return str(describe())
+    return f"{', '.join(registry.names())} or an import path package.module:Name"
+
+
+def _check_registered(key: str, value: str, registry_path: str) -> None:
+    """``value`` must name an entry of the registry at ``registry_path`` (a built-in name, an
+    installed plugin or an import path); a plugin is imported and checked here, before training."""
+    from mbdl.plugins import PluginError, import_object
+
+    registry = import_object(registry_path, kind="registry")
+    if value not in registry:
+        raise ConfigError(
+            f"{key}={value!r} is not allowed; choose one of {registry_choices(registry)}"
+        )
+    try:
+        registry.get(value)
+    except PluginError as error:
+        raise ConfigError(f"{key}: {error}") from None
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -784,7 +718,7 @@ def _check_cross_keys(resolved: dict[str, Any]) -> None:
         raise ConfigError(
             f"data.val_fraction must be in [0, 1); got {resolved['data.val_fraction']!r}"
         )
-    if resolved["data.source"] != "glyphs" and resolved["data.root"] is None:
+    if resolved["data.root"] is None and _source_needs_root(resolved["data.source"]):
         raise ConfigError(
             f"data.source={resolved['data.source']} needs data.root=PATH (where the data set is)"
         )
@@ -795,6 +729,12 @@ def _check_cross_keys(resolved: dict[str, Any]) -> None:
             f"train.warmup_epochs={resolved['train.warmup_epochs']:g} exceeds "
             f"train.epochs={resolved['train.epochs']}"
         )
+
+
+def _source_needs_root(name: str) -> bool:
+    from mbdl.data.sources import SOURCES
+
+    return SOURCES.get(name).needs_root
 
 
 def _check_xbm(resolved: dict[str, Any]) -> None:
@@ -849,7 +789,8 @@ def config_to_yaml(config: Config) -> str:
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Dotted keys whose values differ between two flat configs, ignoring :data:`RESUME_FREE_KEYS`."""
+    """Dotted keys whose values differ between two flat configs, ignoring :data:`RESUME_FREE_KEYS`
+    (the keys declared ``resume_free``)."""
     keys = sorted(set(old) | set(new))
     return [
         k

@@ -1,13 +1,13 @@
 """Data: sources, class-disjoint splits, transforms and the class-balanced batch sampler.
 
 ``load_splits(source, root, ...)`` names a source the same way the config (``data.source``,
-``data.root``) and the CLI do; each source lives in ``mbdl.data.<source>`` and is imported only
-when used.
+``data.root``) and the CLI do: a name of the :data:`SOURCES` registry (:mod:`mbdl.data.sources`;
+each built-in source lives in ``mbdl.data.<source>`` and is imported only when used) or a
+plugin's import path.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 from typing import Any
 
@@ -15,20 +15,8 @@ import numpy as np
 
 from mbdl.data.base import ImageDataset, Splits
 from mbdl.data.sampler import ClassBalancedBatchSampler
+from mbdl.data.sources import SOURCES, Source, check_splits
 from mbdl.data.transforms import build_transforms
-
-#: every ``data.source`` value; each is a module ``mbdl.data.<source>`` with ``load_splits``
-SOURCES = ("glyphs", "folder", "csv", "idx", "cub", "cars", "sop", "inshop")
-
-#: sources that work without ``root`` (glyphs are rendered locally; ``root`` is then its cache)
-SOURCES_WITHOUT_ROOT = ("glyphs",)
-
-#: the ``image_size`` used when ``load_splits`` gets ``image_size=None`` (file sources: the
-#: starting point, which :func:`auto_image_size` replaces when a backbone is given)
-DEFAULT_IMAGE_SIZES = {source: 224 for source in SOURCES} | {"glyphs": 32, "idx": 32}
-
-#: sources whose images have one fixed size (no size to pick from the files)
-FIXED_SIZE_SOURCES = ("glyphs", "idx")
 
 #: how many training images :func:`typical_image_side` reads the header of
 SIDE_SAMPLE = 256
@@ -56,11 +44,11 @@ def typical_image_side(dataset: Any, *, sample: int = SIDE_SAMPLE, seed: int = 0
 
 def auto_image_size(side: int, backbone: str) -> int:
     """The network input size for images whose shorter side is ``side`` pixels: the backbone's
-    native size (:data:`mbdl.models.NATIVE_INPUT_SIZES`) or, for smaller images, their own size
+    native size (:func:`mbdl.models.native_input_size`) or, for smaller images, their own size
     rounded down to a multiple of 16 (at least 32): small images are never upscaled to 224."""
-    from mbdl.models import NATIVE_INPUT_SIZES
+    from mbdl.models import native_input_size
 
-    native = NATIVE_INPUT_SIZES.get(backbone, 224)
+    native = native_input_size(backbone)
     return max(32, min(native, side - side % 16))
 
 
@@ -77,7 +65,8 @@ def load_splits(
     """Load ``source``'s class-disjoint train / validation / test splits (and query / gallery
     where the source has them), with default transforms attached.
 
-    ``image_size=None`` takes the source's default (:data:`DEFAULT_IMAGE_SIZES`); for a file
+    ``source`` is a name or import path of :data:`SOURCES` (:mod:`mbdl.data.sources`).
+    ``image_size=None`` takes the source's default (:attr:`Source.image_size`); for a file
     source with a ``backbone`` named, it is picked from the training images instead
     (:func:`auto_image_size` of :func:`typical_image_side`) and ``info["image_size"]`` says how;
     validation
@@ -85,16 +74,20 @@ def load_splits(
     go to the source's own ``load_splits``.
     """
     if source not in SOURCES:
-        raise ValueError(f"unknown data source {source!r}; allowed: {', '.join(SOURCES)}")
-    if root is None and source not in SOURCES_WITHOUT_ROOT:
+        raise ValueError(
+            f"unknown data source {source!r}; allowed: {', '.join(SOURCES)} "
+            "or an import path package.module:load_splits"
+        )
+    declared = SOURCES.get(source)
+    if root is None and declared.needs_root:
         raise ValueError(f"data source {source!r} needs a root directory (data.root=PATH)")
-    pick_size = image_size is None and backbone is not None and source not in FIXED_SIZE_SOURCES
+    pick_size = image_size is None and backbone is not None and not declared.fixed_size
     if image_size is None:
-        image_size = DEFAULT_IMAGE_SIZES[source]
-    module = importlib.import_module(f"mbdl.data.{source}")
-    splits = module.load_splits(
+        image_size = declared.image_size
+    splits = declared.function()(
         root, image_size=image_size, val_fraction=val_fraction, seed=seed, **options
     )
+    splits = check_splits(splits, source)
     if pick_size and backbone is not None:
         side = typical_image_side(splits.train, seed=seed)
         if side is not None:
@@ -115,10 +108,10 @@ def load_splits(
 
 
 __all__ = [
-    "DEFAULT_IMAGE_SIZES",
     "SOURCES",
     "ClassBalancedBatchSampler",
     "ImageDataset",
+    "Source",
     "Splits",
     "auto_image_size",
     "build_transforms",

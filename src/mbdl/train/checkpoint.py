@@ -169,7 +169,7 @@ def check_checkpoint(
         if args["backbone"] not in BACKBONES:
             raise UserError(
                 f"{terminal_safe(where)}: unknown backbone {terminal_safe(args['backbone'])!r} "
-                f"(this mbdl has {', '.join(BACKBONES)})"
+                f"(this mbdl has {BACKBONES.describe_choices()})"
             )
         dim = _field(args, "embedding_dim", int, where)
         if not 1 <= dim <= LIMITS["embedding_dim"]:

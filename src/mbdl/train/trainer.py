@@ -165,10 +165,9 @@ class SeededDataset(Dataset[tuple[torch.Tensor, int]]):
 
 def _source_options(config: Config) -> dict[str, Any]:
     """Keyword options for the source's ``load_splits``, checked against what it accepts."""
-    import importlib
+    from mbdl.data.sources import SOURCES
 
-    module = importlib.import_module(f"mbdl.data.{config.data.source}")
-    accepted = inspect.signature(module.load_splits).parameters
+    accepted = inspect.signature(SOURCES.get(config.data.source).function()).parameters
     wanted: dict[str, tuple[Any, bool]] = {  # option -> (value, whether the user asked for it)
         "augment": (config.data.augment, config.data.augment != "auto"),
         "skip_corrupt": (config.data.skip_corrupt, config.data.skip_corrupt),
