@@ -284,3 +284,19 @@ def test_warmup_then_cosine() -> None:
     assert warmup_cosine_factor(0, 0, 5) == 1.0
     with pytest.raises(ValueError, match="warmup_steps"):
         warmup_cosine_factor(0, 6, 5)
+
+
+def test_checkpoints_keep_the_format_of_earlier_versions(reference: tuple[Path, dict]) -> None:
+    """last.pt and best.pt have the keys, order and types of those written before the trainer
+    was split into modules (so old checkpoints load and resume, and new ones load in old mbdl)."""
+    from test_train_package import checkpoint_layout
+
+    fixture = Path(__file__).parent / "fixtures" / "checkpoint_v1_layout.json"
+    expected = json.loads(fixture.read_text(encoding="utf-8"))
+    out, _ = reference
+    for name in ("last", "best"):
+        layout = checkpoint_layout(load_checkpoint(out / "checkpoints" / f"{name}.pt"))
+        if isinstance(layout.get("rng"), dict):
+            layout["rng"].pop("cuda", None)  # present only where CUDA is available
+        assert list(layout) == list(expected[name]), name
+        assert layout == expected[name], name

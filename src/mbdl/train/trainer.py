@@ -40,32 +40,28 @@ processes only.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import math
-import random
 import sys
 import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 
 from mbdl.config import (
     Config,
     ConfigError,
-    config_differences,
     config_to_dict,
     config_to_flat,
     config_to_yaml,
-    load_config,
 )
 from mbdl.data.batched import batched_training_data
 from mbdl.data.cache import decoded_training_split
@@ -78,8 +74,17 @@ from mbdl.distributed import (
     init_distributed,
     replicas_differ,
 )
-from mbdl.errors import UserError, terminal_safe
+from mbdl.errors import TrainingDiverged, UserError, terminal_safe
 from mbdl.fileio import atomic_write_text
+from mbdl.inference import (
+    choose_verification_threshold,
+    evaluate_dataset,
+    evaluate_test,
+    format_metrics,
+    load_data,
+    resolve_device,
+    verification_at_threshold,
+)
 from mbdl.losses.xbm import CrossBatchMemory
 from mbdl.tracking import Sinks, check_sinks
 from mbdl.train.checkpoint import (
@@ -89,245 +94,16 @@ from mbdl.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from mbdl.train.preflight import describe_data, ranking_distance, validate_before_training
-from mbdl.train.runlock import RUN_LOCK, acquire_run_lock, release_run_lock, remove_debris
+from mbdl.train.optim import build_optimizer
+from mbdl.train.precision import amp_dtype, amp_name
+from mbdl.train.preflight import describe_data, validate_before_training
+from mbdl.train.rundir import prepare_run_dir
+from mbdl.train.runlock import release_run_lock
 from mbdl.train.schedule import warmup_cosine_schedule
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss (or the gradients, or the weights) became NaN or Inf; the run stopped."""
-
+from mbdl.train.seeding import SeededBatches, SeededDataset, seed_everything
 
 # How long a rank waits in a collective while rank 0 validates, tests or writes checkpoints.
 COLLECTIVE_TIMEOUT = timedelta(hours=2)
-
-
-# ---------------------------------------------------------------------------------------------
-# seeding and data
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's ``random``, NumPy's global generator and torch (CPU and CUDA)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)  # noqa: NPY002 (the global generator, for user code)
-    torch.manual_seed(seed)
-
-
-class SeededBatches(Sampler[list[tuple[int, int]]]):
-    """Wraps a class-balanced batch sampler: yields ``(index, item_seed)`` pairs, the seed a pure
-    function of ``(seed, epoch, batch number, position)``, so augmentation does not depend on
-    where a run was resumed or on the number of DataLoader workers."""
-
-    def __init__(self, batch_sampler: Any, seed: int) -> None:
-        self.batch_sampler = batch_sampler
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.batch_sampler) - int(self.batch_sampler.start_batch)
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        epoch = int(self.batch_sampler.epoch)
-        start = int(self.batch_sampler.start_batch)
-        replicas = int(getattr(self.batch_sampler, "num_replicas", 1))
-        rank = int(getattr(self.batch_sampler, "rank", 0))
-        for local_number, batch in enumerate(self.batch_sampler, start=start):
-            number = local_number * replicas + rank  # the batch's number in the whole epoch
-            seeds = np.random.SeedSequence([self.seed, epoch, number]).generate_state(
-                len(batch), dtype=np.uint64
-            )
-            yield [(int(i), int(s) & (2**63 - 1)) for i, s in zip(batch, seeds, strict=True)]
-
-
-class SeededDataset(Dataset[tuple[torch.Tensor, int]]):
-    """``dataset[index]`` computed with torch's generator seeded by the item's seed (in the main
-    process the global generator is forked, so the training RNG stream is left untouched)."""
-
-    def __init__(self, dataset: Any) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
-        index, seed = key
-        generator = torch.default_generator  # CPU; its manual_seed is far cheaper than torch's
-        if torch.utils.data.get_worker_info() is not None:
-            generator.manual_seed(seed)
-            return self.dataset[index]
-        saved = generator.get_state()
-        try:
-            generator.manual_seed(seed)
-            return self.dataset[index]
-        finally:
-            generator.set_state(saved)
-
-
-def _source_options(config: Config) -> dict[str, Any]:
-    """Keyword options for the source's ``load_splits``, checked against what it accepts."""
-    import importlib
-
-    module = importlib.import_module(f"mbdl.data.{config.data.source}")
-    accepted = inspect.signature(module.load_splits).parameters
-    wanted: dict[str, tuple[Any, bool]] = {  # option -> (value, whether the user asked for it)
-        "augment": (config.data.augment, config.data.augment != "auto"),
-        "skip_corrupt": (config.data.skip_corrupt, config.data.skip_corrupt),
-        "bbox": (config.data.bbox, config.data.bbox),
-        "max_classes": (config.data.max_classes, config.data.max_classes is not None),
-        "allow_outside_root": (config.data.allow_outside_root, config.data.allow_outside_root),
-    }
-    if config.model.pretrained is not None:
-        wanted["imagenet_norm"] = (True, False)
-    options = {}
-    for name, (value, asked) in wanted.items():
-        if name in accepted:
-            options[name] = value
-        elif asked:
-            raise ConfigError(f"data.{name} does not apply to data.source={config.data.source}")
-    return options
-
-
-def load_data(config: Config) -> Any:
-    """The :class:`mbdl.data.Splits` of ``config.data``."""
-    from mbdl.data import load_splits
-
-    return load_splits(
-        config.data.source,
-        config.data.root,
-        image_size=config.data.image_size,
-        val_fraction=config.data.val_fraction,
-        seed=config.seed,
-        backbone=config.model.backbone,
-        **_source_options(config),
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# run directory
-
-
-def _default_out(config: Config) -> str:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return str(Path("runs") / f"{config.data.source}-{config.loss.name}-{stamp}")
-
-
-def prepare_run_dir(config: Config) -> tuple[Path, dict[str, Any] | None]:
-    """Create or check ``config.out``; returns it and the ``last.pt`` state to resume (or None).
-
-    A fresh run needs an empty or missing directory; ``resume=true`` needs the same config as
-    the one saved there (keys in ``RESUME_FREE_KEYS`` may differ) and starts fresh when no
-    checkpoint was written yet.
-    """
-    if config.out is None:
-        if config.resume:
-            raise ConfigError("resume=true needs out=RUN_DIR (the run to continue)")
-        config.out = _default_out(config)
-    out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"out={config.out} exists and is not a directory")
-    has_content = out.is_dir() and any(path.name != RUN_LOCK for path in out.iterdir())
-    if not config.resume:
-        if has_content:
-            raise ConfigError(
-                f"out={config.out} already exists and is not empty; continue it with resume=true "
-                "or choose another out="
-            )
-        acquire_run_lock(out)
-        return out, None
-    acquire_run_lock(out)
-    remove_debris(out)  # the temporary files of a writer killed mid-save
-    saved = out / "config.yaml"
-    if saved.is_file():
-        previous = load_config(saved)
-        differences = config_differences(config_to_flat(previous), config_to_flat(config))
-        if differences:
-            old, new = config_to_flat(previous), config_to_flat(config)
-            shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differences[:4])
-            raise ConfigError(
-                f"cannot resume {config.out} with a different config ({shown}); "
-                "start a new run with another out="
-            )
-    elif has_content:
-        raise ConfigError(f"out={config.out} is not an mbdl run directory (no config.yaml)")
-    last = out / "checkpoints" / "last.pt"
-    state = load_checkpoint(last) if last.is_file() else None
-    return out, state
-
-
-# ---------------------------------------------------------------------------------------------
-# model, loss, optimiser
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is available; use train.device=cpu")
-    return torch.device(name)
-
-
-def cpu_has_bf16_matrix_units() -> bool:
-    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX tiles), where
-    autocast to bf16 makes convolutions and matrix products faster than fp32."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
-
-
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of ``train.amp`` on ``device`` (None: full precision).
-
-    ``auto``: bf16 on a CUDA device that supports it (fp16, with a GradScaler, on older GPUs);
-    on CPU bf16 where :func:`cpu_has_bf16_matrix_units`, else full precision (bf16 emulated in
-    AVX2/AVX512 is slower than fp32). Measured on glyphs: docs/benchmarks.md, "CPU bf16".
-    """
-    if amp == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if device.type == "cpu" and cpu_has_bf16_matrix_units():
-            return torch.bfloat16
-        return None
-    if amp == "off":
-        return None
-    if amp == "fp16" and device.type != "cuda":
-        raise ConfigError("train.amp=fp16 needs a CUDA device; use train.amp=bf16 on CPU")
-    return torch.float16 if amp == "fp16" else torch.bfloat16
-
-
-def amp_name(dtype: torch.dtype | None) -> str:
-    """``"bf16"``, ``"fp16"`` or ``"off"``: the precision a run trained in (``log.jsonl``)."""
-    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "off") if dtype else "off"
-
-
-def build_optimizer(config: Config, model: nn.Module, loss: nn.Module) -> torch.optim.Optimizer:
-    """AdamW or SGD with parameter groups: backbone (``lr``), head (``lr * head_lr_mult``), each
-    with and without weight decay (biases and 1-D parameters get none), loss parameters
-    (``loss_lr``, no weight decay)."""
-    train = config.train
-    groups: list[dict[str, Any]] = []
-
-    def add(name: str, params: list[nn.Parameter], lr: float, decay: float) -> None:
-        params = [p for p in params if p.requires_grad]
-        if params:
-            groups.append({"params": params, "lr": lr, "weight_decay": decay, "name": name})
-
-    head = getattr(model, "head", None)
-    head_ids = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
-    body = [p for p in model.parameters() if id(p) not in head_ids]
-    head_params = [p for p in model.parameters() if id(p) in head_ids]
-    head_lr = train.lr * train.head_lr_mult
-    add("backbone", [p for p in body if p.ndim > 1], train.lr, train.weight_decay)
-    add("backbone_no_decay", [p for p in body if p.ndim <= 1], train.lr, 0.0)
-    add("head", [p for p in head_params if p.ndim > 1], head_lr, train.weight_decay)
-    add("head_no_decay", [p for p in head_params if p.ndim <= 1], head_lr, 0.0)
-    add(
-        "loss",
-        list(loss.parameters()),
-        train.loss_lr if train.loss_lr is not None else train.lr,
-        0.0,
-    )
-    if train.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum)
-    return torch.optim.AdamW(groups, lr=train.lr)
 
 
 def _is_convolutional(model: nn.Module) -> bool:
@@ -344,132 +120,6 @@ def _model_args(config: Config, channels: int) -> dict[str, Any]:
         "head_bn": config.model.head_bn,
         "normalize": True,
     }
-
-
-# ---------------------------------------------------------------------------------------------
-# evaluation
-
-
-def embed_with_config(
-    model: nn.Module, dataset: Any, config: Config, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`mbdl.evaluate.embed_dataset` with the config's batch size and loader workers."""
-    from mbdl.evaluate import embed_dataset
-
-    return embed_dataset(
-        model,
-        dataset,
-        batch_size=config.eval.batch_size,
-        device=str(device),
-        num_workers=config.data.num_workers,
-    )
-
-
-def evaluate_dataset(
-    model: nn.Module, dataset: Any, config: Config, device: torch.device
-) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
-    """Embed ``dataset`` and compute :func:`mbdl.evaluate.evaluate` (each item queries the rest)."""
-    from mbdl.evaluate import evaluate
-
-    embeddings, labels = embed_with_config(model, dataset, config, device)
-    metrics = evaluate(
-        embeddings,
-        labels,
-        ks=tuple(config.eval.ks),
-        distance=ranking_distance(config.eval.distance),
-        seed=config.seed,
-        **evaluation_options(config),
-    )
-    return metrics, embeddings, labels
-
-
-def evaluation_options(config: Config) -> dict[str, Any]:
-    """The :func:`mbdl.evaluate.evaluate` options the ``eval.*`` keys set beyond ks and distance."""
-    from mbdl.functional.verification import DEFAULT_FARS
-
-    return {
-        "kmeans_restarts": config.eval.kmeans_restarts,
-        "verify_fars": tuple(sorted({*DEFAULT_FARS, config.eval.verify_far}, reverse=True)),
-        "verify_max_pairs": config.eval.verify_max_pairs,
-    }
-
-
-def evaluate_test(
-    model: nn.Module, splits: Any, config: Config, device: torch.device
-) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
-    """Test metrics: query vs gallery where the source defines them (In-Shop), else every test
-    image against the others. Returns the metrics and the test split's embeddings and labels."""
-    from mbdl.evaluate import evaluate
-
-    if splits.query is not None and splits.gallery is not None:
-        query, query_labels = embed_with_config(model, splits.query, config, device)
-        gallery, gallery_labels = embed_with_config(model, splits.gallery, config, device)
-        metrics = evaluate(
-            gallery,
-            gallery_labels,
-            query_embeddings=query,
-            query_labels=query_labels,
-            ks=tuple(config.eval.ks),
-            distance=ranking_distance(config.eval.distance),
-            seed=config.seed,
-            **evaluation_options(config),
-        )
-        test, test_labels = embed_with_config(model, splits.test, config, device)
-        return metrics, test, test_labels
-    return evaluate_dataset(model, splits.test, config, device)
-
-
-def choose_verification_threshold(
-    model: nn.Module, splits: Any, config: Config, device: torch.device
-) -> dict[str, Any] | None:
-    """The distance threshold at FAR ``eval.verify_far`` on the validation classes' pairs (never
-    the test classes'), with the validation TAR and FAR it reaches; None without validation
-    classes."""
-    from mbdl.functional.verification import rates_at_threshold, threshold_at_far
-
-    if len(splits.val) == 0:
-        return None
-    embeddings, labels = embed_with_config(model, splits.val, config, device)
-    if torch.unique(labels).numel() < 2:
-        return None
-    genuine, impostor = _verification_pairs(embeddings, labels, config)
-    threshold = threshold_at_far(genuine, impostor, config.eval.verify_far)
-    tar, far = rates_at_threshold(genuine, impostor, threshold)
-    return {
-        "threshold": threshold,
-        "far": config.eval.verify_far,
-        "distance": config.eval.distance,
-        "chosen_on": "validation",
-        "validation_tar": tar,
-        "validation_far": far,
-        "validation_pairs": [int(genuine.numel()), int(impostor.numel())],
-    }
-
-
-def verification_at_threshold(
-    embeddings: torch.Tensor, labels: torch.Tensor, config: Config, threshold: float
-) -> dict[str, float]:
-    """TAR and FAR of the pairs of ``embeddings`` at a threshold chosen elsewhere."""
-    from mbdl.functional.verification import rates_at_threshold
-
-    tar, far = rates_at_threshold(*_verification_pairs(embeddings, labels, config), threshold)
-    return {"tar@threshold": tar, "far@threshold": far}
-
-
-def _verification_pairs(
-    embeddings: torch.Tensor, labels: torch.Tensor, config: Config
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Genuine and impostor pair distances of a split, as ``eval.*`` and the seed say."""
-    from mbdl.functional.verification import pair_distances
-
-    genuine, impostor, _ = pair_distances(
-        embeddings,
-        labels,
-        distance=config.eval.distance,
-        max_pairs=config.eval.verify_max_pairs,
-        seed=config.seed,
-    )
-    return genuine, impostor
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1073,12 +723,6 @@ def train(config: Config) -> dict[str, Any]:
         return trainer.test()
     finally:
         trainer.close()
-
-
-def format_metrics(metrics: dict[str, float]) -> str:
-    """``name value`` lines, in the order of :func:`mbdl.evaluate.evaluate`."""
-    width = max((len(k) for k in metrics), default=0)
-    return "\n".join(f"{k:<{width}}  {v:.4f}" for k, v in metrics.items())
 
 
 __all__ = ["Trainer", "TrainingDiverged", "format_metrics", "train"]
