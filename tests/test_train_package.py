@@ -15,9 +15,11 @@ import pytest
 import torch
 
 from fixtures_data import make_folder
-from mbdl.config import config_to_dict, load_config
+from mbdl.config import ConfigError, config_to_dict, load_config
 from mbdl.models import build_model
-from mbdl.train.checkpoint import save_checkpoint
+from mbdl.train import train
+from mbdl.train.callbacks import Callback, TestResult
+from mbdl.train.checkpoint import load_checkpoint, save_checkpoint
 
 #: modules of the training loop that no inference command may import
 TRAINING_MODULES = (
@@ -81,6 +83,8 @@ def test_inference_commands_import_no_training_code(tmp_path: Path) -> None:
     script = textwrap.dedent(
         """
         import contextlib, io, json, sys
+        import torch
+        torch.set_num_threads(1)
         from mbdl.cli import main
         commands, forbidden = json.loads(sys.argv[1]), json.loads(sys.argv[2])
         result = {}
@@ -138,3 +142,105 @@ def checkpoint_layout(state: dict[str, Any]) -> dict[str, Any]:
         else:
             layout[key] = _describe(value)
     return layout
+
+
+# -- callbacks ----------------------------------------------------------------------------------
+
+
+class Recorder(Callback):
+    """Records each hook with what it was given, and what was on disk at that moment."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[Any, ...]] = []
+
+    def on_train_start(self, trainer: Any) -> None:
+        self.events.append(("train_start",))
+
+    def on_validation(self, trainer: Any, epoch: int, metrics: dict[str, float]) -> None:
+        self.events.append(("validation", epoch, dict(metrics)))
+
+    def on_checkpoint(self, trainer: Any, path: Path) -> None:
+        state = load_checkpoint(path)
+        step = state["progress"]["global_step"] if "progress" in state else state["epoch"]
+        self.events.append(("checkpoint", path.name, step))
+
+    def on_epoch_end(self, trainer: Any, record: dict[str, Any]) -> None:
+        lines = (trainer.out / "log.jsonl").read_text(encoding="utf-8").splitlines()
+        assert json.loads(lines[-1]) == record  # appended before the hook
+        self.events.append(("epoch_end", record["epoch"]))
+
+    def on_train_end(self, trainer: Any, result: TestResult) -> None:
+        on_disk = json.loads((trainer.out / "metrics.json").read_text(encoding="utf-8"))
+        assert on_disk == result.metrics and len(result.labels) == len(result.embeddings)
+        self.events.append(("train_end",))
+
+    def on_close(self, trainer: Any) -> None:
+        self.events.append(("close",))
+
+
+def _folder_config(tmp_path: Path, *extra: str) -> Any:
+    root = make_folder(tmp_path / "images", num_classes=24, per_class=4)
+    return load_config(
+        None,
+        [
+            "data.source=folder",
+            f"data.root={root}",
+            "data.val_fraction=0.25",
+            "model.backbone=smallcnn",
+            "model.embedding_dim=8",
+            "train.epochs=2",
+            "train.batch_classes=4",
+            "train.batch_per_class=2",
+            "train.max_steps_per_epoch=3",
+            "train.checkpoint_every_steps=2",
+            "train.device=cpu",
+            "train.num_threads=1",
+            "train.progress=false",
+            "eval.ks=[1]",
+            "eval.report=false",
+            f"out={tmp_path / 'run'}",
+            *extra,
+        ],
+    )
+
+
+def test_callbacks_are_called_in_order(tmp_path: Path) -> None:
+    recorder = Recorder()
+    metrics = train(_folder_config(tmp_path), callbacks=[recorder])
+    validations = [e for e in recorder.events if e[0] == "validation"]
+    assert [e[1] for e in validations] == [1, 2]
+    best_epoch_2 = validations[1][2]["map@r"] > validations[0][2]["map@r"]
+    assert metrics["validation"] == validations[1 if best_epoch_2 else 0][2]
+    assert recorder.events == [
+        ("train_start",),
+        ("checkpoint", "last.pt", 2),  # train.checkpoint_every_steps=2, mid-epoch
+        validations[0],
+        ("checkpoint", "best.pt", 1),  # the first validation is the best so far
+        ("epoch_end", 1),
+        ("checkpoint", "last.pt", 3),
+        ("checkpoint", "last.pt", 4),
+        validations[1],
+        *([("checkpoint", "best.pt", 2)] if best_epoch_2 else []),
+        ("epoch_end", 2),
+        ("checkpoint", "last.pt", 6),
+        ("checkpoint", "best.pt", 2 if best_epoch_2 else 1),  # + the verification threshold
+        ("train_end",),
+        ("close",),
+    ]
+
+
+def test_a_failing_run_still_closes_its_callbacks(tmp_path: Path) -> None:
+    recorder = Recorder()
+    with pytest.raises(ConfigError, match=r"train\.batch_classes=30"):
+        train(_folder_config(tmp_path, "train.batch_classes=30"), callbacks=[recorder])
+    assert recorder.events == []  # refused while building: no hook was called
+    recorder = Recorder()
+    config = _folder_config(tmp_path, f"out={tmp_path / 'run2'}")
+    with pytest.raises(ZeroDivisionError):
+        train(config, callbacks=[recorder, _FailsAtEpochEnd()])
+    assert recorder.events[-1] == ("close",)
+
+
+class _FailsAtEpochEnd(Callback):
+    def on_epoch_end(self, trainer: Any, record: dict[str, Any]) -> None:
+        raise ZeroDivisionError("a callback failed")

@@ -1,4 +1,5 @@
-"""The optimiser: parameter groups for the backbone, the head and the loss."""
+"""The optimiser (parameter groups for the backbone, the head and the loss) and its per-step
+learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 
 from mbdl.config import Config
+from mbdl.train.schedule import warmup_cosine_schedule
 
 
 def build_optimizer(config: Config, model: nn.Module, loss: nn.Module) -> torch.optim.Optimizer:
@@ -42,4 +45,14 @@ def build_optimizer(config: Config, model: nn.Module, loss: nn.Module) -> torch.
     return torch.optim.AdamW(groups, lr=train.lr)
 
 
-__all__ = ["build_optimizer"]
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, config: Config, steps_per_epoch: int
+) -> LambdaLR:
+    """Linear warm-up over ``train.warmup_epochs``, then cosine decay to zero at the end of
+    ``train.epochs``, stepped after every optimiser step (:mod:`mbdl.train.schedule`)."""
+    total_steps = steps_per_epoch * config.train.epochs
+    warmup_steps = min(total_steps, round(config.train.warmup_epochs * steps_per_epoch))
+    return warmup_cosine_schedule(optimizer, warmup_steps, total_steps)
+
+
+__all__ = ["build_optimizer", "build_scheduler"]

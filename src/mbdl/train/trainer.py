@@ -13,6 +13,9 @@ Files written into ``config.out``:
 - ``metrics.json``: ``{"validation": <metrics of the chosen checkpoint>, "test": <its test
   metrics>}``, then ``report.html`` (:func:`mbdl.report.write_report`).
 
+The report and the experiment trackers are callbacks (:mod:`mbdl.train.callbacks`), like any
+that a caller passes to :func:`train`.
+
 Exact resumption: the batch order is a pure function of ``(seed, epoch)`` (the sampler), the
 augmentation of each image is seeded by ``(seed, epoch, batch, position)``, and the checkpoint
 holds the model, optimiser, scheduler, GradScaler, loss parameters, the cross-batch memory, RNG
@@ -44,25 +47,18 @@ import json
 import math
 import sys
 import time
-import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from mbdl.config import (
-    Config,
-    ConfigError,
-    config_to_dict,
-    config_to_flat,
-    config_to_yaml,
-)
+from mbdl.config import Config, ConfigError, config_to_dict, config_to_yaml
 from mbdl.data.batched import batched_training_data
 from mbdl.data.cache import decoded_training_split
 from mbdl.distributed import (
@@ -87,6 +83,13 @@ from mbdl.inference import (
 )
 from mbdl.losses.xbm import CrossBatchMemory
 from mbdl.tracking import Sinks, check_sinks
+from mbdl.train.callbacks import (
+    Callback,
+    CallbackList,
+    ReportWriter,
+    TestResult,
+    TrackingSinks,
+)
 from mbdl.train.checkpoint import (
     check_state_matches,
     load_checkpoint,
@@ -94,12 +97,11 @@ from mbdl.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from mbdl.train.optim import build_optimizer
+from mbdl.train.optim import build_optimizer, build_scheduler
 from mbdl.train.precision import amp_dtype, amp_name
 from mbdl.train.preflight import describe_data, validate_before_training
 from mbdl.train.rundir import prepare_run_dir
 from mbdl.train.runlock import release_run_lock
-from mbdl.train.schedule import warmup_cosine_schedule
 from mbdl.train.seeding import SeededBatches, SeededDataset, seed_everything
 
 # How long a rank waits in a collective while rank 0 validates, tests or writes checkpoints.
@@ -156,7 +158,10 @@ class Progress:
 class Trainer:
     """One training run of a validated :class:`Config` (see :func:`train`)."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, callbacks: Sequence[Callback] = ()) -> None:
+        """Prepare the run: processes and device, the run directory (and the state to resume),
+        the data, the model, the loss, the optimiser and schedule, the training batches, and
+        the callbacks (the report, the trackers of ``train.loggers``, then ``callbacks``)."""
         self.config = config
         check_sinks(config.train.loggers)  # a missing tracker package: before any file is written
         self.device = resolve_device(config.train.device)
@@ -171,80 +176,27 @@ class Trainer:
             torch.set_num_threads(config.train.num_threads)
         self.checkpoints = self.out / "checkpoints"
 
-        from mbdl.data import ClassBalancedBatchSampler
-        from mbdl.losses import build_loss, loss_class
-        from mbdl.models import build_model
-
-        seed_everything(config.seed)
-        if not self.dist.is_main:
-            barrier()  # rank 0 builds caches or downloads first
-        self.splits = load_data(config)
-        self.splits.train = decoded_training_split(
-            self.splits.train,
-            self.splits.image_size,
-            self.splits.channels,
-            mode=config.data.cache,
-        )
-        if self.dist.is_main:
-            barrier()
-        train_set = self.splits.train
-        num_classes = len(np.unique(train_set.labels))
-        validate_before_training(config, self.splits)  # every check the data allows, up front
-        if config.train.progress and self.dist.is_main:
-            print(terminal_safe(describe_data(self.splits)), file=sys.stderr, flush=True)
-        self.sampler = ClassBalancedBatchSampler(
-            train_set.labels,
-            config.train.batch_classes,
-            config.train.batch_per_class,
-            seed=config.seed,
-            num_replicas=self.dist.world_size,
-            rank=self.dist.rank,
-        )
-        self.steps_per_epoch = len(self.sampler)
-        if config.train.max_steps_per_epoch is not None:
-            self.steps_per_epoch = min(self.steps_per_epoch, config.train.max_steps_per_epoch)
-        self.total_steps = self.steps_per_epoch * config.train.epochs
-        warmup_steps = min(
-            self.total_steps, round(config.train.warmup_epochs * self.steps_per_epoch)
-        )
+        self.splits = self._load_splits()
+        self.sampler, self.steps_per_epoch = self._build_sampler()
 
         seed_everything(config.seed)  # model initialisation independent of data loading
         self.model_args = _model_args(config, self.splits.channels)
-        args = dict(self.model_args)
-        self.model = build_model(
-            args.pop("backbone"),
-            args.pop("embedding_dim"),
-            pretrained=config.model.pretrained,
-            **args,
-        ).to(self.device)
+        self.model = self._build_model()
         self.memory_format = (
             torch.channels_last
             if config.train.channels_last and _is_convolutional(self.model)
             else torch.contiguous_format
         )
         self.model.to(memory_format=self.memory_format)
-        extra: dict[str, Any] = {}
-        needs = getattr(loss_class(config.loss.name), "needs", ())
-        if "num_classes" in needs:
-            extra["num_classes"] = num_classes
-        if "embedding_dim" in needs:
-            extra["embedding_dim"] = config.model.embedding_dim
-        self.loss = build_loss(config.loss.name, **config.loss.params, **extra).to(self.device)
-        self.memory: CrossBatchMemory | None = None
-        if config.train.xbm_size > 0:
-            self.memory = CrossBatchMemory(
-                self.loss,
-                config.train.xbm_size,
-                config.model.embedding_dim,
-                config.train.xbm_warmup_steps,
-            ).to(self.device)
+        self.loss, self.memory = self._build_loss()
         # gather every rank's batch first, then (optionally) the memory, then the loss
         self.criterion = GatheredLoss(self.memory if self.memory is not None else self.loss)
         self.optimizer = build_optimizer(config, self.model, self.loss)
-        self.scheduler = warmup_cosine_schedule(self.optimizer, warmup_steps, self.total_steps)
+        self.scheduler = build_scheduler(self.optimizer, config, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=self.amp == torch.float16 and self.device.type == "cuda"
         )
+
         self.progress = Progress()
         self.config_dict = config_to_dict(config)
         if resume_state is not None:
@@ -258,10 +210,95 @@ class Trainer:
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
             )
         self.loader_generator = torch.Generator()
-        self.batched = batched_training_data(train_set)
-        self.loader: DataLoader[Any]
+        self.batched = batched_training_data(self.splits.train)
+        self.loader = self._build_loader()
+
+        sinks = Sinks.open(config.train.loggers, self.out, enabled=self.dist.is_main)
+        # only rank 0 writes files: the other ranks call no callback
+        everyone = [ReportWriter(), TrackingSinks(sinks), *callbacks]
+        self.callbacks = CallbackList(everyone if self.dist.is_main else [])
+        self.callbacks.on_train_start(self)
+
+    # -- building ----------------------------------------------------------------------------
+
+    def _load_splits(self) -> Any:
+        """The config's splits (rank 0 first: it may build caches or download), the training
+        split decoded once (:mod:`mbdl.data.cache`), checked against the config up front."""
+        config = self.config
+        seed_everything(config.seed)
+        if not self.dist.is_main:
+            barrier()  # rank 0 builds caches or downloads first
+        splits = load_data(config)
+        splits.train = decoded_training_split(
+            splits.train,
+            splits.image_size,
+            splits.channels,
+            mode=config.data.cache,
+        )
+        if self.dist.is_main:
+            barrier()
+        validate_before_training(config, splits)  # every check the data allows, up front
+        if config.train.progress and self.dist.is_main:
+            print(terminal_safe(describe_data(splits)), file=sys.stderr, flush=True)
+        return splits
+
+    def _build_sampler(self) -> tuple[Any, int]:
+        """The class-balanced batch sampler of this rank and the steps of an epoch."""
+        from mbdl.data import ClassBalancedBatchSampler
+
+        config = self.config
+        sampler = ClassBalancedBatchSampler(
+            self.splits.train.labels,
+            config.train.batch_classes,
+            config.train.batch_per_class,
+            seed=config.seed,
+            num_replicas=self.dist.world_size,
+            rank=self.dist.rank,
+        )
+        steps_per_epoch = len(sampler)
+        if config.train.max_steps_per_epoch is not None:
+            steps_per_epoch = min(steps_per_epoch, config.train.max_steps_per_epoch)
+        return sampler, steps_per_epoch
+
+    def _build_model(self) -> nn.Module:
+        from mbdl.models import build_model
+
+        args = dict(self.model_args)
+        return build_model(
+            args.pop("backbone"),
+            args.pop("embedding_dim"),
+            pretrained=self.config.model.pretrained,
+            **args,
+        ).to(self.device)
+
+    def _build_loss(self) -> tuple[nn.Module, CrossBatchMemory | None]:
+        """The loss (given what it ``needs``) and the cross-batch memory around it, if any."""
+        from mbdl.losses import build_loss, loss_class
+
+        config = self.config
+        num_classes = len(np.unique(self.splits.train.labels))
+        extra: dict[str, Any] = {}
+        needs = getattr(loss_class(config.loss.name), "needs", ())
+        if "num_classes" in needs:
+            extra["num_classes"] = num_classes
+        if "embedding_dim" in needs:
+            extra["embedding_dim"] = config.model.embedding_dim
+        loss = build_loss(config.loss.name, **config.loss.params, **extra).to(self.device)
+        memory: CrossBatchMemory | None = None
+        if config.train.xbm_size > 0:
+            memory = CrossBatchMemory(
+                loss,
+                config.train.xbm_size,
+                config.model.embedding_dim,
+                config.train.xbm_warmup_steps,
+            ).to(self.device)
+        return loss, memory
+
+    def _build_loader(self) -> DataLoader[Any]:
+        """The training batches, seeded per item (:mod:`mbdl.train.seeding`)."""
+        config = self.config
         if self.batched is not None:  # in memory: whole batches, augmented on self.device
-            self.loader = DataLoader(
+            return DataLoader(
                 self.batched,
                 sampler=SeededBatches(self.sampler, config.seed),
                 batch_size=None,
@@ -269,16 +306,13 @@ class Trainer:
                 pin_memory=self.device.type == "cuda",
                 generator=self.loader_generator,
             )
-        else:
-            self.loader = DataLoader(
-                SeededDataset(train_set),
-                batch_sampler=SeededBatches(self.sampler, config.seed),
-                num_workers=config.data.num_workers,
-                pin_memory=self.device.type == "cuda",
-                generator=self.loader_generator,
-            )
-        self.sinks = Sinks.open(config.train.loggers, self.out, enabled=self.dist.is_main)
-        self.sinks.log_params(config_to_flat(config))
+        return DataLoader(
+            SeededDataset(self.splits.train),
+            batch_sampler=SeededBatches(self.sampler, config.seed),
+            num_workers=config.data.num_workers,
+            pin_memory=self.device.type == "cuda",
+            generator=self.loader_generator,
+        )
 
     def _prepare_run_dir(self) -> tuple[Path, dict[str, Any] | None]:
         """:func:`prepare_run_dir` on rank 0; the other ranks get its directory and state."""
@@ -301,9 +335,11 @@ class Trainer:
 
     def close(self) -> None:
         """Release the run directory; destroy the process group if this trainer created it."""
-        self.sinks.close()
-        if self.dist.is_main:
-            release_run_lock(self.out)
+        try:
+            self.callbacks.on_close(self)
+        finally:
+            if self.dist.is_main:
+                release_run_lock(self.out)
         if self.dist.enabled and self.owns_process_group and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
@@ -325,49 +361,46 @@ class Trainer:
                     f"{self._advice()}"
                 )
 
-    def _save_last(self) -> None:
+    def checkpoint_state(self, kind: Literal["last", "best"], **fields: Any) -> dict[str, Any]:
+        """The one checkpoint layout (:mod:`mbdl.train.checkpoint`): what rebuilds the model
+        (config, model and data arguments, weights, loss parameters); for ``last`` also what
+        resumes the run exactly (optimiser, scheduler, GradScaler, RNG states, progress, number
+        of processes, cross-batch memory); then ``fields`` (``best``: epoch and validation)."""
+        state: dict[str, Any] = {
+            "kind": kind,
+            "config": self.config_dict,
+            "model_args": self.model_args,
+            "data_args": self._data_args(),
+            "model_state": self.model.state_dict(),
+            "loss_state": self.loss.state_dict(),
+        }
+        if kind == "last":
+            state.update(
+                optimizer=self.optimizer.state_dict(),
+                scheduler=self.scheduler.state_dict(),
+                scaler=self.scaler.state_dict(),
+                rng=rng_state(),
+                progress=self.progress.to_state(),
+                world_size=self.dist.world_size,
+            )
+            if self.memory is not None:
+                state["xbm_state"] = self.memory.state_dict()
+        return {**state, **fields}
+
+    def _save(self, kind: Literal["last", "best"], **fields: Any) -> None:
+        """Write ``checkpoints/<kind>.pt`` (rank 0), refusing non-finite weights."""
         self._check_finite_weights()
         if not self.dist.is_main:
             return
-        extra: dict[str, Any] = {}
-        if self.memory is not None:
-            extra["xbm_state"] = self.memory.state_dict()
-        save_checkpoint(
-            self.checkpoints / "last.pt",
-            {
-                "kind": "last",
-                "config": self.config_dict,
-                "model_args": self.model_args,
-                "data_args": self._data_args(),
-                "model_state": self.model.state_dict(),
-                "loss_state": self.loss.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "rng": rng_state(),
-                "progress": self.progress.to_state(),
-                "world_size": self.dist.world_size,
-                **extra,
-            },
-        )
+        path = self.checkpoints / f"{kind}.pt"
+        save_checkpoint(path, self.checkpoint_state(kind, **fields))
+        self.callbacks.on_checkpoint(self, path)
+
+    def _save_last(self) -> None:
+        self._save("last")
 
     def _save_best(self, epoch: int, validation: dict[str, float]) -> None:
-        self._check_finite_weights()
-        if not self.dist.is_main:
-            return
-        save_checkpoint(
-            self.checkpoints / "best.pt",
-            {
-                "kind": "best",
-                "config": self.config_dict,
-                "model_args": self.model_args,
-                "data_args": self._data_args(),
-                "model_state": self.model.state_dict(),
-                "loss_state": self.loss.state_dict(),
-                "epoch": epoch,
-                "validation": dict(validation),
-            },
-        )
+        self._save("best", epoch=epoch, validation=dict(validation))
 
     def _restore(self, state: dict[str, Any]) -> None:
         saved_world = int(state.get("world_size", 1))
@@ -576,7 +609,7 @@ class Trainer:
         if self.dist.is_main:
             with open(self.out / "log.jsonl", "a", encoding="utf-8") as log:
                 log.write(json.dumps(record) + "\n")
-            self.sinks.log_epoch(record)
+            self.callbacks.on_epoch_end(self, record)
         p.epoch += 1
         p.step_in_epoch = 0
         p.epoch_loss_sum, p.epoch_batches, p.epoch_images, p.epoch_seconds = 0.0, 0, 0, 0.0
@@ -614,6 +647,8 @@ class Trainer:
             start = time.perf_counter()
             self._run_epoch(epoch)
             validation = self._validate(epoch)
+            if validation is not None:
+                self.callbacks.on_validation(self, epoch + 1, validation)
             self._end_epoch(epoch, validation)
             wall.append(time.perf_counter() - start)
             remaining = (self.config.train.epochs - p.epoch) * sum(wall) / len(wall)
@@ -659,10 +694,7 @@ class Trainer:
             metrics["test"].update(verification.pop("test"))
             metrics["verification"] = verification
         atomic_write_text(self.out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-        self.sinks.log_test(test_metrics, self.progress.epoch)
-        if self.config.eval.report:
-            self._write_report(metrics, embeddings, labels)
-            self.sinks.log_report(self.out / "report.html", self.progress.epoch)
+        self.callbacks.on_train_end(self, TestResult(metrics, embeddings, labels))
         return broadcast_object(metrics)
 
     def _verification(
@@ -674,37 +706,21 @@ class Trainer:
         if chosen is None or torch.unique(labels).numel() < 2:
             return None
         save_checkpoint(self.checkpoints / "best.pt", {**best, "verification": dict(chosen)})
+        self.callbacks.on_checkpoint(self, self.checkpoints / "best.pt")
         test = verification_at_threshold(embeddings, labels, self.config, chosen["threshold"])
         return {**chosen, "test": test}
 
-    def _write_report(
-        self, metrics: dict[str, Any], embeddings: torch.Tensor, labels: torch.Tensor
-    ) -> None:
-        try:
-            from mbdl.report import write_report
 
-            write_report(
-                self.out,
-                config=self.config_dict,
-                history=self.progress.history,
-                metrics=metrics,
-                test_embeddings=embeddings,
-                test_labels=labels,
-                test_dataset=self.splits.test,
-            )
-        except Exception as error:  # the metrics are safe on disk; a report failure is not fatal
-            warnings.warn(f"could not write report.html: {error}", stacklevel=2)
-
-
-def train(config: Config) -> dict[str, Any]:
+def train(config: Config, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     """Train, select on validation classes, test the chosen checkpoint once, write the report.
 
     Returns ``{"validation": {...}, "test": {...}}`` (the keys of :func:`mbdl.evaluate.evaluate`).
     Raises :class:`~mbdl.config.ConfigError` for a bad configuration or run directory and
-    :class:`TrainingDiverged` when the loss becomes NaN or Inf.
+    :class:`TrainingDiverged` when the loss becomes NaN or Inf. ``callbacks``
+    (:class:`mbdl.train.callbacks.Callback`) follow the run after the report and the trackers.
     """
     try:
-        trainer = Trainer(config)
+        trainer = Trainer(config, callbacks)
     except BaseException:
         if config.out is not None:
             release_run_lock(Path(config.out))
