@@ -48,7 +48,6 @@ import math
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -100,6 +99,7 @@ from mbdl.train.checkpoint import (
 from mbdl.train.optim import build_optimizer, build_scheduler
 from mbdl.train.precision import amp_dtype, amp_name
 from mbdl.train.preflight import describe_data, validate_before_training
+from mbdl.train.progress import Progress
 from mbdl.train.rundir import prepare_run_dir
 from mbdl.train.runlock import release_run_lock
 from mbdl.train.seeding import SeededBatches, SeededDataset, seed_everything
@@ -126,33 +126,6 @@ def _model_args(config: Config, channels: int) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------
 # the loop
-
-
-@dataclass
-class Progress:
-    """Everything about the run's position that a checkpoint must restore."""
-
-    epoch: int = 0  # the epoch being run (0-based); == epochs when training is over
-    step_in_epoch: int = 0  # batches of ``epoch`` already done
-    global_step: int = 0
-    epoch_loss_sum: float = 0.0
-    epoch_batches: int = 0
-    epoch_images: int = 0
-    epoch_seconds: float = 0.0
-    elapsed_s: float = 0.0
-    best_value: float | None = None
-    best_epoch: int | None = None
-    best_validation: dict[str, float] = field(default_factory=dict)
-    bad_validations: int = 0
-    stopped_early: bool = False
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-    def to_state(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, list) else v) for k, v in vars(self).items()}
-
-    @classmethod
-    def from_state(cls, state: dict[str, Any]) -> Progress:
-        return cls(**state)
 
 
 class Trainer:
