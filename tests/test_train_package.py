@@ -239,6 +239,17 @@ def test_a_failing_run_still_closes_its_callbacks(tmp_path: Path) -> None:
     with pytest.raises(ZeroDivisionError):
         train(config, callbacks=[recorder, _FailsAtEpochEnd()])
     assert recorder.events[-1] == ("close",)
+    recorder = Recorder()
+    config = _folder_config(tmp_path, f"out={tmp_path / 'run3'}")
+    with pytest.raises(ZeroDivisionError):
+        train(config, callbacks=[recorder, _FailsAtStart()])
+    assert recorder.events == [("train_start",), ("close",)]
+    assert not (tmp_path / "run3" / ".lock").exists()  # the run directory was released
+
+
+class _FailsAtStart(Callback):
+    def on_train_start(self, trainer: Any) -> None:
+        raise ZeroDivisionError("a callback failed")
 
 
 class _FailsAtEpochEnd(Callback):

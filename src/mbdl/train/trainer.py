@@ -190,7 +190,11 @@ class Trainer:
         # only rank 0 writes files: the other ranks call no callback
         everyone = [ReportWriter(), TrackingSinks(sinks), *callbacks]
         self.callbacks = CallbackList(everyone if self.dist.is_main else [])
-        self.callbacks.on_train_start(self)
+        try:
+            self.callbacks.on_train_start(self)
+        except BaseException:
+            self.callbacks.on_close(self)  # train() releases the run directory
+            raise
 
     # -- building ----------------------------------------------------------------------------
 
