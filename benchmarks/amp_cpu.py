@@ -3,7 +3,7 @@
 For the small backbones on 32-px grey glyph-sized batches (P x K = 32 x 4 = 128 images): forward
 + backward (loss ``embeddings.sum()``) + AdamW on a fixed batch, each of the four variants
 timed in turn (interleaved repeats, medians), with 1 and 2 torch threads. ``train.amp=auto``
-picks bf16 on a CPU with bf16 matrix units (:func:`mbdl.train.trainer.cpu_has_bf16_matrix_units`);
+picks bf16 on a CPU with bf16 matrix units (:func:`mbdl.train.precision.cpu_has_bf16_matrix_units`);
 the effect on the final metrics (same seeds) is in ``benchmarks/recipe.py``'s results.
 
     python benchmarks/amp_cpu.py          # writes benchmarks/results/amp_cpu.json
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import machine, write_results
 from mbdl.models import build_model
-from mbdl.train.trainer import cpu_has_bf16_matrix_units
+from mbdl.train.precision import cpu_has_bf16_matrix_units
 
 VARIANTS = {  # name -> (bf16 autocast, channels-last)
     "fp32": (False, False),

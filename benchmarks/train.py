@@ -52,7 +52,8 @@ from mbdl.data.cache import decoded_training_split
 from mbdl.data.workers import loader_workers
 from mbdl.losses import build_loss
 from mbdl.models import build_model
-from mbdl.train.trainer import SeededBatches, SeededDataset, amp_dtype
+from mbdl.train.precision import amp_dtype
+from mbdl.train.seeding import SeededBatches, SeededDataset
 
 SETUPS: dict[str, dict[str, Any]] = {
     "smallvgg-glyphs32": {

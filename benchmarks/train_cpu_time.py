@@ -46,7 +46,7 @@ from mbdl.data import load_splits
 from mbdl.data.cache import decoded_training_split
 from mbdl.losses import build_loss
 from mbdl.models import build_model
-from mbdl.train.trainer import amp_dtype
+from mbdl.train.precision import amp_dtype
 
 
 def cpu_ms(fn: Callable[[], Any], count: int, repeats: int) -> float:

@@ -21,9 +21,9 @@ from torch import Tensor, nn
 from mbdl.config import load_config
 from mbdl.evaluate import embed_dataset, evaluate
 from mbdl.fileio import atomic_write_text
+from mbdl.inference import load_data
 from mbdl.models import build_backbone
 from mbdl.train.preflight import describe_data
-from mbdl.train.trainer import load_data
 
 
 class PooledFeatures(nn.Module):

@@ -162,7 +162,8 @@ def test_decode_splits_caches_every_split_a_run_reads_again(tmp_path: Path) -> N
 
 def test_trainer_evaluates_the_cached_splits_to_the_same_metrics(tmp_path: Path) -> None:
     from mbdl.config import load_config
-    from mbdl.train.trainer import Trainer, evaluate_test, load_data
+    from mbdl.inference import evaluate_test, load_data
+    from mbdl.train.trainer import Trainer
 
     root = write_folder(tmp_path / "data", classes=20, per_class=4)
     config = load_config(

@@ -15,9 +15,9 @@ pytest.importorskip("faiss")
 from mbdl.cli import main
 from mbdl.config import load_config
 from mbdl.index import GalleryIndex, model_fingerprint
+from mbdl.inference import load_data
 from mbdl.train import train
 from mbdl.train.checkpoint import load_checkpoint, save_checkpoint
-from mbdl.train.trainer import load_data
 
 SMALL = [
     "data.max_classes=30",

@@ -20,7 +20,8 @@ from mbdl.functional.kmeans import kmeans
 from mbdl.functional.knn import knn
 from mbdl.train import train
 from mbdl.train.checkpoint import load_checkpoint
-from mbdl.train.trainer import Trainer, amp_dtype, cpu_has_bf16_matrix_units
+from mbdl.train.precision import amp_dtype, cpu_has_bf16_matrix_units
+from mbdl.train.trainer import Trainer
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 

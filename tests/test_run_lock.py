@@ -12,7 +12,7 @@ import pytest
 
 from mbdl.config import ConfigError, load_config
 from mbdl.train import train
-from mbdl.train.trainer import RUN_LOCK, acquire_run_lock, release_run_lock
+from mbdl.train.runlock import RUN_LOCK, acquire_run_lock, release_run_lock
 
 TINY = [
     "data.max_classes=24",

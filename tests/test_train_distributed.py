@@ -26,7 +26,7 @@ from mbdl.data import ClassBalancedBatchSampler
 from mbdl.distributed import average_gradients, replicas_differ
 from mbdl.train import train
 from mbdl.train.checkpoint import load_checkpoint
-from mbdl.train.trainer import SeededBatches
+from mbdl.train.seeding import SeededBatches
 
 FULL = os.environ.get("MBDL_SLOW", "") not in ("", "0")
 

@@ -82,7 +82,7 @@ def split_overrides(items: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def _print_metrics(metrics: dict[str, Any], file: Any = None) -> None:
-    from mbdl.train.trainer import format_metrics
+    from mbdl.inference import format_metrics
 
     print(format_metrics(metrics), file=file or sys.stdout)
 
@@ -193,7 +193,7 @@ def _add_checkpoint_args(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 def _device(name: str) -> Any:
-    from mbdl.train.trainer import resolve_device
+    from mbdl.inference import resolve_device
 
     return resolve_device(name)
 
@@ -226,7 +226,7 @@ def _configure_eval(parser: argparse.ArgumentParser) -> None:
 @command("eval", "evaluate a trained model on the test (or validation) classes", _configure_eval)
 def _run_eval(args: argparse.Namespace) -> int:
     from mbdl.fileio import atomic_write_text
-    from mbdl.train.trainer import evaluate_dataset, evaluate_test, load_data
+    from mbdl.inference import evaluate_dataset, evaluate_test, load_data
 
     config, device, model = _checkpoint_model(args)
     splits = load_data(config)
@@ -253,7 +253,7 @@ def _rates_at_stored_threshold(
     import torch
 
     from mbdl.export import load_state
-    from mbdl.train.trainer import verification_at_threshold
+    from mbdl.inference import verification_at_threshold
 
     stored = load_state(checkpoint).get("verification")
     if not isinstance(stored, dict) or stored.get("distance") != config.eval.distance:
@@ -319,7 +319,7 @@ def _embed_npz(args: argparse.Namespace) -> int:
     import numpy as np
 
     from mbdl.fileio import atomic_write_bytes
-    from mbdl.train.trainer import embed_with_config, load_data
+    from mbdl.inference import embed_with_config, load_data
 
     config, device, model = _checkpoint_model(args)
     dataset = _split_dataset(load_data(config), args.split)
@@ -409,7 +409,7 @@ def _embed_streaming(args: argparse.Namespace, overrides: list[str]) -> int:
 def _load_data_once(config: Any) -> Any:
     """The config's splits; under torchrun rank 0 first (it may build a cache), then the rest."""
     from mbdl.distributed import barrier, distributed_info
-    from mbdl.train.trainer import load_data
+    from mbdl.inference import load_data
 
     main_rank = distributed_info().is_main
     if not main_rank:
@@ -465,8 +465,8 @@ def _run_search(args: argparse.Namespace) -> int:
 
     from mbdl.data.files import read_image
     from mbdl.functional.distances import pairwise_distance
+    from mbdl.inference import embed_with_config, load_data
     from mbdl.train.checkpoint import model_from_state
-    from mbdl.train.trainer import embed_with_config, load_data
 
     overrides, images = split_overrides(args.items)
     if not images:
@@ -712,7 +712,7 @@ def _configure_index(parser: argparse.ArgumentParser) -> None:
 )
 def _run_index(args: argparse.Namespace) -> int:
     from mbdl.index import GalleryIndex, model_fingerprint
-    from mbdl.train.trainer import embed_with_config, load_data
+    from mbdl.inference import embed_with_config, load_data
 
     config, device, model = _checkpoint_model(args)
     splits = load_data(config)
@@ -889,8 +889,8 @@ def _run_scan(args: argparse.Namespace) -> int:
 
     from mbdl.config import load_config
     from mbdl.data.sources import SOURCES
+    from mbdl.inference import load_data
     from mbdl.train.preflight import describe_data, validate_before_training
-    from mbdl.train.trainer import load_data
 
     overrides, others = split_overrides(args.items)
     if len(others) > 1:
@@ -981,7 +981,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     prints one terminal-safe line and returns 2; a diverged run 1; an interrupt 130.
     ``MBDL_DEBUG=1`` re-raises instead, for the traceback.
     """
-    from mbdl.train.trainer import TrainingDiverged
+    from mbdl.errors import TrainingDiverged
 
     debug = os.environ.get("MBDL_DEBUG", "") not in ("", "0")
     try:

@@ -24,6 +24,10 @@ class UserError(ValueError):
     """Bad input that the user can fix; the message names the input and the fix."""
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss (or the gradients, or the weights) became NaN or Inf; the run stopped."""
+
+
 _OS_HINTS = {
     errno.ENOSPC: "the disk is full; free space or choose another out=",
     errno.EDQUOT: "the disk quota is exceeded; free space or choose another out=",

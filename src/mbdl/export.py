@@ -645,7 +645,7 @@ def check_images(
                 raise ValueError(f"cannot read check image {str(path)!r}: {error}") from None
     else:
         from mbdl.config import _flatten, config_from_flat
-        from mbdl.train.trainer import load_data
+        from mbdl.inference import load_data
 
         config = state.get("config") or {}
         if not config:

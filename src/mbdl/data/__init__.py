@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 
 from mbdl.data.base import ImageDataset, Splits
-from mbdl.data.sampler import ClassBalancedBatchSampler
 from mbdl.data.sources import SOURCES, Source, check_splits
 from mbdl.data.transforms import build_transforms
 
@@ -118,3 +117,12 @@ __all__ = [
     "load_splits",
     "typical_image_side",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # the training sampler loads on first use: inference commands never import it
+    if name == "ClassBalancedBatchSampler":
+        from mbdl.data.sampler import ClassBalancedBatchSampler
+
+        return ClassBalancedBatchSampler
+    raise AttributeError(f"module 'mbdl.data' has no attribute {name!r}")

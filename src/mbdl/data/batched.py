@@ -15,7 +15,7 @@ tens of microseconds of Python per image, a sixth of a small CNN's step on glyph
 - ``"none"``: no augmentation;
 
 then scaled to ``[0, 1]`` and, for pretrained backbones, ImageNet-normalised. The parameters of a
-batch are a pure function of its items' seeds (:class:`mbdl.train.trainer.SeededBatches`), drawn
+batch are a pure function of its items' seeds (:class:`mbdl.train.seeding.SeededBatches`), drawn
 in the loader (worker processes or the main process), so a resumed run repeats an uninterrupted
 one and the result does not depend on ``data.num_workers``.
 """

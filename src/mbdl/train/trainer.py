@@ -13,6 +13,9 @@ Files written into ``config.out``:
 - ``metrics.json``: ``{"validation": <metrics of the chosen checkpoint>, "test": <its test
   metrics>}``, then ``report.html`` (:func:`mbdl.report.write_report`).
 
+The report and the experiment trackers are callbacks (:mod:`mbdl.train.callbacks`), like any
+that a caller passes to :func:`train`.
+
 Exact resumption: the batch order is a pure function of ``(seed, epoch)`` (the sampler), the
 augmentation of each image is seeded by ``(seed, epoch, batch, position)``, and the checkpoint
 holds the model, optimiser, scheduler, GradScaler, loss parameters, the cross-batch memory, RNG
@@ -40,33 +43,21 @@ processes only.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import math
-import random
 import sys
 import time
-import warnings
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from collections.abc import Iterator, Sequence
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 
-from mbdl.config import (
-    Config,
-    ConfigError,
-    config_differences,
-    config_to_dict,
-    config_to_flat,
-    config_to_yaml,
-    load_config,
-)
+from mbdl.config import Config, ConfigError, config_to_dict, config_to_yaml
 from mbdl.data.batched import batched_training_data
 from mbdl.data.cache import decode_splits
 from mbdl.data.workers import loader_workers
@@ -79,10 +70,26 @@ from mbdl.distributed import (
     init_distributed,
     replicas_differ,
 )
-from mbdl.errors import UserError, terminal_safe
+from mbdl.errors import TrainingDiverged, UserError, terminal_safe
 from mbdl.fileio import atomic_write_text
+from mbdl.inference import (
+    choose_verification_threshold,
+    evaluate_dataset,
+    evaluate_test,
+    format_metrics,
+    load_data,
+    resolve_device,
+    verification_at_threshold,
+)
 from mbdl.losses.xbm import CrossBatchMemory
 from mbdl.tracking import Sinks, check_sinks
+from mbdl.train.callbacks import (
+    Callback,
+    CallbackList,
+    ReportWriter,
+    TestResult,
+    TrackingSinks,
+)
 from mbdl.train.checkpoint import (
     check_state_matches,
     load_checkpoint,
@@ -90,244 +97,16 @@ from mbdl.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from mbdl.train.preflight import describe_data, ranking_distance, validate_before_training
-from mbdl.train.runlock import RUN_LOCK, acquire_run_lock, release_run_lock, remove_debris
-from mbdl.train.schedule import warmup_cosine_schedule
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss (or the gradients, or the weights) became NaN or Inf; the run stopped."""
-
+from mbdl.train.optim import build_optimizer, build_scheduler
+from mbdl.train.precision import amp_dtype, amp_name
+from mbdl.train.preflight import describe_data, validate_before_training
+from mbdl.train.progress import Progress
+from mbdl.train.rundir import prepare_run_dir
+from mbdl.train.runlock import release_run_lock
+from mbdl.train.seeding import SeededBatches, SeededDataset, seed_everything
 
 # How long a rank waits in a collective while rank 0 validates, tests or writes checkpoints.
 COLLECTIVE_TIMEOUT = timedelta(hours=2)
-
-
-# ---------------------------------------------------------------------------------------------
-# seeding and data
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's ``random``, NumPy's global generator and torch (CPU and CUDA)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)  # noqa: NPY002 (the global generator, for user code)
-    torch.manual_seed(seed)
-
-
-class SeededBatches(Sampler[list[tuple[int, int]]]):
-    """Wraps a class-balanced batch sampler: yields ``(index, item_seed)`` pairs, the seed a pure
-    function of ``(seed, epoch, batch number, position)``, so augmentation does not depend on
-    where a run was resumed or on the number of DataLoader workers."""
-
-    def __init__(self, batch_sampler: Any, seed: int) -> None:
-        self.batch_sampler = batch_sampler
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.batch_sampler) - int(self.batch_sampler.start_batch)
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        epoch = int(self.batch_sampler.epoch)
-        start = int(self.batch_sampler.start_batch)
-        replicas = int(getattr(self.batch_sampler, "num_replicas", 1))
-        rank = int(getattr(self.batch_sampler, "rank", 0))
-        for local_number, batch in enumerate(self.batch_sampler, start=start):
-            number = local_number * replicas + rank  # the batch's number in the whole epoch
-            seeds = np.random.SeedSequence([self.seed, epoch, number]).generate_state(
-                len(batch), dtype=np.uint64
-            )
-            yield [(int(i), int(s) & (2**63 - 1)) for i, s in zip(batch, seeds, strict=True)]
-
-
-class SeededDataset(Dataset[tuple[torch.Tensor, int]]):
-    """``dataset[index]`` computed with torch's generator seeded by the item's seed (in the main
-    process the global generator is forked, so the training RNG stream is left untouched)."""
-
-    def __init__(self, dataset: Any) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
-        index, seed = key
-        generator = torch.default_generator  # CPU; its manual_seed is far cheaper than torch's
-        if torch.utils.data.get_worker_info() is not None:
-            generator.manual_seed(seed)
-            return self.dataset[index]
-        saved = generator.get_state()
-        try:
-            generator.manual_seed(seed)
-            return self.dataset[index]
-        finally:
-            generator.set_state(saved)
-
-
-def _source_options(config: Config) -> dict[str, Any]:
-    """Keyword options for the source's ``load_splits``, checked against what it accepts."""
-    from mbdl.data.sources import SOURCES
-
-    accepted = inspect.signature(SOURCES.get(config.data.source).function()).parameters
-    wanted: dict[str, tuple[Any, bool]] = {  # option -> (value, whether the user asked for it)
-        "augment": (config.data.augment, config.data.augment != "auto"),
-        "skip_corrupt": (config.data.skip_corrupt, config.data.skip_corrupt),
-        "bbox": (config.data.bbox, config.data.bbox),
-        "max_classes": (config.data.max_classes, config.data.max_classes is not None),
-        "allow_outside_root": (config.data.allow_outside_root, config.data.allow_outside_root),
-    }
-    if config.model.pretrained is not None:
-        wanted["imagenet_norm"] = (True, False)
-    options = {}
-    for name, (value, asked) in wanted.items():
-        if name in accepted:
-            options[name] = value
-        elif asked:
-            raise ConfigError(f"data.{name} does not apply to data.source={config.data.source}")
-    return options
-
-
-def load_data(config: Config) -> Any:
-    """The :class:`mbdl.data.Splits` of ``config.data``."""
-    from mbdl.data import load_splits
-
-    return load_splits(
-        config.data.source,
-        config.data.root,
-        image_size=config.data.image_size,
-        val_fraction=config.data.val_fraction,
-        seed=config.seed,
-        backbone=config.model.backbone,
-        **_source_options(config),
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# run directory
-
-
-def _default_out(config: Config) -> str:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return str(Path("runs") / f"{config.data.source}-{config.loss.name}-{stamp}")
-
-
-def prepare_run_dir(config: Config) -> tuple[Path, dict[str, Any] | None]:
-    """Create or check ``config.out``; returns it and the ``last.pt`` state to resume (or None).
-
-    A fresh run needs an empty or missing directory; ``resume=true`` needs the same config as
-    the one saved there (keys in ``RESUME_FREE_KEYS`` may differ) and starts fresh when no
-    checkpoint was written yet.
-    """
-    if config.out is None:
-        if config.resume:
-            raise ConfigError("resume=true needs out=RUN_DIR (the run to continue)")
-        config.out = _default_out(config)
-    out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"out={config.out} exists and is not a directory")
-    has_content = out.is_dir() and any(path.name != RUN_LOCK for path in out.iterdir())
-    if not config.resume:
-        if has_content:
-            raise ConfigError(
-                f"out={config.out} already exists and is not empty; continue it with resume=true "
-                "or choose another out="
-            )
-        acquire_run_lock(out)
-        return out, None
-    acquire_run_lock(out)
-    remove_debris(out)  # the temporary files of a writer killed mid-save
-    saved = out / "config.yaml"
-    if saved.is_file():
-        previous = load_config(saved)
-        differences = config_differences(config_to_flat(previous), config_to_flat(config))
-        if differences:
-            old, new = config_to_flat(previous), config_to_flat(config)
-            shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differences[:4])
-            raise ConfigError(
-                f"cannot resume {config.out} with a different config ({shown}); "
-                "start a new run with another out="
-            )
-    elif has_content:
-        raise ConfigError(f"out={config.out} is not an mbdl run directory (no config.yaml)")
-    last = out / "checkpoints" / "last.pt"
-    state = load_checkpoint(last) if last.is_file() else None
-    return out, state
-
-
-# ---------------------------------------------------------------------------------------------
-# model, loss, optimiser
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is available; use train.device=cpu")
-    return torch.device(name)
-
-
-def cpu_has_bf16_matrix_units() -> bool:
-    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX tiles), where
-    autocast to bf16 makes convolutions and matrix products faster than fp32."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
-
-
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of ``train.amp`` on ``device`` (None: full precision).
-
-    ``auto``: bf16 on a CUDA device that supports it (fp16, with a GradScaler, on older GPUs);
-    on CPU bf16 where :func:`cpu_has_bf16_matrix_units`, else full precision (bf16 emulated in
-    AVX2/AVX512 is slower than fp32). Measured on glyphs: docs/benchmarks.md, "CPU bf16".
-    """
-    if amp == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if device.type == "cpu" and cpu_has_bf16_matrix_units():
-            return torch.bfloat16
-        return None
-    if amp == "off":
-        return None
-    if amp == "fp16" and device.type != "cuda":
-        raise ConfigError("train.amp=fp16 needs a CUDA device; use train.amp=bf16 on CPU")
-    return torch.float16 if amp == "fp16" else torch.bfloat16
-
-
-def amp_name(dtype: torch.dtype | None) -> str:
-    """``"bf16"``, ``"fp16"`` or ``"off"``: the precision a run trained in (``log.jsonl``)."""
-    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "off") if dtype else "off"
-
-
-def build_optimizer(config: Config, model: nn.Module, loss: nn.Module) -> torch.optim.Optimizer:
-    """AdamW or SGD with parameter groups: backbone (``lr``), head (``lr * head_lr_mult``), each
-    with and without weight decay (biases and 1-D parameters get none), loss parameters
-    (``loss_lr``, no weight decay)."""
-    train = config.train
-    groups: list[dict[str, Any]] = []
-
-    def add(name: str, params: list[nn.Parameter], lr: float, decay: float) -> None:
-        params = [p for p in params if p.requires_grad]
-        if params:
-            groups.append({"params": params, "lr": lr, "weight_decay": decay, "name": name})
-
-    head = getattr(model, "head", None)
-    head_ids = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
-    body = [p for p in model.parameters() if id(p) not in head_ids]
-    head_params = [p for p in model.parameters() if id(p) in head_ids]
-    head_lr = train.lr * train.head_lr_mult
-    add("backbone", [p for p in body if p.ndim > 1], train.lr, train.weight_decay)
-    add("backbone_no_decay", [p for p in body if p.ndim <= 1], train.lr, 0.0)
-    add("head", [p for p in head_params if p.ndim > 1], head_lr, train.weight_decay)
-    add("head_no_decay", [p for p in head_params if p.ndim <= 1], head_lr, 0.0)
-    add(
-        "loss",
-        list(loss.parameters()),
-        train.loss_lr if train.loss_lr is not None else train.lr,
-        0.0,
-    )
-    if train.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum)
-    return torch.optim.AdamW(groups, lr=train.lr)
 
 
 def _is_convolutional(model: nn.Module) -> bool:
@@ -347,166 +126,16 @@ def _model_args(config: Config, channels: int) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# evaluation
-
-
-def embed_with_config(
-    model: nn.Module, dataset: Any, config: Config, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`mbdl.evaluate.embed_dataset` with the config's batch size and loader workers."""
-    from mbdl.evaluate import embed_dataset
-
-    return embed_dataset(
-        model,
-        dataset,
-        batch_size=config.eval.batch_size,
-        device=str(device),
-        num_workers=loader_workers(config.data.num_workers, dataset, training=False),
-    )
-
-
-def evaluate_dataset(
-    model: nn.Module, dataset: Any, config: Config, device: torch.device
-) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
-    """Embed ``dataset`` and compute :func:`mbdl.evaluate.evaluate` (each item queries the rest)."""
-    from mbdl.evaluate import evaluate
-
-    embeddings, labels = embed_with_config(model, dataset, config, device)
-    metrics = evaluate(
-        embeddings,
-        labels,
-        ks=tuple(config.eval.ks),
-        distance=ranking_distance(config.eval.distance),
-        seed=config.seed,
-        **evaluation_options(config),
-    )
-    return metrics, embeddings, labels
-
-
-def evaluation_options(config: Config) -> dict[str, Any]:
-    """The :func:`mbdl.evaluate.evaluate` options the ``eval.*`` keys set beyond ks and distance."""
-    from mbdl.functional.verification import DEFAULT_FARS
-
-    return {
-        "kmeans_restarts": config.eval.kmeans_restarts,
-        "verify_fars": tuple(sorted({*DEFAULT_FARS, config.eval.verify_far}, reverse=True)),
-        "verify_max_pairs": config.eval.verify_max_pairs,
-    }
-
-
-def evaluate_test(
-    model: nn.Module, splits: Any, config: Config, device: torch.device
-) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
-    """Test metrics: query vs gallery where the source defines them (In-Shop), else every test
-    image against the others. Returns the metrics and the test split's embeddings and labels."""
-    from mbdl.evaluate import evaluate
-
-    if splits.query is not None and splits.gallery is not None:
-        query, query_labels = embed_with_config(model, splits.query, config, device)
-        gallery, gallery_labels = embed_with_config(model, splits.gallery, config, device)
-        metrics = evaluate(
-            gallery,
-            gallery_labels,
-            query_embeddings=query,
-            query_labels=query_labels,
-            ks=tuple(config.eval.ks),
-            distance=ranking_distance(config.eval.distance),
-            seed=config.seed,
-            **evaluation_options(config),
-        )
-        test, test_labels = embed_with_config(model, splits.test, config, device)
-        return metrics, test, test_labels
-    return evaluate_dataset(model, splits.test, config, device)
-
-
-def choose_verification_threshold(
-    model: nn.Module, splits: Any, config: Config, device: torch.device
-) -> dict[str, Any] | None:
-    """The distance threshold at FAR ``eval.verify_far`` on the validation classes' pairs (never
-    the test classes'), with the validation TAR and FAR it reaches; None without validation
-    classes."""
-    from mbdl.functional.verification import rates_at_threshold, threshold_at_far
-
-    if len(splits.val) == 0:
-        return None
-    embeddings, labels = embed_with_config(model, splits.val, config, device)
-    if torch.unique(labels).numel() < 2:
-        return None
-    genuine, impostor = _verification_pairs(embeddings, labels, config)
-    threshold = threshold_at_far(genuine, impostor, config.eval.verify_far)
-    tar, far = rates_at_threshold(genuine, impostor, threshold)
-    return {
-        "threshold": threshold,
-        "far": config.eval.verify_far,
-        "distance": config.eval.distance,
-        "chosen_on": "validation",
-        "validation_tar": tar,
-        "validation_far": far,
-        "validation_pairs": [int(genuine.numel()), int(impostor.numel())],
-    }
-
-
-def verification_at_threshold(
-    embeddings: torch.Tensor, labels: torch.Tensor, config: Config, threshold: float
-) -> dict[str, float]:
-    """TAR and FAR of the pairs of ``embeddings`` at a threshold chosen elsewhere."""
-    from mbdl.functional.verification import rates_at_threshold
-
-    tar, far = rates_at_threshold(*_verification_pairs(embeddings, labels, config), threshold)
-    return {"tar@threshold": tar, "far@threshold": far}
-
-
-def _verification_pairs(
-    embeddings: torch.Tensor, labels: torch.Tensor, config: Config
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Genuine and impostor pair distances of a split, as ``eval.*`` and the seed say."""
-    from mbdl.functional.verification import pair_distances
-
-    genuine, impostor, _ = pair_distances(
-        embeddings,
-        labels,
-        distance=config.eval.distance,
-        max_pairs=config.eval.verify_max_pairs,
-        seed=config.seed,
-    )
-    return genuine, impostor
-
-
-# ---------------------------------------------------------------------------------------------
 # the loop
-
-
-@dataclass
-class Progress:
-    """Everything about the run's position that a checkpoint must restore."""
-
-    epoch: int = 0  # the epoch being run (0-based); == epochs when training is over
-    step_in_epoch: int = 0  # batches of ``epoch`` already done
-    global_step: int = 0
-    epoch_loss_sum: float = 0.0
-    epoch_batches: int = 0
-    epoch_images: int = 0
-    epoch_seconds: float = 0.0
-    elapsed_s: float = 0.0
-    best_value: float | None = None
-    best_epoch: int | None = None
-    best_validation: dict[str, float] = field(default_factory=dict)
-    bad_validations: int = 0
-    stopped_early: bool = False
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-    def to_state(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, list) else v) for k, v in vars(self).items()}
-
-    @classmethod
-    def from_state(cls, state: dict[str, Any]) -> Progress:
-        return cls(**state)
 
 
 class Trainer:
     """One training run of a validated :class:`Config` (see :func:`train`)."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, callbacks: Sequence[Callback] = ()) -> None:
+        """Prepare the run: processes and device, the run directory (and the state to resume),
+        the data, the model, the loss, the optimiser and schedule, the training batches, and
+        the callbacks (the report, the trackers of ``train.loggers``, then ``callbacks``)."""
         self.config = config
         check_sinks(config.train.loggers)  # a missing tracker package: before any file is written
         self.device = resolve_device(config.train.device)
@@ -521,75 +150,27 @@ class Trainer:
             torch.set_num_threads(config.train.num_threads)
         self.checkpoints = self.out / "checkpoints"
 
-        from mbdl.data import ClassBalancedBatchSampler
-        from mbdl.losses import build_loss, loss_class
-        from mbdl.models import build_model
-
-        seed_everything(config.seed)
-        if not self.dist.is_main:
-            barrier()  # rank 0 builds caches or downloads first
-        self.splits = load_data(config)
-        decode_splits(self.splits, config.data.cache)  # training and evaluation splits, once
-        if self.dist.is_main:
-            barrier()
-        train_set = self.splits.train
-        num_classes = len(np.unique(train_set.labels))
-        validate_before_training(config, self.splits)  # every check the data allows, up front
-        if config.train.progress and self.dist.is_main:
-            print(terminal_safe(describe_data(self.splits)), file=sys.stderr, flush=True)
-        self.sampler = ClassBalancedBatchSampler(
-            train_set.labels,
-            config.train.batch_classes,
-            config.train.batch_per_class,
-            seed=config.seed,
-            num_replicas=self.dist.world_size,
-            rank=self.dist.rank,
-        )
-        self.steps_per_epoch = len(self.sampler)
-        if config.train.max_steps_per_epoch is not None:
-            self.steps_per_epoch = min(self.steps_per_epoch, config.train.max_steps_per_epoch)
-        self.total_steps = self.steps_per_epoch * config.train.epochs
-        warmup_steps = min(
-            self.total_steps, round(config.train.warmup_epochs * self.steps_per_epoch)
-        )
+        self.splits = self._load_splits()
+        self.sampler, self.steps_per_epoch = self._build_sampler()
 
         seed_everything(config.seed)  # model initialisation independent of data loading
         self.model_args = _model_args(config, self.splits.channels)
-        args = dict(self.model_args)
-        self.model = build_model(
-            args.pop("backbone"),
-            args.pop("embedding_dim"),
-            pretrained=config.model.pretrained,
-            **args,
-        ).to(self.device)
+        self.model = self._build_model()
         self.memory_format = (
             torch.channels_last
             if config.train.channels_last and _is_convolutional(self.model)
             else torch.contiguous_format
         )
         self.model.to(memory_format=self.memory_format)
-        extra: dict[str, Any] = {}
-        needs = getattr(loss_class(config.loss.name), "needs", ())
-        if "num_classes" in needs:
-            extra["num_classes"] = num_classes
-        if "embedding_dim" in needs:
-            extra["embedding_dim"] = config.model.embedding_dim
-        self.loss = build_loss(config.loss.name, **config.loss.params, **extra).to(self.device)
-        self.memory: CrossBatchMemory | None = None
-        if config.train.xbm_size > 0:
-            self.memory = CrossBatchMemory(
-                self.loss,
-                config.train.xbm_size,
-                config.model.embedding_dim,
-                config.train.xbm_warmup_steps,
-            ).to(self.device)
+        self.loss, self.memory = self._build_loss()
         # gather every rank's batch first, then (optionally) the memory, then the loss
         self.criterion = GatheredLoss(self.memory if self.memory is not None else self.loss)
         self.optimizer = build_optimizer(config, self.model, self.loss)
-        self.scheduler = warmup_cosine_schedule(self.optimizer, warmup_steps, self.total_steps)
+        self.scheduler = build_scheduler(self.optimizer, config, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=self.amp == torch.float16 and self.device.type == "cuda"
         )
+
         self.progress = Progress()
         self.config_dict = config_to_dict(config)
         if resume_state is not None:
@@ -603,14 +184,98 @@ class Trainer:
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
             )
         self.loader_generator = torch.Generator()
-        self.batched = batched_training_data(train_set)
+        self.batched = batched_training_data(self.splits.train)
         if self.batched is not None:  # on a CPU, loader workers overlap the augmentation
             self.batched.augment_in_loader = self.device.type == "cpu"
-        self.loader: DataLoader[Any]
-        loaded = self.batched if self.batched is not None else SeededDataset(train_set)
+        self.loader = self._build_loader()
+
+        sinks = Sinks.open(config.train.loggers, self.out, enabled=self.dist.is_main)
+        # only rank 0 writes files: the other ranks call no callback
+        everyone = [ReportWriter(), TrackingSinks(sinks), *callbacks]
+        self.callbacks = CallbackList(everyone if self.dist.is_main else [])
+        try:
+            self.callbacks.on_train_start(self)
+        except BaseException:
+            self.callbacks.on_close(self)  # train() releases the run directory
+            raise
+
+    # -- building ----------------------------------------------------------------------------
+
+    def _load_splits(self) -> Any:
+        """The config's splits (rank 0 first: it may build caches or download), the training
+        and evaluation splits decoded once (:mod:`mbdl.data.cache`), checked against the config up front."""
+        config = self.config
+        seed_everything(config.seed)
+        if not self.dist.is_main:
+            barrier()  # rank 0 builds caches or downloads first
+        splits = load_data(config)
+        decode_splits(splits, config.data.cache)  # training and evaluation splits, once
+        if self.dist.is_main:
+            barrier()
+        validate_before_training(config, splits)  # every check the data allows, up front
+        if config.train.progress and self.dist.is_main:
+            print(terminal_safe(describe_data(splits)), file=sys.stderr, flush=True)
+        return splits
+
+    def _build_sampler(self) -> tuple[Any, int]:
+        """The class-balanced batch sampler of this rank and the steps of an epoch."""
+        from mbdl.data import ClassBalancedBatchSampler
+
+        config = self.config
+        sampler = ClassBalancedBatchSampler(
+            self.splits.train.labels,
+            config.train.batch_classes,
+            config.train.batch_per_class,
+            seed=config.seed,
+            num_replicas=self.dist.world_size,
+            rank=self.dist.rank,
+        )
+        steps_per_epoch = len(sampler)
+        if config.train.max_steps_per_epoch is not None:
+            steps_per_epoch = min(steps_per_epoch, config.train.max_steps_per_epoch)
+        return sampler, steps_per_epoch
+
+    def _build_model(self) -> nn.Module:
+        from mbdl.models import build_model
+
+        args = dict(self.model_args)
+        return build_model(
+            args.pop("backbone"),
+            args.pop("embedding_dim"),
+            pretrained=self.config.model.pretrained,
+            **args,
+        ).to(self.device)
+
+    def _build_loss(self) -> tuple[nn.Module, CrossBatchMemory | None]:
+        """The loss (given what it ``needs``) and the cross-batch memory around it, if any."""
+        from mbdl.losses import build_loss, loss_class
+
+        config = self.config
+        num_classes = len(np.unique(self.splits.train.labels))
+        extra: dict[str, Any] = {}
+        needs = getattr(loss_class(config.loss.name), "needs", ())
+        if "num_classes" in needs:
+            extra["num_classes"] = num_classes
+        if "embedding_dim" in needs:
+            extra["embedding_dim"] = config.model.embedding_dim
+        loss = build_loss(config.loss.name, **config.loss.params, **extra).to(self.device)
+        memory: CrossBatchMemory | None = None
+        if config.train.xbm_size > 0:
+            memory = CrossBatchMemory(
+                loss,
+                config.train.xbm_size,
+                config.model.embedding_dim,
+                config.train.xbm_warmup_steps,
+            ).to(self.device)
+        return loss, memory
+
+    def _build_loader(self) -> DataLoader[Any]:
+        """The training batches, seeded per item (:mod:`mbdl.train.seeding`)."""
+        config = self.config
+        loaded = self.batched if self.batched is not None else SeededDataset(self.splits.train)
         workers = loader_workers(config.data.num_workers, loaded, training=True)
         if self.batched is not None:  # in memory: whole batches, augmented on self.device
-            self.loader = DataLoader(
+            return DataLoader(
                 self.batched,
                 sampler=SeededBatches(self.sampler, config.seed),
                 batch_size=None,
@@ -619,17 +284,14 @@ class Trainer:
                 pin_memory=self.device.type == "cuda",
                 generator=self.loader_generator,
             )
-        else:
-            self.loader = DataLoader(
-                SeededDataset(train_set),
-                batch_sampler=SeededBatches(self.sampler, config.seed),
-                num_workers=workers,
-                persistent_workers=workers > 0,  # not started again every epoch
-                pin_memory=self.device.type == "cuda",
-                generator=self.loader_generator,
-            )
-        self.sinks = Sinks.open(config.train.loggers, self.out, enabled=self.dist.is_main)
-        self.sinks.log_params(config_to_flat(config))
+        return DataLoader(
+            loaded,
+            batch_sampler=SeededBatches(self.sampler, config.seed),
+            num_workers=workers,
+            persistent_workers=workers > 0,  # not started again every epoch
+            pin_memory=self.device.type == "cuda",
+            generator=self.loader_generator,
+        )
 
     def _prepare_run_dir(self) -> tuple[Path, dict[str, Any] | None]:
         """:func:`prepare_run_dir` on rank 0; the other ranks get its directory and state."""
@@ -652,9 +314,11 @@ class Trainer:
 
     def close(self) -> None:
         """Release the run directory; destroy the process group if this trainer created it."""
-        self.sinks.close()
-        if self.dist.is_main:
-            release_run_lock(self.out)
+        try:
+            self.callbacks.on_close(self)
+        finally:
+            if self.dist.is_main:
+                release_run_lock(self.out)
         if self.dist.enabled and self.owns_process_group and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
@@ -676,49 +340,46 @@ class Trainer:
                     f"{self._advice()}"
                 )
 
-    def _save_last(self) -> None:
+    def checkpoint_state(self, kind: Literal["last", "best"], **fields: Any) -> dict[str, Any]:
+        """The one checkpoint layout (:mod:`mbdl.train.checkpoint`): what rebuilds the model
+        (config, model and data arguments, weights, loss parameters); for ``last`` also what
+        resumes the run exactly (optimiser, scheduler, GradScaler, RNG states, progress, number
+        of processes, cross-batch memory); then ``fields`` (``best``: epoch and validation)."""
+        state: dict[str, Any] = {
+            "kind": kind,
+            "config": self.config_dict,
+            "model_args": self.model_args,
+            "data_args": self._data_args(),
+            "model_state": self.model.state_dict(),
+            "loss_state": self.loss.state_dict(),
+        }
+        if kind == "last":
+            state.update(
+                optimizer=self.optimizer.state_dict(),
+                scheduler=self.scheduler.state_dict(),
+                scaler=self.scaler.state_dict(),
+                rng=rng_state(),
+                progress=self.progress.to_state(),
+                world_size=self.dist.world_size,
+            )
+            if self.memory is not None:
+                state["xbm_state"] = self.memory.state_dict()
+        return {**state, **fields}
+
+    def _save(self, kind: Literal["last", "best"], **fields: Any) -> None:
+        """Write ``checkpoints/<kind>.pt`` (rank 0), refusing non-finite weights."""
         self._check_finite_weights()
         if not self.dist.is_main:
             return
-        extra: dict[str, Any] = {}
-        if self.memory is not None:
-            extra["xbm_state"] = self.memory.state_dict()
-        save_checkpoint(
-            self.checkpoints / "last.pt",
-            {
-                "kind": "last",
-                "config": self.config_dict,
-                "model_args": self.model_args,
-                "data_args": self._data_args(),
-                "model_state": self.model.state_dict(),
-                "loss_state": self.loss.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "rng": rng_state(),
-                "progress": self.progress.to_state(),
-                "world_size": self.dist.world_size,
-                **extra,
-            },
-        )
+        path = self.checkpoints / f"{kind}.pt"
+        save_checkpoint(path, self.checkpoint_state(kind, **fields))
+        self.callbacks.on_checkpoint(self, path)
+
+    def _save_last(self) -> None:
+        self._save("last")
 
     def _save_best(self, epoch: int, validation: dict[str, float]) -> None:
-        self._check_finite_weights()
-        if not self.dist.is_main:
-            return
-        save_checkpoint(
-            self.checkpoints / "best.pt",
-            {
-                "kind": "best",
-                "config": self.config_dict,
-                "model_args": self.model_args,
-                "data_args": self._data_args(),
-                "model_state": self.model.state_dict(),
-                "loss_state": self.loss.state_dict(),
-                "epoch": epoch,
-                "validation": dict(validation),
-            },
-        )
+        self._save("best", epoch=epoch, validation=dict(validation))
 
     def _restore(self, state: dict[str, Any]) -> None:
         saved_world = int(state.get("world_size", 1))
@@ -927,7 +588,7 @@ class Trainer:
         if self.dist.is_main:
             with open(self.out / "log.jsonl", "a", encoding="utf-8") as log:
                 log.write(json.dumps(record) + "\n")
-            self.sinks.log_epoch(record)
+            self.callbacks.on_epoch_end(self, record)
         p.epoch += 1
         p.step_in_epoch = 0
         p.epoch_loss_sum, p.epoch_batches, p.epoch_images, p.epoch_seconds = 0.0, 0, 0, 0.0
@@ -965,6 +626,8 @@ class Trainer:
             start = time.perf_counter()
             self._run_epoch(epoch)
             validation = self._validate(epoch)
+            if validation is not None:
+                self.callbacks.on_validation(self, epoch + 1, validation)
             self._end_epoch(epoch, validation)
             wall.append(time.perf_counter() - start)
             remaining = (self.config.train.epochs - p.epoch) * sum(wall) / len(wall)
@@ -1010,10 +673,7 @@ class Trainer:
             metrics["test"].update(verification.pop("test"))
             metrics["verification"] = verification
         atomic_write_text(self.out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-        self.sinks.log_test(test_metrics, self.progress.epoch)
-        if self.config.eval.report:
-            self._write_report(metrics, embeddings, labels)
-            self.sinks.log_report(self.out / "report.html", self.progress.epoch)
+        self.callbacks.on_train_end(self, TestResult(metrics, embeddings, labels))
         return broadcast_object(metrics)
 
     def _verification(
@@ -1025,37 +685,21 @@ class Trainer:
         if chosen is None or torch.unique(labels).numel() < 2:
             return None
         save_checkpoint(self.checkpoints / "best.pt", {**best, "verification": dict(chosen)})
+        self.callbacks.on_checkpoint(self, self.checkpoints / "best.pt")
         test = verification_at_threshold(embeddings, labels, self.config, chosen["threshold"])
         return {**chosen, "test": test}
 
-    def _write_report(
-        self, metrics: dict[str, Any], embeddings: torch.Tensor, labels: torch.Tensor
-    ) -> None:
-        try:
-            from mbdl.report import write_report
 
-            write_report(
-                self.out,
-                config=self.config_dict,
-                history=self.progress.history,
-                metrics=metrics,
-                test_embeddings=embeddings,
-                test_labels=labels,
-                test_dataset=self.splits.test,
-            )
-        except Exception as error:  # the metrics are safe on disk; a report failure is not fatal
-            warnings.warn(f"could not write report.html: {error}", stacklevel=2)
-
-
-def train(config: Config) -> dict[str, Any]:
+def train(config: Config, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     """Train, select on validation classes, test the chosen checkpoint once, write the report.
 
     Returns ``{"validation": {...}, "test": {...}}`` (the keys of :func:`mbdl.evaluate.evaluate`).
     Raises :class:`~mbdl.config.ConfigError` for a bad configuration or run directory and
-    :class:`TrainingDiverged` when the loss becomes NaN or Inf.
+    :class:`TrainingDiverged` when the loss becomes NaN or Inf. ``callbacks``
+    (:class:`mbdl.train.callbacks.Callback`) follow the run after the report and the trackers.
     """
     try:
-        trainer = Trainer(config)
+        trainer = Trainer(config, callbacks)
     except BaseException:
         if config.out is not None:
             release_run_lock(Path(config.out))
@@ -1074,12 +718,6 @@ def train(config: Config) -> dict[str, Any]:
         return trainer.test()
     finally:
         trainer.close()
-
-
-def format_metrics(metrics: dict[str, float]) -> str:
-    """``name value`` lines, in the order of :func:`mbdl.evaluate.evaluate`."""
-    width = max((len(k) for k in metrics), default=0)
-    return "\n".join(f"{k:<{width}}  {v:.4f}" for k, v in metrics.items())
 
 
 __all__ = ["Trainer", "TrainingDiverged", "format_metrics", "train"]
