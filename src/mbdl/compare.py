@@ -54,6 +54,7 @@ from mbdl.config import (
     read_yaml_config,
 )
 from mbdl.fileio import atomic_write_bytes, atomic_write_text
+from mbdl.metrics import improves, metric_label, summary_keys_in
 
 #: loss -> (searched hyper-parameter, its grid; the loss's default first). Budget N uses the
 #: first N values. N-pair has one point: its only hyper-parameter, ``l2_reg``, adds a constant
@@ -69,16 +70,8 @@ SEARCH_GRIDS: dict[str, tuple[str, tuple[float, ...]]] = {
     "proxyanchor": ("margin", (0.1, 0.05, 0.2)),
 }
 MAX_SEARCH_BUDGET = max(len(grid) for _, grid in SEARCH_GRIDS.values())
-TEST_METRICS = (
-    "recall@1",
-    "recall@2",
-    "recall@4",
-    "recall@8",
-    "map@r",
-    "r_precision",
-    "nmi",
-    "f1",
-)
+#: The validation curves (and epochs-to-95% columns) of the summary. The test table's columns
+#: are the registry's summary metrics (:func:`mbdl.metrics.summary_keys_in`).
 CURVE_METRICS = ("recall@1", "map@r")
 REACH_FRACTION = 0.95
 
@@ -295,7 +288,7 @@ def compare(
             raise ValueError(f"{loss}: no search run has a validation {select} (val_fraction=0?)")
         chosen = scored[0]
         for entry in scored[1:]:
-            if float(entry[select]) > float(chosen[select]):
+            if improves(select, float(entry[select]), float(chosen[select])):
                 chosen = entry
         runs = []
         for seed in seed_list:
@@ -318,7 +311,7 @@ def summarize_loss(
 ) -> dict[str, Any]:
     """Means, spreads, curves and epochs-to-95% of one loss's seed runs."""
     test: dict[str, dict[str, float | None]] = {}
-    for metric in TEST_METRICS:
+    for metric in summary_keys_in(key for r in runs for key in r["metrics"]["test"]):
         values = [
             float(r["metrics"]["test"][metric]) for r in runs if metric in r["metrics"]["test"]
         ]
@@ -378,7 +371,8 @@ def summary_tables(state: dict[str, Any]) -> dict[str, list[list[str]]]:
     """The summary's tables as rows of text cells (first row: header)."""
     settings = state["settings"]
     select = settings["select_metric"]
-    test_rows = [["loss", "chosen", *TEST_METRICS]]
+    columns = summary_keys_in(key for r in state["losses"].values() for key in r["test"])
+    test_rows = [["loss", "chosen", *columns]]
     search_rows = [
         [
             "loss",
@@ -404,7 +398,7 @@ def summary_tables(state: dict[str, Any]) -> dict[str, list[list[str]]]:
             _fmt(result["test"][m]["mean"], result["test"][m]["std"])
             if m in result["test"]
             else "—"
-            for m in TEST_METRICS
+            for m in columns
         ]
         test_rows.append([loss, chosen, *cells])
         tried = "; ".join(
@@ -481,7 +475,7 @@ def plot_curves(state: dict[str, Any]) -> bytes | None:
                 style = {"lw": 2.6} if loss == "mdl" else {"lw": 1.4}
                 ax.plot(curve[xkey], curve["value"], marker="o", ms=3,
                         color=palette[i % len(palette)], label=loss, **style)  # fmt: skip
-            label = "Recall@1" if metric == "recall@1" else "MAP@R"
+            label = metric_label(metric)
             ax.set_xlabel("epoch" if xkey == "epoch" else "training time (s)")
             ax.set_ylabel(f"validation {label}")
             ax.grid(alpha=0.3)

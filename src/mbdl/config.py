@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from mbdl.errors import UserError
+from mbdl.metrics import select_metric_help, selectable_keys
 
 SECTIONS: tuple[str, ...] = ("data", "model", "loss", "train", "eval")
 
@@ -46,7 +47,6 @@ LOSS_NAMES = (
     "multisimilarity",
     "proxyanchor",
 )
-SELECT_METRICS = ("map@r", "r_precision", "precision@1", "nmi", "f1", "recall@K (K in eval.ks)")
 
 # key -> (type, default, allowed values or None, help). Types are the strings
 # "str", "int", "float", "bool", "list[int]", "list[str]", optionally with " | None".
@@ -213,8 +213,7 @@ CONFIG_SCHEMA: dict[str, tuple[str, Any, tuple[Any, ...] | None, str]] = {
         "str",
         "map@r",
         None,
-        "Validation metric that chooses the best checkpoint: map@r, r_precision, precision@1, "
-        "nmi, f1 or recall@K with K in eval.ks.",
+        f"Validation metric that chooses the best checkpoint: {select_metric_help()}.",
     ),
     "train.patience": (
         "int | None",
@@ -732,7 +731,7 @@ def _check_cross_keys(resolved: dict[str, Any]) -> None:
     if not ks or any(k < 1 for k in ks):
         raise ConfigError(f"eval.ks must be a non-empty list of integers >= 1; got {ks!r}")
     metric = resolved["train.select_metric"]
-    allowed = ["map@r", "r_precision", "precision@1", "nmi", "f1", *(f"recall@{k}" for k in ks)]
+    allowed = selectable_keys(ks)
     if metric not in allowed:
         raise ConfigError(
             f"train.select_metric={metric!r} is not allowed; choose one of {', '.join(allowed)}"

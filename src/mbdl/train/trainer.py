@@ -81,6 +81,7 @@ from mbdl.distributed import (
 from mbdl.errors import UserError, terminal_safe
 from mbdl.fileio import atomic_write_text
 from mbdl.losses.xbm import CrossBatchMemory
+from mbdl.metrics import improves
 from mbdl.tracking import Sinks, check_sinks
 from mbdl.train.checkpoint import (
     check_state_matches,
@@ -89,7 +90,7 @@ from mbdl.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from mbdl.train.preflight import describe_data, ranking_distance, validate_before_training
+from mbdl.train.preflight import describe_data, validate_before_training
 from mbdl.train.runlock import RUN_LOCK, acquire_run_lock, release_run_lock, remove_debris
 from mbdl.train.schedule import warmup_cosine_schedule
 
@@ -376,7 +377,7 @@ def evaluate_dataset(
         embeddings,
         labels,
         ks=tuple(config.eval.ks),
-        distance=ranking_distance(config.eval.distance),
+        distance=config.eval.distance,
         seed=config.seed,
         **evaluation_options(config),
     )
@@ -410,7 +411,7 @@ def evaluate_test(
             query_embeddings=query,
             query_labels=query_labels,
             ks=tuple(config.eval.ks),
-            distance=ranking_distance(config.eval.distance),
+            distance=config.eval.distance,
             seed=config.seed,
             **evaluation_options(config),
         )
@@ -912,7 +913,7 @@ class Trainer:
         if validation is not None:
             record["validation"] = validation
             value = float(validation[config.train.select_metric])
-            if p.best_value is None or value > p.best_value:
+            if improves(config.train.select_metric, value, p.best_value):
                 p.best_value, p.best_epoch = value, epoch + 1
                 p.best_validation = dict(validation)
                 p.bad_validations = 0
