@@ -190,3 +190,22 @@ def test_squared_euclidean_ranks_as_euclidean_with_squared_thresholds() -> None:
             assert squared[key] == pytest.approx(value**2, rel=1e-5, abs=1e-9), key
         else:  # rank, clustering and rate metrics: identical
             assert squared[key] == pytest.approx(value, abs=1e-12), key
+
+
+def test_every_builtin_metric_is_documented() -> None:
+    page = (Path(__file__).resolve().parent.parent / "docs" / "metrics.md").read_text()
+    for name in METRICS.builtin_names():
+        assert f"`{name}`" in page, name
+
+
+def test_a_squared_threshold_applies_to_a_euclidean_index() -> None:
+    """mbdl index stores euclidean distances; a squared_euclidean run's stored threshold t is
+    the euclidean threshold sqrt(t) there (the same accept/reject decisions)."""
+    from mbdl.cli import _match_threshold
+    from mbdl.errors import UserError
+
+    state = {"verification": {"threshold": 0.49, "distance": "squared_euclidean"}}
+    assert _match_threshold("checkpoint", state, "squared_euclidean") == 0.49
+    assert _match_threshold("checkpoint", state, "euclidean") == pytest.approx(0.7)
+    with pytest.raises(UserError, match="stored threshold is a squared_euclidean distance"):
+        _match_threshold("checkpoint", state, "cosine")
