@@ -381,15 +381,12 @@ def summary_tables(state: dict[str, Any]) -> dict[str, list[list[str]]]:
             f"{settings['search_epochs']} epochs)",
         ]
     ]
+    labels = [metric_label(m) for m in CURVE_METRICS]
     reach_rows = [
         [
             "loss",
-            "epochs to 95% R@1",
-            "seconds to 95% R@1",
-            "epochs to 95% MAP@R",
-            "seconds to 95% MAP@R",
-            "best mean val R@1",
-            "best mean val MAP@R",
+            *(f"{what} to 95% {label}" for label in labels for what in ("epochs", "seconds")),
+            *(f"best mean val {label}" for label in labels),
         ]
     ]
     for loss, result in state["losses"].items():
@@ -407,11 +404,11 @@ def summary_tables(state: dict[str, Any]) -> dict[str, list[list[str]]]:
             for s in result["search"]
         )
         search_rows.append([loss, result["param"], tried])
-        r1, mapr = result["reach_95"]["recall@1"], result["reach_95"]["map@r"]
+        reach = [result["reach_95"][m] for m in CURVE_METRICS]
         best = [max(result["curves"][m]["value"], default=float("nan")) for m in CURVE_METRICS]
         reach_rows.append([
-            loss, _reach_text(r1), _reach_text(r1, "seconds", 0), _reach_text(mapr),
-            _reach_text(mapr, "seconds", 0), _fmt(best[0]), _fmt(best[1]),
+            loss, *(text for r in reach for text in (_reach_text(r), _reach_text(r, "seconds", 0))),
+            *(_fmt(b) for b in best),
         ])  # fmt: skip
     return {"test": test_rows, "search": search_rows, "reach": reach_rows}
 
