@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -209,3 +210,28 @@ def test_a_squared_threshold_applies_to_a_euclidean_index() -> None:
     assert _match_threshold("checkpoint", state, "euclidean") == pytest.approx(0.7)
     with pytest.raises(UserError, match="stored threshold is a squared_euclidean distance"):
         _match_threshold("checkpoint", state, "cosine")
+
+
+def test_an_installed_package_adds_a_metric(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A package declaring a Metric in the entry-point group ``mbdl.metrics`` is evaluated and
+    selectable like a built-in."""
+    (tmp_path / "fake_metric_pkg.py").write_text(
+        "from mbdl.metrics import Metric\n"
+        "def top_miss(matches):\n"
+        "    return 1.0 - matches[:, 0].double()\n"
+        "TOP_MISS = Metric('top_miss', 'Top miss', top_miss, 'knn', False, depth=1)\n"
+    )
+    info = tmp_path / "fake_metric_pkg-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-metric-pkg\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[mbdl.metrics]\ntop_miss = fake_metric_pkg:TOP_MISS\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "fake_metric_pkg", raising=False)
+    x, labels = _data()
+    result = evaluate(x, labels, ks=(1,), metrics=["recall@1", "top_miss"])
+    assert result["top_miss"] == pytest.approx(1.0 - result["recall@1"])
+    assert "top_miss" in selectable_keys((1,))
+    assert improves("top_miss", 0.1, 0.2)  # lower is better, as it declares
+    assert load_config(None, ["train.select_metric=top_miss"]).train.select_metric == "top_miss"
