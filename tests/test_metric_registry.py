@@ -125,7 +125,10 @@ def test_a_new_metric_is_one_declaration(with_second_hit: Metric, tmp_path: Path
         dataset=None,
         distance="euclidean",
     )
-    assert '<th scope="row">2nd-NN hit</th>' in page
+    assert (
+        '<th scope="row" title="the second nearest neighbour has the query&#x27;s class">2nd-NN hit'
+        in page
+    )
 
     runs = [
         {"seed": seed, "run": f"mdl/run{seed}", "metrics": {"test": {**result, "second_hit": v}}}

@@ -50,7 +50,7 @@ class Metric:
         eval_keys: the ``eval.*`` config keys that change its value.
         depth: for ``needs="knn"``: ``"K"``, ``"R"`` or a number of neighbours.
         summary: whether ``mbdl compare``'s test table and the report's key figures show it.
-        description: one line for the docs.
+        description: one line, shown as the report table row's tooltip.
     """
 
     name: str
@@ -117,7 +117,7 @@ class Metric:
         return self.function
 
 
-_RETRIEVAL = ("eval.distance", "eval.ks", "eval.batch_size")
+_RETRIEVAL = ("eval.distance",)
 _CLUSTERING = ("eval.kmeans_restarts", "seed")
 _PAIRS = ("eval.distance", "eval.verify_far", "eval.verify_max_pairs", "seed")
 
@@ -136,7 +136,7 @@ BUILTIN_METRICS: dict[str, Callable[[], Metric]] = {
             "mbdl.functional.retrieval:recall_at_k",
             "knn",
             True,
-            _RETRIEVAL,
+            (*_RETRIEVAL, "eval.ks"),
             depth="K",
             description="an item of the query's class among its K nearest neighbours",
         ),

@@ -27,7 +27,7 @@ from torch import Tensor
 
 import mbdl
 from mbdl.fileio import atomic_write_text
-from mbdl.metrics import metric_label, registered_metrics, sorted_metric_keys
+from mbdl.metrics import metric_label, metric_of, registered_metrics, sorted_metric_keys
 from mbdl.report.plots import (
     plot_embedding_projection,
     plot_recall_curve,
@@ -331,15 +331,19 @@ def _metrics_table(metrics: Mapping[str, Mapping[str, Any]]) -> str:
     head = "".join(
         f'<th scope="col" class="num">{escape(str(s).capitalize())}</th>' for s in splits
     )
+    registry = registered_metrics()
     rows = []
     for name in names:
+        metric = metric_of(name, registry)
+        title = f' title="{escape(metric.description)}"' if metric and metric.description else ""
         cells = "".join(
             f'<td class="num">{escape(_format_value(metrics[s][name]))}</td>'
             if name in metrics[s]
             else '<td class="num missing">—</td>'
             for s in splits
         )
-        rows.append(f'<tr><th scope="row">{escape(metric_label(name))}</th>{cells}</tr>')
+        label = escape(metric_label(name, registry))
+        rows.append(f'<tr><th scope="row"{title}>{label}</th>{cells}</tr>')
     return (
         '<table class="metrics"><thead><tr><th scope="col">Metric</th>'
         f"{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
