@@ -36,7 +36,7 @@ from mbdl.functional.kmeans import DEFAULT_RESTARTS, kmeans_fit
 from mbdl.functional.knn import check_knn_options, knn
 from mbdl.functional.retrieval import neighbour_matches
 from mbdl.functional.verification import DEFAULT_FARS, DEFAULT_MAX_PAIRS, pair_distances
-from mbdl.metrics import Metric, registered_metrics
+from mbdl.metrics import NEEDS, Metric, registered_metrics
 
 #: A requested metric and, for a family (``recall@K``), the Ks asked for.
 Request = tuple[Metric, list[int]]
@@ -154,7 +154,7 @@ def evaluate(
     results: dict[str, float] = {}
     by_need = {
         need: [(m, m_ks) for m, m_ks in requests if m.needs == need]
-        for need in ("knn", "kmeans", "pairs")
+        for need in NEEDS
     }
     if by_need["knn"]:
         leave_one_out = queries is None or labels_of_queries is None
