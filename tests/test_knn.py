@@ -12,6 +12,8 @@ def full_matrix_topk(query, gallery, k, distance, exclude_self):
     q, g = query.double(), gallery.double()
     if distance == "euclidean":
         d = torch.cdist(q, g)
+    elif distance == "squared_euclidean":
+        d = torch.cdist(q, g) ** 2
     else:
         d = 1 - torch.nn.functional.normalize(q, dim=1) @ torch.nn.functional.normalize(g, dim=1).T
     if exclude_self:
@@ -20,20 +22,25 @@ def full_matrix_topk(query, gallery, k, distance, exclude_self):
     return d, values, indices
 
 
-def assert_same_neighbours(d_full, values_ref, dist, idx, exclude_self, atol=1e-4):
+def assert_same_neighbours(d_full, values_ref, dist, idx, exclude_self, atol=1e-4, power=2):
     """Tie-robust: sorted distances agree, and every index returned has the distance returned.
 
-    Compared squared: sqrt amplifies float32 rounding near zero distance (duplicates, self).
+    Compared squared (``power=2``): sqrt amplifies float32 rounding near zero distance
+    (duplicates, self); squared euclidean distances are compared as they are (``power=1``).
     """
-    torch.testing.assert_close(dist.double() ** 2, values_ref**2, atol=atol, rtol=0)
-    torch.testing.assert_close(d_full.gather(1, idx) ** 2, values_ref**2, atol=atol, rtol=0)
+    torch.testing.assert_close(dist.double() ** power, values_ref**power, atol=atol, rtol=0)
+    torch.testing.assert_close(d_full.gather(1, idx) ** power, values_ref**power, atol=atol, rtol=0)
     if exclude_self:
         assert not (idx == torch.arange(idx.shape[0]).unsqueeze(1)).any()
     # indices of a row are distinct
     assert all(len(set(row)) == len(row) for row in idx.tolist())
 
 
-@pytest.mark.parametrize("distance", ["euclidean", "cosine"])
+def _power(distance):
+    return 1 if distance == "squared_euclidean" else 2
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "squared_euclidean", "cosine"])
 @pytest.mark.parametrize("budget", [1, 4_000, 50_000, 2**30])
 def test_chunked_knn_equals_full_matrix_topk(distance, budget):
     g = torch.Generator().manual_seed(0)
@@ -46,17 +53,17 @@ def test_chunked_knn_equals_full_matrix_topk(distance, budget):
             x, None, k, distance=distance, exclude_self=True, memory_budget_bytes=budget
         )
         assert dist.shape == idx.shape == (301, k)
-        assert_same_neighbours(d_full, values, dist, idx, True)
+        assert_same_neighbours(d_full, values, dist, idx, True, power=_power(distance))
 
 
-@pytest.mark.parametrize("distance", ["euclidean", "cosine"])
+@pytest.mark.parametrize("distance", ["euclidean", "squared_euclidean", "cosine"])
 def test_query_gallery_knn(distance):
     g = torch.Generator().manual_seed(1)
     query, gallery = torch.randn(50, 16, generator=g), torch.randn(700, 16, generator=g)
     d_full, values, _ = full_matrix_topk(query, gallery, 5, distance, False)
     for budget in (100, 30_000, 2**30):
         dist, idx = knn(query, gallery, 5, distance=distance, memory_budget_bytes=budget)
-        assert_same_neighbours(d_full, values, dist, idx, False)
+        assert_same_neighbours(d_full, values, dist, idx, False, power=_power(distance))
 
 
 def test_exclude_self_keeps_exact_duplicates():
@@ -80,7 +87,7 @@ def test_blockwise_topk_matches_topk_with_ties():
 
 
 @needs_faiss
-@pytest.mark.parametrize("distance", ["euclidean", "cosine"])
+@pytest.mark.parametrize("distance", ["euclidean", "squared_euclidean", "cosine"])
 @pytest.mark.parametrize("exclude_self", [True, False])
 def test_faiss_backend_equals_torch_backend(distance, exclude_self):
     g = torch.Generator().manual_seed(3)
@@ -88,9 +95,10 @@ def test_faiss_backend_equals_torch_backend(distance, exclude_self):
     x[5] = x[6]
     dist_t, _ = knn(x, None, 6, distance=distance, exclude_self=exclude_self, backend="torch")
     dist_f, idx_f = knn(x, None, 6, distance=distance, exclude_self=exclude_self, backend="faiss")
-    torch.testing.assert_close(dist_f**2, dist_t**2, atol=1e-4, rtol=0)
+    power = _power(distance)
+    torch.testing.assert_close(dist_f**power, dist_t**power, atol=1e-4, rtol=0)
     d_full, values, _ = full_matrix_topk(x, x, 6, distance, exclude_self)
-    assert_same_neighbours(d_full, values, dist_f, idx_f, exclude_self)
+    assert_same_neighbours(d_full, values, dist_f, idx_f, exclude_self, power=power)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
@@ -101,6 +109,19 @@ def test_knn_on_gpu_equals_cpu():
     dist, idx = knn(x.cuda(), None, 8, exclude_self=True, memory_budget_bytes=100_000)
     assert dist.is_cuda
     assert_same_neighbours(d_full, values, dist.cpu(), idx.cpu(), True, atol=1e-3)
+
+
+def test_squared_euclidean_ranks_as_euclidean_and_returns_squared_distances():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(120, 6, generator=g)
+    dist, idx = knn(x, None, 9, distance="euclidean", exclude_self=True)
+    dist_sq, idx_sq = knn(x, None, 9, distance="squared_euclidean", exclude_self=True)
+    assert torch.equal(idx_sq, idx)
+    torch.testing.assert_close(dist_sq, dist**2, atol=1e-5, rtol=1e-5)
+    huge = x.double() * 1e19  # scaled internally; distances reported in the input's units
+    dist_huge, idx_huge = knn(huge, None, 3, distance="squared_euclidean", exclude_self=True)
+    assert torch.equal(idx_huge, idx[:, :3])
+    torch.testing.assert_close(dist_huge / 1e38, dist_sq[:, :3].double(), rtol=1e-4, atol=1e-6)
 
 
 def test_knn_errors():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from mbdl.config import ConfigError, load_config
 from mbdl.data import workers as workers_module
@@ -21,14 +22,16 @@ def glyphs(transform_train: bool) -> ArrayImageDataset:
     )
 
 
-@pytest.mark.parametrize("cpus", [1, 2, 16, 64])
+@pytest.mark.parametrize(("cpus", "threads"), [(1, 1), (2, 2), (2, 1), (16, 8), (64, 64)])
 def test_auto_is_sized_to_the_machine_and_the_data_path(
-    monkeypatch: pytest.MonkeyPatch, cpus: int
+    monkeypatch: pytest.MonkeyPatch, cpus: int, threads: int
 ) -> None:
     monkeypatch.setattr(workers_module, "cpu_count", lambda: cpus)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     batches = batched_training_data(glyphs(True))
     assert batches is not None
-    assert loader_workers("auto", batches, training=True) == min(1, cpus - 1)
+    # a batch worker only on a CPU the training step's threads leave free
+    assert loader_workers("auto", batches, training=True) == (1 if cpus > threads else 0)
     per_image = glyphs(True)  # e.g. a custom transform: PIL per image
     assert loader_workers("auto", per_image, training=True) == min(cpus - 1, 8)
     assert loader_workers("auto", glyphs(False), training=False) == 0  # evaluation from memory

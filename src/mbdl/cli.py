@@ -521,6 +521,8 @@ def _match_threshold(value: str | None, state: dict[str, Any], distance: str) ->
         return None
     if value == "checkpoint":
         stored = _stored_verification(state)
+        if stored.get("distance") == "squared_euclidean" and distance == "euclidean":
+            return math.sqrt(max(float(stored["threshold"]), 0.0))  # the same decisions
         if stored.get("distance", distance) != distance:
             raise UsageError(
                 f"the stored threshold is a {stored['distance']} distance but eval.distance is "

@@ -54,6 +54,7 @@ from mbdl.config import (
     read_yaml_config,
 )
 from mbdl.fileio import atomic_write_bytes, atomic_write_text
+from mbdl.metrics import improves, metric_label, summary_keys_in
 
 
 class _SearchGrids(Mapping[str, tuple[str, tuple[float, ...]]]):
@@ -87,16 +88,8 @@ def max_search_budget(losses: Sequence[str] = ()) -> int:
     return max(len(SEARCH_GRIDS[name][1]) for name in (*builtin_losses(), *losses))
 
 
-TEST_METRICS = (
-    "recall@1",
-    "recall@2",
-    "recall@4",
-    "recall@8",
-    "map@r",
-    "r_precision",
-    "nmi",
-    "f1",
-)
+#: The validation curves (and epochs-to-95% columns) of the summary. The test table's columns
+#: are the registry's summary metrics (:func:`mbdl.metrics.summary_keys_in`).
 CURVE_METRICS = ("recall@1", "map@r")
 REACH_FRACTION = 0.95
 
@@ -312,7 +305,7 @@ def compare(
             raise ValueError(f"{loss}: no search run has a validation {select} (val_fraction=0?)")
         chosen = scored[0]
         for entry in scored[1:]:
-            if float(entry[select]) > float(chosen[select]):
+            if improves(select, float(entry[select]), float(chosen[select])):
                 chosen = entry
         runs = []
         for seed in seed_list:
@@ -335,7 +328,7 @@ def summarize_loss(
 ) -> dict[str, Any]:
     """Means, spreads, curves and epochs-to-95% of one loss's seed runs."""
     test: dict[str, dict[str, float | None]] = {}
-    for metric in TEST_METRICS:
+    for metric in summary_keys_in(key for r in runs for key in r["metrics"]["test"]):
         values = [
             float(r["metrics"]["test"][metric]) for r in runs if metric in r["metrics"]["test"]
         ]
@@ -395,7 +388,8 @@ def summary_tables(state: dict[str, Any]) -> dict[str, list[list[str]]]:
     """The summary's tables as rows of text cells (first row: header)."""
     settings = state["settings"]
     select = settings["select_metric"]
-    test_rows = [["loss", "chosen", *TEST_METRICS]]
+    columns = summary_keys_in(key for r in state["losses"].values() for key in r["test"])
+    test_rows = [["loss", "chosen", *columns]]
     search_rows = [
         [
             "loss",
@@ -404,15 +398,12 @@ def summary_tables(state: dict[str, Any]) -> dict[str, list[list[str]]]:
             f"{settings['search_epochs']} epochs)",
         ]
     ]
+    labels = [metric_label(m) for m in CURVE_METRICS]
     reach_rows = [
         [
             "loss",
-            "epochs to 95% R@1",
-            "seconds to 95% R@1",
-            "epochs to 95% MAP@R",
-            "seconds to 95% MAP@R",
-            "best mean val R@1",
-            "best mean val MAP@R",
+            *(f"{what} to 95% {label}" for label in labels for what in ("epochs", "seconds")),
+            *(f"best mean val {label}" for label in labels),
         ]
     ]
     for loss, result in state["losses"].items():
@@ -421,7 +412,7 @@ def summary_tables(state: dict[str, Any]) -> dict[str, list[list[str]]]:
             _fmt(result["test"][m]["mean"], result["test"][m]["std"])
             if m in result["test"]
             else "—"
-            for m in TEST_METRICS
+            for m in columns
         ]
         test_rows.append([loss, chosen, *cells])
         tried = "; ".join(
@@ -430,11 +421,11 @@ def summary_tables(state: dict[str, Any]) -> dict[str, list[list[str]]]:
             for s in result["search"]
         )
         search_rows.append([loss, result["param"], tried])
-        r1, mapr = result["reach_95"]["recall@1"], result["reach_95"]["map@r"]
+        reach = [result["reach_95"][m] for m in CURVE_METRICS]
         best = [max(result["curves"][m]["value"], default=float("nan")) for m in CURVE_METRICS]
         reach_rows.append([
-            loss, _reach_text(r1), _reach_text(r1, "seconds", 0), _reach_text(mapr),
-            _reach_text(mapr, "seconds", 0), _fmt(best[0]), _fmt(best[1]),
+            loss, *(text for r in reach for text in (_reach_text(r), _reach_text(r, "seconds", 0))),
+            *(_fmt(b) for b in best),
         ])  # fmt: skip
     return {"test": test_rows, "search": search_rows, "reach": reach_rows}
 
@@ -498,7 +489,7 @@ def plot_curves(state: dict[str, Any]) -> bytes | None:
                 style = {"lw": 2.6} if loss == "mdl" else {"lw": 1.4}
                 ax.plot(curve[xkey], curve["value"], marker="o", ms=3,
                         color=palette[i % len(palette)], label=loss, **style)  # fmt: skip
-            label = "Recall@1" if metric == "recall@1" else "MAP@R"
+            label = metric_label(metric)
             ax.set_xlabel("epoch" if xkey == "epoch" else "training time (s)")
             ax.set_ylabel(f"validation {label}")
             ax.grid(alpha=0.3)

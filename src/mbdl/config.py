@@ -26,6 +26,7 @@ from typing import Any, NamedTuple, get_type_hints
 import yaml
 
 from mbdl.errors import UserError
+from mbdl.metrics import select_metric_help, selectable_keys
 
 SECTIONS: tuple[str, ...] = ("data", "model", "loss", "train", "eval")
 
@@ -56,7 +57,6 @@ class _LossNames(Sequence[str]):
 
 
 LOSS_NAMES: Sequence[str] = _LossNames()
-SELECT_METRICS = ("map@r", "r_precision", "precision@1", "nmi", "f1", "recall@K (K in eval.ks)")
 
 
 class Key(NamedTuple):
@@ -141,8 +141,9 @@ class DataConfig:
     num_workers: int | str = key(
         "auto",
         "DataLoader worker processes (0: load in the main process); auto: sized to the machine "
-        "and the data path by measurement (mbdl.data.workers: one for batches from memory, the "
-        "CPUs but one for images decoded one by one, none for evaluating from memory).",
+        "and the data path by measurement (mbdl.data.workers: for batches from memory one where "
+        "a CPU is left over by the training threads, else none; the CPUs but one for images "
+        "decoded one by one; none for evaluating from memory).",
         minimum=0,
         resume_free=True,
     )
@@ -265,8 +266,7 @@ class TrainConfig:
     )
     select_metric: str = key(
         "map@r",
-        "Validation metric that chooses the best checkpoint: map@r, r_precision, precision@1, nmi,"
-        " f1 or recall@K with K in eval.ks.",
+        f"Validation metric that chooses the best checkpoint: {select_metric_help()}.",
     )
     patience: int | None = key(
         None,
@@ -707,7 +707,7 @@ def _check_cross_keys(resolved: dict[str, Any]) -> None:
     if not ks or any(k < 1 for k in ks):
         raise ConfigError(f"eval.ks must be a non-empty list of integers >= 1; got {ks!r}")
     metric = resolved["train.select_metric"]
-    allowed = ["map@r", "r_precision", "precision@1", "nmi", "f1", *(f"recall@{k}" for k in ks)]
+    allowed = selectable_keys(ks)
     if metric not in allowed:
         raise ConfigError(
             f"train.select_metric={metric!r} is not allowed; choose one of {', '.join(allowed)}"

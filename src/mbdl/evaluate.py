@@ -24,8 +24,7 @@ Protocol (see docs/design.md):
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -33,30 +32,14 @@ import torch
 from torch import Tensor
 
 from mbdl.functional.checks import check_embeddings, check_labels
-from mbdl.functional.clustering import adjusted_mutual_info, normalized_mutual_info, pair_f1
 from mbdl.functional.kmeans import DEFAULT_RESTARTS, kmeans_fit
 from mbdl.functional.knn import check_knn_options, knn
-from mbdl.functional.retrieval import map_at_r, neighbour_matches, r_precision, recall_at_k
-from mbdl.functional.verification import (
-    DEFAULT_FARS,
-    DEFAULT_MAX_PAIRS,
-    pair_distances,
-    verification_metrics,
-)
+from mbdl.functional.retrieval import neighbour_matches
+from mbdl.functional.verification import DEFAULT_FARS, DEFAULT_MAX_PAIRS, pair_distances
+from mbdl.metrics import NEEDS, Metric, registered_metrics
 
-METRIC_NAMES: tuple[str, ...] = (
-    "recall@K",
-    "precision@1",
-    "r_precision",
-    "map@r",
-    "nmi",
-    "ami",
-    "f1",
-    "verification",
-)
-_OTHERS = ("precision@1", "r_precision", "map@r", "nmi", "ami", "f1", "verification")
-_CLUSTERING = {"nmi", "ami", "f1"}
-_RECALL = re.compile(r"recall(@(\d+))?$", re.IGNORECASE)
+#: A requested metric and, for a family (``recall@K``), the Ks asked for.
+Request = tuple[Metric, list[int]]
 
 
 def _as_tensor(x: Any, name: str, *, floating: bool) -> Tensor:
@@ -70,26 +53,41 @@ def _as_tensor(x: Any, name: str, *, floating: bool) -> Tensor:
     return x
 
 
-def _parse_metrics(metrics: Iterable[str] | None, ks: Sequence[int]) -> tuple[list[int], set[str]]:
-    """Split the requested metric names into the recall Ks and the other metric names."""
+def _match_metric(name: str, registry: Sequence[Metric]) -> tuple[Metric, list[int] | None] | None:
+    """The metric ``name`` (lower case) asks for and its K (``None``: every K in ``ks``)."""
+    for metric in registry:
+        base = metric.base.lower()
+        if not metric.is_family:
+            if name == metric.name.lower():
+                return metric, []
+        elif name in (base, metric.name.lower()):
+            return metric, None
+        elif name.startswith(f"{base}@") and name[len(base) + 1 :].isdigit():
+            return metric, [int(name[len(base) + 1 :])]
+    return None
+
+
+def _parse_metrics(metrics: Iterable[str] | None, ks: Sequence[int]) -> list[Request]:
+    """The registered metrics ``metrics`` names (None: all), each family with its Ks, in
+    registry order. A family ``<base>@K`` is asked for as ``<base>`` or ``<base>@K`` (every K in
+    ``ks``) or as ``<base>@<K>``; names are case-insensitive."""
+    registry = registered_metrics()
+    if metrics is None:
+        return [(m, sorted(set(ks)) if m.is_family else []) for m in registry]
     if isinstance(metrics, str):
         metrics = [metrics]
-    if metrics is None:
-        return sorted(set(ks)), set(_OTHERS)
-    recall_ks: set[int] = set()
-    others: set[str] = set()
+    asked: dict[str, set[int]] = {}
     for name in metrics:
-        match = _RECALL.match(name)
-        if match:
-            recall_ks.update([int(match.group(2))] if match.group(2) else ks)
-        elif name.lower() in _OTHERS:
-            others.add(name.lower())
-        else:
-            raise ValueError(
-                f"unknown metric {name!r}; allowed: recall (every K in ks), recall@<K>, "
-                + ", ".join(_OTHERS)
-            )
-    return sorted(recall_ks), others
+        found = _match_metric(name.lower(), registry)
+        if found is None:
+            allowed = [
+                f"{m.base} (every K in ks), {m.base}@<K>" if m.is_family else m.name
+                for m in registry
+            ]
+            raise ValueError(f"unknown metric {name!r}; allowed: " + ", ".join(allowed))
+        metric, metric_ks = found
+        asked.setdefault(metric.name, set()).update(ks if metric_ks is None else metric_ks)
+    return [(m, sorted(asked[m.name])) for m in registry if m.name in asked]
 
 
 def evaluate(
@@ -117,16 +115,18 @@ def evaluate(
     ``tar@far=<f>``, ``far@far=<f>``, ``threshold@far=<f>`` for each FAR in ``verify_fars``,
     ``eer``, ``eer_threshold``, ``genuine_pairs``, ``impostor_pairs``. ``metrics`` selects a
     subset (``None``: all; ``"verification"`` names the verification keys); k-means only runs
-    when ``nmi``, ``ami`` or ``f1`` is asked for. ``backend`` (``"auto"``, ``"torch"``,
-    ``"faiss"``) picks the kNN search and k-means' Lloyd iterations; ``"auto"`` is torch for
-    both, so the numbers never depend on whether faiss is installed. Returns a flat
-    ``dict[str, float]``.
+    when a clustering metric is asked for. The metrics are those of :mod:`mbdl.metrics`'
+    registry. ``distance`` is ``"euclidean"``, ``"squared_euclidean"`` (the same ranking, so
+    the same retrieval and clustering numbers as euclidean; verification thresholds in squared
+    units) or ``"cosine"`` (``1 - cos``). ``backend`` (``"auto"``, ``"torch"``, ``"faiss"``)
+    picks the kNN search and k-means' Lloyd iterations; ``"auto"`` is torch for both, so the
+    numbers never depend on whether faiss is installed. Returns a flat ``dict[str, float]``.
     """
     check_knn_options(distance, backend)
     ks = list(ks)
     if not ks or any(not isinstance(k, (int, np.integer)) or k < 1 for k in ks):
         raise ValueError(f"ks must be positive integers; got {ks}")
-    recall_ks, others = _parse_metrics(metrics, ks)
+    requests = _parse_metrics(metrics, ks)
     gallery = _as_tensor(embeddings, "embeddings", floating=True)
     gallery_labels = _as_tensor(labels, "labels", floating=False)
     check_embeddings(gallery, "embeddings")
@@ -152,8 +152,8 @@ def evaluate(
         raise ValueError(f"labels must contain at least two classes; got {num_classes}")
 
     results: dict[str, float] = {}
-    retrieval = bool(recall_ks) or bool(others & {"precision@1", "r_precision", "map@r"})
-    if retrieval:
+    by_need = {need: [(m, m_ks) for m, m_ks in requests if m.needs == need] for need in NEEDS}
+    if by_need["knn"]:
         leave_one_out = queries is None or labels_of_queries is None
         results.update(
             _retrieval(
@@ -162,15 +162,14 @@ def evaluate(
                 gallery,
                 gallery_labels,
                 leave_one_out=leave_one_out,
-                recall_ks=recall_ks,
-                others=others,
+                requests=by_need["knn"],
                 distance=distance,
                 budget=memory_budget_bytes,
                 backend=backend,
                 per_class=per_class,
             )
         )
-    if others & _CLUSTERING:
+    if by_need["kmeans"]:
         clustering = kmeans_fit(
             gallery,
             num_classes,
@@ -179,17 +178,12 @@ def evaluate(
             memory_budget_bytes=memory_budget_bytes,
             restarts=kmeans_restarts,
         )
-        clusters = clustering.assignment
-        if "nmi" in others:
-            results["nmi"] = normalized_mutual_info(gallery_labels, clusters)
-        if "ami" in others:
-            results["ami"] = adjusted_mutual_info(gallery_labels, clusters)
-        if "f1" in others:
-            results["f1"] = pair_f1(gallery_labels, clusters)
+        for metric, _ in by_need["kmeans"]:
+            results[metric.name] = float(metric.resolve()(gallery_labels, clustering.assignment))
         results[f"kmeans/backend={clustering.backend}"] = 1.0
         results["kmeans/restarts"] = float(clustering.restarts)
         results["kmeans/seed"] = float(clustering.seed)
-    if "verification" in others:
+    if by_need["pairs"]:
         genuine, impostor, _ = pair_distances(
             gallery,
             gallery_labels,
@@ -199,7 +193,8 @@ def evaluate(
             max_pairs=verify_max_pairs,
             seed=seed,
         )
-        results.update(verification_metrics(genuine, impostor, tuple(verify_fars)))
+        for metric, _ in by_need["pairs"]:
+            results.update(metric.resolve()(genuine, impostor, tuple(verify_fars)))
     return results
 
 
@@ -210,17 +205,21 @@ def _retrieval(
     gallery_labels: Tensor,
     *,
     leave_one_out: bool,
-    recall_ks: list[int],
-    others: set[str],
+    requests: list[Request],
     distance: str,
     budget: int,
     backend: str,
     per_class: bool,
 ) -> dict[str, float]:
     available = gallery.shape[0] - int(leave_one_out)
-    if recall_ks and max(recall_ks) > available:
+    fixed_depth = max(
+        [k for m, m_ks in requests if m.is_family for k in m_ks]
+        + [m.depth for m, _ in requests if isinstance(m.depth, int)],
+        default=1,
+    )
+    if fixed_depth > available:
         raise ValueError(
-            f"K={max(recall_ks)} in ks is larger than the {available} gallery items available"
+            f"K={fixed_depth} in ks is larger than the {available} gallery items available"
             + (" (leave-one-out excludes the query)" if leave_one_out else "")
         )
     # R = other gallery items of the query's class.
@@ -232,8 +231,9 @@ def _retrieval(
     scored = num_relevant > 0
     if not bool(scored.any()):
         raise ValueError("no query has another item of its class in the gallery")
-    need_r = bool(others & {"r_precision", "map@r"})
-    k = max([*recall_ks, 1, int(num_relevant.max()) if need_r else 1])
+    need_r = any(m.depth == "R" for m, _ in requests)
+    k = max(fixed_depth, int(num_relevant.max()) if need_r else 1)
+    scorers = _per_query_scorers(requests)
     device = queries.device
     gallery = gallery.to(device)
     gallery_labels_here = gallery_labels.to(device)
@@ -257,8 +257,8 @@ def _retrieval(
         matches = neighbour_matches(neighbour_labels, block_labels).cpu()
         keep = scored[start:stop]
         matches, relevant = matches[keep], num_relevant[start:stop][keep]
-        for name, scores in _per_query_scores(matches, relevant, recall_ks, others).items():
-            parts.setdefault(name, []).append(scores)
+        for name, score in scorers.items():
+            parts.setdefault(name, []).append(torch.as_tensor(score(matches, relevant)).double())
     per_query = {name: torch.cat(chunks) for name, chunks in parts.items()}
     results = {name: float(scores.mean()) for name, scores in per_query.items()}
     if per_class:
@@ -273,17 +273,29 @@ def _retrieval(
     return results
 
 
-def _per_query_scores(
-    matches: Tensor, num_relevant: Tensor, recall_ks: list[int], others: set[str]
-) -> dict[str, Tensor]:
-    per_query: dict[str, Tensor] = {f"recall@{k_}": recall_at_k(matches, k_) for k_ in recall_ks}
-    if "precision@1" in others:
-        per_query["precision@1"] = recall_at_k(matches, 1)
-    if "r_precision" in others:
-        per_query["r_precision"] = r_precision(matches, num_relevant)
-    if "map@r" in others:
-        per_query["map@r"] = map_at_r(matches, num_relevant)
-    return per_query
+def _per_query_scorers(requests: list[Request]) -> dict[str, Callable[[Tensor, Tensor], Tensor]]:
+    """Result key -> ``score(matches, num_relevant) -> Tensor[Q]`` for each requested kNN
+    metric, calling its function as its ``depth`` says (see :mod:`mbdl.metrics`)."""
+    scorers: dict[str, Callable[[Tensor, Tensor], Tensor]] = {}
+    for metric, metric_ks in requests:
+        function = metric.resolve()
+        if metric.depth == "R":
+            scorers[metric.name] = function
+        elif metric.is_family:
+            for k in metric_ks:
+                scorers[f"{metric.base}@{k}"] = _at_depth(function, k)
+        else:
+            scorers[metric.name] = _at_depth(function, None)
+    return scorers
+
+
+def _at_depth(function: Callable[..., Tensor], k: int | None) -> Callable[[Tensor, Tensor], Tensor]:
+    """``function(matches, k)`` (a family's K) or ``function(matches)`` as a scorer."""
+
+    def score(matches: Tensor, num_relevant: Tensor) -> Tensor:
+        return function(matches) if k is None else function(matches, k)
+
+    return score
 
 
 def embed_dataset(

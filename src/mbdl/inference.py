@@ -15,7 +15,6 @@ from torch import nn
 
 from mbdl.config import Config, ConfigError
 from mbdl.data.workers import loader_workers
-from mbdl.train.preflight import ranking_distance
 
 # ---------------------------------------------------------------------------------------------
 # data and device
@@ -98,7 +97,7 @@ def evaluate_dataset(
         embeddings,
         labels,
         ks=tuple(config.eval.ks),
-        distance=ranking_distance(config.eval.distance),
+        distance=config.eval.distance,
         seed=config.seed,
         **evaluation_options(config),
     )
@@ -132,7 +131,7 @@ def evaluate_test(
             query_embeddings=query,
             query_labels=query_labels,
             ks=tuple(config.eval.ks),
-            distance=ranking_distance(config.eval.distance),
+            distance=config.eval.distance,
             seed=config.seed,
             **evaluation_options(config),
         )

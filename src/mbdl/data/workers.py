@@ -1,14 +1,17 @@
 """``data.num_workers=auto``: DataLoader worker processes sized to the machine and the data path.
 
-Chosen by measurement (2 CPUs shared with other jobs, load average 11-15, so indicative only;
-docs/benchmarks.md): ``benchmarks/train.py`` interleaves the step with the trainer's path with
-and without one worker: step / network 0.94 against 0.88 (smallvgg, glyphs), 0.97 against 0.93
-(smallcnn, glyphs), 0.92 both (smallcnn, 64-px folder); whole trainer epochs (smallcnn, glyphs)
-ran at 2122, 3318 and 3490 images/s with 0, 1 and 2 workers. Hence:
+Chosen by measurement (``benchmarks/train.py``: the step with the trainer's path interleaved with
+and without one worker, medians, docs/benchmarks.md). On a quiet 2-CPU machine (load 1.3), where
+the training step's 2 torch threads use both CPUs, the worker takes CPU from the network: step /
+network 0.91 against 0.94 (smallvgg, glyphs), 0.77 against 0.88 (smallcnn, glyphs), 0.84 against
+0.89 (smallcnn, 64-px folder). Under load from other jobs (load average 11-15) it helped (0.94
+against 0.88, smallvgg; whole smallcnn epochs at 3318 against 2122 images/s), because the
+machine's other jobs left the step's threads idle in turns. Hence:
 
 - training from memory by whole batches (:mod:`mbdl.data.batched`, CPU): one persistent worker
-  process draws, gathers and does the geometric augmentation of the next batch while the main
-  process trains on this one (a second added nothing beyond the noise);
+  process, which draws, gathers and does the geometric augmentation of the next batch while the
+  main process trains on this one, only where a CPU is left over by the step's torch threads
+  (``cpu_count() > torch.get_num_threads()``); else none;
 - training image by image (PIL transforms, files decoded every epoch; ``data.cache=off`` or a
   custom transform): the work is per image and parallel, so one worker per CPU but one (the
   training step's), at most :data:`MAX_WORKERS` (by reasoning; not measured here);
@@ -45,7 +48,9 @@ def loader_workers(requested: int | str, dataset: Any, *, training: bool) -> int
 
     spare = cpu_count() - 1
     if isinstance(dataset, InMemoryBatches):
-        return min(1, spare)
+        import torch
+
+        return 1 if cpu_count() > torch.get_num_threads() else 0
     if not training and isinstance(dataset, (ArrayImageDataset, DecodedEvaluationSplit)):
         return 0
     return max(0, min(spare, MAX_WORKERS))

@@ -6,6 +6,7 @@ result is kept. Scores come from one matrix multiply per chunk:
 
 - euclidean: rank by ``|g_j|^2 - 2 q.g_j`` (the squared distance minus the per-row constant
   ``|q|^2``); the returned distances are ``sqrt(max(score + |q|^2, 0))``.
+- squared_euclidean: the same ranking as euclidean; the returned distances are not square-rooted.
 - cosine: rank by ``cos(q, g_j)`` (largest first); the returned distances are ``1 - cos``.
 
 With ``exclude_self=True`` (leave-one-out: ``gallery`` is ``query``) the query's own row is
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-KNN_DISTANCES: tuple[str, ...] = ("euclidean", "cosine")
+KNN_DISTANCES: tuple[str, ...] = ("euclidean", "squared_euclidean", "cosine")
 KNN_BACKENDS: tuple[str, ...] = ("auto", "torch", "faiss")
 
 
@@ -125,8 +126,9 @@ def knn(
             budget=memory_budget_bytes,
             offset=offset,
         )
-    if scale != 1.0 and distance == "euclidean":
-        distances = (distances.double() / scale).to(distances.dtype)
+    if scale != 1.0 and distance != "cosine":
+        power = 2 if distance == "squared_euclidean" else 1
+        distances = (distances.double() / scale**power).to(distances.dtype)
     return distances, indices
 
 
@@ -195,7 +197,9 @@ def _torch_knn(
         if distance == "cosine":
             top_dist = 1.0 + top_scores
         else:
-            top_dist = (top_scores + rows.pow(2).sum(dim=1, keepdim=True)).clamp_min_(0).sqrt_()
+            top_dist = (top_scores + rows.pow(2).sum(dim=1, keepdim=True)).clamp_min_(0)
+            if distance == "euclidean":
+                top_dist = top_dist.sqrt_()
         out_dist[start:stop] = top_dist
         out_index[start:stop] = top_index
     return out_dist, out_index
@@ -229,5 +233,9 @@ def _faiss_knn(
         keep = ~is_self
         scores = scores[keep].view(-1, k)
         indices = indices[keep].view(-1, k)
-    distances = 1.0 - scores if distance == "cosine" else scores.clamp_min(0).sqrt()
+    if distance == "cosine":
+        distances = 1.0 - scores
+    else:
+        distances = scores.clamp_min(0)
+        distances = distances.sqrt() if distance == "euclidean" else distances
     return distances.to(device), indices.to(device)

@@ -27,21 +27,17 @@ from torch import Tensor
 
 import mbdl
 from mbdl.fileio import atomic_write_text
+from mbdl.metrics import metric_label, metric_of, registered_metrics, sorted_metric_keys
 from mbdl.report.plots import (
-    metric_sort_key,
     plot_embedding_projection,
     plot_recall_curve,
     plot_training_curves,
 )
 
 REPORT_NAME = "report.html"
-_METRIC_LABELS = {
-    "precision@1": "P@1",
-    "r_precision": "R-Precision",
-    "map@r": "MAP@R",
-    "nmi": "NMI",
-    "f1": "F1",
-}
+#: The key figures' cards show the first this many summary metrics of the registry (a
+#: family by its smallest K).
+SUMMARY_CARDS = 4
 
 
 @dataclass(frozen=True)
@@ -296,11 +292,14 @@ def _summary_cards(
     metrics: Mapping[str, Mapping[str, Any]], history: Sequence[Mapping[str, Any]]
 ) -> str:
     test = metrics.get("test", {})
-    cards = [
-        (_metric_label(name), _format_value(test[name]), "test")
-        for name in ("recall@1", "map@r", "r_precision", "nmi")
-        if name in test
+    ks = _family_ks(test)
+    firsts = [
+        next((key for key in metric.keys(ks) if key in test), None)
+        for metric in registered_metrics()
+        if metric.summary
     ]
+    shown = [key for key in firsts if key is not None][:SUMMARY_CARDS]
+    cards = [(metric_label(name), _format_value(test[name]), "test") for name in shown]
     speeds = [
         float(r["images_per_s"])
         for r in history
@@ -324,24 +323,27 @@ def _summary_cards(
 
 def _metrics_table(metrics: Mapping[str, Mapping[str, Any]]) -> str:
     splits = [s for s in metrics if _has_scalars(metrics[s])]
-    names = sorted(
-        {name for s in splits for name, v in metrics[s].items() if _is_scalar(v)},
-        key=metric_sort_key,
+    names = sorted_metric_keys(
+        {name for s in splits for name, v in metrics[s].items() if _is_scalar(v)}
     )
     if not names:
         return '<p class="empty">No metrics were recorded.</p>'
     head = "".join(
         f'<th scope="col" class="num">{escape(str(s).capitalize())}</th>' for s in splits
     )
+    registry = registered_metrics()
     rows = []
     for name in names:
+        metric = metric_of(name, registry)
+        title = f' title="{escape(metric.description)}"' if metric and metric.description else ""
         cells = "".join(
             f'<td class="num">{escape(_format_value(metrics[s][name]))}</td>'
             if name in metrics[s]
             else '<td class="num missing">—</td>'
             for s in splits
         )
-        rows.append(f'<tr><th scope="row">{escape(_metric_label(name))}</th>{cells}</tr>')
+        label = escape(metric_label(name, registry))
+        rows.append(f'<tr><th scope="row"{title}>{label}</th>{cells}</tr>')
     return (
         '<table class="metrics"><thead><tr><th scope="col">Metric</th>'
         f"{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
@@ -350,10 +352,12 @@ def _metrics_table(metrics: Mapping[str, Mapping[str, Any]]) -> str:
 
 def _metrics_note(metrics: Mapping[str, Mapping[str, Any]]) -> str:
     splits = [str(s) for s in metrics if _has_scalars(metrics[s])]
-    note = (
-        "Recall@K, P@1, R-Precision and MAP@R from exact nearest neighbours (each item queries all "
-        "others); NMI and F1 from k-means with as many clusters as classes."
-    )
+    registry = registered_metrics()
+    groups = [
+        (source, [m.label for m in registry if m.needs == need])
+        for need, source in _NEEDS_NOTE.items()
+    ]
+    note = "; ".join(f"{_and_list(labels)} {source}" for source, labels in groups if labels) + "."
     if "validation" in splits and "test" in splits:
         note += " The checkpoint was chosen on the validation classes; the test classes are unseen."
     return note
@@ -455,10 +459,28 @@ def _class_name(names: Sequence[str], label: int) -> str:
     return str(names[label]) if 0 <= label < len(names) else str(label)
 
 
-def _metric_label(name: str) -> str:
-    if name.startswith("recall@"):
-        return "Recall@" + name.split("@", 1)[1]
-    return _METRIC_LABELS.get(name, name)
+_NEEDS_NOTE = {
+    "knn": "from exact nearest neighbours (each item queries all others)",
+    "kmeans": "from k-means with as many clusters as classes",
+    "pairs": "from the genuine and impostor pairs",
+}
+
+
+def _and_list(words: Sequence[str]) -> str:
+    return ", ".join(words[:-1]) + " and " + words[-1] if len(words) > 1 else "".join(words)
+
+
+def _family_ks(values: Mapping[str, Any]) -> list[int]:
+    """The Ks of the family keys (``recall@4``) in ``values``: the run's ``eval.ks``."""
+    return sorted(
+        {
+            int(key.rsplit("@", 1)[1])
+            for metric in registered_metrics()
+            if metric.is_family
+            for key in values
+            if metric.owns(key)
+        }
+    )
 
 
 def _has_scalars(values: Any) -> bool:

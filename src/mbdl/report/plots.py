@@ -26,21 +26,17 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 
-# The order metrics are shown in; anything else numeric follows alphabetically.
-METRIC_ORDER = ("precision@1", "r_precision", "map@r", "nmi", "f1")
+from mbdl.metrics import (
+    higher_is_better,
+    metric_label,
+    metric_of,
+    registered_metrics,
+    sorted_metric_keys,
+)
+
 _RECALL_KEY = re.compile(r"^recall@(\d+)$")
 _VALIDATION_PREFIXES = ("val/", "validation/", "val_", "validation_")
 _PALETTE = ("#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#4b5563", "#db2777")
-
-
-def metric_sort_key(name: str) -> tuple[int, float, str]:
-    """Order metric names as recall@1, recall@2, ..., precision@1, r_precision, map@r, nmi, f1, rest."""
-    match = _RECALL_KEY.match(name)
-    if match:
-        return (0, float(match.group(1)), name)
-    if name in METRIC_ORDER:
-        return (1, float(METRIC_ORDER.index(name)), name)
-    return (2, 0.0, name)
 
 
 def recall_at_k(metrics: Mapping[str, Any]) -> list[tuple[int, float]]:
@@ -126,13 +122,13 @@ def plot_training_curves(
         loss_ax.text(0.5, 0.5, "no training loss recorded", ha="center", va="center")
     _style_axes(loss_ax, "Training loss per epoch", "epoch", integer_x=True)
 
-    shown = sorted(validation, key=metric_sort_key)
-    shown = [m for m in shown if not _RECALL_KEY.match(m) or m == "recall@1"] or shown
+    shown = _one_per_family(sorted_metric_keys(validation)) or sorted_metric_keys(validation)
     for i, name in enumerate(shown[: len(_PALETTE)]):
         xs, ys = zip(*validation[name], strict=True)
         val_ax.plot(xs, ys, marker="o", markersize=3, color=_PALETTE[i], label=_label(name))
     if select_metric in validation:
-        best_epoch, best_value = max(validation[select_metric], key=lambda p: (p[1], -p[0]))
+        sign = 1.0 if _higher_is_better(select_metric) else -1.0
+        best_epoch, best_value = max(validation[select_metric], key=lambda p: (sign * p[1], -p[0]))
         val_ax.axvline(best_epoch, color="#6b7280", linestyle=":", linewidth=1.2)
         val_ax.annotate(
             f"chosen: epoch {best_epoch:g}",
@@ -300,16 +296,31 @@ def _style_axes(ax: Any, title: str, xlabel: str, integer_x: bool = False) -> No
 
 
 def _label(name: str) -> str:
-    return {
-        "map@r": "MAP@R",
-        "r_precision": "R-Precision",
-        "precision@1": "P@1",
-        "nmi": "NMI",
-        "f1": "F1",
-        "recall@1": "Recall@1",
-        "validation": "validation",
-        "test": "test",
-    }.get(name, name)
+    """A metric's label from the registry; split names (validation, test) as they are."""
+    return metric_label(name)
+
+
+def _one_per_family(names: Sequence[str]) -> list[str]:
+    """``names`` without the second and later keys of a family (``recall@2`` after
+    ``recall@1``): the validation curves show one Recall@K."""
+    kept: list[str] = []
+    families: set[str] = set()
+    metrics = registered_metrics()
+    for name in names:
+        metric = metric_of(name, metrics)
+        if metric is not None and metric.is_family:
+            if metric.name in families:
+                continue
+            families.add(metric.name)
+        kept.append(name)
+    return kept
+
+
+def _higher_is_better(name: str) -> bool:
+    try:
+        return higher_is_better(name)
+    except ValueError:  # not a registered metric: the trainer maximises
+        return True
 
 
 def _shorten(name: str, limit: int = 28) -> str:

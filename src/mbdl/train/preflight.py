@@ -10,7 +10,7 @@ checked here, as one :class:`~mbdl.config.ConfigError` that names the key and th
 - each evaluated split has at least two classes and a class with two items (R-Precision and
   MAP@R need a relevant item);
 - ``eval.distance`` against what the evaluator accepts (``squared_euclidean`` ranks exactly as
-  ``euclidean``, so the rank metrics use that).
+  ``euclidean``; its verification thresholds are squared distances).
 
 :func:`describe_data` is the one-line scan report (images and classes per split, the smallest
 and largest class, what was skipped).
@@ -24,12 +24,6 @@ import numpy as np
 
 from mbdl.config import Config, ConfigError
 from mbdl.functional.knn import check_knn_options
-
-
-def ranking_distance(distance: str) -> str:
-    """The distance the rank metrics use for ``eval.distance``: squared euclidean ranks exactly
-    as euclidean (a monotone transform), the others as themselves."""
-    return "euclidean" if distance == "squared_euclidean" else distance
 
 
 def _class_sizes(dataset: Any) -> np.ndarray:
@@ -61,7 +55,7 @@ def _check_evaluable(name: str, dataset: Any, ks: list[int], *, leave_one_out: b
 def validate_before_training(config: Config, splits: Any) -> None:
     """Raise :class:`ConfigError` for any setting the data cannot satisfy (module docstring)."""
     try:
-        check_knn_options(ranking_distance(config.eval.distance), "auto")
+        check_knn_options(config.eval.distance, "auto")
     except ValueError as error:
         raise ConfigError(f"eval.distance={config.eval.distance}: {error}") from None
     train_sizes = _class_sizes(splits.train)

@@ -82,6 +82,7 @@ from mbdl.inference import (
     verification_at_threshold,
 )
 from mbdl.losses.xbm import CrossBatchMemory
+from mbdl.metrics import improves
 from mbdl.tracking import Sinks, check_sinks
 from mbdl.train.callbacks import (
     Callback,
@@ -574,7 +575,7 @@ class Trainer:
         if validation is not None:
             record["validation"] = validation
             value = float(validation[config.train.select_metric])
-            if p.best_value is None or value > p.best_value:
+            if improves(config.train.select_metric, value, p.best_value):
                 p.best_value, p.best_epoch = value, epoch + 1
                 p.best_validation = dict(validation)
                 p.bad_validations = 0
