@@ -377,3 +377,17 @@ def test_kmeans_restores_the_torch_thread_count():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(previous)
+
+
+def test_auto_restarts_follow_the_work_of_one_run() -> None:
+    from mbdl.functional.kmeans import resolve_restarts
+
+    assert resolve_restarts("auto", 10_000, 1_000) == 3  # N x k = 1e7
+    assert resolve_restarts("auto", 10_000, 10_000) == 3  # 1e8: still three
+    assert resolve_restarts("auto", 60_000, 12_000) == 1  # 7.2e8: one run
+    assert resolve_restarts(5, 60_000, 12_000) == 5  # a count is kept
+    for bad in (0, -1, "many", True, 2.5):
+        with pytest.raises(ValueError, match="restarts must be"):
+            resolve_restarts(bad, 10, 2)  # type: ignore[arg-type]
+    x = torch.randn(40, 4, generator=torch.Generator().manual_seed(0))
+    assert kmeans_fit(x, 4, restarts="auto").restarts == 3

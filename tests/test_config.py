@@ -238,3 +238,13 @@ def test_resume_differences_ignore_harmless_keys() -> None:
     assert config_differences(a, b) == []
     c = config_to_flat(load_config(None, ["train.lr=0.01"]))
     assert config_differences(a, c) == ["train.lr"]
+
+
+def test_count_or_auto_keys() -> None:
+    """Keys typed int | str (data.num_workers, eval.kmeans_restarts) take auto or a count."""
+    assert load_config(None, []).eval.kmeans_restarts == "auto"
+    assert load_config(None, ["eval.kmeans_restarts=1"]).eval.kmeans_restarts == 1
+    with pytest.raises(ConfigError, match=r"eval\.kmeans_restarts must be auto or a count >= 1"):
+        load_config(None, ["eval.kmeans_restarts=some"])
+    with pytest.raises(ConfigError, match=r"eval\.kmeans_restarts must be >= 1; got 0"):
+        load_config(None, ["eval.kmeans_restarts=0"])

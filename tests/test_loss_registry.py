@@ -301,9 +301,16 @@ def test_a_plugin_loss_run_resumes_exactly(
 
 
 def test_eval_reads_a_plugin_loss_run(
-    center_run: tuple[Path, dict], capsys: pytest.CaptureFixture[str]
+    center_run: tuple[Path, dict],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     out, metrics = center_run
+    assert main(["eval", str(out), "--json"]) == 2  # a stored import path is not trusted by default
+    assert "loss.name=example_loss_plugin:CenterLoss names code to import and run" in (
+        capsys.readouterr().err
+    )
+    monkeypatch.setenv("MBDL_TRUST_PLUGINS", "1")
     assert main(["eval", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == pytest.approx(metrics["test"])
 

@@ -233,7 +233,9 @@ def test_unknown_backbone_names_every_kind_of_choice() -> None:
 # end to end
 
 
-def test_train_and_reload_with_plugin_source_and_backbone(tmp_path: Path) -> None:
+def test_train_and_reload_with_plugin_source_and_backbone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "run"
     config = load_config(
         None,
@@ -260,6 +262,9 @@ def test_train_and_reload_with_plugin_source_and_backbone(tmp_path: Path) -> Non
     assert 0.0 <= metrics["test"]["map@r"] <= 1.0
     state = load_checkpoint(out / "checkpoints" / "best.pt")
     assert state["model_args"]["backbone"] == BACKBONE
+    with pytest.raises(PluginError, match=r"model.backbone=.* names code to import and run"):
+        model_from_checkpoint(out / "checkpoints" / "best.pt")  # a file could name any code
+    monkeypatch.setenv("MBDL_TRUST_PLUGINS", "1")
     model = model_from_checkpoint(out / "checkpoints" / "best.pt")
     assert model.eval()(torch.randn(2, 1, 16, 16)).shape == (2, 8)
 

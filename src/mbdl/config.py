@@ -324,10 +324,11 @@ class EvalConfig:
         "Write OUT/report.html (plots, embedding projection, retrieval examples) after the test.",
         resume_free=True,
     )
-    kmeans_restarts: int = key(
-        3,
+    kmeans_restarts: int | str = key(
+        "auto",
         "k-means runs (greedy k-means++ seeding each) behind NMI, AMI and F1; the run with the "
-        "lowest inertia is kept.",
+        "lowest inertia is kept; auto: 3 while N x k (points x classes) <= 1e8, else 1 "
+        "(mbdl.functional.kmeans.resolve_restarts; metrics.json records kmeans/restarts).",
         minimum=1,
         resume_free=True,
     )
@@ -468,9 +469,11 @@ def _check_value(key: str, value: Any) -> Any:
         value = "auto" if value else "none"
     if key == "train.amp" and value is False:
         value = "off"  # YAML 1.1 reads a bare `off` as false
-    if key == "data.num_workers" and isinstance(value, str):
+    if declared.type == "int | str" and isinstance(value, str):  # a count, or auto
         if value != "auto":
-            raise ConfigError(f"data.num_workers must be auto or a count >= 0; got {value!r}")
+            raise ConfigError(
+                f"{key} must be auto or a count >= {declared.minimum:g}; got {value!r}"
+            )
         return value
     value = _coerce(key, value, declared.type)
     if allowed is not None and isinstance(value, list):

@@ -103,7 +103,7 @@ def evaluate(
     memory_budget_bytes: int = 2**30,
     backend: str = "auto",
     per_class: bool = False,
-    kmeans_restarts: int = DEFAULT_RESTARTS,
+    kmeans_restarts: int | str = DEFAULT_RESTARTS,
     verify_fars: Sequence[float] = DEFAULT_FARS,
     verify_max_pairs: int = DEFAULT_MAX_PAIRS,
 ) -> dict[str, float]:

@@ -209,16 +209,19 @@ def load_state(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A checkpoint-like dict (``model_args``, ``data_args``, ``model_state``, ``config``, ...)
     from a model directory (local, or ``hf://owner/name[@revision]`` on the Hugging Face Hub),
     a run directory (its best checkpoint) or a checkpoint file."""
-    from mbdl.train.checkpoint import load_checkpoint, resolve_checkpoint
+    from mbdl.train.checkpoint import check_stored_plugins, load_checkpoint, resolve_checkpoint
 
     if str(path).startswith(HUB_PREFIX):
         path = hub_download(str(path))
     target = Path(path)
     if is_model_dir(target):
-        return _load_model_dir(target)
-    if target.is_dir() and (target / CONFIG_FILE).is_file():
+        state = _load_model_dir(target)
+    elif target.is_dir() and (target / CONFIG_FILE).is_file():
         raise ValueError(f"{str(target)!r} has {CONFIG_FILE} but no {WEIGHTS_FILE}")
-    return load_checkpoint(resolve_checkpoint(target))
+    else:
+        state = load_checkpoint(resolve_checkpoint(target))
+    check_stored_plugins(state, str(target))
+    return state
 
 
 def state_preprocessing(state: dict[str, Any]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ so that ``loss.name=my_loss`` finds it. Built-in names win over entry points of 
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Callable, Iterator, Mapping
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Generic, TypeVar
@@ -25,6 +26,23 @@ T = TypeVar("T")
 
 class PluginError(UserError):
     """A plugin name that cannot be imported or does not name a usable object."""
+
+
+#: set to 1 to load checkpoints and model directories that name import-path plugins
+TRUST_ENV = "MBDL_TRUST_PLUGINS"
+
+
+def check_stored_name(name: object, *, key: str, where: str) -> None:
+    """Refuse an import path read from a stored file (checkpoint, model directory) unless
+    ``MBDL_TRUST_PLUGINS=1``: loading it would import and call code the file names (a source
+    function is called with the file's ``data.root``, a backbone builder with its weights path),
+    so a file received from someone else could run code. Names of installed packages' entry
+    points and built-in names pass."""
+    if isinstance(name, str) and is_import_path(name) and os.environ.get(TRUST_ENV) != "1":
+        raise PluginError(
+            f"{where}: {key}={name} names code to import and run (a plugin); if you trust where "
+            f"this file came from, set {TRUST_ENV}=1"
+        )
 
 
 def is_import_path(name: str) -> bool:

@@ -252,7 +252,26 @@ def model_from_checkpoint(
     path: str | os.PathLike[str], device: str | torch.device = "cpu"
 ) -> torch.nn.Module:
     """Load the embedding model stored in checkpoint ``path`` (``best.pt`` or ``last.pt``)."""
-    return model_from_state(load_checkpoint(path), device)
+    state = load_checkpoint(path)
+    check_stored_plugins(state, str(path))
+    return model_from_state(state, device)
+
+
+def check_stored_plugins(state: dict[str, Any], where: str) -> None:
+    """Import-path plugins (``package.module:Name``) named by a loaded checkpoint or model
+    directory load only with ``MBDL_TRUST_PLUGINS=1`` (:func:`mbdl.plugins.check_stored_name`),
+    checked before anything imports them; resuming one's own run does not ask."""
+    from mbdl.plugins import check_stored_name
+
+    config = state.get("config") or {}
+    names = (
+        ("model.backbone", (state.get("model_args") or {}).get("backbone")),
+        ("model.backbone", (config.get("model") or {}).get("backbone")),
+        ("data.source", (config.get("data") or {}).get("source")),
+        ("loss.name", (config.get("loss") or {}).get("name")),
+    )
+    for key, name in names:
+        check_stored_name(name, key=key, where=where)
 
 
 def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
