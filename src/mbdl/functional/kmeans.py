@@ -236,6 +236,11 @@ def kmeans_plus_plus(
     if pool_size < trials:
         raise ValueError(f"pool_size={pool_size} must be at least trials={trials}")
     sq_norms = x.pow(2).sum(dim=1)
+    # x transposed once (a GEMM against a contiguous d x N operand runs faster) and one buffer
+    # for every pool's distances (a fresh allocation of that size faults in new pages each time)
+    x_t = x.T.contiguous()
+    buffer = x.new_empty(min(pool_size, 2 * trials * (num_clusters - 1)) * n)  # the first pool's
+    column = x.new_empty(n)
     # thousands of steps of a few passes over trials x N values: on one thread unless large
     step_threads = torch.get_num_threads() if trials * n >= 2**22 else 1
     chosen = torch.empty(num_clusters, dtype=torch.long)
@@ -262,7 +267,12 @@ def kmeans_plus_plus(
         # rounding may land on a zero-weight row: u * 0 < D^2 never holds, so it is rejected
         threshold = uniforms.to(device) * nearest_sq[proposals].double()
         # 2 p.x - |p|^2 for every proposal p and row x, so |x - p|^2 = |x|^2 - this
-        closeness = torch.mm(2 * x[proposals], x.T).sub_(sq_norms[proposals].unsqueeze(1))
+        closeness = torch.addmm(
+            sq_norms[proposals].neg_().unsqueeze(1),
+            2 * x[proposals],
+            x_t,
+            out=buffer[: size * n].view(size, n),
+        )
         rows = closeness.new_empty(trials, n)
         start = 0
         with torch_threads(step_threads):
@@ -273,16 +283,22 @@ def kmeans_plus_plus(
                     break
                 candidates = start + accepted[:trials]
                 # gain of a candidate c: sum_x max(0, D^2(x) - |x - c|^2)
-                torch.index_select(closeness, 0, candidates, out=rows)
-                gain = rows.add_(nearest_sq - sq_norms).clamp_min_(0).sum(dim=1)
+                first_candidate, last_candidate = int(candidates[0]), int(candidates[-1])
+                if last_candidate - first_candidate == trials - 1:  # consecutive: one pass
+                    block = closeness[first_candidate : last_candidate + 1]
+                    torch.add(block, nearest_sq - sq_norms, out=rows)
+                else:
+                    torch.index_select(closeness, 0, candidates, out=rows)
+                    rows.add_(nearest_sq - sq_norms)
+                gain = rows.clamp_min_(0).sum(dim=1)
                 best = int(candidates[int(torch.argmax(gain))])
                 j = int(proposals[best])
                 chosen[count] = j
                 count += 1
-                column = (sq_norms - closeness[best]).clamp_min_(0)
+                torch.sub(sq_norms, closeness[best], out=column).clamp_min_(0)
                 torch.minimum(nearest_sq, column, out=nearest_sq)
                 nearest_sq[j] = 0
-                start = int(candidates[-1]) + 1
+                start = last_candidate + 1
     return chosen.to(device)
 
 
@@ -312,7 +328,8 @@ def two_nearest_centroids(
     """Nearest centroid index, its distance and the second-nearest distance of each row, in chunks.
 
     Squared distances come from ``|x|^2 + |c|^2 - 2 x.c`` (one matrix multiply per chunk); the
-    two smallest per row from :func:`~mbdl.functional.knn.blockwise_topk_smallest`.
+    two smallest per row from :func:`~mbdl.functional.knn.blockwise_topk_smallest`. The chunks'
+    scores share one buffer: a fresh allocation of that size faults in new pages each time.
     """
     num_centroids = centroids.shape[0]
     padded = -(-num_centroids // TOPK_BLOCK) * TOPK_BLOCK
@@ -325,9 +342,11 @@ def two_nearest_centroids(
     first = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
     second = torch.full((x.shape[0],), float("inf"), dtype=x.dtype, device=x.device)
     chunk = query_chunk_size(padded, budget, x.element_size())
+    buffer = x.new_empty(min(chunk, x.shape[0]) * padded)
     for start in range(0, x.shape[0], chunk):
         rows = x[start : start + chunk]
-        scores = torch.addmm(bias, rows, centroids_t, alpha=-2.0)
+        out = buffer[: rows.shape[0] * padded].view(rows.shape[0], padded)
+        scores = torch.addmm(bias, rows, centroids_t, alpha=-2.0, out=out)
         best, best_index = blockwise_topk_smallest(scores, min(2, num_centroids))
         distances = (best + rows.pow(2).sum(dim=1, keepdim=True)).clamp_min(0).sqrt()
         nearest[start : start + chunk] = best_index[:, 0]
