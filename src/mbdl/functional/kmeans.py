@@ -237,7 +237,7 @@ def kmeans_plus_plus(
         raise ValueError(f"pool_size={pool_size} must be at least trials={trials}")
     sq_norms = x.pow(2).sum(dim=1)
     # x transposed once (a GEMM against a contiguous d x N operand runs faster) and one buffer
-    # for every pool's distances (a fresh allocation of that size faults in new pages each time)
+    # for every pool's products (a fresh allocation of that size faults in new pages each time)
     x_t = x.T.contiguous()
     buffer = x.new_empty(min(pool_size, 2 * trials * (num_clusters - 1)) * n)  # the first pool's
     column = x.new_empty(n)
@@ -266,14 +266,11 @@ def kmeans_plus_plus(
         proposals = proposals.clamp_max_(n - 1)
         # rounding may land on a zero-weight row: u * 0 < D^2 never holds, so it is rejected
         threshold = uniforms.to(device) * nearest_sq[proposals].double()
-        # 2 p.x - |p|^2 for every proposal p and row x, so |x - p|^2 = |x|^2 - this
-        closeness = torch.addmm(
-            sq_norms[proposals].neg_().unsqueeze(1),
-            2 * x[proposals],
-            x_t,
-            out=buffer[: size * n].view(size, n),
-        )
-        rows = closeness.new_empty(trials, n)
+        # 2 p.x for every proposal p and row x; a candidate's row less |p|^2 (its "closeness")
+        # is |x|^2 - |x - p|^2, formed only for the candidates (in cache, not a pass over all)
+        products = torch.mm(2 * x[proposals], x_t, out=buffer[: size * n].view(size, n))
+        proposal_sq = sq_norms[proposals].unsqueeze(1)
+        rows = products.new_empty(trials, n)
         start = 0
         with torch_threads(step_threads):
             while count < num_clusters:
@@ -284,18 +281,19 @@ def kmeans_plus_plus(
                 candidates = start + accepted[:trials]
                 # gain of a candidate c: sum_x max(0, D^2(x) - |x - c|^2)
                 first_candidate, last_candidate = int(candidates[0]), int(candidates[-1])
-                if last_candidate - first_candidate == trials - 1:  # consecutive: one pass
-                    block = closeness[first_candidate : last_candidate + 1]
-                    torch.add(block, nearest_sq - sq_norms, out=rows)
+                if last_candidate - first_candidate == trials - 1:  # consecutive: no gather
+                    span = slice(first_candidate, last_candidate + 1)
+                    torch.sub(products[span], proposal_sq[span], out=rows)
                 else:
-                    torch.index_select(closeness, 0, candidates, out=rows)
-                    rows.add_(nearest_sq - sq_norms)
-                gain = rows.clamp_min_(0).sum(dim=1)
+                    torch.index_select(products, 0, candidates, out=rows)
+                    rows.sub_(proposal_sq[candidates])
+                gain = rows.add_(nearest_sq - sq_norms).clamp_min_(0).sum(dim=1)
                 best = int(candidates[int(torch.argmax(gain))])
                 j = int(proposals[best])
                 chosen[count] = j
                 count += 1
-                torch.sub(sq_norms, closeness[best], out=column).clamp_min_(0)
+                torch.sub(products[best], proposal_sq[best], out=column)
+                torch.sub(sq_norms, column, out=column).clamp_min_(0)
                 torch.minimum(nearest_sq, column, out=nearest_sq)
                 nearest_sq[j] = 0
                 start = last_candidate + 1
