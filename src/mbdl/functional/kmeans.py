@@ -48,7 +48,7 @@ def resolve_restarts(restarts: int | str, num_points: int, num_clusters: int) ->
 
     Measured (``benchmarks/evaluate.py``, docs/benchmarks.md): restarts matter when k is small
     (one unlucky seeding moves NMI/F1 visibly); at N = 60,000 and k = 12,000 (N x k = 7.2e8) the
-    best of 3 runs gained +0.001 NMI for 2.7x the time, while one run took 0.82x
+    best of 3 runs gained +0.001 NMI for 3x the time, while one run took 1.03x
     pytorch-metric-learning's NMI and scored higher (0.858 against 0.835). Below 1e8 (e.g. N =
     10,000, k = 1,000: 1e7; CUB's and Cars' test sets) 3 runs cost seconds.
     """
@@ -236,6 +236,11 @@ def kmeans_plus_plus(
     if pool_size < trials:
         raise ValueError(f"pool_size={pool_size} must be at least trials={trials}")
     sq_norms = x.pow(2).sum(dim=1)
+    # x transposed once (a GEMM against a contiguous d x N operand runs faster) and one buffer
+    # for every pool's products (a fresh allocation of that size faults in new pages each time)
+    x_t = x.T.contiguous()
+    buffer = x.new_empty(min(pool_size, 2 * trials * (num_clusters - 1)) * n)  # the first pool's
+    column = x.new_empty(n)
     # thousands of steps of a few passes over trials x N values: on one thread unless large
     step_threads = torch.get_num_threads() if trials * n >= 2**22 else 1
     chosen = torch.empty(num_clusters, dtype=torch.long)
@@ -261,9 +266,11 @@ def kmeans_plus_plus(
         proposals = proposals.clamp_max_(n - 1)
         # rounding may land on a zero-weight row: u * 0 < D^2 never holds, so it is rejected
         threshold = uniforms.to(device) * nearest_sq[proposals].double()
-        # 2 p.x - |p|^2 for every proposal p and row x, so |x - p|^2 = |x|^2 - this
-        closeness = torch.mm(2 * x[proposals], x.T).sub_(sq_norms[proposals].unsqueeze(1))
-        rows = closeness.new_empty(trials, n)
+        # 2 p.x for every proposal p and row x; a candidate's row less |p|^2 (its "closeness")
+        # is |x|^2 - |x - p|^2, formed only for the candidates (in cache, not a pass over all)
+        products = torch.mm(2 * x[proposals], x_t, out=buffer[: size * n].view(size, n))
+        proposal_sq = sq_norms[proposals].unsqueeze(1)
+        rows = products.new_empty(trials, n)
         start = 0
         with torch_threads(step_threads):
             while count < num_clusters:
@@ -273,16 +280,23 @@ def kmeans_plus_plus(
                     break
                 candidates = start + accepted[:trials]
                 # gain of a candidate c: sum_x max(0, D^2(x) - |x - c|^2)
-                torch.index_select(closeness, 0, candidates, out=rows)
+                first_candidate, last_candidate = int(candidates[0]), int(candidates[-1])
+                if last_candidate - first_candidate == trials - 1:  # consecutive: no gather
+                    span = slice(first_candidate, last_candidate + 1)
+                    torch.sub(products[span], proposal_sq[span], out=rows)
+                else:
+                    torch.index_select(products, 0, candidates, out=rows)
+                    rows.sub_(proposal_sq[candidates])
                 gain = rows.add_(nearest_sq - sq_norms).clamp_min_(0).sum(dim=1)
                 best = int(candidates[int(torch.argmax(gain))])
                 j = int(proposals[best])
                 chosen[count] = j
                 count += 1
-                column = (sq_norms - closeness[best]).clamp_min_(0)
+                torch.sub(products[best], proposal_sq[best], out=column)
+                torch.sub(sq_norms, column, out=column).clamp_min_(0)
                 torch.minimum(nearest_sq, column, out=nearest_sq)
                 nearest_sq[j] = 0
-                start = int(candidates[-1]) + 1
+                start = last_candidate + 1
     return chosen.to(device)
 
 
@@ -312,7 +326,8 @@ def two_nearest_centroids(
     """Nearest centroid index, its distance and the second-nearest distance of each row, in chunks.
 
     Squared distances come from ``|x|^2 + |c|^2 - 2 x.c`` (one matrix multiply per chunk); the
-    two smallest per row from :func:`~mbdl.functional.knn.blockwise_topk_smallest`.
+    two smallest per row from :func:`~mbdl.functional.knn.blockwise_topk_smallest`. The chunks'
+    scores share one buffer: a fresh allocation of that size faults in new pages each time.
     """
     num_centroids = centroids.shape[0]
     padded = -(-num_centroids // TOPK_BLOCK) * TOPK_BLOCK
@@ -325,9 +340,11 @@ def two_nearest_centroids(
     first = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
     second = torch.full((x.shape[0],), float("inf"), dtype=x.dtype, device=x.device)
     chunk = query_chunk_size(padded, budget, x.element_size())
+    buffer = x.new_empty(min(chunk, x.shape[0]) * padded)
     for start in range(0, x.shape[0], chunk):
         rows = x[start : start + chunk]
-        scores = torch.addmm(bias, rows, centroids_t, alpha=-2.0)
+        out = buffer[: rows.shape[0] * padded].view(rows.shape[0], padded)
+        scores = torch.addmm(bias, rows, centroids_t, alpha=-2.0, out=out)
         best, best_index = blockwise_topk_smallest(scores, min(2, num_centroids))
         distances = (best + rows.pow(2).sum(dim=1, keepdim=True)).clamp_min(0).sqrt()
         nearest[start : start + chunk] = best_index[:, 0]
