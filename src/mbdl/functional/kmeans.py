@@ -48,8 +48,8 @@ def resolve_restarts(restarts: int | str, num_points: int, num_clusters: int) ->
 
     Measured (``benchmarks/evaluate.py``, docs/benchmarks.md): restarts matter when k is small
     (one unlucky seeding moves NMI/F1 visibly); at N = 60,000 and k = 12,000 (N x k = 7.2e8) the
-    best of 3 runs gained +0.001 NMI for 3x the time, while one run took 1.03x
-    pytorch-metric-learning's NMI and scored higher (0.858 against 0.835). Below 1e8 (e.g. N =
+    best of 3 runs gained +0.001 NMI for 3x the time, while one run took 1.0-1.3x the time of
+    pytorch-metric-learning's NMI (two quiet runs) and scored higher (0.858 against 0.835). Below 1e8 (e.g. N =
     10,000, k = 1,000: 1e7; CUB's and Cars' test sets) 3 runs cost seconds.
     """
     if restarts == "auto":
