@@ -7,6 +7,7 @@ import re
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from mbdl.functional.checks import loss_inputs_checked
@@ -174,3 +175,49 @@ class FunctionalLoss(MetricLoss):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{name}={getattr(self, name)!r}" for name in self.hyper_parameters)
+
+
+class ProxyLoss(MetricLoss):
+    """A loss over one learnable proxy per class: holds ``proxies`` (``num_classes x
+    embedding_dim``, Kaiming-normal initialised with ``fan_out`` as in proxy anchor's code).
+    The proxies are the anchors or the targets, so a reference set is refused with a
+    ``ValueError`` that gives ``reference_refusal`` as the reason; labels must be in
+    ``[0, num_classes)``. Subclasses implement :meth:`proxy_loss`.
+    """
+
+    needs = ("num_classes", "embedding_dim")
+    accepts_ref = False
+    reference_refusal: ClassVar[str] = "its anchors are the class proxies"
+
+    def __init__(self, num_classes: int, embedding_dim: int) -> None:
+        super().__init__()
+        if not (isinstance(num_classes, int) and num_classes >= 1):
+            raise ValueError(f"num_classes must be an integer >= 1; got {num_classes!r}")
+        if not (isinstance(embedding_dim, int) and embedding_dim >= 2):
+            raise ValueError(f"embedding_dim must be an integer >= 2; got {embedding_dim!r}")
+        self.num_classes = num_classes
+        self.embedding_dim = embedding_dim
+        self.proxies = nn.Parameter(torch.empty(num_classes, embedding_dim))
+        nn.init.kaiming_normal_(self.proxies, mode="fan_out")
+
+    def compute(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        ref_emb: Tensor | None,
+        ref_labels: Tensor | None,
+        anchor_offset: int | None,
+    ) -> Tensor:
+        if ref_emb is not None or anchor_offset is not None:
+            raise ValueError(
+                f"{type(self).__name__} takes no reference set (ref_emb/anchor_offset): "
+                f"{self.reference_refusal}"
+            )
+        return self.proxy_loss(embeddings, labels)
+
+    def proxy_loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """The loss of ``embeddings`` against :attr:`proxies`."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}"
