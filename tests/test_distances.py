@@ -99,3 +99,56 @@ def test_loss_distances_stay_fp32_under_autocast():
         dist = loss_distances(x)
     assert dist.dtype == torch.float32
     torch.testing.assert_close(dist, loss_distances(x.detach()))
+
+
+def _autograd_distances(x, y, distance, normalize):
+    """The matrix by autograd through the textbook formula (normalize, then differences)."""
+    if normalize:
+        x = torch.nn.functional.normalize(x, dim=1)
+        y = None if y is None else torch.nn.functional.normalize(y, dim=1)
+    other = x if y is None else y
+    sq = (x[:, None, :] - other[None, :, :]).pow(2).sum(dim=2)
+    if distance == "squared_euclidean":
+        return sq
+    return torch.where(sq > 0, sq.clamp_min(1e-300).sqrt(), torch.zeros_like(sq))
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "squared_euclidean"])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("with_ref", [False, True])
+def test_hand_written_backward_equals_autograd_of_the_formula(distance, normalize, with_ref):
+    x = _points(13, 9, d=6)
+    x[4] = 0.0  # a zero vector: normalisation divides by eps
+    x[7] = x[2]  # a duplicate: zero distance off the diagonal
+    y = _points(14, 5, d=6) if with_ref else None
+    weights = _points(15, 9 * (5 if with_ref else 9), d=1).view(9, -1)  # a generic dL/dD
+    grads = []
+    for fn in (loss_distances, _autograd_distances):
+        a = x.clone().requires_grad_()
+        b = None if y is None else y.clone().requires_grad_()
+        if fn is loss_distances:
+            dist = fn(a, b, distance=distance, normalize=normalize)
+        else:
+            dist = fn(a, b, distance, normalize)
+        (dist * weights).sum().backward()
+        grads.append((dist.detach(), a.grad, None if b is None else b.grad))
+    (ours, ours_x, ours_y), (plain, plain_x, plain_y) = grads
+    torch.testing.assert_close(ours, plain)
+    torch.testing.assert_close(ours_x, plain_x)
+    if with_ref:
+        torch.testing.assert_close(ours_y, plain_y)
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "squared_euclidean"])
+def test_loss_distances_gradcheck_with_normalisation(distance):
+    x = _points(16, 5).requires_grad_()
+    y = _points(17, 4).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: loss_distances(a, b, distance=distance), (x, y))
+    assert torch.autograd.gradcheck(lambda a: loss_distances(a, distance=distance), (x,))
+
+
+def test_only_the_inputs_that_need_it_get_a_gradient():
+    x = _points(18, 5).requires_grad_()
+    y = _points(19, 4)  # a fixed reference set
+    loss_distances(x, y).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
