@@ -15,7 +15,8 @@ from mbdl.data.batched import (
     InMemoryBatches,
     affine_nearest,
     batched_training_data,
-    crop_box,
+    crop_boxes,
+    item_uniforms,
 )
 from mbdl.data.splits import ArrayImageDataset
 from mbdl.data.transforms import build_transforms
@@ -93,8 +94,7 @@ def test_parameters_are_drawn_as_torchvision_draws_them() -> None:
 
 
 def test_crop_boxes_follow_random_resized_crop() -> None:
-    rng = np.random.default_rng(0)
-    ours = np.array([crop_box(rng, 60, 80) for _ in range(3000)], dtype=float)
+    ours = crop_boxes(item_uniforms(np.arange(3000, dtype=np.uint64) * 7919, 22), 60, 80)
     torch.manual_seed(0)
     image = torch.zeros(1, 60, 80)
     theirs = np.array(
@@ -189,3 +189,65 @@ def test_augmenting_in_the_loader_gives_the_same_batches(
         assert loaded.dtype == torch.uint8  # a quarter of the bytes between processes
         # stored [N, H, W, 3]: channels-last out, as the trainer feeds the network
         assert expected.is_contiguous(memory_format=torch.channels_last)
+
+
+def splitmix64(state: int, count: int) -> list[int]:
+    """SplitMix64 (Steele, Lea, Flood 2014) by plain integer arithmetic, ``count`` outputs."""
+    mask, out = 2**64 - 1, []
+    for _ in range(count):
+        state = (state + 0x9E3779B97F4A7C15) & mask
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        out.append(z ^ (z >> 31))
+    return out
+
+
+def test_item_uniforms_are_splitmix64_per_item_seed() -> None:
+    seeds = np.array([0, 1, 2**63 - 1, 123456789, 2**64 - 1], dtype=np.uint64)
+    u = item_uniforms(seeds, 7)
+    for seed, row in zip(seeds.tolist(), u, strict=True):
+        expected = [(z >> 11) * 2.0**-53 for z in splitmix64(seed, 7)]
+        assert row.tolist() == expected
+    # each row depends on its own seed only: permuting the seeds permutes the rows
+    order = np.array([3, 0, 4, 2, 1])
+    assert np.array_equal(item_uniforms(seeds[order], 7), u[order])
+
+
+def test_item_uniforms_are_uniform_and_independent() -> None:
+    u = item_uniforms(np.arange(20000, dtype=np.uint64) * 7919 + 5, 3)
+    assert u.min() >= 0 and u.max() < 1
+    for column in u.T:  # Kolmogorov-Smirnov distance to U(0, 1): 1.63 / sqrt(n) is p = 0.01
+        ecdf = np.arange(1, len(column) + 1) / len(column)
+        assert np.abs(np.sort(column) - ecdf).max() < 1.63 / math.sqrt(len(column))
+    assert abs(np.corrcoef(u.T)[np.triu_indices(3, 1)]).max() < 0.03
+
+
+def crop_box_loop(u: list[float], height: int, width: int) -> tuple[int, int, int, int]:
+    """``RandomResizedCrop.get_params`` (torchvision) written out, its draws taken from ``u``."""
+    area = height * width
+    for t in range(10):
+        target = area * (0.08 + 0.92 * u[2 * t])
+        aspect = math.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u[2 * t + 1])
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return math.floor(u[20] * (height - h + 1)), math.floor(u[21] * (width - w + 1)), h, w
+    ratio = width / height
+    if ratio < 3 / 4:
+        w, h = width, round(width / (3 / 4))
+    elif ratio > 4 / 3:
+        h, w = height, round(height * 4 / 3)
+    else:
+        h, w = height, width
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+@pytest.mark.parametrize("height, width", [(60, 80), (20, 100), (100, 15), (32, 32)])
+def test_crop_boxes_equal_the_torchvision_loop_on_the_same_draws(height: int, width: int) -> None:
+    u = item_uniforms(np.arange(2000, dtype=np.uint64) * 104729 + 3, 22)
+    u[:5, 0:20:2] = 1 - 1e-12  # whole-image area ...
+    u[:5, 1:20:2] = 0.0  # ... at ratio 3/4: too tall for a wide image, every try fails
+    ours = crop_boxes(u, height, width)
+    expected = np.array([crop_box_loop(row.tolist(), height, width) for row in u], dtype=float)
+    assert np.array_equal(ours, expected)

@@ -14,10 +14,11 @@ tens of microseconds of Python per image, a sixth of a small CNN's step on glyph
   (torchvision's tensor ``resized_crop``), and a horizontal flip with probability 1/2;
 - ``"none"``: no augmentation;
 
-then scaled to ``[0, 1]`` and, for pretrained backbones, ImageNet-normalised. The parameters of a
-batch are a pure function of its items' seeds (:class:`mbdl.train.seeding.SeededBatches`), drawn
-in the loader (worker processes or the main process), so a resumed run repeats an uninterrupted
-one and the result does not depend on ``data.num_workers``.
+then scaled to ``[0, 1]`` and, for pretrained backbones, ImageNet-normalised. Each image's
+parameters are a pure function of its own seed (:class:`mbdl.train.seeding.SeededBatches`), its
+uniform numbers a SplitMix64 stream from that seed (:func:`item_uniforms`, vectorised over the
+batch), drawn in the loader (worker processes or the main process), so a resumed run repeats an
+uninterrupted one and the result does not depend on ``data.num_workers``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 AFFINE_DEGREES = 5.0
 AFFINE_SCALE = (0.9, 1.1)
+CROP_TRIES = 10
+_GOLDEN_GAMMA = np.uint64(0x9E3779B97F4A7C15)
 
 
 @dataclass(frozen=True)
@@ -52,19 +55,22 @@ class BatchAugment:
     imagenet_norm: bool = False
 
     def draw(self, seeds: np.ndarray, height: int, width: int) -> Tensor:
-        """The per-image parameters (``float64 [B, P]``) from the items' seeds."""
-        rng = np.random.default_rng([int(s) for s in seeds])
+        """The per-image parameters (``float64 [B, P]``): row ``i`` a pure function of ``seeds[i]``
+        alone (:func:`item_uniforms`), vectorised over the batch."""
         count = len(seeds)
         if self.kind == "affine":
             shift = max(1, round(self.image_size / 16)) / self.image_size
-            angle = rng.uniform(-AFFINE_DEGREES, AFFINE_DEGREES, count)
-            tx = np.round(rng.uniform(-shift * width, shift * width, count))
-            ty = np.round(rng.uniform(-shift * height, shift * height, count))
-            scale = rng.uniform(*AFFINE_SCALE, count)
+            u = item_uniforms(seeds, 4)
+            angle = AFFINE_DEGREES * (2 * u[:, 0] - 1)
+            tx = np.round(shift * width * (2 * u[:, 1] - 1))
+            ty = np.round(shift * height * (2 * u[:, 2] - 1))
+            scale = AFFINE_SCALE[0] + (AFFINE_SCALE[1] - AFFINE_SCALE[0]) * u[:, 3]
             return torch.from_numpy(np.stack([angle, tx, ty, scale], axis=1))
         if self.kind == "crop":
-            rows = [(*crop_box(rng, height, width), float(rng.random() < 0.5)) for _ in seeds]
-            return torch.tensor(rows, dtype=torch.float64).reshape(count, 5)
+            u = item_uniforms(seeds, 2 * CROP_TRIES + 3)
+            boxes = crop_boxes(u[:, : 2 * CROP_TRIES + 2], height, width)
+            flips = (u[:, -1] < 0.5).astype(np.float64)
+            return torch.from_numpy(np.concatenate([boxes, flips[:, None]], axis=1))
         return torch.zeros(count, 0, dtype=torch.float64)
 
     def __call__(self, images: Tensor, params: Tensor) -> Tensor:
@@ -79,7 +85,7 @@ class BatchAugment:
         if self.kind == "crop":
             return crop_resize_flip(images, params, self.image_size)
         if self.kind == "affine":
-            return affine_nearest(images.float().div_(255), params.to(images.device))
+            return affine_nearest(images.float().div_(255), params)
         return images
 
     def scale(self, images: Tensor) -> Tensor:
@@ -97,26 +103,53 @@ class BatchAugment:
         return out
 
 
-def crop_box(rng: np.random.Generator, height: int, width: int) -> tuple[int, int, int, int]:
-    """``(top, left, h, w)`` as ``RandomResizedCrop.get_params`` draws it (scale 0.08-1, ratio
-    3/4-4/3, ten tries, then the centre crop of the nearest allowed ratio)."""
+def item_uniforms(seeds: np.ndarray, count: int) -> np.ndarray:
+    """``float64 [B, count]`` uniform on ``[0, 1)``: row ``i`` is the first ``count`` outputs of
+    SplitMix64 (Steele, Lea, Flood, OOPSLA 2014) started at ``seeds[i]``, 53 bits each.
+
+    A counter-based stream: each item's numbers depend on its own seed only, and a whole batch
+    is a few vectorised operations (seeding a NumPy generator per batch cost more than the
+    augmentation itself).
+    """
+    state = np.asarray(seeds, dtype=np.uint64)[:, None] + _GOLDEN_GAMMA * np.arange(
+        1, count + 1, dtype=np.uint64
+    )
+    state = (state ^ (state >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    state = (state ^ (state >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    state ^= state >> np.uint64(31)
+    return (state >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def crop_boxes(u: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``float64 [B, 4]`` boxes ``(top, left, h, w)`` as ``RandomResizedCrop.get_params`` draws
+    them (scale 0.08-1, ratio 3/4-4/3, ten tries, then the centre crop of the nearest allowed
+    ratio), from uniforms ``u [B, 2 * tries + 2]``: each try's scale and log-ratio, then the
+    position of the box."""
+    tries = (u.shape[1] - 2) // 2
     area = height * width
     log_ratio = (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))
-    for _ in range(10):
-        target = area * rng.uniform(*CROP_SCALE)
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = round(math.sqrt(target * aspect))
-        h = round(math.sqrt(target / aspect))
-        if 0 < w <= width and 0 < h <= height:
-            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    target = area * (CROP_SCALE[0] + (CROP_SCALE[1] - CROP_SCALE[0]) * u[:, 0 : 2 * tries : 2])
+    aspect = np.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[:, 1 : 2 * tries : 2])
+    w = np.round(np.sqrt(target * aspect))
+    h = np.round(np.sqrt(target / aspect))
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.argmax(axis=1)  # the first try that fits
+    rows = np.arange(len(u))
+    h, w = h[rows, first], w[rows, first]
+    found = fits[rows, first]
+    # no try fitted: the centre crop of the nearest allowed ratio
     ratio = width / height
     if ratio < CROP_RATIO[0]:
-        w, h = width, round(width / CROP_RATIO[0])
+        fallback = (float(round(width / CROP_RATIO[0])), float(width))
     elif ratio > CROP_RATIO[1]:
-        h, w = height, round(height * CROP_RATIO[1])
+        fallback = (float(height), float(round(height * CROP_RATIO[1])))
     else:
-        h, w = height, width
-    return (height - h) // 2, (width - w) // 2, h, w
+        fallback = (float(height), float(width))
+    h = np.where(found, h, fallback[0])
+    w = np.where(found, w, fallback[1])
+    top = np.where(found, np.floor(u[:, -2] * (height - h + 1)), (height - h) // 2)
+    left = np.where(found, np.floor(u[:, -1] * (width - w + 1)), (width - w) // 2)
+    return np.stack([top, left, h, w], axis=1)
 
 
 def affine_nearest(images: Tensor, params: Tensor) -> Tensor:
@@ -126,33 +159,32 @@ def affine_nearest(images: Tensor, params: Tensor) -> Tensor:
     ``params[i] = (angle, tx, ty, scale)``. The inverse map of an output pixel ``p`` (centred
     coordinates) is ``R(-angle) (p - t) / scale``, normalised by half the image size.
     """
-    batch, _, height, width = images.shape
-    angle = torch.deg2rad(params[:, 0])
-    tx, ty, scale = params[:, 1], params[:, 2], params[:, 3]
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack(
+    _, _, height, width = images.shape
+    # the grid, normalised by half the image size: x' = (cos x + sin y - cos tx - sin ty) / (W/2),
+    # y' = (-sin x + cos y + sin tx - cos ty) / (H/2) with cos, sin over the scale; each a
+    # broadcast sum of a [B, 1, W] and a [B, H, 1] term, those computed in NumPy (a few hundred
+    # numbers: a dozen small torch operations cost more than the grid), then interleaved (a
+    # matrix product with an inner size of 3, or grid_sample on a permuted grid, cost two to
+    # three times more on CPUs)
+    values = params.detach().cpu().numpy()
+    angle, tx, ty, scale = np.radians(values[:, 0]), values[:, 1], values[:, 2], values[:, 3]
+    cos, sin = np.cos(angle) / scale, np.sin(angle) / scale
+    xs = np.linspace(-width * 0.5 + 0.5, width * 0.5 - 0.5, width)  # centred pixel coordinates
+    ys = np.linspace(-height * 0.5 + 0.5, height * 0.5 - 0.5, height)
+    half_w, half_h = 0.5 * width, 0.5 * height
+    along_x = np.stack([cos[:, None] * xs / half_w, -sin[:, None] * xs / half_h])  # [2, B, W]
+    along_y = np.stack(  # [2, B, H]
         [
-            torch.stack([cos, sin, -cos * tx - sin * ty], dim=1),
-            torch.stack([-sin, cos, sin * tx - cos * ty], dim=1),
-        ],
-        dim=1,
-    ).float()  # [B, 2, 3], in pixels about the centre
-    xs = torch.linspace(-width * 0.5 + 0.5, width * 0.5 - 0.5, width, device=images.device)
-    ys = torch.linspace(-height * 0.5 + 0.5, height * 0.5 - 0.5, height, device=images.device)
-    base = torch.stack(
-        [
-            xs.expand(height, width),
-            ys.unsqueeze(1).expand(height, width),
-            xs.new_ones(height, width),
-        ],
-        dim=-1,
-    ).view(height * width, 3)
-    halves = torch.tensor([0.5 * width, 0.5 * height], device=images.device)
-    # one [HW, 3] x [3, 2B] product for the whole batch (a batched bmm with an inner size of 3 is
-    # ten times slower on CPUs); equal to the per-image grids up to the float rounding of a sum
-    # of three products
-    per_image = (theta.transpose(1, 2) / halves).permute(1, 0, 2).reshape(3, batch * 2)
-    grid = (base @ per_image).view(height, width, batch, 2).permute(2, 0, 1, 3)
+            (sin[:, None] * ys - (cos * tx + sin * ty)[:, None]) / half_w,
+            (cos[:, None] * ys + (sin * tx - cos * ty)[:, None]) / half_h,
+        ]
+    )
+    x_terms, y_terms = (
+        torch.from_numpy(terms.astype(np.float32)).to(images.device) for terms in (along_x, along_y)
+    )
+    grid = torch.stack(
+        [x_terms[k, :, None, :] + y_terms[k, :, :, None] for k in range(2)], dim=-1
+    )  # [B, H, W, 2]
     return torch.nn.functional.grid_sample(
         images,
         grid,

@@ -41,8 +41,8 @@ class SeededBatches(Sampler[list[tuple[int, int]]]):
             number = local_number * replicas + rank  # the batch's number in the whole epoch
             seeds = np.random.SeedSequence([self.seed, epoch, number]).generate_state(
                 len(batch), dtype=np.uint64
-            )
-            yield [(int(i), int(s) & (2**63 - 1)) for i, s in zip(batch, seeds, strict=True)]
+            ) & np.uint64(2**63 - 1)
+            yield list(zip(map(int, batch), seeds.tolist(), strict=True))
 
 
 class SeededDataset(Dataset[tuple[torch.Tensor, int]]):
