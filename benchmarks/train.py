@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import machine, write_results
 from mbdl.data import ClassBalancedBatchSampler, load_splits
-from mbdl.data.batched import batched_training_data
+from mbdl.data.batched import batch_loader, batched_training_data
 from mbdl.data.cache import decoded_training_split
 from mbdl.data.workers import loader_workers
 from mbdl.losses import build_loss
@@ -61,24 +61,24 @@ SETUPS: dict[str, dict[str, Any]] = {
         "source": "glyphs",
         "image_size": 32,
         "channels": 1,
-        "steps": 3,
-        "repeats": 5,
+        "steps": 8,
+        "repeats": 7,
     },
     "smallcnn-glyphs32": {
         "backbone": "smallcnn",
         "source": "glyphs",
         "image_size": 32,
         "channels": 1,
-        "steps": 3,
-        "repeats": 5,
+        "steps": 8,
+        "repeats": 7,
     },
     "smallcnn-folder64": {
         "backbone": "smallcnn",
         "source": "folder",
         "image_size": 64,
         "channels": 3,
-        "steps": 2,
-        "repeats": 4,
+        "steps": 4,
+        "repeats": 6,
     },
 }
 CLASSES_PER_BATCH, SAMPLES_PER_CLASS, EMBEDDING_DIM = 32, 4, 64
@@ -97,17 +97,16 @@ class BatchStream:
         seeded = SeededBatches(self.sampler, 0)
         if self.batches is not None:  # as the trainer on a CPU: augmented in the loader
             self.batches.augment_in_loader = True
-        loaded = self.batches if self.batches is not None else SeededDataset(dataset)
-        self.workers = loader_workers(workers, loaded, training=True)
-        options: dict[str, Any] = {
-            "num_workers": self.workers,
-            "persistent_workers": self.workers > 0,
-        }
-        self.loader: DataLoader[Any] = (
-            DataLoader(self.batches, sampler=seeded, batch_size=None, **options)
-            if self.batches is not None
-            else DataLoader(SeededDataset(dataset), batch_sampler=seeded, **options)
-        )
+            self.workers = loader_workers(workers, self.batches, training=True)
+            self.loader: Any = batch_loader(self.batches, seeded, workers=self.workers)
+        else:
+            self.workers = loader_workers(workers, SeededDataset(dataset), training=True)
+            self.loader = DataLoader(
+                SeededDataset(dataset),
+                batch_sampler=seeded,
+                num_workers=self.workers,
+                persistent_workers=self.workers > 0,
+            )
         self.epoch = 0
         self.sampler.set_epoch(0)
         self.iterator: Iterator[Any] = iter(self.loader)

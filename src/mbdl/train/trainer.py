@@ -47,7 +47,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -58,7 +58,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from mbdl.config import Config, ConfigError, config_to_dict, config_to_yaml
-from mbdl.data.batched import batched_training_data
+from mbdl.data.batched import batch_loader, batched_training_data
 from mbdl.data.cache import decode_splits
 from mbdl.data.workers import loader_workers
 from mbdl.distributed import (
@@ -270,18 +270,16 @@ class Trainer:
             ).to(self.device)
         return loss, memory
 
-    def _build_loader(self) -> DataLoader[Any]:
+    def _build_loader(self) -> Iterable[Any]:
         """The training batches, seeded per item (:mod:`mbdl.train.seeding`)."""
         config = self.config
         loaded = self.batched if self.batched is not None else SeededDataset(self.splits.train)
         workers = loader_workers(config.data.num_workers, loaded, training=True)
         if self.batched is not None:  # in memory: whole batches, augmented on self.device
-            return DataLoader(
+            return batch_loader(
                 self.batched,
-                sampler=SeededBatches(self.sampler, config.seed),
-                batch_size=None,
-                num_workers=workers,
-                persistent_workers=workers > 0,  # not started again every epoch
+                SeededBatches(self.sampler, config.seed),
+                workers=workers,
                 pin_memory=self.device.type == "cuda",
                 generator=self.loader_generator,
             )
