@@ -290,10 +290,10 @@ def markdown(rows: list[dict[str, Any]], targets: list[str], info: dict[str, Any
         ]
     lines += [
         "",
-        "The machine was heavily loaded by other jobs during these runs (load average about 10 "
-        "on 2 cores): single calls were often pre-empted, so medians of cheap cases (a few ms "
-        "when the machine is quiet) can be off by 100x and ratios vary between runs. The "
-        "per-round minima and all raw times are in `benchmarks/results/losses.json`.",
+        "The machine is shared with other jobs (the load average above): a single call can be "
+        "pre-empted, so cheap cases (a few ms) vary between runs, and only the ratios of one "
+        "run's interleaved rounds compare like with like. The per-round minima and all raw "
+        "times are in `benchmarks/results/losses.json`.",
     ]
     lines += ["", "Targets:", "", *[f"- {t}" for t in targets]]
     return "\n".join(lines)
