@@ -238,6 +238,38 @@ def test_batched_kmeans_plus_plus_draws_each_seed_with_probability_d_squared():
     assert chi_square < 2 * len(cells)  # about 40 degrees of freedom; a stale D^2: thousands
 
 
+@pytest.mark.parametrize("fast_scoring", [True, False])
+def test_seeding_assigns_each_row_to_its_nearest_seed(fast_scoring):
+    from mbdl.functional.kmeans import kmeans_plus_plus_assigned
+
+    x, _ = realistic(6, num_classes=50, per_class=6, dim=12, noise=2.0)
+    seeds, nearest = kmeans_plus_plus_assigned(
+        x, 50, torch.Generator().manual_seed(2), pool_size=40, fast_scoring=fast_scoring
+    )
+    assert (
+        seeds.tolist()
+        == kmeans_plus_plus(
+            x, 50, torch.Generator().manual_seed(2), pool_size=40, fast_scoring=fast_scoring
+        ).tolist()
+    )
+    distances = torch.cdist(x.double(), x[seeds].double())
+    assert nearest.tolist() == distances.argmin(dim=1).tolist()
+    assert nearest[seeds].tolist() == list(range(50))
+
+
+def test_lloyd_from_the_seeding_assignment_equals_plain_lloyd():
+    # the seeding's nearest seeds replace Lloyd's first assignment pass
+    from mbdl.functional.kmeans import kmeans_plus_plus_assigned
+
+    for seed in range(3):
+        x, _ = blobs(seed, num_classes=30, per_class=8, dim=3)
+        x = x + 15 * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 20))
+        seeds, nearest = kmeans_plus_plus_assigned(x, 30, torch.Generator().manual_seed(seed))
+        ours = lloyd(x, x[seeds], max_iter=50, assignment=nearest)
+        expected = lloyd_reference(x.double().tolist(), x[seeds].double().tolist(), 50)
+        assert ours.tolist() == expected
+
+
 def bf16_scoring(monkeypatch):
     """Take the reduced-precision seeding path with the pool's products computed from inputs
     rounded to bf16 and accumulated in float32 (what oneDNN's bf16 fpmath mode may do), whether
@@ -314,24 +346,26 @@ def test_seeding_with_rounded_products_keeps_the_clustering_quality(monkeypatch)
         assert normalized_mutual_info(labels, kmeans(x, 20, seed=seed)) == 1.0
 
 
-def test_product_error_bound_covers_bf16_rounding():
-    from mbdl.functional.kmeans import product_error_bound
+def test_excess_error_bound_covers_bf16_rounding():
+    # the excess |s|^2 - 2 s.x as the seeding's GEMM computes it, from [-2s, |s|^2] and [x, 1]
+    # rounded to bf16 (or not) and summed in float32, against float64
+    from mbdl.functional.kmeans import excess_error_bound
 
     g = torch.Generator().manual_seed(0)
     x = torch.nn.functional.normalize(torch.randn(500, 64, generator=g), dim=1)
     near = x + 1e-3 * torch.randn(500, 64, generator=g)  # close pairs: the cancellation case
     big = 1e3 * torch.randn(500, 64, generator=g) + 5e3  # large, all-positive coordinates
-    for rows, others in ((x, x), (x, near), (big, big)):
-        exact = 2 * rows.double() @ others.double().T
-        rounded = 2 * rows.bfloat16().float() @ others.bfloat16().float().T
-        bound = product_error_bound(rows.norm(dim=1), float(others.norm(dim=1).max()), 64, True)
-        error = (rounded.double() - exact).abs()
-        assert bool((error <= bound.double().unsqueeze(1) / 2).all())
-        float32 = (2 * rows @ others.T).double()
-        exact_bound = product_error_bound(
-            rows.norm(dim=1), float(others.norm(dim=1).max()), 64, False
-        )
-        assert bool(((float32 - exact).abs() <= exact_bound.double().unsqueeze(1) / 2).all())
+    for rows, seeds in ((x, x), (x, near), (big, big), (big, 3 * big)):
+        exact = seeds.double().pow(2).sum(1) - 2 * rows.double() @ seeds.double().T
+        left = torch.cat([-2 * seeds, seeds.pow(2).sum(1, keepdim=True)], dim=1)
+        right = torch.cat([rows, torch.ones(rows.shape[0], 1)], dim=1)
+        seed_norm = float(seeds.norm(dim=1).max())
+        for reduced in (True, False):
+            a, b = (left.bfloat16().float(), right.bfloat16().float()) if reduced else (left, right)
+            error = ((b @ a.T).double() - exact).abs()
+            bound = excess_error_bound(rows.norm(dim=1), seed_norm, 64, reduced).double()
+            assert bool((error <= bound.unsqueeze(1) / 2).all())
+            assert float((error / bound.unsqueeze(1)).max()) > (0.01 if reduced else 1e-4)
 
 
 def test_reduced_precision_products_restore_the_setting():

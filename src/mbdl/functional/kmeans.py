@@ -149,11 +149,13 @@ def kmeans_fit(
     generator = torch.Generator().manual_seed(seed)
     best: tuple[float, Tensor] | None = None
     for _ in range(restarts):
-        seeds = kmeans_plus_plus(data, num_clusters, generator)
+        seeds, nearest = kmeans_plus_plus_assigned(data, num_clusters, generator)
         if resolved == "faiss":
             assignment = _faiss_lloyd(data, data[seeds], max_iter=max_iter)
         else:
-            assignment = lloyd(data, data[seeds], max_iter=max_iter, budget=memory_budget_bytes)
+            assignment = lloyd(
+                data, data[seeds], max_iter=max_iter, budget=memory_budget_bytes, assignment=nearest
+            )
         inertia = within_cluster_sum_of_squares(data, assignment)
         if best is None or inertia < best[0]:
             best = (inertia, assignment)
@@ -277,6 +279,22 @@ def kmeans_plus_plus(
     products cannot be reduced, or with ``fast_scoring=False``, the pool's float32 products
     give ``D^2`` directly.
     """
+    return kmeans_plus_plus_assigned(
+        x, num_clusters, generator, trials, pool_size=pool_size, fast_scoring=fast_scoring
+    )[0]
+
+
+def kmeans_plus_plus_assigned(
+    x: Tensor,
+    num_clusters: int,
+    generator: torch.Generator,
+    trials: int | None = None,
+    *,
+    pool_size: int | None = None,
+    fast_scoring: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """:func:`kmeans_plus_plus`'s seeds and each row's nearest seed (``int64[N]``, positions in
+    the seeds; the float32 ``D^2`` the seeding maintains): Lloyd's first assignment."""
     n = x.shape[0]
     if trials is None:
         trials = 2 + int(math.log(num_clusters))
@@ -287,7 +305,10 @@ def kmeans_plus_plus(
     reduced = (
         fast_scoring and x.dtype == torch.float32 and reduced_precision_switch(x.device) is not None
     )
-    return _greedy_seeds(x, num_clusters, generator, trials, pool_size, reduced)
+    # a small problem on one thread: each multi-threaded operation waits for all its threads,
+    # which on a loaded machine costs a time slice per operation
+    with torch_threads(torch.get_num_threads() if x.numel() >= 2**20 else 1):
+        return _greedy_seeds(x, num_clusters, generator, trials, pool_size, reduced)
 
 
 #: unit roundoff of bf16 (8 significant bits), the coarsest rounding a reduced product may apply
@@ -300,13 +321,15 @@ def _scoring_products(left: Tensor, right_t: Tensor, out: Tensor, reduced: bool)
         return torch.mm(left, right_t, out=out)
 
 
-def product_error_bound(norms: Tensor, other_norm: float, dim: int, reduced: bool) -> Tensor:
-    """A bound on ``|computed - exact|`` of ``2 x.s`` for rows of norms ``norms`` and any ``s``
-    of norm at most ``other_norm``, twice the worst case: inputs rounded with unit roundoff
-    ``u`` (bf16's where ``reduced``, else 0) and a float32 sum of ``dim`` terms give
-    ``|error| <= (2u + u^2 + dim * 2^-24) sum_i |x_i s_i| <= (...) |x| |s|`` (Cauchy-Schwarz)."""
+def excess_error_bound(norms: Tensor, seed_norm: float, dim: int, reduced: bool) -> Tensor:
+    """Twice the worst-case ``|computed - exact|`` of the excess ``|s|^2 - 2 s.x`` computed as
+    the product of ``[-2s, |s|^2]`` and ``[x, 1]``, for rows of norms ``norms`` and any ``s``
+    of norm at most ``seed_norm``. Inputs rounded with unit roundoff ``u`` (bf16's where
+    ``reduced``, else 0) and a float32 sum of ``dim + 1`` terms give ``|error| <= (2u + u^2 +
+    (dim + 1) 2^-24) sum_i |a_i b_i| <= (...) (2 |s| |x| + |s|^2)`` (Cauchy-Schwarz)."""
     u = BF16_UNIT_ROUNDOFF if reduced else 0.0
-    return norms * (4 * (2 * u + u * u + dim * 2.0**-24) * other_norm)
+    factor = 2 * (2 * u + u * u + (dim + 1) * 2.0**-24)
+    return (2 * seed_norm * factor) * norms + factor * seed_norm**2
 
 
 def _greedy_seeds(
@@ -316,32 +339,35 @@ def _greedy_seeds(
     trials: int,
     pool_size: int,
     reduced: bool,
-) -> Tensor:
-    """:func:`kmeans_plus_plus`; ``reduced``: the pool's products may be rounded (bf16/tf32).
+) -> tuple[Tensor, Tensor]:
+    """:func:`kmeans_plus_plus_assigned`; ``reduced``: the pool's products may be rounded (bf16/tf32).
 
-    During a pool, the candidates' gains use ``slack = D^2 - |x|^2`` as the pool's products
-    give it (rounded where ``reduced``); the acceptance test uses ``D^2`` at the proposals from
-    their float32 Gram matrix. When the pool ends, ``D^2`` is measured in float32 for the rows
-    that the pool's seeds may have come closer to: those whose scored distance to the nearest
-    of them is within :func:`product_error_bound` of ``D^2``; the others cannot have changed.
+    One GEMM per pool gives every proposal ``p``'s excess ``|p|^2 - 2 p.x = |x - p|^2 - |x|^2``
+    over every row ``x`` (``[-2p, |p|^2]`` times ``[x, 1]``). During a pool the candidates'
+    gains use ``slack = D^2 - |x|^2`` as those excesses give it (rounded where ``reduced``); the
+    acceptance test uses ``D^2`` at the proposals from their float32 Gram matrix. When the pool
+    ends, ``D^2`` is measured in float32 for the rows that the pool's seeds may have come
+    closer to: those whose scored distance to the nearest of them is within
+    :func:`excess_error_bound` of ``D^2``; the others cannot have changed.
     """
     n, dim = x.shape
     device = x.device
     sq_norms = x.pow(2).sum(dim=1)
     norms = sq_norms.sqrt()
-    # x transposed once (a GEMM against a contiguous d x N operand runs faster) and one buffer
-    # for every pool's products (a fresh allocation of that size faults in new pages each time)
-    x_t = x.T.contiguous()
+    # [x, 1] transposed once (a GEMM against a contiguous operand runs faster) and one buffer
+    # for every pool's excesses (a fresh allocation of that size faults in new pages each time)
+    x_t = torch.cat([x.T, x.new_ones(1, n)])
     buffer = x.new_empty(min(pool_size, 2 * trials * (num_clusters - 1)) * n)  # the first pool's
-    column = x.new_empty(n)
-    # thousands of steps of a few passes over trials x N values: on one thread when small (at
-    # N = 60,000, 11 x N values a step, all threads were faster, idle or loaded machine alike)
-    step_threads = torch.get_num_threads() if trials * n >= 2**18 else 1
+    # thousands of steps of a few passes over trials x N values: on one thread unless large
+    # (two threads were 15% faster at N = 60,000 on an idle 2-core machine, but each two-thread
+    # step waits for a time slice where the cores are oversubscribed)
+    step_threads = torch.get_num_threads() if trials * n >= 2**22 else 1
     chosen = torch.empty(num_clusters, dtype=torch.long)
     first = int(torch.randint(n, (1,), generator=generator))
     chosen[0] = first
     nearest_sq = (sq_norms + sq_norms[first] - 2 * (x @ x[first])).clamp_min_(0)
     nearest_sq[first] = 0
+    nearest = torch.zeros(n, dtype=torch.long, device=device)  # each row's nearest seed
     count = 1
     while count < num_clusters:
         cumulative = torch.cumsum(nearest_sq, 0, dtype=torch.float64)
@@ -360,17 +386,16 @@ def _greedy_seeds(
         proposals = proposals.clamp_max_(n - 1)
         # rounding may land on a zero-weight row: u * 0 < D^2 never holds, so it is rejected
         threshold = uniforms.to(device) * nearest_sq[proposals].double()
-        # 2 p.x for every proposal p and row x; a candidate's row less |p|^2 (its "closeness")
-        # is |x|^2 - |x - p|^2, formed only for the candidates (in cache, not a pass over all)
-        doubled = 2 * x[proposals]
-        products = _scoring_products(doubled, x_t, buffer[: size * n].view(size, n), reduced)
         proposal_sq = sq_norms[proposals].unsqueeze(1)
+        doubled = 2 * x[proposals]
+        left = torch.cat([-doubled, proposal_sq], dim=1)  # [-2p, |p|^2]
+        excess = _scoring_products(left, x_t, buffer[: size * n].view(size, n), reduced)
         gram = torch.mm(doubled, x[proposals].T)  # float32: D^2 at the proposals
         at_proposals = nearest_sq[proposals]
         slack = nearest_sq - sq_norms  # D^2 - |x|^2, as the products give it
         lowest = torch.full_like(slack, float("inf"))  # the pool's seeds' |x - s|^2 - |x|^2
         pool_start = count
-        rows = products.new_empty(trials, n)
+        rows = excess.new_empty(trials, n)
         start = 0
         with torch_threads(step_threads):
             while count < num_clusters:
@@ -381,35 +406,37 @@ def _greedy_seeds(
                 # gain of a candidate c: sum_x max(0, D^2(x) - |x - c|^2)
                 first_candidate, last_candidate = int(candidates[0]), int(candidates[-1])
                 if last_candidate - first_candidate == trials - 1:  # consecutive: no gather
-                    span = slice(first_candidate, last_candidate + 1)
-                    torch.sub(products[span], proposal_sq[span], out=rows)
+                    torch.sub(slack, excess[first_candidate : last_candidate + 1], out=rows)
                 else:
-                    torch.index_select(products, 0, candidates, out=rows)
-                    rows.sub_(proposal_sq[candidates])
-                gain = rows.add_(slack).clamp_min_(0).sum(dim=1)
+                    torch.index_select(excess, 0, candidates, out=rows)
+                    torch.sub(slack, rows, out=rows)
+                gain = rows.clamp_min_(0).sum(dim=1)
                 best = int(candidates[int(torch.argmax(gain))])
                 j = int(proposals[best])
                 chosen[count] = j
                 count += 1
-                torch.sub(proposal_sq[best], products[best], out=column)
-                torch.minimum(slack, column, out=slack)
-                torch.minimum(lowest, column, out=lowest)
+                torch.minimum(slack, excess[best], out=slack)
+                torch.minimum(lowest, excess[best], out=lowest)
                 slack[j] = -sq_norms[j]
                 to_best = (proposal_sq.flatten() - gram[best] + proposal_sq[best]).clamp_min_(0)
                 torch.minimum(at_proposals, to_best, out=at_proposals)
                 at_proposals[proposals == j] = 0
                 start = last_candidate + 1
-        if count == num_clusters or count == pool_start:
+        if count == pool_start:
             continue
-        # D^2 in float32 where the pool's seeds may have come closer
+        # D^2 (and the nearest seed) in float32 where the pool's seeds may have come closer
         seeds = chosen[pool_start:count].to(device)
-        bound = product_error_bound(norms, float(norms[seeds].max()), dim, reduced)
+        bound = excess_error_bound(norms, float(norms[seeds].max()), dim, reduced)
         near = (lowest.add_(sq_norms).sub_(bound) < nearest_sq).nonzero().flatten()
         exact = torch.mm(x[near], 2 * x[seeds].T)
         exact.sub_(sq_norms[seeds]).neg_().add_(sq_norms[near].unsqueeze(1)).clamp_min_(0)
-        nearest_sq[near] = torch.minimum(nearest_sq[near], exact.amin(dim=1))
+        values, which = exact.min(dim=1)
+        closer = values < nearest_sq[near]
+        nearest_sq[near[closer]] = values[closer]
+        nearest[near[closer]] = which[closer] + pool_start
         nearest_sq[seeds] = 0
-    return chosen.to(device)
+        nearest[seeds] = torch.arange(pool_start, count, device=device)
+    return chosen.to(device), nearest
 
 
 def _faiss_lloyd(x: Tensor, centres: Tensor, *, max_iter: int) -> Tensor:
@@ -466,7 +493,14 @@ def two_nearest_centroids(
     return nearest, first, second
 
 
-def lloyd(x: Tensor, centres: Tensor, *, max_iter: int, budget: int = 2**30) -> Tensor:
+def lloyd(
+    x: Tensor,
+    centres: Tensor,
+    *,
+    max_iter: int,
+    budget: int = 2**30,
+    assignment: Tensor | None = None,
+) -> Tensor:
     """Lloyd's algorithm from ``centres``, with Hamerly's bounds (Hamerly, "Making k-means even faster", SDM 2010)
     and only the moved centroids measured.
 
@@ -478,7 +512,8 @@ def lloyd(x: Tensor, centres: Tensor, *, max_iter: int, budget: int = 2**30) -> 
     it; the rest are measured against every centroid. Late iterations move few centroids, so
     they cost a fraction of a full assignment. The result is that of plain Lloyd: each iteration
     assigns every point to its nearest centroid, then moves each non-empty cluster's centroid to
-    its mean; it stops early when no assignment changes.
+    its mean; it stops early when no assignment changes. ``assignment``: each row's nearest
+    centre when already known (the seeding's), which saves the first full assignment.
     """
     x = x.detach().float()
     centroids = centres.to(x).clone()
@@ -491,7 +526,12 @@ def lloyd(x: Tensor, centres: Tensor, *, max_iter: int, budget: int = 2**30) -> 
             return two_nearest_centroids(rows, candidates, budget)
 
     with torch_threads(1):  # the bookkeeping between the GEMMs: small operations
-        assignment, upper, lower = nearest_two(x, centroids)
+        if assignment is None:
+            assignment, upper, lower = nearest_two(x, centroids)
+        else:  # no second-nearest distance known: a lower bound of 0 checks every row once
+            assignment = assignment.to(x.device).clone()
+            upper = (x - centroids[assignment]).norm(dim=1)
+            lower = torch.zeros_like(upper)
         for _ in range(max_iter):
             sums = torch.zeros_like(centroids).index_add_(0, assignment, x)
             counts = torch.bincount(assignment, minlength=num_clusters).to(x.dtype)
