@@ -257,6 +257,16 @@ def test_seeding_assigns_each_row_to_its_nearest_seed(fast_scoring):
     assert nearest[seeds].tolist() == list(range(50))
 
 
+def test_seeding_re_measures_rows_in_chunks(monkeypatch):
+    import mbdl.functional.kmeans as kmeans_module
+
+    x, _ = realistic(7, num_classes=40, per_class=6, dim=8)
+    whole = kmeans_module.kmeans_plus_plus_assigned(x, 40, torch.Generator().manual_seed(0))
+    monkeypatch.setattr(kmeans_module, "RECOMPUTE_CHUNK", 7)
+    chunked = kmeans_module.kmeans_plus_plus_assigned(x, 40, torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(whole, chunked, strict=True))
+
+
 def test_lloyd_from_the_seeding_assignment_equals_plain_lloyd():
     # the seeding's nearest seeds replace Lloyd's first assignment pass
     from mbdl.functional.kmeans import kmeans_plus_plus_assigned

@@ -7,9 +7,12 @@ with probability proportional to their squared distance ``D(x)^2`` to the neares
 far. The draws are batched by rejection sampling: a pool of proposals drawn from the potential
 at the pool's start gets its distances to all rows from one GEMM, and each step accepts a
 proposal with probability ``D^2 / D_0^2``, which leaves the seeds distributed exactly as
-sequential k-means++. Lloyd's algorithm then runs from those centres, in torch (exact, chunked,
-Hamerly's bounds, only moved centroids measured, stops when no assignment changes) or in faiss
-(``niter`` iterations, no subsampling). Of ``restarts`` runs the one with the lowest inertia
+sequential k-means++. That GEMM only scores the candidates: on a CPU with bf16 matrix units or
+on CUDA it may round its inputs to bf16/tf32 (float32 sums), while ``D^2`` stays float32 (see
+:func:`kmeans_plus_plus`). Lloyd's algorithm then runs from those centres and the seeding's
+nearest-seed assignment, in torch (exact, chunked, Hamerly's bounds, only moved centroids
+measured, stops when no assignment changes) or in faiss (``niter`` iterations, no
+subsampling). Of ``restarts`` runs the one with the lowest inertia
 (within-cluster sum of squares) is kept.
 
 The seeding is the same for both backends (torch, from one generator seeded by ``seed``), so
@@ -332,6 +335,10 @@ def excess_error_bound(norms: Tensor, seed_norm: float, dim: int, reduced: bool)
     return (2 * seed_norm * factor) * norms + factor * seed_norm**2
 
 
+#: rows re-measured at once at a pool's end (their float32 distances to the pool's seeds)
+RECOMPUTE_CHUNK = 2**16
+
+
 def _greedy_seeds(
     x: Tensor,
     num_clusters: int,
@@ -427,13 +434,15 @@ def _greedy_seeds(
         # D^2 (and the nearest seed) in float32 where the pool's seeds may have come closer
         seeds = chosen[pool_start:count].to(device)
         bound = excess_error_bound(norms, float(norms[seeds].max()), dim, reduced)
-        near = (lowest.add_(sq_norms).sub_(bound) < nearest_sq).nonzero().flatten()
-        exact = torch.mm(x[near], 2 * x[seeds].T)
-        exact.sub_(sq_norms[seeds]).neg_().add_(sq_norms[near].unsqueeze(1)).clamp_min_(0)
-        values, which = exact.min(dim=1)
-        closer = values < nearest_sq[near]
-        nearest_sq[near[closer]] = values[closer]
-        nearest[near[closer]] = which[closer] + pool_start
+        flagged = (lowest.add_(sq_norms).sub_(bound) < nearest_sq).nonzero().flatten()
+        doubled_seeds_t = 2 * x[seeds].T
+        for near in flagged.split(RECOMPUTE_CHUNK):  # bounded memory at millions of rows
+            exact = torch.mm(x[near], doubled_seeds_t)
+            exact.sub_(sq_norms[seeds]).neg_().add_(sq_norms[near].unsqueeze(1)).clamp_min_(0)
+            values, which = exact.min(dim=1)
+            closer = values < nearest_sq[near]
+            nearest_sq[near[closer]] = values[closer]
+            nearest[near[closer]] = which[closer] + pool_start
         nearest_sq[seeds] = 0
         nearest[seeds] = torch.arange(pool_start, count, device=device)
     return chosen.to(device), nearest
