@@ -1,8 +1,7 @@
 """k-means++ seeding with reduced-precision scoring: its error and what it does to NMI.
 
 The seeding scores each pool's candidates from one GEMM that may round its inputs to bf16
-(``reduced_precision_products``: oneDNN's bf16 fpmath mode on a CPU with bf16 units; tf32 on
-CUDA), while ``D^2`` stays float32. On the benchmark data of ``benchmarks/evaluate.py``
+(``reduced_precision_products``: oneDNN's bf16 fpmath mode on a CPU with bf16 units), while ``D^2`` stays float32. On the benchmark data of ``benchmarks/evaluate.py``
 (class centres + noise, 5 items per class, d = 128) and on its L2-normalised copy, this script
 measures:
 

@@ -7,8 +7,8 @@ with probability proportional to their squared distance ``D(x)^2`` to the neares
 far. The draws are batched by rejection sampling: a pool of proposals drawn from the potential
 at the pool's start gets its distances to all rows from one GEMM, and each step accepts a
 proposal with probability ``D^2 / D_0^2``, which leaves the seeds distributed exactly as
-sequential k-means++. That GEMM only scores the candidates: on a CPU with bf16 matrix units or
-on CUDA it may round its inputs to bf16/tf32 (float32 sums), while ``D^2`` stays float32 (see
+sequential k-means++. That GEMM only scores the candidates: on a CPU with bf16 matrix units it
+may round its inputs to bf16 (float32 sums), while ``D^2`` stays float32 (see
 :func:`kmeans_plus_plus`). Lloyd's algorithm then runs from those centres and the seeding's
 nearest-seed assignment, in torch (exact, chunked, Hamerly's bounds, only moved centroids
 measured, stops when no assignment changes) or in faiss (``niter`` iterations, no
@@ -209,28 +209,24 @@ def seeding_pool_size(n: int, trials: int) -> int:
 
 
 def reduced_precision_switch(device: torch.device) -> tuple[Any, str] | None:
-    """The switch that lets float32 matrix products on ``device`` round their inputs (still
-    accumulating and returning float32) and its reduced setting: ``"bf16"`` on a CPU with bf16
-    matrix units (oneDNN), ``"tf32"`` on CUDA; ``None`` elsewhere (or on a torch without the
-    per-backend ``fp32_precision`` switches)."""
-    switch: Any
-    if device.type == "cuda":
-        switch, precision = torch.backends.cuda.matmul, "tf32"
-    elif device.type == "cpu":
-        from mbdl.train.precision import cpu_has_bf16_matrix_units
+    """The switch that lets float32 matrix products on ``device`` round their inputs to bf16
+    (still accumulating and returning float32) and that setting: oneDNN's ``"bf16"`` on a CPU
+    with bf16 matrix units; ``None`` elsewhere: other CPUs (emulated bf16 is slower), a torch
+    without the per-backend ``fp32_precision`` switch, and GPUs (CUDA's tf32 not taken: not
+    measured here, and float32 keeps a GPU's seeds those of the CPU)."""
+    if device.type != "cpu":
+        return None
+    from mbdl.train.precision import cpu_has_bf16_matrix_units
 
-        switch = getattr(torch.backends.mkldnn, "matmul", None)
-        precision = "bf16" if cpu_has_bf16_matrix_units() else ""
-    else:
+    switch = getattr(torch.backends.mkldnn, "matmul", None)
+    if not cpu_has_bf16_matrix_units() or switch is None or not hasattr(switch, "fp32_precision"):
         return None
-    if not precision or switch is None or not hasattr(switch, "fp32_precision"):
-        return None
-    return switch, precision
+    return switch, "bf16"
 
 
 @contextmanager
 def reduced_precision_products(device: torch.device) -> Iterator[None]:
-    """Float32 matrix products on ``device`` may round their inputs to bf16 or tf32 inside
+    """Float32 matrix products on ``device`` may round their inputs to bf16 inside
     (:func:`reduced_precision_switch`; nothing changes where it is ``None``); the previous
     setting is restored on exit."""
     found = reduced_precision_switch(device)
@@ -275,7 +271,7 @@ def kmeans_plus_plus(
 
     ``fast_scoring`` (float32 ``x`` only): the pool's GEMM, which only scores the candidates
     (the greedy choice is a heuristic among candidates drawn from the exact ``D^2``), may round
-    its inputs to bf16 or tf32 (:func:`reduced_precision_products`; about 2.6x faster on an
+    its inputs to bf16 (:func:`reduced_precision_products`; about 2.6x faster on an
     AVX512-BF16 CPU). ``D^2`` itself stays float32: at the proposals from their float32 Gram
     matrix (the acceptance test), at every row from a float32 GEMM against the pool's chosen
     seeds when the pool ends, so the seeds are still drawn exactly from ``D^2``. Where the
@@ -319,7 +315,7 @@ BF16_UNIT_ROUNDOFF = 2.0**-8
 
 
 def _scoring_products(left: Tensor, right_t: Tensor, out: Tensor, reduced: bool) -> Tensor:
-    """``left @ right_t`` into ``out``, inputs rounded to bf16/tf32 where ``reduced`` allows."""
+    """``left @ right_t`` into ``out``, inputs rounded to bf16 where ``reduced`` allows."""
     with reduced_precision_products(left.device) if reduced else contextlib.nullcontext():
         return torch.mm(left, right_t, out=out)
 
@@ -347,7 +343,7 @@ def _greedy_seeds(
     pool_size: int,
     reduced: bool,
 ) -> tuple[Tensor, Tensor]:
-    """:func:`kmeans_plus_plus_assigned`; ``reduced``: the pool's products may be rounded (bf16/tf32).
+    """:func:`kmeans_plus_plus_assigned`; ``reduced``: the pool's products may be rounded (bf16).
 
     One GEMM per pool gives every proposal ``p``'s excess ``|p|^2 - 2 p.x = |x - p|^2 - |x|^2``
     over every row ``x`` (``[-2p, |p|^2]`` times ``[x, 1]``). During a pool the candidates'
