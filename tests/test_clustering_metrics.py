@@ -290,6 +290,7 @@ def bf16_scoring(monkeypatch):
 
     switch = types.SimpleNamespace(fp32_precision="ieee")
     monkeypatch.setattr(kmeans_module, "reduced_precision_switch", lambda device: (switch, "bf16"))
+    monkeypatch.setattr(kmeans_module, "REDUCED_SCORING_MIN_ELEMENTS", 0)
 
     def rounded_products(left, right_t, out, reduced):
         assert reduced
@@ -354,6 +355,37 @@ def test_seeding_with_rounded_products_keeps_the_clustering_quality(monkeypatch)
     for seed in range(3):
         x, labels = separated(seed)
         assert normalized_mutual_info(labels, kmeans(x, 20, seed=seed)) == 1.0
+
+
+def test_small_seedings_score_in_float32(monkeypatch):
+    # below REDUCED_SCORING_MIN_ELEMENTS the scores stay float32 (the same seeds on every CPU
+    # and on a GPU); from it up, a float32 x is scored in reduced precision where the CPU can
+    import types
+
+    import mbdl.functional.kmeans as kmeans_module
+
+    switch = types.SimpleNamespace(fp32_precision="ieee")
+    monkeypatch.setattr(kmeans_module, "reduced_precision_switch", lambda device: (switch, "bf16"))
+    seen = []
+    products = kmeans_module._scoring_products
+
+    def recording(left, right_t, out, reduced):
+        seen.append(reduced)
+        return products(left, right_t, out, False)
+
+    monkeypatch.setattr(kmeans_module, "_scoring_products", recording)
+    x, _ = realistic(8, num_classes=20, per_class=5, dim=8)
+    kmeans_plus_plus(x, 20, torch.Generator())
+    assert seen and not any(seen)
+    monkeypatch.setattr(kmeans_module, "REDUCED_SCORING_MIN_ELEMENTS", x.numel())
+    for rows, fast_scoring, expected in (
+        (x, True, True),
+        (x.double(), True, False),
+        (x, False, False),
+    ):
+        seen.clear()
+        kmeans_plus_plus(rows, 20, torch.Generator(), fast_scoring=fast_scoring)
+        assert seen and all(reduced == expected for reduced in seen)
 
 
 def test_excess_error_bound_covers_bf16_rounding():

@@ -269,7 +269,8 @@ def kmeans_plus_plus(
     ``generator`` (a CPU generator). Once every point coincides with a seed (duplicates), the
     remaining seeds are drawn uniformly among the rows not yet chosen.
 
-    ``fast_scoring`` (float32 ``x`` only): the pool's GEMM, which only scores the candidates
+    ``fast_scoring`` (float32 ``x`` of at least ``REDUCED_SCORING_MIN_ELEMENTS`` values, e.g.
+    8,192 x 128): the pool's GEMM, which only scores the candidates
     (the greedy choice is a heuristic among candidates drawn from the exact ``D^2``), may round
     its inputs to bf16 (:func:`reduced_precision_products`; about 2.6x faster on an
     AVX512-BF16 CPU). ``D^2`` itself stays float32: at the proposals from their float32 Gram
@@ -302,13 +303,20 @@ def kmeans_plus_plus_assigned(
     if pool_size < trials:
         raise ValueError(f"pool_size={pool_size} must be at least trials={trials}")
     reduced = (
-        fast_scoring and x.dtype == torch.float32 and reduced_precision_switch(x.device) is not None
+        fast_scoring
+        and x.dtype == torch.float32
+        and x.numel() >= REDUCED_SCORING_MIN_ELEMENTS
+        and reduced_precision_switch(x.device) is not None
     )
     # a small problem on one thread: each multi-threaded operation waits for all its threads,
     # which on a loaded machine costs a time slice per operation
     with torch_threads(torch.get_num_threads() if x.numel() >= 2**20 else 1):
         return _greedy_seeds(x, num_clusters, generator, trials, pool_size, reduced)
 
+
+#: the seeding scores in reduced precision from this many elements of ``x`` (N x d) up: where
+#: it pays; smaller problems keep float32 scores, the same on every CPU and on a GPU
+REDUCED_SCORING_MIN_ELEMENTS = 2**20
 
 #: unit roundoff of bf16 (8 significant bits), the coarsest rounding a reduced product may apply
 BF16_UNIT_ROUNDOFF = 2.0**-8
