@@ -53,8 +53,8 @@ def resolve_restarts(restarts: int | str, num_points: int, num_clusters: int) ->
 
     Measured (``benchmarks/evaluate.py``, docs/benchmarks.md): restarts matter when k is small
     (one unlucky seeding moves NMI/F1 visibly); at N = 60,000 and k = 12,000 (N x k = 7.2e8) the
-    best of 3 runs gained +0.001 NMI for 3x the time (31 s against 10.6 s), while one run took
-    0.68x the time of pytorch-metric-learning's NMI and scored higher (0.858 against 0.835).
+    best of 3 runs gained +0.001 NMI for 3x the time (33 s against 10.7 s), while one run took
+    0.66x the time of pytorch-metric-learning's NMI and scored higher (0.858 against 0.835).
     Below 1e8 (e.g. N = 10,000, k = 2,000: 2e7; CUB's and Cars' test sets) 3 runs cost seconds.
     """
     if restarts == "auto":
