@@ -238,6 +238,193 @@ def test_batched_kmeans_plus_plus_draws_each_seed_with_probability_d_squared():
     assert chi_square < 2 * len(cells)  # about 40 degrees of freedom; a stale D^2: thousands
 
 
+@pytest.mark.parametrize("fast_scoring", [True, False])
+def test_seeding_assigns_each_row_to_its_nearest_seed(fast_scoring):
+    from mbdl.functional.kmeans import kmeans_plus_plus_assigned
+
+    x, _ = realistic(6, num_classes=50, per_class=6, dim=12, noise=2.0)
+    seeds, nearest = kmeans_plus_plus_assigned(
+        x, 50, torch.Generator().manual_seed(2), pool_size=40, fast_scoring=fast_scoring
+    )
+    assert (
+        seeds.tolist()
+        == kmeans_plus_plus(
+            x, 50, torch.Generator().manual_seed(2), pool_size=40, fast_scoring=fast_scoring
+        ).tolist()
+    )
+    distances = torch.cdist(x.double(), x[seeds].double())
+    assert nearest.tolist() == distances.argmin(dim=1).tolist()
+    assert nearest[seeds].tolist() == list(range(50))
+
+
+def test_seeding_re_measures_rows_in_chunks(monkeypatch):
+    import mbdl.functional.kmeans as kmeans_module
+
+    x, _ = realistic(7, num_classes=40, per_class=6, dim=8)
+    whole = kmeans_module.kmeans_plus_plus_assigned(x, 40, torch.Generator().manual_seed(0))
+    monkeypatch.setattr(kmeans_module, "RECOMPUTE_CHUNK", 7)
+    chunked = kmeans_module.kmeans_plus_plus_assigned(x, 40, torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(whole, chunked, strict=True))
+
+
+def test_lloyd_from_the_seeding_assignment_equals_plain_lloyd():
+    # the seeding's nearest seeds replace Lloyd's first assignment pass
+    from mbdl.functional.kmeans import kmeans_plus_plus_assigned
+
+    for seed in range(3):
+        x, _ = blobs(seed, num_classes=30, per_class=8, dim=3)
+        x = x + 15 * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 20))
+        seeds, nearest = kmeans_plus_plus_assigned(x, 30, torch.Generator().manual_seed(seed))
+        ours = lloyd(x, x[seeds], max_iter=50, assignment=nearest)
+        expected = lloyd_reference(x.double().tolist(), x[seeds].double().tolist(), 50)
+        assert ours.tolist() == expected
+
+
+def bf16_scoring(monkeypatch):
+    """Take the reduced-precision seeding path with the pool's products computed from inputs
+    rounded to bf16 and accumulated in float32 (what oneDNN's bf16 fpmath mode may do), whether
+    or not this machine's products would round."""
+    import types
+
+    import mbdl.functional.kmeans as kmeans_module
+
+    switch = types.SimpleNamespace(fp32_precision="ieee")
+    monkeypatch.setattr(kmeans_module, "reduced_precision_switch", lambda device: (switch, "bf16"))
+    monkeypatch.setattr(kmeans_module, "REDUCED_SCORING_MIN_ELEMENTS", 0)
+
+    def rounded_products(left, right_t, out, reduced):
+        assert reduced
+        return torch.mm(left.bfloat16().float(), right_t.bfloat16().float(), out=out)
+
+    monkeypatch.setattr(kmeans_module, "_scoring_products", rounded_products)
+
+
+@pytest.mark.parametrize("pool_size", [1, 7, 64, None])
+def test_seeding_with_rounded_products_keeps_d_squared_exact(monkeypatch, pool_size):
+    # one trial: the choice ignores the (rounded) gains, so the seeds depend only on D^2, which
+    # must stay float32 (the proposals' Gram matrix, the rows re-measured at each pool's end):
+    # the same seeds as with float32 products. Unit-norm rows with close neighbours (the
+    # cancellation case of |x|^2 + |s|^2 - 2 x.s), where a rounded D^2 would move the draws.
+    x, _ = realistic(4, num_classes=60, per_class=10, dim=32, noise=0.3)
+    x = torch.cat([x, x[:50] + 1e-3 * torch.randn(50, 32, generator=torch.Generator())])
+    exact = kmeans_plus_plus(
+        x, 60, torch.Generator().manual_seed(1), 1, pool_size=pool_size, fast_scoring=False
+    )
+    bf16_scoring(monkeypatch)
+    rounded = kmeans_plus_plus(x, 60, torch.Generator().manual_seed(1), 1, pool_size=pool_size)
+    assert rounded.tolist() == exact.tolist()
+
+
+def test_seeding_with_rounded_products_draws_each_seed_with_probability_d_squared(monkeypatch):
+    # the chi-square test above, on float32 rows that bf16 does not represent exactly
+    bf16_scoring(monkeypatch)
+    points = torch.tensor([[0.0], [1.1], [3.3], [7.7], [15.4]])
+    n, draws = points.shape[0], 4000
+    square = (points.double() - points.double().T).pow(2)
+    counts: dict[tuple[int, int, int], int] = {}
+    for seed in range(draws):
+        g = torch.Generator().manual_seed(seed)
+        triple = tuple(kmeans_plus_plus(points, 3, g, trials=1, pool_size=8).tolist())
+        counts[triple] = counts.get(triple, 0) + 1
+    chi_square, cells, rare = 0.0, 0, [0.0, 0]
+    for a in range(n):
+        for b in range(n):
+            for c in range(n):
+                if len({a, b, c}) < 3:
+                    continue
+                after_ab = torch.minimum(square[a], square[b])
+                p = float(square[a][b] / square[a].sum() * after_ab[c] / after_ab.sum() / n)
+                seen = counts.pop((a, b, c), 0)
+                if draws * p < 5:
+                    rare[0], rare[1] = rare[0] + p, rare[1] + seen
+                    continue
+                chi_square += (seen - draws * p) ** 2 / (draws * p)
+                cells += 1
+    chi_square += (rare[1] - draws * rare[0]) ** 2 / (draws * rare[0])
+    assert not counts  # no repeated seed
+    assert chi_square < 2 * (cells + 1)
+
+
+def test_seeding_with_rounded_products_keeps_the_clustering_quality(monkeypatch):
+    # the greedy choice scored from bf16-rounded products: separated clusters still score 1,
+    # and a realistic embedding's NMI stays within 0.005 of the float32-scored one
+    x, labels = realistic(5, num_classes=100, per_class=8, dim=16)
+    exact = normalized_mutual_info(labels, kmeans(x, 100, restarts=3))
+    bf16_scoring(monkeypatch)
+    assert abs(normalized_mutual_info(labels, kmeans(x, 100, restarts=3)) - exact) < 0.005
+    for seed in range(3):
+        x, labels = separated(seed)
+        assert normalized_mutual_info(labels, kmeans(x, 20, seed=seed)) == 1.0
+
+
+def test_small_seedings_score_in_float32(monkeypatch):
+    # below REDUCED_SCORING_MIN_ELEMENTS the scores stay float32 (the same seeds on every CPU
+    # and on a GPU); from it up, a float32 x is scored in reduced precision where the CPU can
+    import types
+
+    import mbdl.functional.kmeans as kmeans_module
+
+    switch = types.SimpleNamespace(fp32_precision="ieee")
+    monkeypatch.setattr(kmeans_module, "reduced_precision_switch", lambda device: (switch, "bf16"))
+    seen = []
+    products = kmeans_module._scoring_products
+
+    def recording(left, right_t, out, reduced):
+        seen.append(reduced)
+        return products(left, right_t, out, False)
+
+    monkeypatch.setattr(kmeans_module, "_scoring_products", recording)
+    x, _ = realistic(8, num_classes=20, per_class=5, dim=8)
+    kmeans_plus_plus(x, 20, torch.Generator())
+    assert seen and not any(seen)
+    monkeypatch.setattr(kmeans_module, "REDUCED_SCORING_MIN_ELEMENTS", x.numel())
+    for rows, fast_scoring, expected in (
+        (x, True, True),
+        (x.double(), True, False),
+        (x, False, False),
+    ):
+        seen.clear()
+        kmeans_plus_plus(rows, 20, torch.Generator(), fast_scoring=fast_scoring)
+        assert seen and all(reduced == expected for reduced in seen)
+
+
+def test_excess_error_bound_covers_bf16_rounding():
+    # the excess |s|^2 - 2 s.x as the seeding's GEMM computes it, from [-2s, |s|^2] and [x, 1]
+    # rounded to bf16 (or not) and summed in float32, against float64
+    from mbdl.functional.kmeans import excess_error_bound
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(500, 64, generator=g), dim=1)
+    near = x + 1e-3 * torch.randn(500, 64, generator=g)  # close pairs: the cancellation case
+    big = 1e3 * torch.randn(500, 64, generator=g) + 5e3  # large, all-positive coordinates
+    for rows, seeds in ((x, x), (x, near), (big, big), (big, 3 * big)):
+        exact = seeds.double().pow(2).sum(1) - 2 * rows.double() @ seeds.double().T
+        left = torch.cat([-2 * seeds, seeds.pow(2).sum(1, keepdim=True)], dim=1)
+        right = torch.cat([rows, torch.ones(rows.shape[0], 1)], dim=1)
+        seed_norm = float(seeds.norm(dim=1).max())
+        for reduced in (True, False):
+            a, b = (left.bfloat16().float(), right.bfloat16().float()) if reduced else (left, right)
+            error = ((b @ a.T).double() - exact).abs()
+            bound = excess_error_bound(rows.norm(dim=1), seed_norm, 64, reduced).double()
+            assert bool((error <= bound.unsqueeze(1) / 2).all())
+            assert float((error / bound.unsqueeze(1)).max()) > (0.01 if reduced else 1e-4)
+
+
+def test_reduced_precision_products_restore_the_setting():
+    from mbdl.functional.kmeans import reduced_precision_products, reduced_precision_switch
+
+    found = reduced_precision_switch(torch.device("cpu"))
+    if found is None:
+        pytest.skip("no reduced-precision float32 products on this CPU or torch")
+    switch, precision = found
+    before = switch.fp32_precision
+    with pytest.raises(RuntimeError, match="inside"):
+        with reduced_precision_products(torch.device("cpu")):
+            assert switch.fp32_precision == precision
+            raise RuntimeError("inside")
+    assert switch.fp32_precision == before
+
+
 def separated(seed, num_clusters=20, per_cluster=10):
     """One-hot centres and tiny noise: an embedding any clustering metric must score 1."""
     g = torch.Generator().manual_seed(seed)

@@ -7,9 +7,12 @@ with probability proportional to their squared distance ``D(x)^2`` to the neares
 far. The draws are batched by rejection sampling: a pool of proposals drawn from the potential
 at the pool's start gets its distances to all rows from one GEMM, and each step accepts a
 proposal with probability ``D^2 / D_0^2``, which leaves the seeds distributed exactly as
-sequential k-means++. Lloyd's algorithm then runs from those centres, in torch (exact, chunked,
-Hamerly's bounds, only moved centroids measured, stops when no assignment changes) or in faiss
-(``niter`` iterations, no subsampling). Of ``restarts`` runs the one with the lowest inertia
+sequential k-means++. That GEMM only scores the candidates: on a CPU with bf16 matrix units it
+may round its inputs to bf16 (float32 sums), while ``D^2`` stays float32 (see
+:func:`kmeans_plus_plus`). Lloyd's algorithm then runs from those centres and the seeding's
+nearest-seed assignment, in torch (exact, chunked, Hamerly's bounds, only moved centroids
+measured, stops when no assignment changes) or in faiss (``niter`` iterations, no
+subsampling). Of ``restarts`` runs the one with the lowest inertia
 (within-cluster sum of squares) is kept.
 
 The seeding is the same for both backends (torch, from one generator seeded by ``seed``), so
@@ -20,10 +23,12 @@ invariant to that scaling.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -48,9 +53,9 @@ def resolve_restarts(restarts: int | str, num_points: int, num_clusters: int) ->
 
     Measured (``benchmarks/evaluate.py``, docs/benchmarks.md): restarts matter when k is small
     (one unlucky seeding moves NMI/F1 visibly); at N = 60,000 and k = 12,000 (N x k = 7.2e8) the
-    best of 3 runs gained +0.001 NMI for 3x the time, while one run took 1.0-1.3x the time of
-    pytorch-metric-learning's NMI (two quiet runs) and scored higher (0.858 against 0.835). Below 1e8 (e.g. N =
-    10,000, k = 1,000: 1e7; CUB's and Cars' test sets) 3 runs cost seconds.
+    best of 3 runs gained +0.001 NMI for 3x the time (33 s against 10.7 s), while one run took
+    0.66x the time of pytorch-metric-learning's NMI and scored higher (0.858 against 0.835).
+    Below 1e8 (e.g. N = 10,000, k = 2,000: 2e7; CUB's and Cars' test sets) 3 runs cost seconds.
     """
     if restarts == "auto":
         return AUTO_RESTARTS if num_points * num_clusters <= AUTO_RESTARTS_WORK else 1
@@ -147,11 +152,13 @@ def kmeans_fit(
     generator = torch.Generator().manual_seed(seed)
     best: tuple[float, Tensor] | None = None
     for _ in range(restarts):
-        seeds = kmeans_plus_plus(data, num_clusters, generator)
+        seeds, nearest = kmeans_plus_plus_assigned(data, num_clusters, generator)
         if resolved == "faiss":
             assignment = _faiss_lloyd(data, data[seeds], max_iter=max_iter)
         else:
-            assignment = lloyd(data, data[seeds], max_iter=max_iter, budget=memory_budget_bytes)
+            assignment = lloyd(
+                data, data[seeds], max_iter=max_iter, budget=memory_budget_bytes, assignment=nearest
+            )
         inertia = within_cluster_sum_of_squares(data, assignment)
         if best is None or inertia < best[0]:
             best = (inertia, assignment)
@@ -201,6 +208,40 @@ def seeding_pool_size(n: int, trials: int) -> int:
     return max(trials, min(1024, SEEDING_BUFFER_BYTES // (4 * max(n, 1))))
 
 
+def reduced_precision_switch(device: torch.device) -> tuple[Any, str] | None:
+    """The switch that lets float32 matrix products on ``device`` round their inputs to bf16
+    (still accumulating and returning float32) and that setting: oneDNN's ``"bf16"`` on a CPU
+    with bf16 matrix units; ``None`` elsewhere: other CPUs (emulated bf16 is slower), a torch
+    without the per-backend ``fp32_precision`` switch, and GPUs (CUDA's tf32 not taken: not
+    measured here, and float32 keeps a GPU's seeds those of the CPU)."""
+    if device.type != "cpu":
+        return None
+    from mbdl.train.precision import cpu_has_bf16_matrix_units
+
+    switch = getattr(torch.backends.mkldnn, "matmul", None)
+    if not cpu_has_bf16_matrix_units() or switch is None or not hasattr(switch, "fp32_precision"):
+        return None
+    return switch, "bf16"
+
+
+@contextmanager
+def reduced_precision_products(device: torch.device) -> Iterator[None]:
+    """Float32 matrix products on ``device`` may round their inputs to bf16 inside
+    (:func:`reduced_precision_switch`; nothing changes where it is ``None``); the previous
+    setting is restored on exit."""
+    found = reduced_precision_switch(device)
+    if found is None:
+        yield
+        return
+    switch, precision = found
+    previous = switch.fp32_precision
+    switch.fp32_precision = precision
+    try:
+        yield
+    finally:
+        switch.fp32_precision = previous
+
+
 def kmeans_plus_plus(
     x: Tensor,
     num_clusters: int,
@@ -208,6 +249,7 @@ def kmeans_plus_plus(
     trials: int | None = None,
     *,
     pool_size: int | None = None,
+    fast_scoring: bool = True,
 ) -> Tensor:
     """Row indices of ``num_clusters`` greedy k-means++ seeds of ``x`` (float32, ``N x d``).
 
@@ -223,31 +265,120 @@ def kmeans_plus_plus(
     an accepted proposal is then distributed exactly as ``D^2`` now (``D <= D_0``: rejection
     sampling), so the seeds are those of sequential greedy k-means++, with a different random
     stream. The first ``trials`` accepted proposals are the step's candidates; a new pool (of
-    at most ``2 * trials`` proposals per seed still to find) is drawn when fewer are left. Draws from ``generator`` (a CPU generator). Once every point
-    coincides with a seed (duplicates), the remaining seeds are drawn uniformly among the rows
-    not yet chosen.
+    at most ``2 * trials * seeds left`` proposals) is drawn when fewer are left. Draws from
+    ``generator`` (a CPU generator). Once every point coincides with a seed (duplicates), the
+    remaining seeds are drawn uniformly among the rows not yet chosen.
+
+    ``fast_scoring`` (float32 ``x`` of at least ``REDUCED_SCORING_MIN_ELEMENTS`` values, e.g.
+    8,192 x 128): the pool's GEMM, which only scores the candidates
+    (the greedy choice is a heuristic among candidates drawn from the exact ``D^2``), may round
+    its inputs to bf16 (:func:`reduced_precision_products`; about 2.6x faster on an
+    AVX512-BF16 CPU). ``D^2`` itself stays float32: at the proposals from their float32 Gram
+    matrix (the acceptance test), at every row from a float32 GEMM against the pool's chosen
+    seeds when the pool ends, so the seeds are still drawn exactly from ``D^2``. Where the
+    products cannot be reduced, or with ``fast_scoring=False``, the pool's float32 products
+    give ``D^2`` directly.
     """
+    return kmeans_plus_plus_assigned(
+        x, num_clusters, generator, trials, pool_size=pool_size, fast_scoring=fast_scoring
+    )[0]
+
+
+def kmeans_plus_plus_assigned(
+    x: Tensor,
+    num_clusters: int,
+    generator: torch.Generator,
+    trials: int | None = None,
+    *,
+    pool_size: int | None = None,
+    fast_scoring: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """:func:`kmeans_plus_plus`'s seeds and each row's nearest seed (``int64[N]``, positions in
+    the seeds; the float32 ``D^2`` the seeding maintains): Lloyd's first assignment."""
     n = x.shape[0]
-    device = x.device
     if trials is None:
         trials = 2 + int(math.log(num_clusters))
     if pool_size is None:
         pool_size = seeding_pool_size(n, trials)
     if pool_size < trials:
         raise ValueError(f"pool_size={pool_size} must be at least trials={trials}")
+    reduced = (
+        fast_scoring
+        and x.dtype == torch.float32
+        and x.numel() >= REDUCED_SCORING_MIN_ELEMENTS
+        and reduced_precision_switch(x.device) is not None
+    )
+    # a small problem on one thread: each multi-threaded operation waits for all its threads,
+    # which on a loaded machine costs a time slice per operation
+    with torch_threads(torch.get_num_threads() if x.numel() >= 2**20 else 1):
+        return _greedy_seeds(x, num_clusters, generator, trials, pool_size, reduced)
+
+
+#: the seeding scores in reduced precision from this many elements of ``x`` (N x d) up: where
+#: it pays; smaller problems keep float32 scores, the same on every CPU and on a GPU
+REDUCED_SCORING_MIN_ELEMENTS = 2**20
+
+#: unit roundoff of bf16 (8 significant bits), the coarsest rounding a reduced product may apply
+BF16_UNIT_ROUNDOFF = 2.0**-8
+
+
+def _scoring_products(left: Tensor, right_t: Tensor, out: Tensor, reduced: bool) -> Tensor:
+    """``left @ right_t`` into ``out``, inputs rounded to bf16 where ``reduced`` allows."""
+    with reduced_precision_products(left.device) if reduced else contextlib.nullcontext():
+        return torch.mm(left, right_t, out=out)
+
+
+def excess_error_bound(norms: Tensor, seed_norm: float, dim: int, reduced: bool) -> Tensor:
+    """Twice the worst-case ``|computed - exact|`` of the excess ``|s|^2 - 2 s.x`` computed as
+    the product of ``[-2s, |s|^2]`` and ``[x, 1]``, for rows of norms ``norms`` and any ``s``
+    of norm at most ``seed_norm``. Inputs rounded with unit roundoff ``u`` (bf16's where
+    ``reduced``, else 0) and a float32 sum of ``dim + 1`` terms give ``|error| <= (2u + u^2 +
+    (dim + 1) 2^-24) sum_i |a_i b_i| <= (...) (2 |s| |x| + |s|^2)`` (Cauchy-Schwarz)."""
+    u = BF16_UNIT_ROUNDOFF if reduced else 0.0
+    factor = 2 * (2 * u + u * u + (dim + 1) * 2.0**-24)
+    return (2 * seed_norm * factor) * norms + factor * seed_norm**2
+
+
+#: rows re-measured at once at a pool's end (their float32 distances to the pool's seeds)
+RECOMPUTE_CHUNK = 2**16
+
+
+def _greedy_seeds(
+    x: Tensor,
+    num_clusters: int,
+    generator: torch.Generator,
+    trials: int,
+    pool_size: int,
+    reduced: bool,
+) -> tuple[Tensor, Tensor]:
+    """:func:`kmeans_plus_plus_assigned`; ``reduced``: the pool's products may be rounded (bf16).
+
+    One GEMM per pool gives every proposal ``p``'s excess ``|p|^2 - 2 p.x = |x - p|^2 - |x|^2``
+    over every row ``x`` (``[-2p, |p|^2]`` times ``[x, 1]``). During a pool the candidates'
+    gains use ``slack = D^2 - |x|^2`` as those excesses give it (rounded where ``reduced``); the
+    acceptance test uses ``D^2`` at the proposals from their float32 Gram matrix. When the pool
+    ends, ``D^2`` is measured in float32 for the rows that the pool's seeds may have come
+    closer to: those whose scored distance to the nearest of them is within
+    :func:`excess_error_bound` of ``D^2``; the others cannot have changed.
+    """
+    n, dim = x.shape
+    device = x.device
     sq_norms = x.pow(2).sum(dim=1)
-    # x transposed once (a GEMM against a contiguous d x N operand runs faster) and one buffer
-    # for every pool's products (a fresh allocation of that size faults in new pages each time)
-    x_t = x.T.contiguous()
+    norms = sq_norms.sqrt()
+    # [x, 1] transposed once (a GEMM against a contiguous operand runs faster) and one buffer
+    # for every pool's excesses (a fresh allocation of that size faults in new pages each time)
+    x_t = torch.cat([x.T, x.new_ones(1, n)])
     buffer = x.new_empty(min(pool_size, 2 * trials * (num_clusters - 1)) * n)  # the first pool's
-    column = x.new_empty(n)
     # thousands of steps of a few passes over trials x N values: on one thread unless large
+    # (two threads were 15% faster at N = 60,000 on an idle 2-core machine, but each two-thread
+    # step waits for a time slice where the cores are oversubscribed)
     step_threads = torch.get_num_threads() if trials * n >= 2**22 else 1
     chosen = torch.empty(num_clusters, dtype=torch.long)
     first = int(torch.randint(n, (1,), generator=generator))
     chosen[0] = first
     nearest_sq = (sq_norms + sq_norms[first] - 2 * (x @ x[first])).clamp_min_(0)
     nearest_sq[first] = 0
+    nearest = torch.zeros(n, dtype=torch.long, device=device)  # each row's nearest seed
     count = 1
     while count < num_clusters:
         cumulative = torch.cumsum(nearest_sq, 0, dtype=torch.float64)
@@ -266,38 +397,59 @@ def kmeans_plus_plus(
         proposals = proposals.clamp_max_(n - 1)
         # rounding may land on a zero-weight row: u * 0 < D^2 never holds, so it is rejected
         threshold = uniforms.to(device) * nearest_sq[proposals].double()
-        # 2 p.x for every proposal p and row x; a candidate's row less |p|^2 (its "closeness")
-        # is |x|^2 - |x - p|^2, formed only for the candidates (in cache, not a pass over all)
-        products = torch.mm(2 * x[proposals], x_t, out=buffer[: size * n].view(size, n))
         proposal_sq = sq_norms[proposals].unsqueeze(1)
-        rows = products.new_empty(trials, n)
+        doubled = 2 * x[proposals]
+        left = torch.cat([-doubled, proposal_sq], dim=1)  # [-2p, |p|^2]
+        excess = _scoring_products(left, x_t, buffer[: size * n].view(size, n), reduced)
+        gram = torch.mm(doubled, x[proposals].T)  # float32: D^2 at the proposals
+        at_proposals = nearest_sq[proposals]
+        slack = nearest_sq - sq_norms  # D^2 - |x|^2, as the products give it
+        lowest = torch.full_like(slack, float("inf"))  # the pool's seeds' |x - s|^2 - |x|^2
+        pool_start = count
+        rows = excess.new_empty(trials, n)
         start = 0
         with torch_threads(step_threads):
             while count < num_clusters:
-                current = nearest_sq[proposals[start:]].double()
-                accepted = (threshold[start:] < current).nonzero().flatten()
+                accepted = (threshold[start:] < at_proposals[start:].double()).nonzero().flatten()
                 if accepted.numel() < trials:
                     break
                 candidates = start + accepted[:trials]
                 # gain of a candidate c: sum_x max(0, D^2(x) - |x - c|^2)
                 first_candidate, last_candidate = int(candidates[0]), int(candidates[-1])
                 if last_candidate - first_candidate == trials - 1:  # consecutive: no gather
-                    span = slice(first_candidate, last_candidate + 1)
-                    torch.sub(products[span], proposal_sq[span], out=rows)
+                    torch.sub(slack, excess[first_candidate : last_candidate + 1], out=rows)
                 else:
-                    torch.index_select(products, 0, candidates, out=rows)
-                    rows.sub_(proposal_sq[candidates])
-                gain = rows.add_(nearest_sq - sq_norms).clamp_min_(0).sum(dim=1)
+                    torch.index_select(excess, 0, candidates, out=rows)
+                    torch.sub(slack, rows, out=rows)
+                gain = rows.clamp_min_(0).sum(dim=1)
                 best = int(candidates[int(torch.argmax(gain))])
                 j = int(proposals[best])
                 chosen[count] = j
                 count += 1
-                torch.sub(products[best], proposal_sq[best], out=column)
-                torch.sub(sq_norms, column, out=column).clamp_min_(0)
-                torch.minimum(nearest_sq, column, out=nearest_sq)
-                nearest_sq[j] = 0
+                torch.minimum(slack, excess[best], out=slack)
+                torch.minimum(lowest, excess[best], out=lowest)
+                slack[j] = -sq_norms[j]
+                to_best = (proposal_sq.flatten() - gram[best] + proposal_sq[best]).clamp_min_(0)
+                torch.minimum(at_proposals, to_best, out=at_proposals)
+                at_proposals[proposals == j] = 0
                 start = last_candidate + 1
-    return chosen.to(device)
+        if count == pool_start:
+            continue
+        # D^2 (and the nearest seed) in float32 where the pool's seeds may have come closer
+        seeds = chosen[pool_start:count].to(device)
+        bound = excess_error_bound(norms, float(norms[seeds].max()), dim, reduced)
+        flagged = (lowest.add_(sq_norms).sub_(bound) < nearest_sq).nonzero().flatten()
+        doubled_seeds_t = 2 * x[seeds].T
+        for near in flagged.split(RECOMPUTE_CHUNK):  # bounded memory at millions of rows
+            exact = torch.mm(x[near], doubled_seeds_t)
+            exact.sub_(sq_norms[seeds]).neg_().add_(sq_norms[near].unsqueeze(1)).clamp_min_(0)
+            values, which = exact.min(dim=1)
+            closer = values < nearest_sq[near]
+            nearest_sq[near[closer]] = values[closer]
+            nearest[near[closer]] = which[closer] + pool_start
+        nearest_sq[seeds] = 0
+        nearest[seeds] = torch.arange(pool_start, count, device=device)
+    return chosen.to(device), nearest
 
 
 def _faiss_lloyd(x: Tensor, centres: Tensor, *, max_iter: int) -> Tensor:
@@ -354,7 +506,14 @@ def two_nearest_centroids(
     return nearest, first, second
 
 
-def lloyd(x: Tensor, centres: Tensor, *, max_iter: int, budget: int = 2**30) -> Tensor:
+def lloyd(
+    x: Tensor,
+    centres: Tensor,
+    *,
+    max_iter: int,
+    budget: int = 2**30,
+    assignment: Tensor | None = None,
+) -> Tensor:
     """Lloyd's algorithm from ``centres``, with Hamerly's bounds (Hamerly, "Making k-means even faster", SDM 2010)
     and only the moved centroids measured.
 
@@ -366,7 +525,8 @@ def lloyd(x: Tensor, centres: Tensor, *, max_iter: int, budget: int = 2**30) -> 
     it; the rest are measured against every centroid. Late iterations move few centroids, so
     they cost a fraction of a full assignment. The result is that of plain Lloyd: each iteration
     assigns every point to its nearest centroid, then moves each non-empty cluster's centroid to
-    its mean; it stops early when no assignment changes.
+    its mean; it stops early when no assignment changes. ``assignment``: each row's nearest
+    centre when already known (the seeding's), which saves the first full assignment.
     """
     x = x.detach().float()
     centroids = centres.to(x).clone()
@@ -379,7 +539,12 @@ def lloyd(x: Tensor, centres: Tensor, *, max_iter: int, budget: int = 2**30) -> 
             return two_nearest_centroids(rows, candidates, budget)
 
     with torch_threads(1):  # the bookkeeping between the GEMMs: small operations
-        assignment, upper, lower = nearest_two(x, centroids)
+        if assignment is None:
+            assignment, upper, lower = nearest_two(x, centroids)
+        else:  # no second-nearest distance known: a lower bound of 0 checks every row once
+            assignment = assignment.to(x.device).clone()
+            upper = (x - centroids[assignment]).norm(dim=1)
+            lower = torch.zeros_like(upper)
         for _ in range(max_iter):
             sums = torch.zeros_like(centroids).index_add_(0, assignment, x)
             counts = torch.bincount(assignment, minlength=num_clusters).to(x.dtype)
