@@ -91,7 +91,8 @@ def _unnormalized(grad_unit: Tensor, unit: Tensor, norm: Tensor | None) -> Tenso
     """The gradient through ``unit = x / max(||x||, eps)`` (``norm=None``: no normalisation)."""
     if norm is None:
         return grad_unit
-    along = (unit * grad_unit).sum(dim=1, keepdim=True).mul_(norm >= NORMALIZE_EPS)
+    along = (unit * grad_unit).sum(dim=1, keepdim=True)
+    along = torch.where(norm >= NORMALIZE_EPS, along, 0.0)  # a clamped norm passes no gradient
     return grad_unit.sub_(unit * along).div_(norm.clamp_min(NORMALIZE_EPS))
 
 

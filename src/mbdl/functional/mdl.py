@@ -132,9 +132,8 @@ class _HardMarginDiscriminate(torch.autograd.Function):
         ctx: Any, dist: Tensor, positive: Tensor, negative: Tensor, margin: float
     ) -> Tensor:
         big = torch.finfo(dist.dtype).max
-        sign = torch.tensor([1.0, -1.0], dtype=dist.dtype, device=dist.device).view(2, 1, 1)
         members = torch.stack([positive, negative])
-        sides = (dist * sign).masked_fill_(~members, -big)
+        sides = torch.stack([dist, dist.neg()]).masked_fill_(~members, -big)
         boundary, boundary_index = sides.max(dim=2, keepdim=True)  # [p, -n] and where
         valid = (boundary > -big).all(dim=0)  # a positive and a negative
         threshold = boundary.flip(0).neg_().sub_(margin).masked_fill_(~valid, math.inf)
@@ -143,24 +142,24 @@ class _HardMarginDiscriminate(torch.autograd.Function):
         as_float = violating.to(dist.dtype)
         counts = as_float.sum(dim=2, keepdim=True)
         inverse = counts.clamp_min(1).reciprocal_()
-        non_empty = (counts > 0).to(dist.dtype)
+        non_empty = counts.clamp_max(1)  # counts are whole numbers: 1 where V_s is not empty
         # outside V_s the product is 0 (-big times 0 is -0): the sums over V_s
         means = sides.mul_(as_float).sum(dim=2, keepdim=True).mul_(inverse)
         del sides, as_float
         num_valid = valid.sum().clamp_min_(1)
-        ctx.save_for_backward(violating, inverse, non_empty, boundary_index, num_valid, sign)
+        ctx.save_for_backward(violating, inverse, non_empty, boundary_index, num_valid)
         return (means - threshold.masked_fill_(~valid, 0)).mul_(non_empty).sum() / num_valid
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        violating, inverse, non_empty, boundary_index, num_valid, sign = ctx.saved_tensors
+        violating, inverse, non_empty, boundary_index, num_valid = ctx.saved_tensors
         scale = grad_output / num_valid
-        sides = violating.to(grad_output.dtype).mul_(inverse * sign * scale)
-        grad = sides[0] + sides[1]
+        sides = violating.to(grad_output.dtype).mul_(inverse * scale)
+        grad = sides[0] - sides[1]  # side 1 holds -D
         # the thresholds: t_0 = n - m enters side 0 with -1, t_1 = -(p + m) side 1 with -1
         index = boundary_index.squeeze(2).T  # [B, 2]: farthest positive, nearest negative
-        values = (non_empty.flip(0) * sign * scale).squeeze(2).T
+        values = torch.cat([non_empty[1], non_empty[0].neg()], dim=1).mul_(scale)
         grad.scatter_add_(1, index, values.to(grad.dtype))
         return grad, None, None, None
 
