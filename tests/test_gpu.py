@@ -240,3 +240,25 @@ def test_gpu_check_script_syntax_and_cpu_fallback(tmp_path: Path) -> None:
         assert row["network_images_per_s"] > 0 and row["trainer_images_per_s"] > 0
     assert all(v["ms"] > 0 for v in payload["losses"]["losses"].values())
     assert payload["knn"]["ms"] > 0
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_batched_augmentation_on_gpu_equals_cpu() -> None:
+    import numpy as np
+
+    from mbdl.data.batched import BatchAugment
+
+    rng = np.random.default_rng(0)
+    seeds = np.arange(64, dtype=np.uint64) * 7919 + 5
+    grey = torch.from_numpy(rng.integers(0, 256, (64, 1, 32, 32), dtype=np.uint8))
+    affine = BatchAugment("affine", 32, 1)
+    params = affine.draw(seeds, 32, 32)
+    on_cpu, on_gpu = affine(grey, params), affine(grey.cuda(), params).cpu()
+    # nearest sampling: a grid point on a pixel boundary may round either way
+    assert (on_cpu == on_gpu).float().mean() > 0.999
+    rgb = torch.from_numpy(rng.integers(0, 256, (64, 3, 48, 40), dtype=np.uint8))
+    crop = BatchAugment("crop", 32, 3)
+    params = crop.draw(seeds, 48, 40)
+    on_cpu, on_gpu = crop(rgb, params), crop(rgb.cuda(), params).cpu()
+    torch.testing.assert_close(on_gpu, on_cpu, atol=1.01 / 255, rtol=0)  # uint8 vs float resize
