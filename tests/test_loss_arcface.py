@@ -13,6 +13,12 @@ from pytorch_metric_learning import losses as pml_losses
 from mbdl.functional.arcface import arcface_loss
 from mbdl.functional.normsoftmax import normsoftmax_loss
 from mbdl.losses.arcface import ArcFaceLoss
+from proxy_loss_checks import (
+    assert_proxies_declared,
+    assert_proxies_learn,
+    assert_proxy_input_errors,
+    random_proxies,
+)
 from reference_losses_b import LAYOUTS, batch
 
 
@@ -36,11 +42,6 @@ def ref_arcface(embeddings, labels, proxies, *, margin=0.5, scale=64.0) -> float
     return sum(losses) / len(losses)
 
 
-def _proxies(num_classes: int, dim: int, seed: int = 99) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(num_classes, dim, generator=g, dtype=torch.float64)
-
-
 def _pml(ours: ArcFaceLoss) -> pml_losses.ArcFaceLoss:
     """PML's ArcFace with our weights (transposed: PML's are embedding_dim x num_classes) and our
     margin in degrees (PML's unit)."""
@@ -59,7 +60,7 @@ def _pml(ours: ArcFaceLoss) -> pml_losses.ArcFaceLoss:
 @pytest.mark.parametrize("seed", [0, 1])
 def test_matches_reference_loop(seed, batch_size, layout):
     x, labels = batch(seed, batch_size, layout)
-    proxies = _proxies(int(labels.max()) + 3, x.shape[1], seed)
+    proxies = random_proxies(int(labels.max()) + 3, x.shape[1], seed)
     for margin, scale in ((0.5, 64.0), (0.1, 8.0), (1.2, 30.0)):
         got = arcface_loss(x, labels, proxies, margin=margin, scale=scale)
         assert got.dtype == torch.float64
@@ -73,6 +74,7 @@ def test_parity_with_pml_where_every_angle_is_below_pi_minus_m(layout, margin, s
     x, labels = batch(21, 24, layout, dim=8)
     x.requires_grad_(True)
     x_pml = x.detach().clone().requires_grad_(True)
+    torch.manual_seed(0)  # the proxies: not whatever the tests before left in the global generator
     ours = ArcFaceLoss(int(labels.max()) + 2, 8, margin=margin, scale=scale).double()
     pml = _pml(ours)
     with torch.no_grad():
@@ -104,7 +106,7 @@ def test_beyond_pi_minus_m_the_paper_formula_not_pmls_fallback():
 
 def test_without_margin_it_is_normsoftmax_and_the_margin_costs():
     x, labels = batch(4, 16, "random", dim=8)
-    proxies = _proxies(int(labels.max()) + 1, 8)
+    proxies = random_proxies(int(labels.max()) + 1, 8)
     torch.testing.assert_close(
         arcface_loss(x, labels, proxies, margin=0.0, scale=20.0),
         normsoftmax_loss(x, labels, proxies, temperature=0.05),
@@ -125,33 +127,18 @@ def test_gradient_is_finite_at_theta_zero_and_pi():
 
 
 def test_proxies_needs_and_declaration():
-    torch.manual_seed(0)
-    loss = ArcFaceLoss(num_classes=400, embedding_dim=300)
-    assert loss.proxies.shape == (400, 300)
-    assert loss.proxies.std().item() == pytest.approx((2 / 400) ** 0.5, rel=0.02)
-    assert (ArcFaceLoss.needs, ArcFaceLoss.accepts_ref) == (("num_classes", "embedding_dim"), False)
+    loss = assert_proxies_declared(ArcFaceLoss)
     assert ArcFaceLoss.name == "arcface" and (loss.margin, loss.scale) == (0.5, 64.0)
-    param, values = ArcFaceLoss.search_grid
-    assert param == "margin" and values[0] == loss.margin
-    assert all(ArcFaceLoss(3, 4, **{param: v}).margin == v for v in values)
+    assert ArcFaceLoss.search_grid[0] == "margin"
 
 
 def test_proxies_learn():
-    x, labels = batch(0, 16, "p_by_k", dim=8)
-    torch.manual_seed(0)
-    loss = ArcFaceLoss(4, 8, scale=16.0).double()
-    optimizer = torch.optim.SGD(loss.parameters(), lr=0.05)
-    before = loss(x, labels).item()
-    for _ in range(20):
-        optimizer.zero_grad()
-        loss(x, labels).backward()
-        optimizer.step()
-    assert loss(x, labels).item() < 0.75 * before
+    assert_proxies_learn(lambda: ArcFaceLoss(4, 8, scale=16.0))
 
 
 def test_gradcheck_and_half_precision():
     x, labels = batch(2, 8, "p_by_k", dim=4)
-    proxies = _proxies(5, 4).requires_grad_(True)
+    proxies = random_proxies(5, 4).requires_grad_(True)
     x.requires_grad_(True)
     assert torch.autograd.gradcheck(
         lambda e, p: arcface_loss(e, labels, p, margin=0.5, scale=2.0), (x, proxies)
@@ -163,13 +150,7 @@ def test_gradcheck_and_half_precision():
 
 
 def test_value_errors():
-    x, labels = batch(0, 6, "p_by_k", dim=4)
-    with pytest.raises(ValueError, match="no reference set"):
-        ArcFaceLoss(3, 4)(x, labels, x, labels)
-    with pytest.raises(ValueError, match=r"labels must be in \[0, 2\)"):
-        ArcFaceLoss(2, 4)(x, labels)
-    with pytest.raises(ValueError, match="dimension"):
-        ArcFaceLoss(3, 5)(x, labels)
+    assert_proxy_input_errors(ArcFaceLoss)
     with pytest.raises(ValueError, match=r"takes degrees: 28.6 degrees is 0.4992 radians"):
         ArcFaceLoss(3, 4, margin=28.6)
     for bad in (-0.1, math.pi / 2, math.nan):

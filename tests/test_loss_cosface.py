@@ -11,6 +11,12 @@ from pytorch_metric_learning import losses as pml_losses
 from mbdl.functional.cosface import cosface_loss
 from mbdl.functional.normsoftmax import normsoftmax_loss
 from mbdl.losses.cosface import CosFaceLoss
+from proxy_loss_checks import (
+    assert_proxies_declared,
+    assert_proxies_learn,
+    assert_proxy_input_errors,
+    random_proxies,
+)
 from reference_losses_b import LAYOUTS, batch
 
 
@@ -32,17 +38,12 @@ def ref_cosface(embeddings, labels, proxies, *, margin=0.35, scale=64.0) -> floa
     return sum(losses) / len(losses)
 
 
-def _proxies(num_classes: int, dim: int, seed: int = 99) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(num_classes, dim, generator=g, dtype=torch.float64)
-
-
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("batch_size", [1, 5, 32])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_matches_reference_loop(seed, batch_size, layout):
     x, labels = batch(seed, batch_size, layout)
-    proxies = _proxies(int(labels.max()) + 3, x.shape[1], seed)
+    proxies = random_proxies(int(labels.max()) + 3, x.shape[1], seed)
     for margin, scale in ((0.35, 64.0), (0.1, 8.0), (-0.2, 30.0)):
         got = cosface_loss(x, labels, proxies, margin=margin, scale=scale)
         assert got.dtype == torch.float64
@@ -71,7 +72,7 @@ def test_parity_with_pml_given_the_same_weights(layout, margin, scale):
 
 def test_without_margin_it_is_normsoftmax():
     x, labels = batch(4, 16, "random", dim=8)
-    proxies = _proxies(int(labels.max()) + 1, 8)
+    proxies = random_proxies(int(labels.max()) + 1, 8)
     torch.testing.assert_close(
         cosface_loss(x, labels, proxies, margin=0.0, scale=20.0),
         normsoftmax_loss(x, labels, proxies, temperature=0.05),
@@ -83,33 +84,18 @@ def test_without_margin_it_is_normsoftmax():
 
 
 def test_proxies_needs_and_declaration():
-    torch.manual_seed(0)
-    loss = CosFaceLoss(num_classes=400, embedding_dim=300)
-    assert loss.proxies.shape == (400, 300)
-    assert loss.proxies.std().item() == pytest.approx((2 / 400) ** 0.5, rel=0.02)
-    assert (CosFaceLoss.needs, CosFaceLoss.accepts_ref) == (("num_classes", "embedding_dim"), False)
+    loss = assert_proxies_declared(CosFaceLoss)
     assert CosFaceLoss.name == "cosface" and (loss.margin, loss.scale) == (0.35, 64.0)
-    param, values = CosFaceLoss.search_grid
-    assert param == "margin" and values[0] == loss.margin
-    assert all(CosFaceLoss(3, 4, **{param: v}).margin == v for v in values)
+    assert CosFaceLoss.search_grid[0] == "margin"
 
 
 def test_proxies_learn():
-    x, labels = batch(0, 16, "p_by_k", dim=8)
-    torch.manual_seed(0)
-    loss = CosFaceLoss(4, 8, scale=16.0).double()
-    optimizer = torch.optim.SGD(loss.parameters(), lr=0.05)
-    before = loss(x, labels).item()
-    for _ in range(20):
-        optimizer.zero_grad()
-        loss(x, labels).backward()
-        optimizer.step()
-    assert loss(x, labels).item() < 0.75 * before
+    assert_proxies_learn(lambda: CosFaceLoss(4, 8, scale=16.0))
 
 
 def test_gradcheck_and_half_precision():
     x, labels = batch(2, 8, "p_by_k", dim=4)
-    proxies = _proxies(5, 4).requires_grad_(True)
+    proxies = random_proxies(5, 4).requires_grad_(True)
     x.requires_grad_(True)
     assert torch.autograd.gradcheck(
         lambda e, p: cosface_loss(e, labels, p, margin=0.3, scale=2.0), (x, proxies)
@@ -121,13 +107,7 @@ def test_gradcheck_and_half_precision():
 
 
 def test_value_errors():
-    x, labels = batch(0, 6, "p_by_k", dim=4)
-    with pytest.raises(ValueError, match="no reference set"):
-        CosFaceLoss(3, 4)(x, labels, x, labels)
-    with pytest.raises(ValueError, match=r"labels must be in \[0, 2\)"):
-        CosFaceLoss(2, 4)(x, labels)
-    with pytest.raises(ValueError, match="dimension"):
-        CosFaceLoss(3, 5)(x, labels)
+    assert_proxy_input_errors(CosFaceLoss)
     with pytest.raises(ValueError, match="margin must be a finite number"):
         CosFaceLoss(3, 4, margin=math.nan)
     for bad in (0.0, -1.0, math.inf):

@@ -10,6 +10,12 @@ from pytorch_metric_learning import losses as pml_losses
 
 from mbdl.functional.normsoftmax import normsoftmax_loss
 from mbdl.losses.normsoftmax import NormSoftmaxLoss
+from proxy_loss_checks import (
+    assert_proxies_declared,
+    assert_proxies_learn,
+    assert_proxy_input_errors,
+    random_proxies,
+)
 from reference_losses_b import LAYOUTS, batch
 
 
@@ -31,17 +37,12 @@ def ref_normsoftmax(embeddings, labels, proxies, *, temperature=0.05) -> float:
     return sum(losses) / len(losses)
 
 
-def _proxies(num_classes: int, dim: int, seed: int = 99) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(num_classes, dim, generator=g, dtype=torch.float64)
-
-
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("batch_size", [1, 5, 32])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_matches_reference_loop(seed, batch_size, layout):
     x, labels = batch(seed, batch_size, layout)
-    proxies = _proxies(int(labels.max()) + 3, x.shape[1], seed)
+    proxies = random_proxies(int(labels.max()) + 3, x.shape[1], seed)
     for temperature in (0.05, 0.5):
         got = normsoftmax_loss(x, labels, proxies, temperature=temperature)
         assert got.dtype == torch.float64
@@ -71,7 +72,7 @@ def test_parity_with_pml_given_the_same_weights(layout, temperature):
 
 def test_embedding_norm_is_ignored_as_in_the_paper():
     x, labels = batch(3, 12, "p_by_k", dim=8)
-    proxies = _proxies(6, 8)
+    proxies = random_proxies(6, 8)
     scaled = x * torch.linspace(0.1, 10, 12, dtype=x.dtype)[:, None]
     torch.testing.assert_close(
         normsoftmax_loss(scaled, labels, proxies), normsoftmax_loss(x, labels, proxies)
@@ -79,36 +80,18 @@ def test_embedding_norm_is_ignored_as_in_the_paper():
 
 
 def test_proxies_needs_and_declaration():
-    torch.manual_seed(0)
-    loss = NormSoftmaxLoss(num_classes=400, embedding_dim=300)
-    assert isinstance(loss.proxies, torch.nn.Parameter) and loss.proxies.shape == (400, 300)
-    assert loss.proxies.std().item() == pytest.approx((2 / 400) ** 0.5, rel=0.02)
-    assert (NormSoftmaxLoss.needs, NormSoftmaxLoss.accepts_ref) == (
-        ("num_classes", "embedding_dim"),
-        False,
-    )
-    assert NormSoftmaxLoss.name == "normsoftmax"
-    param, values = NormSoftmaxLoss.search_grid
-    assert param == "temperature" and values[0] == loss.temperature == 0.05
-    assert all(NormSoftmaxLoss(3, 4, **{param: v}).temperature == v for v in values)
+    loss = assert_proxies_declared(NormSoftmaxLoss)
+    assert NormSoftmaxLoss.name == "normsoftmax" and loss.temperature == 0.05
+    assert NormSoftmaxLoss.search_grid[0] == "temperature"
 
 
 def test_proxies_learn():
-    x, labels = batch(0, 16, "p_by_k", dim=8)
-    torch.manual_seed(0)
-    loss = NormSoftmaxLoss(4, 8).double()
-    optimizer = torch.optim.SGD(loss.parameters(), lr=0.05)
-    before = loss(x, labels).item()
-    for _ in range(20):
-        optimizer.zero_grad()
-        loss(x, labels).backward()
-        optimizer.step()
-    assert loss(x, labels).item() < 0.75 * before
+    assert_proxies_learn(lambda: NormSoftmaxLoss(4, 8))
 
 
 def test_gradcheck_and_half_precision():
     x, labels = batch(2, 8, "p_by_k", dim=4)
-    proxies = _proxies(5, 4).requires_grad_(True)
+    proxies = random_proxies(5, 4).requires_grad_(True)
     x.requires_grad_(True)
     assert torch.autograd.gradcheck(
         lambda e, p: normsoftmax_loss(e, labels, p, temperature=0.5), (x, proxies)
@@ -120,17 +103,8 @@ def test_gradcheck_and_half_precision():
 
 
 def test_value_errors():
+    assert_proxy_input_errors(NormSoftmaxLoss)
     x, labels = batch(0, 6, "p_by_k", dim=4)
-    with pytest.raises(ValueError, match="no reference set"):
-        NormSoftmaxLoss(3, 4)(x, labels, x, labels)
-    with pytest.raises(ValueError, match=r"labels must be in \[0, 2\)"):
-        NormSoftmaxLoss(2, 4)(x, labels)
-    with pytest.raises(ValueError, match="dimension"):
-        NormSoftmaxLoss(3, 5)(x, labels)
-    with pytest.raises(ValueError, match="num_classes"):
-        NormSoftmaxLoss(0, 4)
-    with pytest.raises(ValueError, match="embedding_dim"):
-        NormSoftmaxLoss(3, 1)
     for bad in (0.0, -0.1, math.inf, math.nan):
         with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
             NormSoftmaxLoss(3, 4, temperature=bad)
