@@ -20,6 +20,7 @@ import math
 import torch
 from torch import Tensor
 
+from mbdl.functional.checks import check_number
 from mbdl.functional.normsoftmax import proxy_cosines, proxy_softmax_loss
 
 
@@ -33,8 +34,7 @@ def check_arcface_options(margin: float, scale: float) -> None:
                 f"{math.radians(margin):.4g} radians)"
             )
         raise ValueError(f"margin must be in radians, in [0, pi/2); got {margin}{hint}")
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a finite number > 0; got {scale}")
+    check_number("scale", scale, above=0)
 
 
 def arcface_loss(

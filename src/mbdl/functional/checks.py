@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -13,6 +14,21 @@ from torch import Tensor
 _CHECKED: ContextVar[tuple[int, int, int, int] | None] = ContextVar(
     "mbdl_checked_loss_inputs", default=None
 )
+
+
+def check_number(
+    name: str, value: float, *, minimum: float | None = None, above: float | None = None
+) -> None:
+    """Raise ``ValueError`` unless ``value`` is a finite number, ``>= minimum`` and ``> above``
+    where given: ``"<name> must be a finite number[ >= minimum | > above]; got <value>"``."""
+    if minimum is not None:
+        ok, bound = math.isfinite(value) and value >= minimum, f" >= {minimum:g}"
+    elif above is not None:
+        ok, bound = math.isfinite(value) and value > above, f" > {above:g}"
+    else:
+        ok, bound = math.isfinite(value), ""
+    if not ok:
+        raise ValueError(f"{name} must be a finite number{bound}; got {value}")
 
 
 def check_embeddings(embeddings: Tensor, name: str = "embeddings") -> None:

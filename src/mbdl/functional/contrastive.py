@@ -12,23 +12,21 @@ itself. This is the reduction of pytorch-metric-learning's ``ContrastiveLoss`` (
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from mbdl.functional.checks import check_loss_inputs
+from mbdl.functional.checks import check_loss_inputs, check_number
 from mbdl.functional.distances import check_distance, loss_distances
 from mbdl.functional.pairs import pair_masks
 
 
 def check_contrastive_options(pos_margin: float, neg_margin: float) -> None:
     """Raise ``ValueError`` unless both margins are finite numbers."""
-    for name, value in (("pos_margin", pos_margin), ("neg_margin", neg_margin)):
-        if not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite number; got {value}")
+    check_number("pos_margin", pos_margin)
+    check_number("neg_margin", neg_margin)
 
 
 def mean_of_nonzero(terms: Tensor) -> Tensor:

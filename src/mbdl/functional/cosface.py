@@ -13,20 +13,17 @@ NormSoftmax loss.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
+from mbdl.functional.checks import check_number
 from mbdl.functional.normsoftmax import proxy_cosines, proxy_softmax_loss
 
 
 def check_cosface_options(margin: float, scale: float) -> None:
     """Raise ``ValueError`` unless ``margin`` is finite and ``scale > 0``."""
-    if not math.isfinite(margin):
-        raise ValueError(f"margin must be a finite number; got {margin}")
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a finite number > 0; got {scale}")
+    check_number("margin", margin)
+    check_number("scale", scale, above=0)
 
 
 def cosface_loss(

@@ -26,7 +26,7 @@ import math
 import torch
 from torch import Tensor
 
-from mbdl.functional.checks import check_loss_inputs
+from mbdl.functional.checks import check_loss_inputs, check_number
 from mbdl.functional.distances import loss_distances
 from mbdl.functional.pairs import pair_masks
 from mbdl.functional.reductions import connected_zero, upcast
@@ -37,8 +37,7 @@ _LOG_ZERO = -1e30
 
 def check_lifted_options(margin: float) -> None:
     """Raise ``ValueError`` unless ``margin`` is a finite number."""
-    if not math.isfinite(margin):
-        raise ValueError(f"margin must be a finite number; got {margin}")
+    check_number("margin", margin)
 
 
 def negative_logsumexp(dist: Tensor, negative: Tensor, margin: float) -> Tensor:

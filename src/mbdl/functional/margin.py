@@ -34,7 +34,7 @@ import math
 import torch
 from torch import Tensor
 
-from mbdl.functional.checks import check_loss_inputs
+from mbdl.functional.checks import check_loss_inputs, check_number
 from mbdl.functional.distances import loss_distances
 from mbdl.functional.pairs import pair_masks
 from mbdl.functional.reductions import connected_zero
@@ -46,10 +46,8 @@ def check_margin_options(
     alpha: float, nu: float, sampling: str, cutoff: float, nonzero_loss_cutoff: float
 ) -> None:
     """Raise ``ValueError`` on a negative ``alpha``/``nu``, an unknown ``sampling`` or bad cutoffs."""
-    if not (math.isfinite(alpha) and alpha >= 0):
-        raise ValueError(f"alpha must be a finite number >= 0; got {alpha}")
-    if not (math.isfinite(nu) and nu >= 0):
-        raise ValueError(f"nu must be a finite number >= 0; got {nu}")
+    check_number("alpha", alpha, minimum=0)
+    check_number("nu", nu, minimum=0)
     if sampling not in SAMPLINGS:
         raise ValueError(f"sampling must be one of {', '.join(SAMPLINGS)}; got {sampling!r}")
     if not (math.isfinite(cutoff) and 0 < cutoff < nonzero_loss_cutoff):

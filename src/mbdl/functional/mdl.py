@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from mbdl.functional.checks import check_loss_inputs
+from mbdl.functional.checks import check_loss_inputs, check_number
 from mbdl.functional.distances import check_distance, loss_distances
 from mbdl.functional.pairs import pair_masks
 from mbdl.functional.reductions import connected_zero
@@ -33,8 +33,7 @@ from mbdl.functional.reductions import connected_zero
 
 def check_mdl_options(margin: float, soft_boundary: float | None) -> None:
     """Raise ``ValueError`` unless ``margin >= 0`` and ``soft_boundary`` is ``None`` or ``> 0``."""
-    if not (math.isfinite(margin) and margin >= 0):
-        raise ValueError(f"margin must be a finite number >= 0; got {margin}")
+    check_number("margin", margin, minimum=0)
     if soft_boundary is not None and not (math.isfinite(soft_boundary) and soft_boundary > 0):
         raise ValueError(f"soft_boundary must be None or a finite number > 0; got {soft_boundary}")
 

@@ -21,19 +21,17 @@ import math
 import torch
 from torch import Tensor
 
-from mbdl.functional.checks import check_loss_inputs
+from mbdl.functional.checks import check_loss_inputs, check_number
 from mbdl.functional.pairs import pair_masks
 from mbdl.functional.reductions import upcast
 
 
 def check_multisimilarity_options(alpha: float, beta: float, base: float, epsilon: float) -> None:
     """Raise ``ValueError`` unless ``alpha, beta > 0`` and ``base, epsilon`` are finite."""
-    for name, value in (("alpha", alpha), ("beta", beta)):
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{name} must be a finite number > 0; got {value}")
-    for name, value in (("base", base), ("epsilon", epsilon)):
-        if not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite number; got {value}")
+    check_number("alpha", alpha, above=0)
+    check_number("beta", beta, above=0)
+    check_number("base", base)
+    check_number("epsilon", epsilon)
 
 
 def cosine_similarity(embeddings: Tensor, ref_emb: Tensor | None = None) -> Tensor:

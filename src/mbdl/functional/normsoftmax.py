@@ -14,20 +14,17 @@ whose kernels reuse :func:`proxy_cosines` and :func:`proxy_softmax_loss` from he
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-from mbdl.functional.checks import check_embeddings, check_loss_inputs
+from mbdl.functional.checks import check_embeddings, check_loss_inputs, check_number
 from mbdl.functional.multisimilarity import cosine_similarity
 from mbdl.functional.proxyanchor import check_proxy_labels
 
 
 def check_normsoftmax_options(temperature: float) -> None:
     """Raise ``ValueError`` unless ``temperature`` is a finite number > 0."""
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0; got {temperature}")
+    check_number("temperature", temperature, above=0)
 
 
 def proxy_cosines(embeddings: Tensor, labels: Tensor, proxies: Tensor) -> Tensor:

@@ -19,20 +19,17 @@ of the other selected classes.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-from mbdl.functional.checks import check_loss_inputs
+from mbdl.functional.checks import check_loss_inputs, check_number
 from mbdl.functional.pairs import pair_masks
 from mbdl.functional.reductions import connected_zero, upcast
 
 
 def check_npair_options(l2_reg: float) -> None:
     """Raise ``ValueError`` unless ``l2_reg`` is a finite number >= 0."""
-    if not (math.isfinite(l2_reg) and l2_reg >= 0):
-        raise ValueError(f"l2_reg must be a finite number >= 0; got {l2_reg}")
+    check_number("l2_reg", l2_reg, minimum=0)
 
 
 def npair_indices(

@@ -13,21 +13,17 @@ no reference set.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-from mbdl.functional.checks import check_embeddings, check_loss_inputs
+from mbdl.functional.checks import check_embeddings, check_loss_inputs, check_number
 from mbdl.functional.multisimilarity import cosine_similarity, log_one_plus_sum_exp
 
 
 def check_proxyanchor_options(margin: float, alpha: float) -> None:
     """Raise ``ValueError`` unless ``margin`` is finite and ``alpha > 0``."""
-    if not math.isfinite(margin):
-        raise ValueError(f"margin must be a finite number; got {margin}")
-    if not (math.isfinite(alpha) and alpha > 0):
-        raise ValueError(f"alpha must be a finite number > 0; got {alpha}")
+    check_number("margin", margin)
+    check_number("alpha", alpha, above=0)
 
 
 def check_proxy_labels(labels: Tensor, num_classes: int) -> None:

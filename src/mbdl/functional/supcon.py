@@ -22,15 +22,14 @@ import math
 import torch
 from torch import Tensor
 
-from mbdl.functional.checks import check_loss_inputs
+from mbdl.functional.checks import check_loss_inputs, check_number
 from mbdl.functional.multisimilarity import cosine_similarity
 from mbdl.functional.pairs import pair_masks
 
 
 def check_supcon_options(temperature: float) -> None:
     """Raise ``ValueError`` unless ``temperature`` is a finite number > 0."""
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0; got {temperature}")
+    check_number("temperature", temperature, above=0)
 
 
 def supcon_from_similarities(

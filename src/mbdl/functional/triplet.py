@@ -26,7 +26,7 @@ import math
 import torch
 from torch import Tensor
 
-from mbdl.functional.checks import check_loss_inputs
+from mbdl.functional.checks import check_loss_inputs, check_number
 from mbdl.functional.distances import check_distance, loss_distances
 from mbdl.functional.pairs import pair_masks
 from mbdl.functional.reductions import connected_zero
@@ -36,8 +36,7 @@ MINING: tuple[str, ...] = ("all", "batch_hard", "semi_hard")
 
 def check_triplet_options(margin: float, mining: str) -> None:
     """Raise ``ValueError`` unless ``margin >= 0`` and ``mining`` is one of :data:`MINING`."""
-    if not (math.isfinite(margin) and margin >= 0):
-        raise ValueError(f"margin must be a finite number >= 0; got {margin}")
+    check_number("margin", margin, minimum=0)
     if mining not in MINING:
         raise ValueError(f"mining must be one of {', '.join(MINING)}; got {mining!r}")
 
