@@ -487,7 +487,11 @@ def _run_search(args: argparse.Namespace) -> int:
     with torch.inference_mode():
         batch = torch.stack([transform(image) for image in queries]).to(device)
         query_embeddings = model(batch).float().cpu()
-    distances = pairwise_distance(query_embeddings, gallery_embeddings, config.eval.distance)
+    # float64, as `mbdl verify` measures a pair: in float32 the expansion |q|^2 + |g|^2 - 2 q.g
+    # cancels near 0, so an image searched against itself read 0.0005 instead of 1e-7
+    distances = pairwise_distance(
+        query_embeddings.double(), gallery_embeddings.double(), config.eval.distance
+    )
     k = min(args.k, len(gallery))
     values, indices = torch.topk(distances, k, dim=1, largest=False)
     for path, row_values, row_indices in zip(images, values, indices, strict=True):
