@@ -152,13 +152,13 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def _checkpoint_config(checkpoint: str, overrides: list[str]) -> tuple[Any, dict[str, Any]]:
     """The config stored in a checkpoint, with ``data.*`` / ``eval.*`` overrides applied."""
-    from mbdl.config import _flatten, config_from_flat, parse_override
+    from mbdl.config import config_from_flat, parse_override, stored_config_values
     from mbdl.export import load_state
 
     state = load_state(checkpoint)
     if not state.get("config"):
         raise UsageError(f"{checkpoint} records no training config (its data): cannot run this")
-    flat = _flatten(dict(state["config"]), "checkpoint config")
+    flat = stored_config_values(state["config"], "checkpoint config")
     for text in overrides:
         key, value = parse_override(text)
         if not key.startswith(("data.", "eval.")) and key != "seed":

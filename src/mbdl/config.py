@@ -634,6 +634,43 @@ def _flatten(mapping: dict[str, Any], source: str) -> dict[str, Any]:
     return flat
 
 
+def stored_config_values(stored: object, where: str) -> dict[str, Any]:
+    """The dotted keys of a config read from a received file (a checkpoint, a model directory,
+    an index), in the one canonical form :func:`config_from_flat` reads, checked against the
+    trust rule before anything imports what it names.
+
+    Every spelling the loader accepts (nested sections, flat dotted keys, both at once) is
+    flattened first; then every key backed by a registry (``data.source``, ``model.backbone``,
+    ``loss.name``) whose value is an import path is refused unless ``MBDL_TRUST_PLUGINS=1``
+    (:func:`mbdl.plugins.check_stored_name`). Callers build their :class:`Config` from the
+    returned values, never from the file's own mapping.
+    """
+    from mbdl.plugins import check_stored_name
+
+    if stored is None:
+        return {}
+    if not isinstance(stored, dict):
+        raise ConfigError(f"{where}: its stored config must be a mapping of keys")
+    flat = _flatten(stored, where)
+    for key, value in flat.items():
+        declared = CONFIG_SCHEMA.get(key)
+        if declared is not None and declared.registry is not None:
+            check_stored_name(value, key=key, where=where)
+    return flat
+
+
+def nested_config_values(flat: dict[str, Any]) -> dict[str, Any]:
+    """Dotted keys -> the nested form of ``config.yaml`` (the inverse of the flattening)."""
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        section, dot, sub = key.partition(".")
+        if dot and section in SECTIONS:
+            nested.setdefault(section, {})[sub] = value
+        else:
+            nested[key] = value
+    return nested
+
+
 def _suggest_unknown(key: str, loss_name: str | None) -> ConfigError:
     candidates = list(CONFIG_SCHEMA)
     if loss_name is not None:

@@ -220,7 +220,11 @@ def load_state(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ValueError(f"{str(target)!r} has {CONFIG_FILE} but no {WEIGHTS_FILE}")
     else:
         state = load_checkpoint(resolve_checkpoint(target))
-    check_stored_plugins(state, str(target))
+    from mbdl.config import nested_config_values
+
+    canonical = check_stored_plugins(state, str(target))
+    if state.get("config") is not None:
+        state["config"] = nested_config_values(canonical)  # one spelling for every reader
     return state
 
 
@@ -647,13 +651,13 @@ def check_images(
             except (OSError, UnidentifiedImageError) as error:
                 raise ValueError(f"cannot read check image {str(path)!r}: {error}") from None
     else:
-        from mbdl.config import _flatten, config_from_flat
+        from mbdl.config import config_from_flat, stored_config_values
         from mbdl.inference import load_data
 
         config = state.get("config") or {}
         if not config:
             raise ValueError("this model records no training data; give check images (--images)")
-        flat = _flatten(dict(config), "checkpoint config")
+        flat = stored_config_values(config, "checkpoint config")
         flat["resume"] = False
         try:
             test = load_data(config_from_flat(flat)).test

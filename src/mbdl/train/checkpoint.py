@@ -257,21 +257,24 @@ def model_from_checkpoint(
     return model_from_state(state, device)
 
 
-def check_stored_plugins(state: dict[str, Any], where: str) -> None:
+def check_stored_plugins(state: dict[str, Any], where: str) -> dict[str, Any]:
     """Import-path plugins (``package.module:Name``) named by a loaded checkpoint or model
     directory load only with ``MBDL_TRUST_PLUGINS=1`` (:func:`mbdl.plugins.check_stored_name`),
-    checked before anything imports them; resuming one's own run does not ask."""
+    checked before anything imports them; resuming one's own run does not ask.
+
+    The stored config is checked in its canonical flat form
+    (:func:`mbdl.config.stored_config_values`, every spelling at once), which is returned: build
+    a config from it, never from ``state["config"]`` itself."""
+    from mbdl.config import stored_config_values
     from mbdl.plugins import check_stored_name
 
-    config = state.get("config") or {}
-    names = (
-        ("model.backbone", (state.get("model_args") or {}).get("backbone")),
-        ("model.backbone", (config.get("model") or {}).get("backbone")),
-        ("data.source", (config.get("data") or {}).get("source")),
-        ("loss.name", (config.get("loss") or {}).get("name")),
-    )
-    for key, name in names:
-        check_stored_name(name, key=key, where=where)
+    model_args = state.get("model_args")
+    if isinstance(model_args, dict):
+        check_stored_name(model_args.get("backbone"), key="model.backbone", where=where)
+    data_args = state.get("data_args")
+    if isinstance(data_args, dict):
+        check_stored_name(data_args.get("source"), key="data.source", where=where)
+    return stored_config_values(state.get("config"), where)
 
 
 def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
