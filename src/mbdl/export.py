@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 import mbdl
 from mbdl.fileio import atomic_write_text, default_file_mode
+from mbdl.model.preprocessing import preprocessing_spec, transform_from_spec
 
 MODEL_FORMAT = "mbdl-model"
 MODEL_VERSION = 1
@@ -57,57 +58,6 @@ class MissingExtra(ImportError, ValueError):
 def missing_extra(package: str, extra: str) -> MissingExtra:
     """The one-line error for an optional dependency that is not installed."""
     return MissingExtra(f"{package} is not installed; run: pip install 'mbdl[{extra}]'")
-
-
-# ---------------------------------------------------------------------------------------------
-# preprocessing
-
-
-def preprocessing_spec(image_size: int, channels: int, imagenet_norm: bool) -> dict[str, Any]:
-    """The evaluation preprocessing of :func:`mbdl.data.build_transforms` as plain values.
-
-    An image is converted to ``color_mode``, its shorter side resized to ``resize`` (bilinear),
-    centre-cropped to ``crop`` x ``crop``, scaled to ``[0, 1]`` (``/ 255``), then each channel
-    normalised as ``(x - mean) / std``; the model takes ``float32`` ``[batch, channels, crop, crop]``.
-    """
-    from mbdl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, NATURAL_IMAGE_MIN_SIZE
-
-    natural = image_size >= NATURAL_IMAGE_MIN_SIZE
-    if imagenet_norm:
-        mean = list(IMAGENET_MEAN) if channels == 3 else [sum(IMAGENET_MEAN) / 3]
-        std = list(IMAGENET_STD) if channels == 3 else [sum(IMAGENET_STD) / 3]
-    else:
-        mean, std = [0.0] * channels, [1.0] * channels
-    return {
-        "image_size": int(image_size),
-        "channels": int(channels),
-        "color_mode": "RGB" if channels == 3 else "L",
-        "resize": round(image_size * 256 / 224) if natural else int(image_size),
-        "resize_rule": "shorter side, bilinear",
-        "crop": int(image_size),
-        "crop_rule": "centre",
-        "scale": 1 / 255,
-        "mean": mean,
-        "std": std,
-        "input_layout": "NCHW float32",
-    }
-
-
-def transform_from_spec(spec: dict[str, Any]) -> Callable[[Any], Tensor]:
-    """A PIL image -> tensor transform doing what ``spec`` (:func:`preprocessing_spec`) says."""
-    from torchvision import transforms as T
-
-    from mbdl.data.transforms import _ToMode
-
-    return T.Compose(
-        [
-            _ToMode(str(spec["color_mode"])),
-            T.Resize(int(spec["resize"])),
-            T.CenterCrop(int(spec["crop"])),
-            T.ToTensor(),
-            T.Normalize(list(spec["mean"]), list(spec["std"])),
-        ]
-    )
 
 
 # ---------------------------------------------------------------------------------------------
