@@ -12,8 +12,8 @@ Images are read batch by batch by a ``DataLoader`` and each batch's embeddings g
 the memory-mapped file, so memory stays flat whatever the number of images. Under ``torchrun``
 every rank embeds a contiguous shard of the items into the same pre-allocated file (the output
 must be on a file system all ranks see); rank 0 moves the finished files into place. Files are
-written under temporary names and renamed at the end: an interrupted run leaves the previous
-output (or none), never half of one.
+written under temporary names and committed as one unit (:func:`mbdl.fileio.commit_files`): an
+interrupted run leaves the previous output (or none), never half of one.
 """
 
 from __future__ import annotations
@@ -38,7 +38,21 @@ from mbdl.distributed import (
     distributed_info,
     is_distributed,
 )
-from mbdl.fileio import atomic_write_text
+from mbdl.errors import UserError, terminal_safe
+from mbdl.fileio import (
+    commit_files,
+    finish_commit,
+    journal_path,
+    naming,
+    read_json_bounded,
+    refuse_foreign,
+    remove_stale_temps,
+    temp_sibling,
+)
+
+#: bounds on what :func:`load_embeddings` reads back
+INFO_MAX_BYTES = 64 << 20
+PATHS_MAX_BYTES_PER_ITEM = 4096
 
 
 def list_images(root: str | os.PathLike[str]) -> tuple[list[str], np.ndarray, list[str]]:
@@ -109,8 +123,13 @@ def shard(count: int, rank: int, world_size: int) -> range:
     return range(count * rank // world_size, count * (rank + 1) // world_size)
 
 
-def _temp(path: Path, token: str) -> Path:
-    return path.with_name(f".{path.name}.{token}.tmp")
+def _is_npy(path: Path) -> bool:
+    """Whether ``path`` is a numpy ``.npy`` file (what an earlier embed wrote)."""
+    try:
+        with open(path, "rb") as file:
+            return file.read(6) == b"\x93NUMPY"
+    except OSError:
+        return False
 
 
 def embed_to_files(
@@ -140,10 +159,19 @@ def embed_to_files(
     count = len(dataset)
     if count == 0:
         raise ValueError("there is nothing to embed (no items)")
-    token = broadcast_object(f"{os.getpid()}") if dist.enabled else str(os.getpid())
-    temps = {name: _temp(path, token) for name, path in files.items()}
+    anchor = files["embeddings"]
+    temps: dict[str, Path] = {}
     if dist.is_main:
-        files["embeddings"].parent.mkdir(parents=True, exist_ok=True)
+        refuse_foreign(anchor, _is_npy, "an embeddings file (.npy)")
+        anchor.parent.mkdir(parents=True, exist_ok=True)
+        finish_commit(anchor)  # an earlier embed killed after its commit point
+        for path in files.values():
+            remove_stale_temps(path)
+        temps = {name: temp_sibling(path) for name, path in files.items()}
+    if dist.enabled:
+        shared = broadcast_object({name: str(temp) for name, temp in temps.items()})
+        temps = {name: Path(temp) for name, temp in shared.items()}
+    if dist.is_main:
         np.lib.format.open_memmap(temps["embeddings"], "w+", np.float32, (count, dim)).flush()
         np.lib.format.open_memmap(temps["labels"], "w+", np.int64, (count,)).flush()
     barrier()
@@ -188,21 +216,34 @@ def embed_to_files(
         if dist.is_main:
             describe = describe or getattr(dataset, "describe", None) or str
             lines = "".join(describe(i).replace("\n", " ") + "\n" for i in range(count))
-            atomic_write_text(files["paths"], lines)
             meta = {"count": count, "dim": dim, **(info or {})}
-            atomic_write_text(files["info"], json.dumps(meta, indent=2) + "\n")
-            os.replace(temps["labels"], files["labels"])
-            os.replace(temps["embeddings"], files["embeddings"])
+            _write_synced(temps["paths"], lines)
+            _write_synced(temps["info"], json.dumps(meta, indent=2) + "\n")
+            for name in ("embeddings", "labels"):
+                _fsync(temps[name])
+            commit_files({temps[name]: files[name] for name in files}, anchor)
         barrier()
-    except BaseException:
+    except BaseException as error:
         if dist.is_main:
             for temp in temps.values():
                 temp.unlink(missing_ok=True)
-        raise
+        raise naming(error, anchor) from None
     finally:
         bar.close()
         model.train(was_training)
     return files
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb+") as file:
+        os.fsync(file.fileno())
 
 
 def load_embeddings(
@@ -210,14 +251,35 @@ def load_embeddings(
 ) -> tuple[np.ndarray, np.ndarray, list[str], dict[str, Any]]:
     """``(embeddings (memory-mapped), labels, paths, info)`` written by :func:`embed_to_files`."""
     files = output_paths(path)
+    if journal_path(files["embeddings"]).exists():
+        finish_commit(files["embeddings"])  # an embed killed after its commit point
     for name, file in files.items():
         if not file.is_file():
             raise ValueError(f"{str(file)!r} ({name}) does not exist")
-    embeddings = np.load(files["embeddings"], mmap_mode="r", allow_pickle=False)
-    labels = np.load(files["labels"], allow_pickle=False)
-    paths = files["paths"].read_text(encoding="utf-8").splitlines()
-    info = json.loads(files["info"].read_text(encoding="utf-8"))
-    return embeddings, labels, paths, info
+    where = terminal_safe(files["embeddings"])
+    info = read_json_bounded(files["info"], max_bytes=INFO_MAX_BYTES)
+    if not isinstance(info, dict):
+        raise UserError(f"{terminal_safe(files['info'])} is not a JSON object")
+    try:
+        embeddings = np.load(files["embeddings"], mmap_mode="r", allow_pickle=False)
+        labels = np.load(files["labels"], mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        message = " ".join(str(error).split())[:200]
+        raise UserError(
+            f"{where} (or its .labels.npy) is not a valid .npy file ({message})"
+        ) from None
+    if embeddings.ndim != 2 or embeddings.dtype != np.float32:
+        raise UserError(f"{where} is not a float32 [N, d] array")
+    if labels.ndim != 1 or labels.dtype != np.int64 or len(labels) != len(embeddings):
+        raise UserError(f"{where}: its .labels.npy is not int64 [{len(embeddings)}]")
+    if info.get("count") != len(embeddings) or info.get("dim") != embeddings.shape[1]:
+        raise UserError(f"{where} does not match its .json (count, dim); write it again")
+    if files["paths"].stat().st_size > PATHS_MAX_BYTES_PER_ITEM * max(len(embeddings), 1):
+        raise UserError(f"{terminal_safe(files['paths'])} is too large for {len(embeddings)} items")
+    paths = files["paths"].read_text(encoding="utf-8", errors="replace").splitlines()
+    if len(paths) != len(embeddings):
+        raise UserError(f"{where}: its .paths.txt has {len(paths)} lines, not {len(embeddings)}")
+    return embeddings, np.asarray(labels), paths, info
 
 
 def model_dim(model: nn.Module, example: Tensor) -> int:

@@ -20,11 +20,10 @@ PyTorch and refused when their largest difference exceeds the tolerance.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shlex
-import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -35,7 +34,14 @@ import torch
 from torch import Tensor, nn
 
 import mbdl
-from mbdl.fileio import atomic_write_text, default_file_mode
+from mbdl.fileio import (
+    atomic_directory,
+    atomic_write_text,
+    default_file_mode,
+    naming,
+    remove_stale_temps,
+    temp_sibling,
+)
 from mbdl.model.preprocessing import preprocessing_spec, transform_from_spec
 
 MODEL_FORMAT = "mbdl-model"
@@ -374,9 +380,7 @@ def save_pretrained(
     info.setdefault("command", _reproducing_command(info["training_config"]))
     weights = {k: v.detach().cpu().contiguous().clone() for k, v in state["model_state"].items()}
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_directory(target, owned=is_model_dir, what="an mbdl model directory") as staging:
         save_file(weights, str(staging / WEIGHTS_FILE), metadata={"format": MODEL_FORMAT})
         os.chmod(staging / WEIGHTS_FILE, default_file_mode())
         atomic_write_text(staging / CONFIG_FILE, json.dumps(info, indent=2) + "\n")
@@ -384,25 +388,7 @@ def save_pretrained(
             staging / PREPROCESSING_FILE, json.dumps(info["preprocessing"], indent=2) + "\n"
         )
         atomic_write_text(staging / CARD_FILE, model_card(info))
-        os.chmod(staging, 0o777 & ~_umask())
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-            old.rmdir()
-            os.replace(target, old)
-            os.replace(staging, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,7 +426,12 @@ def _export_torchscript(model: nn.Module, example: Tensor, path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(model, example, check_trace=False)
-        torch.jit.save(traced, str(path))
+    buffer = io.BytesIO()  # serialised in memory: torch's file writer aborts on a full disk
+    torch.jit.save(traced, buffer)
+    with open(path, "wb") as file:
+        file.write(buffer.getbuffer())
+        file.flush()
+        os.fsync(file.fileno())
 
 
 def onnx_runner(
@@ -537,12 +528,12 @@ def export_file(
     else:
         if target.is_dir():
             raise ValueError(f"-o {str(target)!r} is a directory; give a file name")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp_name = tempfile.mkstemp(
-            prefix=f".{target.name}.", suffix=".tmp", dir=target.parent
-        )
-        os.close(handle)
-        temp = Path(temp_name)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(target)
+            temp = temp_sibling(target)
+        except Exception as error:
+            raise naming(error, target) from None
         try:
             export = _export_onnx if fmt == "onnx" else _export_torchscript
             export(model, images[:2].clone(), temp)
@@ -551,9 +542,9 @@ def export_file(
             diff = max_diff([runner(images), runner(images[1:].contiguous())])
             os.chmod(temp, default_file_mode())
             os.replace(temp, target)
-        except BaseException:
+        except BaseException as error:
             temp.unlink(missing_ok=True)
-            raise
+            raise naming(error, target) from None
         size = target.stat().st_size
     result = {
         "format": fmt,

@@ -26,7 +26,6 @@ from __future__ import annotations
 import os
 import pickle
 import random
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ import torch
 
 from mbdl.config import UPPER_BOUNDS
 from mbdl.errors import UserError, terminal_safe
-from mbdl.fileio import default_file_mode, naming
+from mbdl.fileio import atomic_write
 
 FORMAT = "mbdl-checkpoint"
 VERSION = 1
@@ -51,22 +50,8 @@ _DECLARED_SLACK_BYTES = 1 << 20
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
-    """``torch.save(obj)`` into ``path`` atomically."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(
-        prefix=f".{target.name}.", suffix=".tmp", dir=target.parent
-    )
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(obj, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temp_name, default_file_mode())
-        os.replace(temp_name, target)
-    except BaseException as error:
-        Path(temp_name).unlink(missing_ok=True)
-        raise naming(error, target) from None
+    """``torch.save(obj)`` into ``path`` atomically (:func:`mbdl.fileio.atomic_write`)."""
+    atomic_write(path, lambda file: torch.save(obj, file))
 
 
 def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
