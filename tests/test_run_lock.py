@@ -34,18 +34,39 @@ def write_lock(out: Path, pid: int, host: str | None = None) -> None:
 
 
 def test_a_live_holder_is_refused_and_its_lock_kept(tmp_path: Path) -> None:
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; "
+            "from mbdl.train.runlock import acquire_run_lock; "
+            "acquire_run_lock(Path(sys.argv[1])); print('held', flush=True); time.sleep(60)",
+            str(run),
+        ],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
-        write_lock(tmp_path / "run", holder.pid)
-        config = load_config(
-            None, [*TINY, f"data.root={tmp_path}", f"out={tmp_path / 'run'}", "resume=true"]
-        )
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        config = load_config(None, [*TINY, f"data.root={tmp_path}", f"out={run}", "resume=true"])
         with pytest.raises(ConfigError, match=f"another process \\(pid {holder.pid}\\)"):
             train(config)
-        assert (tmp_path / "run" / RUN_LOCK).read_text().endswith(str(holder.pid))
+        assert (run / RUN_LOCK).read_text().endswith(str(holder.pid))
     finally:
         holder.kill()
         holder.wait()
+    acquire_run_lock(run)  # the kernel released the killed holder's lock: taken over
+    assert (run / RUN_LOCK).read_text().endswith(str(os.getpid()))
+    release_run_lock(run)
+
+
+def test_a_lock_naming_a_live_process_that_holds_nothing_is_taken_over(tmp_path: Path) -> None:
+    write_lock(tmp_path, os.getppid())  # e.g. its pid was reused: the flock is what counts
+    acquire_run_lock(tmp_path)
+    assert (tmp_path / RUN_LOCK).read_text().endswith(str(os.getpid()))
+    release_run_lock(tmp_path)
 
 
 def test_a_dead_holder_is_taken_over_and_the_lock_released(tmp_path: Path) -> None:
@@ -70,7 +91,6 @@ def test_release_only_removes_our_own_lock(tmp_path: Path) -> None:
     write_lock(tmp_path, os.getppid())
     release_run_lock(tmp_path)
     assert (tmp_path / RUN_LOCK).exists()
-    (tmp_path / RUN_LOCK).unlink()
     acquire_run_lock(tmp_path)
     acquire_run_lock(tmp_path)  # re-entrant within one process (an interrupted run, resumed)
     release_run_lock(tmp_path)

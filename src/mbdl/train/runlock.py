@@ -1,9 +1,8 @@
 """One writer per run directory, and no debris left by writers that died.
 
-``out/.lock`` holds ``host pid`` of the process training into ``out``. A second process is
-refused while the holder is alive; a lock whose holder died (on this host), one left by this
-same process, and an empty or unreadable-content lock older than :data:`EMPTY_LOCK_GRACE_S`
-(a writer killed between creating and filling it) are taken over. Once the lock is held, the
+``out/.lock`` is held with an exclusive ``fcntl.flock`` by the process training into ``out``
+(and holds its ``host pid`` for messages). A second process is refused while the holder lives;
+the kernel drops the lock of a process that died, so taking it over is atomic. Once it is held, the
 temporary files of atomic writes (``.NAME.XXXX.tmp``) in ``out`` and ``out/checkpoints`` can
 only belong to writers that died mid-save: :func:`remove_debris` deletes them.
 """
@@ -11,6 +10,7 @@ only belong to writers that died mid-save: :func:`remove_debris` deletes them.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import socket
@@ -21,8 +21,6 @@ from mbdl.config import ConfigError
 from mbdl.errors import UserError, terminal_safe
 
 RUN_LOCK = ".lock"
-#: an empty lock younger than this may belong to a writer that is filling it: wait
-EMPTY_LOCK_GRACE_S = 5.0
 #: the temporary files of mbdl.fileio / checkpoint atomic writes: ``.NAME.RANDOM.tmp``
 _TEMP_FILE = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$")
 
@@ -43,12 +41,17 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def _read_holder(lock: Path) -> str | None:
-    """The lock's ``host pid``, ``""`` when empty or garbled, None when it vanished."""
+#: the run locks this process holds: lock path -> its open, flock-ed descriptor
+_HELD: dict[Path, int] = {}
+
+
+def _read_holder(lock: Path) -> str:
+    """The lock's ``host pid``, ``""`` when empty, garbled or gone."""
     try:
-        text = lock.read_text(encoding="utf-8", errors="replace").strip()
+        with open(lock, "rb") as file:
+            text = file.read(256).decode("utf-8", errors="replace").strip()
     except FileNotFoundError:
-        return None
+        return ""
     except IsADirectoryError:
         raise UserError(f"{terminal_safe(lock)} is a directory; remove it") from None
     host, _, pid = text.partition(" ")
@@ -56,60 +59,85 @@ def _read_holder(lock: Path) -> str | None:
 
 
 def acquire_run_lock(out: Path) -> Path:
-    """Mark ``out`` as trained into by this process (``out/.lock`` holds ``host pid``).
+    """Mark ``out`` as trained into by this process (``out/.lock``, ``flock``-ed, holds
+    ``host pid``).
 
-    Two processes writing one run directory would interleave their logs and checkpoints, so a
-    second one is refused while the first is alive; a lock left by a process that died (or by
-    this same process, after an interrupted run), or an empty one older than
-    :data:`EMPTY_LOCK_GRACE_S`, is taken over.
+    The lock is an exclusive ``fcntl.flock`` on ``out/.lock`` held for as long as this process
+    runs (or until :func:`release_run_lock`): the kernel releases it when the holder dies, so a
+    dead holder's lock is free and taking it over is atomic (two processes can never both hold
+    it). A second process is refused while the first holds it. A free lock naming a process on
+    another host is refused too (its file system may not share locks across hosts). Re-entrant
+    within one process.
     """
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     lock = out / RUN_LOCK
+    key = lock.absolute()
+    if key in _HELD:
+        return lock
+    if lock.is_dir():
+        raise UserError(f"{terminal_safe(lock)} is a directory; remove it")
     while True:
+        handle = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
-            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = _read_holder(lock)
-            if holder is None:
-                continue
-            if holder == "":
-                try:
-                    age = time.time() - lock.stat().st_mtime
-                except FileNotFoundError:
-                    continue
-                if age < EMPTY_LOCK_GRACE_S:  # perhaps being written right now
-                    time.sleep(0.05)
-                    continue
-            elif holder != lock_owner():
-                host, _, pid = holder.partition(" ")
-                if host != socket.gethostname():
-                    raise ConfigError(
-                        f"out={terminal_safe(out)} is locked by a run on {terminal_safe(host)} "
-                        f"(pid {pid}); if that run is dead, remove {terminal_safe(lock)}"
-                    ) from None
-                if process_alive(int(pid)):
-                    raise ConfigError(
-                        f"out={terminal_safe(out)} is being trained into by another process "
-                        f"(pid {pid}); wait for it to finish or choose another out="
-                    ) from None
-            lock.unlink(missing_ok=True)
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(handle)
+            _refuse(out, lock, _read_holder(lock), held=True)
+            time.sleep(0.01)  # the holder is releasing it right now: try again
+            continue
+        except BaseException:
+            os.close(handle)
+            raise
+        try:
+            same = os.fstat(handle).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False  # released (unlinked) between our open and our flock
+        if not same:
+            os.close(handle)
             continue
         try:
-            with os.fdopen(handle, "w", encoding="utf-8") as file:
-                file.write(lock_owner())
+            holder = _read_holder(lock)
+            if holder:
+                _refuse(out, lock, holder, held=False)
+            os.ftruncate(handle, 0)
+            os.pwrite(handle, lock_owner().encode("utf-8"), 0)
+            os.fsync(handle)
         except BaseException:
-            lock.unlink(missing_ok=True)  # never leave an empty lock behind
+            os.close(handle)
             raise
+        _HELD[key] = handle
         return lock
 
 
+def _refuse(out: Path, lock: Path, holder: str, *, held: bool) -> None:
+    """Raise the refusal for a lock held by ``holder`` (``held``: its flock is taken); return
+    when the lock may be taken (a free lock of this host, or a holder releasing it)."""
+    host, _, pid = holder.partition(" ")
+    if holder and host != socket.gethostname():
+        raise ConfigError(
+            f"out={terminal_safe(out)} is locked by a run on {terminal_safe(host)} "
+            f"(pid {pid}); if that run is dead, remove {terminal_safe(lock)}"
+        ) from None
+    if held:
+        shown = f"pid {pid}" if holder else "pid unknown"
+        raise ConfigError(
+            f"out={terminal_safe(out)} is being trained into by another process "
+            f"({shown}); wait for it to finish or choose another out="
+        ) from None
+
+
 def release_run_lock(out: Path) -> None:
-    """Remove ``out/.lock`` if this process holds it (best effort: on a file system that turned
-    read-only or vanished the lock stays, and this process's next start takes it over)."""
-    lock = out / RUN_LOCK
+    """Remove ``out/.lock`` and release it if this process holds it (best effort: on a file
+    system that turned read-only or vanished the file stays; its lock dies with the process)."""
+    lock = Path(out) / RUN_LOCK
+    handle = _HELD.pop(lock.absolute(), None)
+    if handle is None:
+        return
     with contextlib.suppress(OSError):
-        if lock.read_text(encoding="utf-8", errors="replace").strip() == lock_owner():
-            lock.unlink()
+        lock.unlink()  # unlink while holding it: a waiter that opened it sees it vanished
+    with contextlib.suppress(OSError):
+        os.close(handle)
 
 
 def remove_debris(out: Path) -> list[Path]:
