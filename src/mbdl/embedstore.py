@@ -18,6 +18,7 @@ interrupted run leaves the previous output (or none), never half of one.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -172,8 +173,18 @@ def embed_to_files(
         shared = broadcast_object({name: str(temp) for name, temp in temps.items()})
         temps = {name: Path(temp) for name, temp in shared.items()}
     if dist.is_main:
-        np.lib.format.open_memmap(temps["embeddings"], "w+", np.float32, (count, dim)).flush()
-        np.lib.format.open_memmap(temps["labels"], "w+", np.int64, (count,)).flush()
+        try:
+            for name, dtype, shape in (
+                ("embeddings", np.float32, (count, dim)),
+                ("labels", np.int64, (count,)),
+            ):
+                np.lib.format.open_memmap(temps[name], "w+", dtype, shape).flush()
+                _reserve(temps[name])
+        except BaseException as error:
+            mapped = naming(error, anchor)
+            for temp in temps.values():
+                temp.unlink(missing_ok=True)
+            raise mapped from None
     barrier()
     embeddings = np.load(temps["embeddings"], mmap_mode="r+")
     labels = np.load(temps["labels"], mmap_mode="r+")
@@ -224,14 +235,28 @@ def embed_to_files(
             commit_files({temps[name]: files[name] for name in files}, anchor)
         barrier()
     except BaseException as error:
+        mapped = naming(error, anchor)  # before the unlink frees the space it judges by
         if dist.is_main:
             for temp in temps.values():
                 temp.unlink(missing_ok=True)
-        raise naming(error, anchor) from None
+        raise mapped from None
     finally:
         bar.close()
         model.train(was_training)
     return files
+
+
+def _reserve(path: Path) -> None:
+    """Allocate the disk blocks of a memory-mapped file now: on a full disk this is an
+    ``OSError`` here, where writing into a sparse mapping later would kill the process
+    (``SIGBUS``)."""
+    with open(path, "rb+") as file:
+        size = os.fstat(file.fileno()).st_size
+        try:
+            os.posix_fallocate(file.fileno(), 0, size)
+        except OSError as error:
+            if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
 
 
 def _write_synced(path: Path, text: str) -> None:

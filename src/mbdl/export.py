@@ -543,8 +543,9 @@ def export_file(
             os.chmod(temp, default_file_mode())
             os.replace(temp, target)
         except BaseException as error:
+            mapped = naming(error, target)  # before the unlink frees the space it judges by
             temp.unlink(missing_ok=True)
-            raise naming(error, target) from None
+            raise mapped from None
         size = target.stat().st_size
     result = {
         "format": fmt,

@@ -167,8 +167,9 @@ def atomic_write(
         os.replace(temp, target)
         _sync_directory(target.parent)
     except BaseException as error:
+        mapped = naming(error, target)  # before the unlink frees the space it judges by
         temp.unlink(missing_ok=True)
-        raise naming(error, target) from None
+        raise mapped from None
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, **options: Any) -> None:
