@@ -304,7 +304,8 @@ def test_a_directory_swapped_in_replaces_the_old_one_whole(tmp_path: Path) -> No
     with atomic_directory(target, owned=lambda p: (p / "a").exists()) as staging:
         (staging / "b").write_text("2")
     assert sorted(p.name for p in target.iterdir()) == ["b"]
-    with pytest.raises(KeyError), atomic_directory(target, owned=lambda p: True) as staging:
-        (staging / "c").write_text("3")
-        raise KeyError("failed midway")
+    with pytest.raises(OSError, match="KeyError: 'failed midway'"):
+        with atomic_directory(target, owned=lambda p: True) as staging:
+            (staging / "c").write_text("3")
+            raise KeyError("failed midway")
     assert sorted(p.name for p in target.iterdir()) == ["b"] and debris(tmp_path) == []
