@@ -580,18 +580,13 @@ def check_images(
 ) -> Tensor:
     """Preprocessed real images to check an export with: the given image files, else the first
     ``count`` images of the model's test split (its training data)."""
-    from PIL import Image, UnidentifiedImageError
+    from mbdl.data.files import read_image
 
     state = state_or_path if isinstance(state_or_path, dict) else load_state(state_or_path)
-    transform = transform_from_spec(state_preprocessing(state))
+    spec = state_preprocessing(state)
+    transform = transform_from_spec(spec)
     if paths:
-        tensors = []
-        for path in paths:
-            try:
-                with Image.open(path) as image:
-                    tensors.append(transform(image))
-            except (OSError, UnidentifiedImageError) as error:
-                raise ValueError(f"cannot read check image {str(path)!r}: {error}") from None
+        tensors = [transform(read_image(path, str(spec["color_mode"]))) for path in paths]
     else:
         from mbdl.config import config_from_flat, stored_config_values
         from mbdl.inference import load_data

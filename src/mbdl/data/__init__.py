@@ -24,7 +24,7 @@ SIDE_SAMPLE = 256
 def typical_image_side(dataset: Any, *, sample: int = SIDE_SAMPLE, seed: int = 0) -> int | None:
     """The median shorter side, in pixels, of up to ``sample`` images of a file dataset (read
     from the file headers, not decoded); None when the dataset has no readable file paths."""
-    from PIL import Image
+    from mbdl.data.files import open_image_file
 
     full_path = getattr(dataset, "full_path", None)
     if full_path is None or len(dataset) == 0:
@@ -34,7 +34,7 @@ def typical_image_side(dataset: Any, *, sample: int = SIDE_SAMPLE, seed: int = 0
     sides = []
     for index in chosen:
         try:
-            with Image.open(full_path(int(index))) as image:
+            with open_image_file(full_path(int(index))) as image:
                 sides.append(min(image.size))
         except (OSError, ValueError, SyntaxError):
             continue

@@ -18,9 +18,11 @@ counts them all, before training starts. With ``skip_corrupt=True``:
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,11 @@ _PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBo
 
 #: the largest image (width x height) read; larger ones are refused before decoding
 MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold (Image.MAX_IMAGE_PIXELS)
+
+# PIL's warnings (a large image, odd EXIF or palette data) would print on stderr beside mbdl's
+# one-line errors; what they warn about is checked and reported here (MAX_PIXELS, DECODING).
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+warnings.filterwarnings("ignore", module=r"PIL\.")
 
 #: the background that transparent pixels are composited on (how a browser shows them)
 BACKGROUND = (255, 255, 255)
@@ -82,13 +89,29 @@ class ImageReadError(UserError):
     """An image file that does not exist, cannot be read, does not decode, or is not supported."""
 
 
+#: rows of a 16-bit image scaled at a time (bounds the scaling's working memory)
+_SCALE_CHUNK_PIXELS = 1 << 20
+
+
 def _scale_16_bit(image: Image.Image) -> Image.Image:
     """A 16-bit (or 32-bit integer) grey image as 8-bit grey: ``round(v / 257)``, ``v`` clipped
-    to ``0..65535``, so 0 -> 0 and 65535 -> 255 (Pillow's own ``convert("L")`` clips at 255)."""
-    values = np.asarray(image, dtype=np.int64) if image.mode != "I;16B" else None
-    if values is None:  # big-endian 16-bit: read the raw bytes
-        values = np.frombuffer(image.tobytes(), dtype=">u2").reshape(image.height, image.width)
-    scaled = (np.clip(values, 0, 65535).astype(np.float64) / 257.0).round().astype(np.uint8)
+    to ``0..65535``, so 0 -> 0 and 65535 -> 255 (Pillow's own ``convert("L")`` clips at 255).
+
+    ``round(v / 257) = (v + 128) // 257`` exactly (257 is odd: no ties), computed a band of rows
+    at a time, so the working memory beyond the decoded image and its 8-bit result is bounded
+    (about :data:`_SCALE_CHUNK_PIXELS` x 8 bytes) whatever the image size.
+    """
+    width, height = image.size
+    scaled = np.empty((height, width), dtype=np.uint8)
+    rows = max(1, _SCALE_CHUNK_PIXELS // max(width, 1))
+    for top in range(0, height, rows):
+        band = image.crop((0, top, width, min(height, top + rows)))
+        if image.mode == "I;16B":  # big-endian 16-bit: read the raw bytes
+            values = np.frombuffer(band.tobytes(), dtype=">u2").reshape(band.height, width)
+        else:
+            values = np.asarray(band)
+        values = np.clip(values, 0, 65535).astype(np.uint32)
+        scaled[top : top + band.height] = ((values + 128) // 257).astype(np.uint8)
     return Image.fromarray(scaled, mode="L")
 
 
@@ -118,15 +141,40 @@ def to_mode(image: Image.Image, mode: str) -> Image.Image:
     return image if image.mode == mode else image.convert(mode)
 
 
+@contextlib.contextmanager
+def open_image_file(path: str | Path) -> Iterator[Image.Image]:
+    """``Image.open`` of ``path`` once it is known to be a regular file: opened without blocking
+    (a named pipe, a device or a socket would block or never end) and checked with ``fstat``
+    on the opened descriptor (no window between the check and the read); the image and its file
+    are closed on leaving. Raises ``FileNotFoundError`` for a missing file, ``ValueError`` for
+    anything not a regular file or empty, PIL's errors otherwise."""
+    handle = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        info = os.fstat(handle)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError("not a regular file")
+        if info.st_size == 0:
+            raise ValueError("empty file")
+        os.set_blocking(handle, True)
+        file = os.fdopen(handle, "rb")
+    except BaseException:
+        os.close(handle)
+        raise
+    with file, Image.open(file) as image:
+        yield image
+
+
 def read_image(path: str | Path, mode: str = "RGB") -> Image.Image:
     """Open and fully decode ``path`` with PIL, converted to ``mode`` (``"RGB"`` or ``"L"``) by
     :func:`to_mode` (the first frame of an animation).
 
-    Raises :class:`ImageReadError` naming the file when it is missing, corrupt, larger than
-    :data:`MAX_PIXELS` (checked from the header, before decoding) or of an unsupported mode.
+    Raises :class:`ImageReadError` naming the file when it is missing, not a regular file (a
+    named pipe, a device: refused before reading), corrupt, larger than :data:`MAX_PIXELS`
+    (checked from the header, before decoding; PIL's decompression-bomb error included) or of an
+    unsupported mode.
     """
     try:
-        with Image.open(path) as image:
+        with open_image_file(path) as image:
             _check_header(image)
             image.load()
             return to_mode(image, mode)
@@ -158,15 +206,8 @@ def inspect_image(path: str | Path) -> str | None:
     """``None`` when ``path`` is a regular file holding a readable, supported image within
     :data:`MAX_PIXELS`, else the reason it is not. Checks the header first (size, mode, no
     pixel data read), then decodes the first frame (JPEGs at 1/8 scale, which is cheap)."""
-    import stat
-
     try:
-        info = os.stat(path)
-        if not stat.S_ISREG(info.st_mode):
-            return "not a regular file"
-        if info.st_size == 0:
-            return "empty file"
-        with Image.open(path) as image:
+        with open_image_file(path) as image:
             _check_header(image)
             if image.format == "JPEG":
                 image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))
