@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
+import reprlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -29,6 +30,105 @@ from mbdl.errors import UserError
 from mbdl.metrics import select_metric_help, selectable_keys
 
 SECTIONS: tuple[str, ...] = ("data", "model", "loss", "train", "eval")
+
+#: bounds on a YAML config (file or override value): bytes, nesting depth, alias uses, and the
+#: number of values once aliases are expanded (a "billion laughs" file is a few hundred bytes)
+YAML_MAX_BYTES = 1 << 20
+YAML_MAX_DEPTH = 32
+YAML_MAX_ALIASES = 100
+YAML_MAX_VALUES = 100_000
+
+
+def _shown(value: object) -> str:
+    """``repr(value)`` for a message, bounded: long strings, lists, mappings and deep nesting
+    are abbreviated (``...``), so a message never formats an unbounded value."""
+    shown = _REPR.repr(value)
+    return shown if len(shown) <= 300 else shown[:300] + "..."
+
+
+def _make_repr() -> reprlib.Repr:
+    bounded = reprlib.Repr()
+    bounded.maxlevel, bounded.maxstring, bounded.maxother = 3, 200, 80
+    bounded.maxlist = bounded.maxtuple = bounded.maxdict = bounded.maxset = 8
+    return bounded
+
+
+_REPR = _make_repr()
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses duplicate keys (a repeated section silently replaced
+    the first), nesting deeper than :data:`YAML_MAX_DEPTH` and more than
+    :data:`YAML_MAX_ALIASES` alias uses."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._aliases = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > YAML_MAX_ALIASES:
+                raise ConfigError(f"it uses more than {YAML_MAX_ALIASES} aliases (*name)")
+        self._depth += 1
+        try:
+            if self._depth > YAML_MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise ConfigError(
+                    f"it nests deeper than {YAML_MAX_DEPTH} levels (line {mark.line + 1})"
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    duplicate = key in seen
+                    seen.add(key)
+                except TypeError:
+                    continue
+                if duplicate:
+                    raise ConfigError(
+                        f"key {_shown(key)} appears twice (line {key_node.start_mark.line + 1}); "
+                        "keep one"
+                    )
+        return super().construct_mapping(node, deep=deep)
+
+
+def _count_values(value: Any, limit: int) -> int:
+    """The number of values in ``value`` with aliases expanded, counting stops past ``limit``."""
+    count, stack = 0, [value]
+    while stack and count <= limit:
+        item = stack.pop()
+        count += 1
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return count
+
+
+def load_yaml_bounded(text: str) -> Any:
+    """``yaml.safe_load(text)`` within the bounds above (a :class:`ConfigError` saying which,
+    without the file's name: callers add it)."""
+    if len(text) > YAML_MAX_BYTES:
+        raise ConfigError(f"it is larger than {YAML_MAX_BYTES} bytes")
+    loader = _BoundedLoader(text)
+    try:
+        data = loader.get_single_data()
+    except RecursionError:
+        raise ConfigError(f"it nests deeper than {YAML_MAX_DEPTH} levels") from None
+    finally:
+        loader.dispose()
+    if _count_values(data, YAML_MAX_VALUES) > YAML_MAX_VALUES:
+        raise ConfigError(f"it holds more than {YAML_MAX_VALUES} values once aliases are expanded")
+    return data
 
 
 class _LossNames(Sequence[str]):
@@ -437,7 +537,7 @@ def _coerce(key: str, value: Any, type_name: str) -> Any:
             value = float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(float(value)):
-                raise ConfigError(f"{key} must be a finite number; got {value!r}")
+                raise ConfigError(f"{key} must be a finite number; got {_shown(value)}")
             return float(value)
     elif base == "str":
         if isinstance(value, int) and not isinstance(value, bool):
@@ -459,7 +559,7 @@ def _coerce(key: str, value: Any, type_name: str) -> Any:
     else:  # pragma: no cover - the schema only uses the types above
         raise AssertionError(f"unknown schema type {type_name}")
     expected = f"a {base}" + (" or null" if optional else "")
-    raise ConfigError(f"{key} must be {expected}; got {value!r} ({_type_name(value)})")
+    raise ConfigError(f"{key} must be {expected}; got {_shown(value)} ({_type_name(value)})")
 
 
 def _check_value(key: str, value: Any) -> Any:
@@ -472,7 +572,7 @@ def _check_value(key: str, value: Any) -> Any:
     if declared.type == "int | str" and isinstance(value, str):  # a count, or auto
         if value != "auto":
             raise ConfigError(
-                f"{key} must be auto or a count >= {declared.minimum:g}; got {value!r}"
+                f"{key} must be auto or a count >= {declared.minimum:g}; got {_shown(value)}"
             )
         return value
     value = _coerce(key, value, declared.type)
@@ -480,10 +580,12 @@ def _check_value(key: str, value: Any) -> Any:
         for item in value:
             if item not in allowed:
                 raise ConfigError(
-                    f"{key}: {item!r} is not allowed; choose from {', '.join(allowed)}"
+                    f"{key}: {_shown(item)} is not allowed; choose from {', '.join(allowed)}"
                 )
     elif allowed is not None and value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(allowed)}")
+        raise ConfigError(
+            f"{key}={_shown(value)} is not allowed; choose one of {', '.join(allowed)}"
+        )
     if declared.registry is not None:
         _check_registered(key, value, declared.registry)
     lower = declared.above if declared.above is not None else declared.minimum
@@ -491,9 +593,9 @@ def _check_value(key: str, value: Any) -> Any:
         strict = declared.above is not None
         if value < lower or (strict and value == lower):
             relation = ">" if strict else ">="
-            raise ConfigError(f"{key} must be {relation} {lower:g}; got {value!r}")
+            raise ConfigError(f"{key} must be {relation} {lower:g}; got {_shown(value)}")
     if declared.maximum is not None and value is not None and value > declared.maximum:
-        raise ConfigError(f"{key} must be <= {declared.maximum:g}; got {value!r}")
+        raise ConfigError(f"{key} must be <= {declared.maximum:g}; got {_shown(value)}")
     return value
 
 
@@ -513,7 +615,7 @@ def _check_registered(key: str, value: str, registry_path: str) -> None:
     registry = import_object(registry_path, kind="registry")
     if value not in registry:
         raise ConfigError(
-            f"{key}={value!r} is not allowed; choose one of {registry_choices(registry)}"
+            f"{key}={_shown(value)} is not allowed; choose one of {registry_choices(registry)}"
         )
     try:
         registry.get(value)
@@ -526,12 +628,14 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise ConfigError(f"override {text!r} must look like key=value (e.g. train.epochs=5)")
+        raise ConfigError(f"override {_shown(text)} must look like key=value (e.g. train.epochs=5)")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml_bounded(raw) if raw.strip() else None
+    except ConfigError as error:
+        raise ConfigError(f"override {_shown(text)}: {error}") from None
     except yaml.YAMLError as error:
         problem = str(error).splitlines()[0]
-        raise ConfigError(f"override {text!r}: cannot parse the value ({problem})") from None
+        raise ConfigError(f"override {_shown(text)}: cannot parse the value ({problem})") from None
     return key, value
 
 
@@ -578,7 +682,7 @@ def _check_loss_params(name: str, given: dict[str, Any], embedding_dim: int) -> 
             hint = f"; did you mean {', '.join(suggestions)}?" if suggestions else ""
             params_text = ", ".join(choices) if choices else "none"
             raise ConfigError(
-                f"unknown key {key}: not a parameter of loss {name!r}{hint} "
+                f"unknown key {key}: not a parameter of loss {_shown(name)}{hint} "
                 f"(its parameters: {params_text})"
             )
         default = valid[param]
@@ -595,7 +699,7 @@ def _check_loss_params(name: str, given: dict[str, Any], embedding_dim: int) -> 
     missing = [p for p, d in valid.items() if d is inspect.Parameter.empty and p not in checked]
     if missing:
         raise ConfigError(
-            f"loss {name!r} needs {', '.join('loss.' + p for p in missing)} to be set"
+            f"loss {_shown(name)} needs {', '.join('loss.' + p for p in missing)} to be set"
         )
     cls = loss_class(name)
     extra: dict[str, Any] = {}
@@ -607,7 +711,7 @@ def _check_loss_params(name: str, given: dict[str, Any], embedding_dim: int) -> 
     try:
         cls(**checked, **extra)
     except (ValueError, TypeError) as error:
-        raise ConfigError(f"loss {name!r}: {error}") from None
+        raise ConfigError(f"loss {_shown(name)}: {error}") from None
     defaults = {p: d for p, d in valid.items() if d is not inspect.Parameter.empty}
     return {**defaults, **checked}  # the resolved config records every hyper-parameter
 
@@ -621,7 +725,7 @@ def _flatten(mapping: dict[str, Any], source: str) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in mapping.items():
         if not isinstance(key, str):
-            raise ConfigError(f"{source}: keys must be strings; got {key!r}")
+            raise ConfigError(f"{source}: keys must be strings; got {_shown(key)}")
         if key in SECTIONS:
             if value is None:
                 continue
@@ -690,18 +794,22 @@ def read_yaml_config(path: str | Path) -> dict[str, Any]:
     """The dotted keys of a YAML config file (not yet validated)."""
     file = Path(path)
     if not file.is_file():
-        raise ConfigError(f"config file {str(file)!r} does not exist")
+        raise ConfigError(f"config file {_shown(str(file))} does not exist")
     try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+        with open(file, "rb") as handle:
+            raw = handle.read(YAML_MAX_BYTES + 1)
+        data = load_yaml_bounded(raw.decode("utf-8"))
+    except ConfigError as error:
+        raise ConfigError(f"config file {_shown(str(file))}: {error}") from None
     except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"cannot read config file {str(file)!r}: {error}") from None
+        raise ConfigError(f"cannot read config file {_shown(str(file))}: {error}") from None
     except yaml.YAMLError as error:
         problem = " ".join(str(error).split())
-        raise ConfigError(f"config file {str(file)!r} is not valid YAML: {problem}") from None
+        raise ConfigError(f"config file {_shown(str(file))} is not valid YAML: {problem}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(file)!r} must hold a mapping of keys")
+        raise ConfigError(f"config file {_shown(str(file))} must hold a mapping of keys")
     return _flatten(data, str(file))
 
 
@@ -745,18 +853,20 @@ def config_from_flat(values: dict[str, Any]) -> Config:
 def _check_cross_keys(resolved: dict[str, Any]) -> None:
     ks = resolved["eval.ks"]
     if not ks or any(k < 1 for k in ks):
-        raise ConfigError(f"eval.ks must be a non-empty list of integers >= 1; got {ks!r}")
+        raise ConfigError(f"eval.ks must be a non-empty list of integers >= 1; got {_shown(ks)}")
     metric = resolved["train.select_metric"]
     allowed = selectable_keys(ks)
     if metric not in allowed:
         raise ConfigError(
-            f"train.select_metric={metric!r} is not allowed; choose one of {', '.join(allowed)}"
+            f"train.select_metric={_shown(metric)} is not allowed; choose one of {', '.join(allowed)}"
         )
     if resolved["eval.verify_far"] >= 1:
-        raise ConfigError(f"eval.verify_far must be in (0, 1); got {resolved['eval.verify_far']!r}")
+        raise ConfigError(
+            f"eval.verify_far must be in (0, 1); got {_shown(resolved['eval.verify_far'])}"
+        )
     if resolved["data.val_fraction"] >= 1:
         raise ConfigError(
-            f"data.val_fraction must be in [0, 1); got {resolved['data.val_fraction']!r}"
+            f"data.val_fraction must be in [0, 1); got {_shown(resolved['data.val_fraction'])}"
         )
     if resolved["data.root"] is None and _source_needs_root(resolved["data.source"]):
         raise ConfigError(
@@ -785,7 +895,7 @@ def _check_xbm(resolved: dict[str, Any]) -> None:
     if resolved["train.xbm_size"] > 0 and not getattr(loss_class(name), "accepts_ref", True):
         raise ConfigError(
             f"train.xbm_size={resolved['train.xbm_size']} needs a loss that takes a reference set; "
-            f"loss {name!r} has none (its anchors are proxies): set train.xbm_size=0"
+            f"loss {_shown(name)} has none (its anchors are proxies): set train.xbm_size=0"
         )
 
 
