@@ -46,6 +46,9 @@ def _shown(value: object) -> str:
     return shown if len(shown) <= 300 else shown[:300] + "..."
 
 
+bounded_repr = _shown
+
+
 def _make_repr() -> reprlib.Repr:
     bounded = reprlib.Repr()
     bounded.maxlevel, bounded.maxstring, bounded.maxother = 3, 200, 80

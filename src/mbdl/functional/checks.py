@@ -16,6 +16,10 @@ _CHECKED: ContextVar[tuple[int, int, int, int] | None] = ContextVar(
 )
 
 
+class NonFiniteError(ValueError):
+    """Embeddings (or other values checked here) hold NaN or Inf."""
+
+
 def check_number(
     name: str, value: float, *, minimum: float | None = None, above: float | None = None
 ) -> None:
@@ -47,7 +51,7 @@ def check_embeddings(embeddings: Tensor, name: str = "embeddings") -> None:
     # (NaN/Inf, or an overflow of large finite values) needs the element-wise check
     values = embeddings.detach()
     if not bool(torch.isfinite(values.sum())) and not bool(torch.isfinite(values).all()):
-        raise ValueError(f"{name} contain NaN or Inf")
+        raise NonFiniteError(f"{name} contain NaN or Inf")
 
 
 def check_labels(labels: Tensor, num_items: int, name: str = "labels") -> None:

@@ -7,7 +7,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from mbdl.config import Config, ConfigError, config_differences, config_to_flat, load_config
+from mbdl.config import (
+    Config,
+    ConfigError,
+    _flatten,
+    bounded_repr,
+    config_differences,
+    config_to_flat,
+    load_config,
+)
 from mbdl.train.checkpoint import load_checkpoint
 from mbdl.train.runlock import RUN_LOCK, acquire_run_lock, remove_debris
 
@@ -42,21 +50,31 @@ def prepare_run_dir(config: Config) -> tuple[Path, dict[str, Any] | None]:
         return out, None
     acquire_run_lock(out)
     remove_debris(out)  # the temporary files of a writer killed mid-save
-    saved = out / "config.yaml"
-    if saved.is_file():
-        previous = load_config(saved)
-        differences = config_differences(config_to_flat(previous), config_to_flat(config))
-        if differences:
-            old, new = config_to_flat(previous), config_to_flat(config)
-            shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differences[:4])
-            raise ConfigError(
-                f"cannot resume {config.out} with a different config ({shown}); "
-                "start a new run with another out="
-            )
-    elif has_content:
-        raise ConfigError(f"out={config.out} is not an mbdl run directory (no config.yaml)")
     last = out / "checkpoints" / "last.pt"
     state = load_checkpoint(last) if last.is_file() else None
+    saved = out / "config.yaml"
+    stored = (state or {}).get("config")
+    if isinstance(stored, dict) and stored:
+        # the config the weights were trained with: config.yaml is a copy anyone can edit
+        previous, where = _flatten(stored, str(last)), "the run's last checkpoint"
+    elif saved.is_file():
+        previous, where = config_to_flat(load_config(saved)), str(saved)
+    elif has_content:
+        raise ConfigError(f"out={config.out} is not an mbdl run directory (no config.yaml)")
+    else:
+        return out, state
+    current = config_to_flat(config)
+    differences = config_differences(previous, current)
+    if differences:
+        shown = ", ".join(
+            f"{k}: {bounded_repr(previous.get(k))} -> {bounded_repr(current.get(k))}"
+            for k in differences[:4]
+        )
+        raise ConfigError(
+            f"cannot resume {config.out} with a different config ({shown}; compared with "
+            f"{where}); "
+            "start a new run with another out="
+        )
     return out, state
 
 

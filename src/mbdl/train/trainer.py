@@ -72,6 +72,7 @@ from mbdl.distributed import (
 )
 from mbdl.errors import TrainingDiverged, UserError, terminal_safe
 from mbdl.fileio import atomic_write_text
+from mbdl.functional.checks import NonFiniteError
 from mbdl.inference import (
     choose_verification_threshold,
     evaluate_dataset,
@@ -443,6 +444,10 @@ class Trainer:
         self.model.to(memory_format=torch.contiguous_format)
         try:
             yield
+        except NonFiniteError as error:  # finite weights, but the embeddings overflowed
+            raise TrainingDiverged(
+                f"evaluating: {error} {self._where()}. {self._advice()}"
+            ) from None
         finally:
             self.model.to(memory_format=self.memory_format)
 
