@@ -190,3 +190,14 @@ def test_verify_refuses_a_pipe_in_one_line(model_dir: Path, pipe_folder: Path) -
     except subprocess.TimeoutExpired:
         pytest.fail("mbdl verify blocked on a named pipe")
     assert done.returncode == 2 and "not a regular file" in done.stderr
+
+
+@pytest.mark.parametrize("threshold", ["-1", "-0.001", "nan", "inf"])
+def test_verify_refuses_a_threshold_that_is_no_distance(
+    model_dir: Path, pipe_folder: Path, threshold: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mbdl.cli import main
+
+    first, second = pipe_folder / "0.png", pipe_folder / "1.png"
+    assert main(["verify", str(model_dir), str(first), str(second), "--threshold", threshold]) == 2
+    assert "--threshold must be a finite distance >= 0" in capsys.readouterr().err

@@ -526,19 +526,27 @@ def _match_threshold(value: str | None, state: dict[str, Any], distance: str) ->
     if value == "checkpoint":
         stored = _stored_verification(state)
         if stored.get("distance") == "squared_euclidean" and distance == "euclidean":
-            return math.sqrt(max(float(stored["threshold"]), 0.0))  # the same decisions
+            return math.sqrt(
+                max(_distance_threshold(stored["threshold"], "the stored threshold"), 0.0)
+            )
         if stored.get("distance", distance) != distance:
             raise UsageError(
                 f"the stored threshold is a {stored['distance']} distance but eval.distance is "
                 f"{distance}: drop the eval.distance override or give --threshold DISTANCE"
             )
-        return float(stored["threshold"])
+        return _distance_threshold(stored["threshold"], "the stored threshold")
+    return _distance_threshold(value, "--threshold")
+
+
+def _distance_threshold(value: object, what: str) -> float:
+    """``value`` as a distance threshold: a finite number >= 0 (a distance is never negative)."""
+    shown = terminal_safe(repr(value)[:80])
     try:
-        threshold = float(value)
-    except ValueError:
-        raise UsageError(f"--threshold must be a number; got {value!r}") from None
-    if not math.isfinite(threshold):
-        raise UsageError(f"--threshold must be finite; got {value!r}")
+        threshold = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise UsageError(f"{what} must be a number; got {shown}") from None
+    if not math.isfinite(threshold) or threshold < 0:
+        raise UsageError(f"{what} must be a finite distance >= 0; got {shown}")
     return threshold
 
 
