@@ -288,7 +288,9 @@ def load_embeddings(
     try:
         embeddings = np.load(files["embeddings"], mmap_mode="r", allow_pickle=False)
         labels = np.load(files["labels"], mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as error:
+    except Exception as error:  # numpy parses the header with tokenize/ast: TokenError too
+        if isinstance(error, MemoryError):
+            raise
         message = " ".join(str(error).split())[:200]
         raise UserError(
             f"{where} (or its .labels.npy) is not a valid .npy file ({message})"
