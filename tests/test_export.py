@@ -221,7 +221,7 @@ def test_export_errors_are_one_line(
     bad.write_text("not an image")
     args = ["export", str(run_dir), "--format", "torchscript", "-o", str(tmp_path / "m.pt")]
     assert main([*args, "--images", str(bad), str(bad)]) == 2
-    assert "cannot read check image" in capsys.readouterr().err
+    assert "cannot read image" in capsys.readouterr().err
     moved = tmp_path / "moved.pt"  # a model whose training data is gone
     state = load_checkpoint(run_dir / "checkpoints" / "best.pt")
     state["config"]["data"]["source"] = "folder"

@@ -39,6 +39,7 @@ from mbdl.fileio import (
     atomic_write_text,
     default_file_mode,
     naming,
+    read_json_bounded,
     remove_stale_temps,
     temp_sibling,
 )
@@ -77,9 +78,9 @@ def is_model_dir(path: str | os.PathLike[str]) -> bool:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
+    try:  # bounded in bytes, depth and values: a received file
+        value = read_json_bounded(path)
+    except OSError as error:
         raise ValueError(f"cannot read {str(path)!r}: {error}") from None
     if not isinstance(value, dict):
         raise ValueError(f"{str(path)!r} is not a JSON object")

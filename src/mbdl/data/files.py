@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import stat
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -219,11 +220,15 @@ def inspect_image(path: str | Path) -> str | None:
     return None
 
 
+_FILE_OBJECT = re.compile(r" ?<_io\.\w+ name=[^>]*>")
+
+
 def _reason(error: BaseException, path: str | Path) -> str:
     """PIL's message without the path it repeats."""
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
     reason = str(error).replace(f" {str(path)!r}", "").replace(f" {path!r}", "")
+    reason = _FILE_OBJECT.sub("", reason)  # PIL names the open file object it was given
     return reason or type(error).__name__
 
 
