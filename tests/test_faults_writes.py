@@ -309,3 +309,42 @@ def test_a_directory_swapped_in_replaces_the_old_one_whole(tmp_path: Path) -> No
             (staging / "c").write_text("3")
             raise KeyError("failed midway")
     assert sorted(p.name for p in target.iterdir()) == ["b"] and debris(tmp_path) == []
+
+
+#: re-export a model directory, SIGKILLing itself just before or just after the atomic exchange
+KILLED_SAVE = r"""
+import os, signal, sys
+from mbdl import fileio
+from mbdl.export import save_pretrained
+source, target, when = sys.argv[1:4]
+real = fileio.exchange
+def killing_exchange(first, second):
+    if when == "before":
+        os.kill(os.getpid(), signal.SIGKILL)
+    swapped = real(first, second)
+    os.kill(os.getpid(), signal.SIGKILL)
+fileio.exchange = killing_exchange
+save_pretrained(source, target, name="new")
+"""
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_model_directory_killed_at_its_swap_is_whole(
+    tmp_path: Path, model_dir: Path, when: str
+) -> None:
+    from mbdl.export import load_state
+
+    target = tmp_path / "model"
+    save_pretrained(model_dir, target, name="old")
+    done = subprocess.run(
+        [sys.executable, "-c", KILLED_SAVE, str(model_dir), str(target), when],
+        env={**os.environ, "PYTHONPATH": SRC},
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == -signal.SIGKILL  # it really was killed
+    name = load_state(target)["model_dir"]["name"]  # a whole directory, old or new
+    assert name == ("old" if when == "before" else "new")
+    assert debris(tmp_path) != []  # the dead writer's staging directory
+    save_pretrained(model_dir, target, name="again")  # the re-run cleans it up
+    assert load_state(target)["model_dir"]["name"] == "again" and debris(tmp_path) == []

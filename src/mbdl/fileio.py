@@ -112,17 +112,22 @@ def temp_sibling(target: Path, suffix: str = ".tmp") -> Path:
 
 
 def remove_stale_temps(target: Path) -> list[Path]:
-    """Delete the temporary files that writers of ``target`` on this host left when they died
-    (killed mid-write); a live writer's are kept. Returns what was removed."""
+    """Delete the temporary files (and staging directories) that writers of ``target`` on this
+    host left when they died (killed mid-write); a live writer's are kept. Returns what was
+    removed."""
     pattern = re.compile(rf"^\.{re.escape(target.name)}\.{_host_tag()}(\d+)_[A-Za-z0-9_]+\.tmp$")
     removed = []
     with contextlib.suppress(OSError):
         for entry in target.parent.iterdir():
             match = pattern.match(entry.name)
-            if match and not _alive(int(match.group(1))) and entry.is_file():
-                with contextlib.suppress(OSError):
+            if not match or _alive(int(match.group(1))) or entry.is_symlink():
+                continue
+            with contextlib.suppress(OSError):
+                if entry.is_dir():  # the staging directory of atomic_directory
+                    shutil.rmtree(entry)
+                else:
                     entry.unlink()
-                    removed.append(entry)
+                removed.append(entry)
     return removed
 
 
@@ -296,8 +301,13 @@ def atomic_directory(
         refuse_foreign(target, owned or (lambda _: False), what)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(target)
         staging = Path(
-            tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            tempfile.mkdtemp(
+                prefix=f".{target.name}.{_host_tag()}{os.getpid()}_",
+                suffix=".tmp",
+                dir=target.parent,
+            )
         )
     except Exception as error:
         raise naming(error, target) from None
@@ -307,7 +317,7 @@ def atomic_directory(
         if target.exists() and exchange(staging, target):
             shutil.rmtree(staging, ignore_errors=True)  # now holds the old directory
         elif target.exists():
-            old = staging.with_name(staging.name[: -len(".tmp")] + ".old")
+            old = staging.with_name(staging.name[: -len(".tmp")] + "_old.tmp")
             os.replace(target, old)
             os.replace(staging, target)
             shutil.rmtree(old, ignore_errors=True)
