@@ -102,9 +102,11 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str = "cpu") -> 
             f"refusing to load {str(file)!r}: it is not a plain checkpoint of tensors and values "
             f"(torch.load weights_only=True: {first})"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as error:
+    except MemoryError:
+        raise
+    except Exception as error:  # a damaged pickle stream: IndexError, TypeError, ... as well
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"cannot read checkpoint {str(file)!r}: {first}") from None
+        raise UserError(f"cannot read checkpoint {str(file)!r}: {first[:200]}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{str(file)!r} is not an mbdl checkpoint")
     version = state.get("version", 0)
