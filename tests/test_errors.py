@@ -538,7 +538,15 @@ def _(ctx: Context) -> list[str]:
     out = ctx.tmp / "out"
     out.mkdir()
     (out / RUN_LOCK).write_text(f"{os.uname().nodename} {os.getppid()}")
+    import fcntl
+
+    holder = os.open(out / RUN_LOCK, os.O_RDONLY)  # held (flock) as the live holder holds it
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    _HELD_LOCKS.append(holder)  # released when the test process ends
     return [*ctx.train(ctx.folder()), "resume=true"]
+
+
+_HELD_LOCKS: list[int] = []
 
 
 @case("diverged", "the loss becomes NaN", 1, r"the loss is nan at epoch 1, step 1")
