@@ -143,7 +143,7 @@ def to_mode(image: Image.Image, mode: str) -> Image.Image:
 
 
 @contextlib.contextmanager
-def open_image_file(path: str | Path) -> Iterator[Image.Image]:
+def open_image_file(path: str | os.PathLike[str]) -> Iterator[Image.Image]:
     """``Image.open`` of ``path`` once it is known to be a regular file: opened without blocking
     (a named pipe, a device or a socket would block or never end) and checked with ``fstat``
     on the opened descriptor (no window between the check and the read); the image and its file
@@ -165,7 +165,7 @@ def open_image_file(path: str | Path) -> Iterator[Image.Image]:
         yield image
 
 
-def read_image(path: str | Path, mode: str = "RGB") -> Image.Image:
+def read_image(path: str | os.PathLike[str], mode: str = "RGB") -> Image.Image:
     """Open and fully decode ``path`` with PIL, converted to ``mode`` (``"RGB"`` or ``"L"``) by
     :func:`to_mode` (the first frame of an animation).
 
@@ -223,7 +223,7 @@ def inspect_image(path: str | Path) -> str | None:
 _FILE_OBJECT = re.compile(r" ?<_io\.\w+ name=[^>]*>")
 
 
-def _reason(error: BaseException, path: str | Path) -> str:
+def _reason(error: BaseException, path: str | os.PathLike[str]) -> str:
     """PIL's message without the path it repeats."""
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
