@@ -1,0 +1,97 @@
+"""Decoding image files for the fast data path: reduced-size JPEG decoding and GPU batches.
+
+- :func:`jpeg_reduction`: the JPEG DCT scaling factor (1, 2, 4 or 8) that libjpeg can apply
+  while decoding and still leave the shorter side at least ``min_side``; decoding at 1/2 of
+  each side costs about 0.65-0.8 of a full decode (``benchmarks/jpeg_path.py``).
+- :func:`read_image_reduced`: :func:`mbdl.data.files.read_image` (the one checked reader: a
+  regular file, the header's pixel bound and mode, the decoding table) for images whose shorter
+  side is below ``2 * min_side`` (the same image, bit for bit); for larger JPEGs the same checks,
+  then PIL's ``draft`` (DCT scaling) before decoding. A reduced decode is not the full decode
+  downsampled: after the same resize to ``min_side`` the two differ by a few grey levels (the
+  tolerance is measured and stated in docs/benchmarks.md, ``jpeg_path``).
+- :func:`decode_jpeg_batch`: the bytes of many JPEG files decoded in one call on a CUDA device
+  (``torchvision.io.decode_jpeg(list, device="cuda")``, nvJPEG); files checked first by
+  :func:`mbdl.data.files.inspect_image` when the caller has not (datasets check every file when
+  they are built).
+
+``torchvision.io.decode_jpeg`` on the CPU gives the same pixels as PIL (both libjpeg-turbo, the
+default integer DCT) at about the same speed, so the CPU path keeps PIL, whose reader does the
+checks and the mode conversions.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Sequence
+from pathlib import Path
+
+from PIL import Image
+
+from mbdl.data import files
+from mbdl.errors import terminal_safe
+
+#: libjpeg's DCT scaling factors that PIL's ``draft`` uses
+JPEG_REDUCTIONS = (8, 4, 2, 1)
+
+
+def jpeg_reduction(width: int, height: int, min_side: int) -> int:
+    """The largest factor ``r`` in 1, 2, 4, 8 with ``ceil(min(width, height) / r) >= min_side``
+    (libjpeg rounds scaled sizes up)."""
+    short = min(width, height)
+    for factor in JPEG_REDUCTIONS:
+        if -(-short // factor) >= min_side:
+            return factor
+    return 1
+
+
+def read_image_reduced(path: str | Path, mode: str = "RGB", min_side: int | None = None) -> Image.Image:
+    """``path`` decoded as ``mode``, its shorter side at least ``min_side`` (see the module
+    docstring); :func:`mbdl.data.files.read_image` itself when no reduction applies. Raises
+    :class:`mbdl.data.files.ImageReadError` naming the file, as ``read_image`` does."""
+    if min_side is None:
+        return files.read_image(path, mode)
+    try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise files.ImageReadError(f"cannot read image {terminal_safe(path)}: not a regular file")
+        with Image.open(path) as image:
+            files._check_header(image)
+            factor = jpeg_reduction(image.width, image.height, min_side)
+            if image.format != "JPEG" or factor == 1:
+                reduced = None
+            else:
+                size = (-(-image.width // factor), -(-image.height // factor))
+                image.draft(image.mode, size)
+                image.load()
+                reduced = files.to_mode(image, mode)
+    except FileNotFoundError:
+        raise files.ImageReadError(f"image file not found: {terminal_safe(path)}") from None
+    except files._PIL_ERRORS as error:
+        if isinstance(error, files.ImageReadError):
+            raise
+        raise files.ImageReadError(
+            f"cannot read image {terminal_safe(path)}: {files._reason(error, path)}"
+        ) from None
+    return files.read_image(path, mode) if reduced is None else reduced
+
+
+def decode_jpeg_batch(
+    paths: Sequence[str | Path], device: str = "cuda", *, checked: bool = True
+) -> list:
+    """The JPEG files ``paths`` decoded on ``device`` in one call (``uint8 [3, H, W]`` tensors,
+    RGB, EXIF orientation applied); ``checked=False`` runs :func:`mbdl.data.files.inspect_image`
+    on each first and raises :class:`~mbdl.data.files.ImageReadError` naming the first bad one."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    if not checked:
+        for path in paths:
+            reason = files.inspect_image(path)
+            if reason is not None:
+                raise files.ImageReadError(f"cannot read image {terminal_safe(path)}: {reason}")
+    data = [torch.frombuffer(bytearray(Path(p).read_bytes()), dtype=torch.uint8) for p in paths]
+    decoded = decode_jpeg(
+        data, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True
+    )
+    return list(decoded)

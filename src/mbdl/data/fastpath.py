@@ -1,0 +1,137 @@
+"""The evaluation transform by whole batches: image files to embeddings at the loader's speed.
+
+:class:`EvaluationImages` does the image part of the evaluation transform
+(:func:`mbdl.model.preprocessing.transform_from_spec`: colour mode, shorter side resized to
+``resize``, centre crop ``crop``) in the loader and hands ``uint8 [C, crop, crop]`` tensors on;
+:func:`normalise_batch` does the rest (``/ 255``, then ``(x - mean) / std``) on the whole batch on
+the model's device, with the same floating-point operations in the same order as ``ToTensor`` +
+``Normalize``, so the network sees the same tensors bit for bit. A batch of ``uint8`` crosses the
+process boundary and the host-to-device copy at a quarter of the bytes of ``float32``, from
+pinned memory with asynchronous copies on a GPU (:func:`embed_images`).
+
+``reduced=True`` decodes JPEGs whose shorter side is at least twice ``resize`` with DCT scaling
+(:func:`mbdl.data.decode.read_image_reduced`): faster, not bit-identical (the difference is
+stated in docs/benchmarks.md, ``jpeg_path``); smaller images are decoded exactly either way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from mbdl.data.decode import read_image_reduced
+
+
+class EvaluationImages(Dataset[tuple[Tensor, int]]):
+    """``dataset[i] = (uint8 [C, crop, crop] of image i, label i)``: the evaluation transform of
+    ``spec`` (``color_mode``, ``resize``, ``crop``; :func:`mbdl.model.preprocessing.preprocessing_spec`)
+    before its ``ToTensor``."""
+
+    def __init__(
+        self,
+        paths: Sequence[str | Path],
+        spec: dict[str, Any],
+        labels: Sequence[int] | np.ndarray | None = None,
+        *,
+        reduced: bool = False,
+    ) -> None:
+        from torchvision import transforms as T
+
+        self.paths = [str(p) for p in paths]
+        self.labels = (
+            np.zeros(len(self.paths), dtype=np.int64)
+            if labels is None
+            else np.asarray(labels, dtype=np.int64)
+        )
+        if len(self.labels) != len(self.paths):
+            raise ValueError(f"{len(self.paths)} paths but {len(self.labels)} labels")
+        self.mode = str(spec["color_mode"])
+        self.resize, self.crop = int(spec["resize"]), int(spec["crop"])
+        self.reduced = reduced
+        self.steps = T.Compose([T.Resize(self.resize), T.CenterCrop(self.crop)])
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def image(self, index: int) -> Tensor:
+        """The ``uint8 [C, crop, crop]`` tensor of item ``index``."""
+        min_side = self.resize if self.reduced else None
+        image = self.steps(read_image_reduced(self.paths[index], self.mode, min_side))
+        array = np.array(image, dtype=np.uint8, copy=True)
+        if array.ndim == 2:
+            array = array[:, :, None]
+        return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        return self.image(index), int(self.labels[index])
+
+    def describe(self, index: int) -> str:
+        return self.paths[index]
+
+
+def normalise_batch(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """``uint8 [B, C, H, W]`` -> ``float32``: ``ToTensor`` (``x / 255``) then ``Normalize``
+    (``(x - mean) / std``), the same operations in the same order, on ``images.device``."""
+    out = images.to(torch.float32).div(255)
+    shape = (1, -1, 1, 1)
+    mean_t = torch.as_tensor(list(mean), dtype=out.dtype, device=out.device).view(shape)
+    std_t = torch.as_tensor(list(std), dtype=out.dtype, device=out.device).view(shape)
+    return out.sub_(mean_t).div_(std_t)
+
+
+def evaluation_loader(
+    dataset: EvaluationImages, *, batch_size: int = 256, workers: int = 0, pin_memory: bool = False
+) -> DataLoader:
+    """Batches ``(uint8 [B, C, crop, crop], labels [B])`` of ``dataset`` in order."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1; got {batch_size}")
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+
+
+def embed_images(
+    model: nn.Module,
+    dataset: EvaluationImages,
+    spec: dict[str, Any],
+    *,
+    device: str | torch.device = "cpu",
+    batch_size: int = 256,
+    workers: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(float32 [N, d] embeddings, int64 [N] labels)`` of ``dataset`` in order: batches of
+    ``uint8`` from ``workers`` loader processes, pinned and copied asynchronously to a CUDA
+    ``device``, normalised there (:func:`normalise_batch`), channels-last on a GPU; the model in
+    eval mode under ``inference_mode`` (its previous mode restored)."""
+    device = torch.device(device)
+    on_gpu = device.type == "cuda"
+    loader = evaluation_loader(dataset, batch_size=batch_size, workers=workers, pin_memory=on_gpu)
+    was_training = model.training
+    model.eval()
+    chunks: list[Tensor] = []
+    try:
+        with torch.inference_mode():
+            for images, _ in loader:
+                batch = normalise_batch(images.to(device, non_blocking=True), spec["mean"], spec["std"])
+                if on_gpu:
+                    batch = batch.contiguous(memory_format=torch.channels_last)
+                chunks.append(model(batch).float().to("cpu", non_blocking=on_gpu))
+            if on_gpu:
+                torch.cuda.synchronize(device)
+    finally:
+        model.train(was_training)
+    if not chunks:
+        raise ValueError("no images to embed")
+    return torch.cat(chunks).numpy(), dataset.labels.copy()
