@@ -112,13 +112,16 @@ def test_batches_are_the_evaluation_transform_bit_for_bit(images: dict[str, Path
     )
 
 
-def test_reduced_batches_are_exact_for_small_images_and_close_for_large(
+def test_inexact_batches_are_within_a_level_unscaled_and_close_scaled(
     images: dict[str, Path],
 ) -> None:
     exact = EvaluationImages([images["small_jpeg"], images["large_jpeg"]], SPEC)
-    reduced = EvaluationImages([images["small_jpeg"], images["large_jpeg"]], SPEC, reduced=True)
-    assert torch.equal(reduced.image(0), exact.image(0))
-    difference = (reduced.image(1).float() - exact.image(1).float()).abs()
+    fast = EvaluationImages([images["small_jpeg"], images["large_jpeg"]], SPEC, exact=False)
+    # no DCT scaling: only the resize differs, by at most one level on a few values
+    difference = (fast.image(0).float() - exact.image(0).float()).abs()
+    assert fast.image(0).shape == (3, 64, 64) and difference.max() <= 1
+    assert (difference > 0).float().mean() < 0.02
+    difference = (fast.image(1).float() - exact.image(1).float()).abs()
     assert 0 < difference.mean() < 2.0
 
 

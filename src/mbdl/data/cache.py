@@ -72,10 +72,18 @@ def cache_side(image_size: int) -> int:
 
 def decode_resized(image: Any, side: int, channels: int) -> np.ndarray:
     """A PIL image as ``uint8 [side, side]`` (grey) or ``[side, side, 3]``: the shorter side
-    resized to ``side`` (bilinear, antialiased), then centre-cropped."""
+    resized to ``side`` (bilinear, antialiased), then centre-cropped. Below
+    :data:`NATURAL_IMAGE_MIN_SIZE` with PIL (the per-image path's pixels exactly), from there on
+    with torch's ``uint8`` resize (:func:`mbdl.data.fastpath.resize_crop_uint8`: a fifth of PIL's
+    time, at most one grey level apart)."""
     from torchvision.transforms import functional as F
 
     image = image.convert("L" if channels == 1 else "RGB")
+    if side >= NATURAL_IMAGE_MIN_SIZE:
+        from mbdl.data.fastpath import resize_crop_uint8
+
+        out = resize_crop_uint8(np.asarray(image, dtype=np.uint8), side, side)
+        return out[0].numpy() if channels == 1 else out.permute(1, 2, 0).numpy()
     image = F.center_crop(F.resize(image, side), [side, side])
     return np.asarray(image, dtype=np.uint8)
 
