@@ -276,3 +276,10 @@ def test_the_data_line_says_where_the_images_are_and_why(tmp_path: Path) -> None
     decode_splits(other, "off", num_workers=3)
     assert other.info["data_path"].startswith("data.cache=off")
     assert "3 loader worker(s): data.num_workers" in other.info["data_path"]
+
+
+def test_data_cache_off_is_read_as_off_not_as_false() -> None:
+    from mbdl.config import load_config
+
+    assert load_config(None, ["data.cache=off"]).data.cache == "off"  # YAML 1.1: off is false
+    assert load_config(None, ["data.cache=disk"]).data.cache == "disk"

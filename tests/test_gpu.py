@@ -235,9 +235,14 @@ def test_gpu_check_script_syntax_and_cpu_fallback(tmp_path: Path) -> None:
     payload = json.loads((tmp_path / "gpu_check.json").read_text())
     assert payload["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     assert payload["smoke"] is True
-    for name in ("in_memory", "jpeg_folder"):
+    for name in ("in_memory", "jpeg_folder", "jpeg_cache"):
         row = payload["trainer_vs_network"][name]
         assert row["network_images_per_s"] > 0 and row["trainer_images_per_s"] > 0
+    assert "cache on disk" in payload["trainer_vs_network"]["jpeg_cache"]["data_path"]
+    assert "data.cache=off" in payload["trainer_vs_network"]["jpeg_folder"]["data_path"]
+    embed = payload["embed"]
+    assert embed["network_images_per_s"] > 0 and embed["embed_exact_images_per_s"] > 0
+    assert embed["embed_fast_images_per_s"] > 0
     assert all(v["ms"] > 0 for v in payload["losses"]["losses"].values())
     assert payload["knn"]["ms"] > 0
 

@@ -467,7 +467,7 @@ def _check_value(key: str, value: Any) -> Any:
     allowed = declared.choices
     if key == "data.augment" and isinstance(value, bool):
         value = "auto" if value else "none"
-    if key == "train.amp" and value is False:
+    if key in ("train.amp", "data.cache") and value is False:
         value = "off"  # YAML 1.1 reads a bare `off` as false
     if declared.type == "int | str" and isinstance(value, str):  # a count, or auto
         if value != "auto":

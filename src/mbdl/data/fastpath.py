@@ -131,11 +131,15 @@ def embed_images(
     device: str | torch.device = "cpu",
     batch_size: int = 256,
     workers: int = 0,
+    amp_dtype: torch.dtype | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(float32 [N, d] embeddings, int64 [N] labels)`` of ``dataset`` in order: batches of
     ``uint8`` from ``workers`` loader processes, pinned and copied asynchronously to a CUDA
     ``device``, normalised there (:func:`normalise_batch`), channels-last on a GPU; the model in
-    eval mode under ``inference_mode`` (its previous mode restored)."""
+    eval mode under ``inference_mode`` (its previous mode restored), under autocast to
+    ``amp_dtype`` when given."""
+    import contextlib
+
     device = torch.device(device)
     on_gpu = device.type == "cuda"
     loader = evaluation_loader(dataset, batch_size=batch_size, workers=workers, pin_memory=on_gpu)
@@ -143,9 +147,15 @@ def embed_images(
     model.eval()
     chunks: list[Tensor] = []
     try:
-        with torch.inference_mode():
+        autocast = (
+            torch.autocast(device.type, dtype=amp_dtype)
+            if amp_dtype is not None
+            else contextlib.nullcontext()
+        )
+        with torch.inference_mode(), autocast:
             for images, _ in loader:
-                batch = normalise_batch(images.to(device, non_blocking=True), spec["mean"], spec["std"])
+                images = images.to(device, non_blocking=True)
+                batch = normalise_batch(images, spec["mean"], spec["std"])
                 if on_gpu:
                     batch = batch.contiguous(memory_format=torch.channels_last)
                 chunks.append(model(batch).float().to("cpu", non_blocking=on_gpu))
