@@ -293,15 +293,23 @@ def time_embed(spec: dict[str, Any], device: torch.device, jpegs: Path) -> dict[
     batches = -(-len(paths) // batch_size)
 
     def network() -> None:
-        with torch.inference_mode(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        with (
+            torch.inference_mode(),
+            torch.autocast(device.type, dtype=amp, enabled=amp is not None),
+        ):
             for _ in range(batches):
                 model(fixed).float().cpu()
 
     def run_with(dataset: EvaluationImages) -> Callable[[], None]:
         def run() -> None:
             embed_images(
-                model, dataset, preprocessing, device=device, batch_size=batch_size,
-                workers=workers, amp_dtype=amp,
+                model,
+                dataset,
+                preprocessing,
+                device=device,
+                batch_size=batch_size,
+                workers=workers,
+                amp_dtype=amp,
             )
 
         return run
@@ -567,7 +575,11 @@ def run(spec: dict[str, Any], out: Path, tests: str | None) -> dict[str, Any]:
         payload["jpeg_bytes"] = write_jpeg_folder(
             jpegs, spec["classes"], spec["per_class"], spec["jpeg_size"]
         )
-        folder = ["data.source=folder", f"data.root={jpegs}", f"data.image_size={spec['image_size']}"]
+        folder = [
+            "data.source=folder",
+            f"data.root={jpegs}",
+            f"data.image_size={spec['image_size']}",
+        ]
         for name, cache, gpu_decode in (
             ("jpeg_folder", "off", True),
             ("jpeg_cache", "disk", False),

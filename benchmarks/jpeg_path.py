@@ -113,14 +113,13 @@ def per_image(fn: Callable[[Path], Any], paths: list[Path]) -> Callable[[], None
 def build_variants(paths: list[Path], large: list[Path], root: Path) -> dict[str, Any]:
     """name -> (function over the whole set, images it handles)."""
     from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms import functional as TF
     from torchvision.transforms.v2 import functional as F
 
     from mbdl.data import load_splits
     from mbdl.data.batched import BatchAugment, InMemoryBatches
-    from torchvision.transforms import functional as TF
-
     from mbdl.data.cache import decode_resized, decoded_training_split, load_for_cache
-    from mbdl.data.fastpath import EvaluationImages, normalise_batch, resize_crop_uint8
+    from mbdl.data.fastpath import EvaluationImages, normalise_batch
     from mbdl.model.preprocessing import transform_from_spec
 
     train_transform = build_transforms(True, 224, 3, augment="crop")
@@ -166,8 +165,10 @@ def build_variants(paths: list[Path], large: list[Path], root: Path) -> dict[str
 
     cached = decoded_training_split(train, 224, 3, mode="disk", cache_dir=root / "cache")
     seeds = np.arange(len(cached), dtype=np.int64) * 7919 + 1
-    keys = [list(zip(range(s, min(s + 128, len(cached))), seeds[s : s + 128].tolist(), strict=True))
-            for s in range(0, len(cached), 128)]
+    keys = [
+        list(zip(range(s, min(s + 128, len(cached))), seeds[s : s + 128].tolist(), strict=True))
+        for s in range(0, len(cached), 128)
+    ]
     on_device = InMemoryBatches(cached, BatchAugment("crop", 224, 3, imagenet_norm=True))
     on_cpu = InMemoryBatches(cached, BatchAugment("crop", 224, 3, imagenet_norm=True))
     on_cpu.augment_in_loader = True
@@ -280,13 +281,22 @@ def markdown(payload: dict[str, Any]) -> str:
     small, large = (payload["inexact_eval_crop_difference"][k] for k in ("500x375", "1000x750"))
     rows = [
         ("pil_train", "per-image training: PIL decode + RandomResizedCrop + flip + ToTensor"),
-        ("pil_eval", "per-image evaluation: PIL decode + resize 256 + crop 224 + ToTensor + Normalize"),
+        (
+            "pil_eval",
+            "per-image evaluation: PIL decode + resize 256 + crop 224 + ToTensor + Normalize",
+        ),
         ("fast_eval_exact", "fastpath, exact: the same image steps to uint8, normalised per batch"),
         ("fast_eval", "fastpath, exact=False: PIL decode + torch uint8 resize + crop"),
-        ("torchvision_decode", "torchvision.io.decode_jpeg + torch uint8 resize + crop (no checks)"),
+        (
+            "torchvision_decode",
+            "torchvision.io.decode_jpeg + torch uint8 resize + crop (no checks)",
+        ),
         ("cache_build_pil", "decoding into the cache (256 x 256), PIL resize: once per image"),
         ("cache_build", "decoding into the cache (256 x 256), torch resize: once per image"),
-        ("from_cache_gather", "from the cache, each epoch: gather the batch (crops + flips on the GPU)"),
+        (
+            "from_cache_gather",
+            "from the cache, each epoch: gather the batch (crops + flips on the GPU)",
+        ),
         ("from_cache_cpu_crops", "from the cache, each epoch: gather + crops + flips on the CPU"),
         ("large_pil_eval", "1000 x 750: per-image evaluation"),
         ("large_fast_eval", "1000 x 750: fastpath, exact=False (DCT-scaled decode at 1/2)"),

@@ -84,7 +84,7 @@ def test_reduced_decoding_shrinks_large_jpegs_close_to_the_full_decode(
 def test_reduced_decoding_keeps_the_reader_checks(tmp_path: Path, images: dict[str, Path]) -> None:
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(images["large_jpeg"].read_bytes()[:200])
-    with pytest.raises(ImageReadError, match="broken.jpg"):
+    with pytest.raises(ImageReadError, match=r"broken\.jpg"):
         read_image_reduced(broken, "RGB", 73)
     with pytest.raises(ImageReadError, match="not found"):
         read_image_reduced(tmp_path / "missing.jpg", "RGB", 73)
@@ -127,12 +127,16 @@ def test_inexact_batches_are_within_a_level_unscaled_and_close_scaled(
 
 def test_embed_images_equals_embedding_the_transformed_images(images: dict[str, Path]) -> None:
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(5))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(5)
+    )
     model.train()
     paths = list(images.values())
     dataset = EvaluationImages(paths, SPEC, labels=[3, 2, 1, 0])
     transform = transform_from_spec(SPEC)
-    reference = [(transform(read_image(p)), label) for p, label in zip(paths, [3, 2, 1, 0])]
+    reference = [
+        (transform(read_image(p)), label) for p, label in zip(paths, [3, 2, 1, 0], strict=True)
+    ]
     expected, expected_labels = embed_dataset(model, reference, batch_size=3)
     embeddings, labels = embed_images(model, dataset, SPEC, batch_size=3)
     assert model.training  # its mode restored
@@ -140,3 +144,42 @@ def test_embed_images_equals_embedding_the_transformed_images(images: dict[str, 
     assert labels.tolist() == expected_labels.tolist() == [3, 2, 1, 0]
     with pytest.raises(ValueError, match="no images"):
         embed_images(model, EvaluationImages([], SPEC), SPEC)
+
+
+def test_read_array_gives_the_readers_pixels(
+    tmp_path: Path, images: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mbdl.data import decode
+
+    rotated = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    photo(120, 90, 5).save(rotated, quality=90, exif=exif.tobytes())
+    cases = [
+        (images["small_jpeg"], "RGB"),
+        (images["grey_jpeg"], "RGB"),
+        (images["grey_jpeg"], "L"),
+        (images["small_jpeg"], "L"),  # colour to grey: PIL's conversion
+        (images["png"], "RGB"),
+        (rotated, "RGB"),
+    ]
+    calls: list[int] = []
+    decoder = decode._torchvision_decoder()
+    assert decoder is not None
+
+    def counting(data: object, **options: object) -> object:
+        calls.append(1)
+        return decoder[0](data, **options)
+
+    monkeypatch.setattr(decode, "_torchvision_decoder", lambda: (counting, decoder[1]))
+    for path, mode in cases:
+        expected = np.asarray(read_image(path, mode))
+        array = decode.read_array(path, mode)
+        assert array.dtype == np.uint8 and array.shape[2] == (3 if mode == "RGB" else 1)
+        assert np.array_equal(array.reshape(expected.shape), expected), (path.name, mode)
+    assert decode.read_array(rotated).shape == (120, 90, 3)  # EXIF orientation applied
+    assert len(calls) == 5  # the JPEGs, except colour read as grey
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(images["small_jpeg"].read_bytes()[:-400])
+    with pytest.raises(ImageReadError, match=r"broken\.jpg"):
+        decode.read_array(broken)

@@ -306,7 +306,7 @@ def test_batched_gpu_jpeg_decoding_matches_the_cpu_reader(tmp_path: Path) -> Non
         assert difference.mean() < 2.0
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(paths[0].read_bytes()[:100])
-    with pytest.raises(ImageReadError, match="broken.jpg"):
+    with pytest.raises(ImageReadError, match=r"broken\.jpg"):
         decode_jpeg_batch([*paths, broken], "cuda", checked=False)
 
 
@@ -318,13 +318,16 @@ def test_fast_embedding_on_gpu_equals_the_cpu(tmp_path: Path) -> None:
     spec = {"color_mode": "RGB", "resize": 73, "crop": 64, "mean": [0.5] * 3, "std": [0.25] * 3}
     paths = _write_photos(tmp_path, 10, (200, 150))
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1),
-                                torch.nn.Flatten())
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()
+    )
     dataset = EvaluationImages(paths, spec)
     on_cpu, _ = embed_images(model, dataset, spec, device="cpu", batch_size=4)
     on_gpu, _ = embed_images(model.cuda(), dataset, spec, device="cuda", batch_size=4, workers=2)
     assert on_gpu.shape == on_cpu.shape == (10, 8)
-    torch.testing.assert_close(torch.from_numpy(on_gpu), torch.from_numpy(on_cpu), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        torch.from_numpy(on_gpu), torch.from_numpy(on_cpu), atol=1e-4, rtol=1e-4
+    )
 
 
 @pytest.mark.parametrize(

@@ -71,54 +71,69 @@ def cache_side(image_size: int) -> int:
 
 
 def decode_resized(image: Any, side: int, channels: int) -> np.ndarray:
-    """A PIL image as ``uint8 [side, side]`` (grey) or ``[side, side, 3]``: the shorter side
-    resized to ``side`` (bilinear, antialiased), then centre-cropped. Below
-    :data:`NATURAL_IMAGE_MIN_SIZE` with PIL (the per-image path's pixels exactly), from there on
-    with torch's ``uint8`` resize (:func:`mbdl.data.fastpath.resize_crop_uint8`: a fifth of PIL's
-    time, at most one grey level apart)."""
+    """A PIL image or a ``uint8 [H, W, C]`` array as ``uint8 [side, side]`` (grey) or
+    ``[side, side, 3]``: the shorter side resized to ``side`` (bilinear, antialiased), then
+    centre-cropped. Below :data:`NATURAL_IMAGE_MIN_SIZE` with PIL (the per-image path's pixels
+    exactly), from there on with torch's ``uint8`` resize
+    (:func:`mbdl.data.fastpath.resize_crop_uint8`: a fifth of PIL's time, at most one grey level
+    apart)."""
     from torchvision.transforms import functional as F
 
-    image = image.convert("L" if channels == 1 else "RGB")
-    if side >= NATURAL_IMAGE_MIN_SIZE:
-        from mbdl.data.fastpath import resize_crop_uint8
+    if isinstance(image, np.ndarray):
+        if image.shape[2] == channels and side >= NATURAL_IMAGE_MIN_SIZE:
+            array = image
+        else:
+            image = Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
+    if not isinstance(image, np.ndarray):
+        image = image.convert("L" if channels == 1 else "RGB")
+        if side < NATURAL_IMAGE_MIN_SIZE:
+            image = F.center_crop(F.resize(image, side), [side, side])
+            return np.asarray(image, dtype=np.uint8)
+        array = np.asarray(image, dtype=np.uint8)
+    from mbdl.data.fastpath import resize_crop_uint8
 
-        out = resize_crop_uint8(np.asarray(image, dtype=np.uint8), side, side)
-        return out[0].numpy() if channels == 1 else out.permute(1, 2, 0).numpy()
-    image = F.center_crop(F.resize(image, side), [side, side])
-    return np.asarray(image, dtype=np.uint8)
+    out = resize_crop_uint8(array, side, side)
+    return out[0].numpy() if channels == 1 else out.permute(1, 2, 0).numpy()
 
 
 #: a picklable ``PIL image -> uint8 array`` (run in worker processes)
 Prepare = Callable[[Image.Image], Any]
 
 
-def load_for_cache(dataset: Any, index: int, min_side: int | None) -> Image.Image:
-    """Item ``index`` as the source loads it, or, for files without a bounding box, decoded
-    with JPEG DCT scaling down to a shorter side of at least ``min_side``
-    (:func:`mbdl.data.decode.read_image_reduced`, the same checks); an unreadable file is left to
-    the source's own handling (``skip_corrupt`` stand-ins or its error)."""
-    from mbdl.data.decode import read_image_reduced
+def load_for_cache(dataset: Any, index: int, min_side: int | None) -> Any:
+    """Item ``index`` as the source loads it (a PIL image), or, for files without a bounding
+    box, as :func:`mbdl.data.decode.read_array` reads it (a ``uint8 [H, W, C]`` array; the same
+    checks; JPEGs with DCT scaling down to a shorter side of at least ``min_side``); an unreadable
+    file is left to the source's own handling (``skip_corrupt`` stand-ins or its error)."""
+    from mbdl.data.decode import read_array
     from mbdl.data.files import FileImageDataset, ImageReadError
 
-    reducible = (
-        min_side is not None
-        and isinstance(dataset, FileImageDataset)
+    direct = (
+        isinstance(dataset, FileImageDataset)
         and dataset.bbox is None
         and index not in dataset._replacements
     )
-    if reducible:
+    if direct:
         try:
-            return read_image_reduced(dataset.full_path(index), dataset.mode, min_side)
+            return read_array(dataset.full_path(index), dataset.mode, min_side)
         except ImageReadError:
             pass
     return dataset.load_image(index)
 
 
+def _prepared(dataset: Any, index: int, prepare: Prepare, min_side: int | None) -> np.ndarray:
+    """``prepare`` of item ``index``: :func:`decode_resized` takes the decoded array as it is,
+    any other ``prepare`` (an evaluation transform's PIL steps) a PIL image of it."""
+    image = load_for_cache(dataset, index, min_side)
+    takes_arrays = isinstance(prepare, functools.partial) and prepare.func is decode_resized
+    if isinstance(image, np.ndarray) and not takes_arrays:
+        image = Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
+    return np.asarray(prepare(image), dtype=np.uint8)
+
+
 def _decode_range(job: tuple[Any, range, Prepare, int | None]) -> np.ndarray:
     dataset, indices, prepare, min_side = job
-    return np.stack(
-        [np.asarray(prepare(load_for_cache(dataset, i, min_side)), dtype=np.uint8) for i in indices]
-    )
+    return np.stack([_prepared(dataset, i, prepare, min_side) for i in indices])
 
 
 def available_memory() -> int:
@@ -197,8 +212,11 @@ def decoded_training_split(
         return dataset
     if mode == "off" or not isinstance(spec, dict):
         if notes is not None:
-            notes.append("data.cache=off: decoded per image" if mode == "off" else
-                         "custom transform: decoded per image")
+            notes.append(
+                "data.cache=off: decoded per image"
+                if mode == "off"
+                else "custom transform: decoded per image"
+            )
         return dataset
     side = cache_side(image_size)
     shape = (len(dataset), side, side) + (() if channels == 1 else (3,))
@@ -337,7 +355,10 @@ def plan_cache(mode: str, size: int, folder: Path, *, cached: bool = False) -> t
             f"cache in memory: {_gib(size)} decoded fit in a quarter of {_gib(available)} available"
         )
     if cached:
-        return "disk", f"cache on disk: {_gib(size)} mapped from {terminal_safe(folder)} (built before)"
+        return (
+            "disk",
+            f"cache on disk: {_gib(size)} mapped from {terminal_safe(folder)} (built before)",
+        )
     free, needed = disk_free(folder), size + DISK_MARGIN
     if free < needed:
         if mode == "disk":
@@ -350,7 +371,11 @@ def plan_cache(mode: str, size: int, folder: Path, *, cached: bool = False) -> t
             f"no cache: {_gib(size)} decoded exceed a quarter of {_gib(available)} available "
             f"memory and the {_gib(free)} free in {terminal_safe(folder)}; decoded per image"
         )
-    how = "data.cache=disk" if mode == "disk" else f"{_gib(size)} exceed a quarter of {_gib(available)} available memory"
+    how = (
+        "data.cache=disk"
+        if mode == "disk"
+        else f"{_gib(size)} exceed a quarter of {_gib(available)} available memory"
+    )
     return "disk", f"cache on disk ({how}): memory-mapped from {terminal_safe(folder)}"
 
 

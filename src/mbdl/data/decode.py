@@ -14,18 +14,25 @@
   :func:`mbdl.data.files.inspect_image` when the caller has not (datasets check every file when
   they are built).
 
-``torchvision.io.decode_jpeg`` on the CPU gives the same pixels as PIL (both libjpeg-turbo, the
-default integer DCT) at about the same speed, so the CPU path keeps PIL, whose reader does the
-checks and the mode conversions.
+- :func:`read_array`: the same as a ``uint8`` array ``[H, W, C]``; JPEGs stored as colour or
+  grey and read as colour (or grey as grey) that need no reduction are decoded by
+  ``torchvision.io.decode_jpeg`` (libjpeg-turbo, the same pixels as PIL's decoder bit for bit,
+  EXIF orientation applied the same way) after the same checks: it takes about two thirds of
+  the CPU time of PIL's reader, whose mode conversions and EXIF handling cost extra
+  (``benchmarks/jpeg_path.py``). Every other file goes through the reader.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from mbdl.data import files
@@ -45,7 +52,9 @@ def jpeg_reduction(width: int, height: int, min_side: int) -> int:
     return 1
 
 
-def read_image_reduced(path: str | Path, mode: str = "RGB", min_side: int | None = None) -> Image.Image:
+def read_image_reduced(
+    path: str | Path, mode: str = "RGB", min_side: int | None = None
+) -> Image.Image:
     """``path`` decoded as ``mode``, its shorter side at least ``min_side`` (see the module
     docstring); :func:`mbdl.data.files.read_image` itself when no reduction applies. Raises
     :class:`mbdl.data.files.ImageReadError` naming the file, as ``read_image`` does."""
@@ -54,7 +63,9 @@ def read_image_reduced(path: str | Path, mode: str = "RGB", min_side: int | None
     try:
         info = os.stat(path)
         if not stat.S_ISREG(info.st_mode):
-            raise files.ImageReadError(f"cannot read image {terminal_safe(path)}: not a regular file")
+            raise files.ImageReadError(
+                f"cannot read image {terminal_safe(path)}: not a regular file"
+            )
         with Image.open(path) as image:
             files._check_header(image)
             factor = jpeg_reduction(image.width, image.height, min_side)
@@ -76,6 +87,75 @@ def read_image_reduced(path: str | Path, mode: str = "RGB", min_side: int | None
     return files.read_image(path, mode) if reduced is None else reduced
 
 
+@functools.cache
+def _torchvision_decoder() -> tuple[Any, Any] | None:
+    """``(decode_jpeg, ImageReadMode)`` of ``torchvision.io``, or None where it is missing
+    (torchvision 0.29 deprecates its decoders in favour of TorchCodec: then PIL decodes)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            from torchvision.io import ImageReadMode, decode_jpeg
+        except ImportError:
+            return None
+
+    def decode(data: Any, **options: Any) -> Any:
+        with warnings.catch_warnings():  # torchvision warns at every call
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return decode_jpeg(data, **options)
+
+    return decode, ImageReadMode
+
+
+#: (mode stored in the JPEG, mode wanted) pairs that torchvision's decoder gives exactly as PIL
+TORCHVISION_JPEG_MODES = {("RGB", "RGB"), ("L", "L"), ("L", "RGB")}
+
+
+def read_array(path: str | Path, mode: str = "RGB", min_side: int | None = None) -> np.ndarray:
+    """``uint8 [H, W, C]`` (``C`` 3 for ``"RGB"``, 1 for ``"L"``): the pixels
+    :func:`read_image_reduced` gives, from ``torchvision.io.decode_jpeg`` where that is exact (see
+    the module docstring). Raises :class:`mbdl.data.files.ImageReadError` naming the file."""
+    import torch
+
+    decoder = _torchvision_decoder()
+    fast = False
+    try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise files.ImageReadError(
+                f"cannot read image {terminal_safe(path)}: not a regular file"
+            )
+        with Image.open(path) as image:
+            files._check_header(image)
+            reducible = min_side is not None and (
+                jpeg_reduction(image.width, image.height, min_side) > 1
+            )
+            fast = (
+                decoder is not None
+                and image.format == "JPEG"
+                and not reducible
+                and (image.mode, mode) in TORCHVISION_JPEG_MODES
+            )
+        if fast and decoder is not None:
+            decode_jpeg, modes = decoder
+            data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+            wanted = modes.RGB if mode == "RGB" else modes.GRAY
+            decoded = decode_jpeg(data, mode=wanted, apply_exif_orientation=True)
+            return decoded.permute(1, 2, 0).numpy()
+    except FileNotFoundError:
+        raise files.ImageReadError(f"image file not found: {terminal_safe(path)}") from None
+    except RuntimeError as error:  # torchvision's decoder: "<file.cpp>:<line>, <reason>"
+        reason = str(error).split(", ", 1)[-1].strip() or "does not decode"
+        raise files.ImageReadError(f"cannot read image {terminal_safe(path)}: {reason}") from None
+    except files._PIL_ERRORS as error:
+        if isinstance(error, files.ImageReadError):
+            raise
+        raise files.ImageReadError(
+            f"cannot read image {terminal_safe(path)}: {files._reason(error, path)}"
+        ) from None
+    array = np.asarray(read_image_reduced(path, mode, min_side), dtype=np.uint8)
+    return array[:, :, None] if array.ndim == 2 else array
+
+
 def decode_jpeg_batch(
     paths: Sequence[str | Path], device: str = "cuda", *, checked: bool = True
 ) -> list:
@@ -91,7 +171,5 @@ def decode_jpeg_batch(
             if reason is not None:
                 raise files.ImageReadError(f"cannot read image {terminal_safe(path)}: {reason}")
     data = [torch.frombuffer(bytearray(Path(p).read_bytes()), dtype=torch.uint8) for p in paths]
-    decoded = decode_jpeg(
-        data, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True
-    )
+    decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
     return list(decoded)

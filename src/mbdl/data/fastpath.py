@@ -25,11 +25,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from mbdl.data.decode import read_image_reduced
-from mbdl.data.files import read_image
+from mbdl.data.decode import read_array
 
 
 def resize_crop_uint8(array: np.ndarray, resize: int, crop: int) -> Tensor:
@@ -81,9 +81,10 @@ class EvaluationImages(Dataset[tuple[Tensor, int]]):
     def image(self, index: int) -> Tensor:
         """The ``uint8 [C, crop, crop]`` tensor of item ``index``."""
         if not self.exact:
-            image = read_image_reduced(self.paths[index], self.mode, self.resize)
-            return resize_crop_uint8(np.asarray(image, dtype=np.uint8), self.resize, self.crop)
-        image = self.steps(read_image(self.paths[index], self.mode))
+            array = read_array(self.paths[index], self.mode, self.resize)
+            return resize_crop_uint8(array, self.resize, self.crop)
+        decoded = read_array(self.paths[index], self.mode)  # PIL's pixels, bit for bit
+        image = self.steps(Image.fromarray(decoded[:, :, 0] if self.mode == "L" else decoded))
         array = np.array(image, dtype=np.uint8, copy=True)
         if array.ndim == 2:
             array = array[:, :, None]
