@@ -7,11 +7,12 @@ shapes), and a second of 1000 x 750 for the DCT-scaled decode. Per image, in one
   ``ToTensor``), what each DataLoader worker does every epoch with ``data.cache=off``;
 - ``pil_eval``: the per-image evaluation path (``read_image`` + ``transform_from_spec``: resize 256,
   centre crop 224, ``ToTensor``, ``Normalize``);
-- ``fast_eval_exact``: :class:`mbdl.data.fastpath.EvaluationImages` (the same image steps to
-  ``uint8``) and :func:`~mbdl.data.fastpath.normalise_batch` per batch of 128: bit-identical;
+- ``fast_eval_exact``: :class:`mbdl.data.fastpath.EvaluationImages` (the checked decode of
+  :func:`mbdl.data.decode.read_array`, then PIL's resize and crop to ``uint8``) and
+  :func:`~mbdl.data.fastpath.normalise_batch` per batch of 128: bit-identical;
 - ``fast_eval``: the same with ``exact=False`` (torch's ``uint8`` resize instead of PIL's);
-- ``torchvision_decode``: ``torchvision.io.decode_jpeg`` + the same torch resize and crop (the
-  libjpeg-turbo decode without PIL and without the reader's checks: the decoder choice);
+- ``torchvision_decode``: bare ``torchvision.io.decode_jpeg`` + the same torch resize and crop
+  (no header checks: the floor of the checked decode);
 - ``cache_build``: decoding into the cache (:func:`mbdl.data.cache.load_for_cache` +
   ``decode_resized`` to 256 x 256), once per image for the whole run; ``cache_build_pil`` the
   same with PIL's resize (the cache before this benchmark);
@@ -285,11 +286,14 @@ def markdown(payload: dict[str, Any]) -> str:
             "pil_eval",
             "per-image evaluation: PIL decode + resize 256 + crop 224 + ToTensor + Normalize",
         ),
-        ("fast_eval_exact", "fastpath, exact: the same image steps to uint8, normalised per batch"),
-        ("fast_eval", "fastpath, exact=False: PIL decode + torch uint8 resize + crop"),
+        (
+            "fast_eval_exact",
+            "fastpath, exact: checked decode + PIL resize + crop, normalised per batch",
+        ),
+        ("fast_eval", "fastpath, exact=False: checked decode + torch uint8 resize + crop"),
         (
             "torchvision_decode",
-            "torchvision.io.decode_jpeg + torch uint8 resize + crop (no checks)",
+            "bare torchvision.io.decode_jpeg + torch uint8 resize + crop (no header checks)",
         ),
         ("cache_build_pil", "decoding into the cache (256 x 256), PIL resize: once per image"),
         ("cache_build", "decoding into the cache (256 x 256), torch resize: once per image"),
