@@ -103,6 +103,7 @@ def test_batches_are_the_evaluation_transform_bit_for_bit(images: dict[str, Path
     assert loaded.dtype == torch.uint8 and loaded.shape == (4, 3, 64, 64)
     assert labels.tolist() == [0, 1, 2, 3]
     assert torch.equal(normalise_batch(loaded, SPEC["mean"], SPEC["std"]), expected)
+    assert all(torch.equal(dataset.normalised(i), expected[i]) for i in range(4))
     grey = {**SPEC, "color_mode": "L", "mean": [0.449], "std": [0.226]}
     one = EvaluationImages(paths[:1], grey).image(0)
     assert one.shape == (1, 64, 64)

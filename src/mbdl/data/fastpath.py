@@ -72,6 +72,7 @@ class EvaluationImages(Dataset[tuple[Tensor, int]]):
             raise ValueError(f"{len(self.paths)} paths but {len(self.labels)} labels")
         self.mode = str(spec["color_mode"])
         self.resize, self.crop = int(spec["resize"]), int(spec["crop"])
+        self.mean, self.std = list(spec["mean"]), list(spec["std"])
         self.exact = exact
         self.steps = T.Compose([T.Resize(self.resize), T.CenterCrop(self.crop)])
 
@@ -89,6 +90,13 @@ class EvaluationImages(Dataset[tuple[Tensor, int]]):
         if array.ndim == 2:
             array = array[:, :, None]
         return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+    def normalised(self, index: int) -> Tensor:
+        """The ``float32 [C, crop, crop]`` tensor of item ``index``: with ``exact``, the tensor
+        ``transform_from_spec(spec)(read_image(path))`` gives, bit for bit (a drop-in for
+        per-item datasets; batches normalised on the device with :func:`normalise_batch` save
+        the float copies between processes)."""
+        return normalise_batch(self.image(index)[None], self.mean, self.std)[0]
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         return self.image(index), int(self.labels[index])
