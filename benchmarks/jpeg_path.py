@@ -15,7 +15,7 @@ shapes), and a second of 1000 x 750 for the DCT-scaled decode. Per image, in one
   (no header checks: the floor of the checked decode);
 - ``cache_build``: decoding into the cache (:func:`mbdl.data.cache.load_for_cache` +
   ``decode_resized`` to 256 x 256), once per image for the whole run; ``cache_build_pil`` the
-  same with PIL's resize (the cache before this benchmark);
+  cache before this benchmark (the source's PIL image, PIL's resize);
 - ``from_cache_gather``: per batch of 128, gathering the cached rows (``InMemoryBatches`` with the
   crops left to the device): the loader's work per epoch when a GPU crops and flips;
 - ``from_cache_cpu_crops``: the same with the random-resized crops and flips done on the CPU;
@@ -156,11 +156,12 @@ def build_variants(paths: list[Path], large: list[Path], root: Path) -> dict[str
     prepare = functools.partial(decode_resized, side=256, channels=3)
 
     def cache_build_of(dataset: Any, min_side: int | None, pil: bool = False) -> Callable[[], None]:
-        steps = pil_prepare if pil else prepare
-
         def run() -> None:
             for i in range(len(dataset)):
-                steps(load_for_cache(dataset, i, min_side))
+                if pil:  # the cache before: the source's PIL image, PIL's resize
+                    pil_prepare(dataset.load_image(i))
+                else:
+                    prepare(load_for_cache(dataset, i, min_side))
 
         return run
 
