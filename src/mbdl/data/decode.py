@@ -129,6 +129,8 @@ def read_array(path: str | Path, mode: str = "RGB", min_side: int | None = None)
             reducible = min_side is not None and (
                 jpeg_reduction(image.width, image.height, min_side) > 1
             )
+            # EXIF orientation tag (0x0112): torchvision applies it only when asked (a cost)
+            rotated = image.getexif().get(0x0112, 1) != 1
             fast = (
                 decoder is not None
                 and image.format == "JPEG"
@@ -139,7 +141,7 @@ def read_array(path: str | Path, mode: str = "RGB", min_side: int | None = None)
             decode_jpeg, modes = decoder
             data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
             wanted = modes.RGB if mode == "RGB" else modes.GRAY
-            decoded = decode_jpeg(data, mode=wanted, apply_exif_orientation=True)
+            decoded = decode_jpeg(data, mode=wanted, apply_exif_orientation=rotated)
             return decoded.permute(1, 2, 0).numpy()
     except FileNotFoundError:
         raise files.ImageReadError(f"image file not found: {terminal_safe(path)}") from None
