@@ -283,3 +283,41 @@ def test_data_cache_off_is_read_as_off_not_as_false() -> None:
 
     assert load_config(None, ["data.cache=off"]).data.cache == "off"  # YAML 1.1: off is false
     assert load_config(None, ["data.cache=disk"]).data.cache == "disk"
+
+
+def test_train_refuses_a_disk_too_small_in_one_line_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import contextlib
+    import io
+
+    from mbdl.cli import main
+
+    root = write_folder(tmp_path / "data", classes=6, per_class=4)
+    monkeypatch.setenv("MBDL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cache_module, "disk_free", lambda folder: 1000)
+    argv = [
+        "train",
+        "data.source=folder",
+        f"data.root={root}",
+        "data.image_size=64",
+        "data.val_fraction=0",
+        "data.cache=disk",
+        "model.backbone=smallcnn",
+        "model.embedding_dim=8",
+        "train.epochs=1",
+        "train.batch_classes=2",
+        "train.batch_per_class=2",
+        "train.max_steps_per_epoch=1",
+        "train.num_threads=1",
+        "train.progress=false",
+        "train.device=cpu",
+        f"out={tmp_path / 'run'}",
+    ]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(argv) == 2
+    lines = err.getvalue().strip().splitlines()
+    assert len(lines) == 1 and "the decoded-image cache needs" in lines[0], lines
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not list((tmp_path / "cache").glob("decoded-*"))
