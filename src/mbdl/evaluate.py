@@ -198,6 +198,27 @@ def evaluate(
     return results
 
 
+#: keys of :func:`evaluate`'s result that say how the metrics were computed, not how good the
+#: model is (the k-means backend is the key ``kmeans/backend=<name>``)
+META_KEYS = ("kmeans/restarts", "kmeans/seed", "genuine_pairs", "impostor_pairs")
+
+
+def split_metrics(results: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
+    """``(metrics, meta)`` of :func:`evaluate`'s flat result: the metric table, and the run
+    metadata (``kmeans/backend``: its name, ``kmeans/restarts``, ``kmeans/seed``,
+    ``genuine_pairs``, ``impostor_pairs``: integers)."""
+    metrics: dict[str, float] = {}
+    meta: dict[str, Any] = {}
+    for key, value in results.items():
+        if key.startswith("kmeans/backend="):
+            meta["kmeans/backend"] = key.partition("=")[2]
+        elif key in META_KEYS:
+            meta[key] = int(value)
+        else:
+            metrics[key] = value
+    return metrics, meta
+
+
 def _retrieval(
     queries: Tensor,
     labels_of_queries: Tensor,
