@@ -157,6 +157,7 @@ def load_state(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise UserError(f"{terminal_safe(target)!r} has {CONFIG_FILE} but no {WEIGHTS_FILE}")
     else:
         state = load_checkpoint(resolve_checkpoint(target))
+        record_from_fields(state, str(target))  # a model's fields, all of them checked
     canonical = check_stored_plugins(state, str(target))
     if state.get("config") is not None:
         state["config"] = nested_config_values(canonical)  # one spelling for every reader
