@@ -254,3 +254,36 @@ def test_split_metrics_separates_the_run_metadata():
     }
     assert all(type(v) is int for k, v in meta.items() if k != "kmeans/backend")
     assert split_metrics(table) == (table, {})
+
+
+def test_printed_metrics_keep_counts_as_integers_apart_from_the_table():
+    """``mbdl train`` / ``mbdl eval`` print the metric table, then the run metadata on one line
+    (counts as integers, not ``40080.0000``)."""
+    from mbdl.runconfig import format_metrics
+
+    text = format_metrics(
+        {"map@r": 0.5, "kmeans/backend=torch": 1.0, "kmeans/seed": 0.0, "genuine_pairs": 40080.0}
+    )
+    lines = text.splitlines()
+    assert lines[0].split() == ["map@r", "0.5000"]
+    assert lines[1] == "(kmeans/backend torch, kmeans/seed 0, genuine_pairs 40080)"
+    assert len(lines) == 2
+
+
+def test_metrics_document_moves_run_metadata_into_a_meta_block():
+    from mbdl.evaluate import metrics_document
+
+    document = metrics_document(
+        {
+            "validation": {"map@r": 0.4, "kmeans/seed": 0.0},
+            "test": {"map@r": 0.5, "impostor_pairs": 10.0},
+            "verification": {"threshold": 0.7},
+        }
+    )
+    assert document == {
+        "validation": {"map@r": 0.4},
+        "test": {"map@r": 0.5},
+        "verification": {"threshold": 0.7},
+        "meta": {"validation": {"kmeans/seed": 0}, "test": {"impostor_pairs": 10}},
+    }
+    assert metrics_document(document) == document

@@ -236,16 +236,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(document, indent=2))
     else:
-        _print_metrics(result.metrics)
-        _print_meta(result.meta)
+        _print_metrics({**result.metrics, **result.meta})
     return 0
-
-
-def _print_meta(meta: dict[str, Any], file: Any = None) -> None:
-    """How the metrics were computed, apart from the metrics (integers as integers)."""
-    if meta:
-        text = ", ".join(f"{key} {value}" for key, value in meta.items())
-        print(f"({text})", file=file or sys.stdout)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -238,11 +238,31 @@ def split_metrics(results: dict[str, Any]) -> tuple[dict[str, float], dict[str, 
     for key, value in results.items():
         if key.startswith("kmeans/backend="):
             meta["kmeans/backend"] = key.partition("=")[2]
+        elif key == "kmeans/backend":
+            meta[key] = value
         elif key in META_KEYS:
             meta[key] = int(value)
         else:
             metrics[key] = value
     return metrics, meta
+
+
+def metrics_document(metrics: dict[str, Any]) -> dict[str, Any]:
+    """What ``metrics.json`` holds for a run's ``{"validation": ..., "test": ..., ...}``: each
+    split's metric table (:func:`split_metrics`) under its old key, other blocks
+    (``verification``) as they are, and the run metadata per split in a ``meta`` block."""
+    document: dict[str, Any] = {}
+    meta: dict[str, Any] = dict(metrics.get("meta") or {})
+    for key, value in metrics.items():
+        if key in ("validation", "test") and isinstance(value, dict):
+            document[key], split_meta = split_metrics(value)
+            if split_meta:
+                meta[key] = {**meta.get(key, {}), **split_meta}
+        elif key != "meta":
+            document[key] = value
+    if meta:
+        document["meta"] = meta
+    return document
 
 
 def _retrieval(

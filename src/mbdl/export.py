@@ -108,8 +108,16 @@ def _reproducing_command(config: dict[str, Any]) -> str:
 
 
 def _metrics_table(metrics: dict[str, Any]) -> list[str]:
+    """The metric table, then the run metadata (k-means settings, pair counts) as integers."""
+    from mbdl.evaluate import split_metrics
+
+    table, meta = split_metrics(
+        {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
+    )
     rows = ["| metric | value |", "|---|---|"]
-    rows += [f"| {k} | {v:.4f} |" for k, v in metrics.items() if isinstance(v, (int, float))]
+    rows += [f"| {k} | {v:.4f} |" for k, v in table.items() if isinstance(v, (int, float))]
+    if meta:
+        rows += ["", "(" + ", ".join(f"{k} {v}" for k, v in meta.items()) + ")"]
     return rows
 
 

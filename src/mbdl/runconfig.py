@@ -233,10 +233,18 @@ def _verification_pairs(
     return genuine, impostor
 
 
-def format_metrics(metrics: dict[str, float]) -> str:
-    """``name value`` lines, in the order of :func:`mbdl.evaluate.evaluate`."""
-    width = max((len(k) for k in metrics), default=0)
-    return "\n".join(f"{k:<{width}}  {v:.4f}" for k, v in metrics.items())
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """``name value`` lines of the metrics, in the order of :func:`mbdl.evaluate.evaluate`,
+    then the run metadata (k-means backend, restarts, seed, pair counts; integers as integers)
+    on one line of its own (:func:`mbdl.evaluate.split_metrics`)."""
+    from mbdl.evaluate import split_metrics
+
+    table, meta = split_metrics(metrics)
+    width = max((len(k) for k in table), default=0)
+    lines = [f"{k:<{width}}  {v:.4f}" for k, v in table.items()]
+    if meta:
+        lines.append("(" + ", ".join(f"{k} {v}" for k, v in meta.items()) + ")")
+    return "\n".join(lines)
 
 
 __all__ = [
