@@ -169,6 +169,37 @@ def checkpoint_layout(state: dict[str, Any]) -> dict[str, Any]:
     return layout
 
 
+def assert_layout_extends(layout: dict[str, Any], expected: dict[str, Any], where: str) -> None:
+    """``layout`` has every key of ``expected`` in the same order with the same description
+    (recursively for dicts); keys ``expected`` lacks (fields added later) are allowed."""
+    present = [key for key in layout if key in expected]
+    missing = [key for key in expected if key not in layout]
+    assert not missing, f"{where}: missing or renamed {missing}"
+    assert present == list(expected), f"{where}: the old keys changed order"
+    for key, old in expected.items():
+        if isinstance(old, dict):
+            assert isinstance(layout[key], dict), f"{where}.{key}"
+            assert_layout_extends(layout[key], old, f"{where}.{key}")
+        else:
+            assert layout[key] == old, f"{where}.{key}: {layout[key]} != {old}"
+
+
+def test_the_layout_check_allows_new_fields_and_refuses_missing_ones() -> None:
+    expected = {"format": "str", "model_args": {"backbone": "str", "embedding_dim": "int"}}
+    newer = {
+        "format": "str",
+        "model_args": {"backbone": "str", "embedding_dim": "int", "extra": "int"},
+        "record": "dict",
+    }
+    assert_layout_extends(newer, expected, "ok")
+    renamed = {"format": "str", "model_args": {"backbone": "str", "embedding_size": "int"}}
+    retyped = {"format": "str", "model_args": {"backbone": "str", "embedding_dim": "float"}}
+    dropped = {"model_args": {"backbone": "str", "embedding_dim": "int"}}
+    for broken in (renamed, retyped, dropped):
+        with pytest.raises(AssertionError):
+            assert_layout_extends(broken, expected, "broken")
+
+
 # -- callbacks ----------------------------------------------------------------------------------
 
 
