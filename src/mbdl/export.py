@@ -471,7 +471,7 @@ def check_images(
         tensors = []
         for path in paths:
             try:  # the one checked reader: 16-bit, alpha, size bounds, as every command
-                tensors.append(transform(read_image(path, record.color_mode)))
+                tensors.append(transform(read_image(Path(path), record.color_mode)))
             except ImageReadError as error:
                 raise ValueError(f"cannot read check image: {error}") from None
     else:
