@@ -163,6 +163,13 @@ def _drop(section: str | None, key: str) -> Callable[[dict[str, Any]], None]:
     return edit
 
 
+def _grey_record(info: dict[str, Any]) -> None:
+    """A record consistent in itself (1 channel everywhere) over weights for 3 channels."""
+    info["model_args"]["in_channels"] = 1
+    info["data_args"]["channels"] = 1
+    info["preprocessing"].update(color_mode="L", channels=1, mean=[0.0], std=[1.0])
+
+
 MODEL_DIR_CASES: dict[str, tuple[Callable[[dict[str, Any]], Any], str]] = {
     "missing-model_args": (_drop(None, "model_args"), r"no model_args"),
     "string-version": (_set(None, "version", "1"), r"version must be an integer"),
@@ -188,6 +195,7 @@ MODEL_DIR_CASES: dict[str, tuple[Callable[[dict[str, Any]], Any], str]] = {
     "inf-threshold": (_set("verification", "threshold", math.inf), r"threshold must be finite"),
     "negative-threshold": (_set("verification", "threshold", -0.5), r"threshold must be >= 0"),
     "unknown-distance": (_set(None, "distance", "manhattan"), r"distance must be one of"),
+    "grey-record-of-colour-weights": (_grey_record, r"model_state does not match the model"),
     "deep-nesting": (lambda info: "[" * 100_000 + "]" * 100_000, r"nested deeper than"),
     "deep-nesting-in-a-field": (
         _set(None, "training_config", json.loads("[" * 50 + "]" * 50)),
