@@ -208,8 +208,13 @@ def _configure_eval(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--split", default="test", choices=("test", "val"), help="which classes (default: test)"
     )
-    parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    parser.add_argument("-o", "--output", metavar="FILE", help="also write the metrics as JSON")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help='print {"metrics": ..., "meta": ...} as JSON (the run metadata apart: k-means '
+        "backend, restarts, seed, pair counts)",
+    )
+    parser.add_argument("-o", "--output", metavar="FILE", help="also write that JSON to FILE")
 
 
 def _overrides_only(items: Sequence[str]) -> list[str]:
