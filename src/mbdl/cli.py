@@ -235,7 +235,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         overrides=_overrides_only(args.items),
         device=args.device,
     )
-    document = {"metrics": result.metrics, "meta": result.meta}
+    document = result.to_json()
     if args.output:
         atomic_write_text(args.output, json.dumps(document, indent=2) + "\n")
     if args.json:

@@ -189,8 +189,8 @@ class Evaluation:
     labels: Tensor | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """The old flat form of ``mbdl eval --json``: metrics and meta in one mapping."""
-        return {**self.metrics, **self.meta}
+        """What ``mbdl eval --json`` prints: ``{"metrics": ..., "meta": ...}``."""
+        return {"metrics": dict(self.metrics), "meta": dict(self.meta)}
 
 
 def evaluate_model(
