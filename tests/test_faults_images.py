@@ -108,9 +108,12 @@ def test_a_named_pipe_is_refused_without_blocking(pipe_folder: Path) -> None:
 
 def test_a_directory_and_a_device_are_refused(tmp_path: Path) -> None:
     (tmp_path / "dir.png").mkdir()
-    for path in (tmp_path / "dir.png", Path("/dev/zero")):
-        assert inspect_image(path) == "not a regular file"
-        with pytest.raises(ImageReadError, match="not a regular file"):
+    for path, reason in (
+        (tmp_path / "dir.png", "Is a directory"),
+        (Path("/dev/zero"), "not a regular file"),
+    ):
+        assert inspect_image(path) == reason
+        with pytest.raises(ImageReadError, match=reason):
             read_image(path)
 
 

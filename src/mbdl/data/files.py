@@ -19,6 +19,7 @@ counts them all, before training starts. With ``skip_corrupt=True``:
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import stat
@@ -152,6 +153,8 @@ def open_image_file(path: str | os.PathLike[str]) -> Iterator[Image.Image]:
     handle = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
         info = os.fstat(handle)
+        if stat.S_ISDIR(info.st_mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
         if not stat.S_ISREG(info.st_mode):
             raise ValueError("not a regular file")
         if info.st_size == 0:
