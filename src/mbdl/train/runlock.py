@@ -78,7 +78,8 @@ def acquire_run_lock(out: Path) -> Path:
     if lock.is_dir():
         raise UserError(f"{terminal_safe(lock)} is a directory; remove it")
     while True:
-        handle = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        # read-only: a file system remounted read-only mid-run does not find it open for writing
+        handle = os.open(lock, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -100,14 +101,26 @@ def acquire_run_lock(out: Path) -> Path:
             holder = _read_holder(lock)
             if holder:
                 _refuse(out, lock, holder, held=False)
-            os.ftruncate(handle, 0)
-            os.pwrite(handle, lock_owner().encode("utf-8"), 0)
-            os.fsync(handle)
+            with open(lock, "w", encoding="utf-8") as file:  # the holder, for messages
+                file.write(lock_owner())
         except BaseException:
             os.close(handle)
             raise
         _HELD[key] = handle
         return lock
+
+
+def _forget_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker): close the inherited lock descriptors, so the
+    lock dies with the process that took it, not with the last of its children."""
+    for handle in _HELD.values():
+        with contextlib.suppress(OSError):
+            os.close(handle)
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_inherited_locks)
 
 
 def _refuse(out: Path, lock: Path, holder: str, *, held: bool) -> None:
