@@ -57,8 +57,10 @@ class Progress:
         """The checkpoint's ``progress``, in the layout of version 1 (``v1_fields``: the
         policies' values, :func:`mbdl.train.policies.v1_progress_fields`); ``step_logs`` only
         when a callback logged per step."""
-        state = {k: (list(v) if isinstance(v, list) else v) for k, v in vars(self).items()}
-        step_logs: dict[str, list[float]] = state.pop("step_logs")
+        state: dict[str, Any] = {
+            k: (list(v) if isinstance(v, list) else v) for k, v in vars(self).items()
+        }
+        step_logs = state.pop("step_logs")
         stopped, history = state.pop("stopped_early"), state.pop("history")
         state.update({k: v1_fields[k] for k in V1_POLICY_FIELDS})
         state.update(stopped_early=stopped, history=history)
