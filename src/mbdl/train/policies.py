@@ -14,10 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mbdl.config import Config
 from mbdl.inference import choose_verification_threshold, verification_at_threshold
 from mbdl.metrics import improves
 from mbdl.train.callbacks import Callback, TestResult
 from mbdl.train.checkpoint import load_checkpoint, save_checkpoint
+from mbdl.train.ema import ExponentialMovingAverage
 
 if TYPE_CHECKING:
     from mbdl.train.trainer import Trainer
@@ -104,6 +106,19 @@ class VerificationThreshold(Callback):
         result.metrics["verification"] = dict(chosen)
 
 
+def builtin_callbacks(config: Config) -> list[Callback]:
+    """The policies of ``config`` in the order they act: the weight average (``train.ema``),
+    best-checkpoint selection, early stopping (``train.patience``), the verification threshold."""
+    callbacks: list[Callback] = []
+    if config.train.ema is not None:
+        callbacks.append(ExponentialMovingAverage(config.train.ema))
+    callbacks.append(BestCheckpoint(config.train.select_metric))
+    if config.train.patience is not None:
+        callbacks.append(EarlyStopping(config.train.select_metric, config.train.patience))
+    callbacks.append(VerificationThreshold())
+    return callbacks
+
+
 def v1_progress_fields(states: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The policies' state as checkpoint version 1 kept it in ``progress``."""
     best = states.get("BestCheckpoint", {})
@@ -134,6 +149,7 @@ __all__ = [
     "BestCheckpoint",
     "EarlyStopping",
     "VerificationThreshold",
+    "builtin_callbacks",
     "v1_callback_states",
     "v1_progress_fields",
 ]

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
+
+from mbdl.config import Config
 
 #: progress fields of checkpoint version 1 that the policies now hold (mbdl.train.policies)
 V1_POLICY_FIELDS = ("best_value", "best_epoch", "best_validation", "bad_validations")
@@ -73,4 +78,44 @@ class Progress:
         return cls(**{k: v for k, v in state.items() if k not in V1_POLICY_FIELDS})
 
 
-__all__ = ["V1_POLICY_FIELDS", "Progress"]
+def progress_bar(total: int, initial: int, epoch: int, config: Config, enabled: bool) -> Any:
+    """The epoch's progress bar (optimiser steps) on stderr."""
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=f"epoch {epoch + 1}/{config.train.epochs}",
+        unit="step",
+        disable=not enabled,
+        leave=False,
+        dynamic_ncols=True,
+    )
+
+
+def announce(out: Path, progress: Progress, epochs: int) -> None:
+    """``training into OUT`` (and where a resumed run continues) on stderr."""
+    if progress.epoch < epochs:
+        p = progress
+        where = f" from epoch {p.epoch + 1}, step {p.step_in_epoch}" if p.global_step else ""
+        print(f"training into {out}{where}", file=sys.stderr, flush=True)
+
+
+def print_epoch(record: dict[str, Any], config: Config, world_size: int, eta_s: float) -> None:
+    """One line per epoch on stderr: loss, throughput, the validation metric, the ETA."""
+    parts = [f"epoch {record['epoch']}/{config.train.epochs}", f"loss {record['train_loss']:.4f}"]
+    if record.get("images_per_s"):
+        world = f" ({world_size} processes)" if world_size > 1 else ""
+        parts.append(f"{record['images_per_s']:.0f} img/s{world}")
+    validation = record.get("validation")
+    if validation:
+        metric = config.train.select_metric
+        parts.append(f"val {metric} {validation[metric]:.4f}")
+    if "stopped_by" in record:
+        parts.append(f"stopped by {record['stopped_by']}")
+    if eta_s > 0:
+        parts.append(f"ETA {timedelta(seconds=round(eta_s))}")
+    print("  ".join(parts), file=sys.stderr, flush=True)
+
+
+__all__ = ["V1_POLICY_FIELDS", "Progress", "announce", "print_epoch", "progress_bar"]

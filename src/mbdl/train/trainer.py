@@ -55,7 +55,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from mbdl.config import Config, ConfigError, config_to_dict, config_to_yaml
+from mbdl.config import Config, config_to_dict, config_to_yaml
 from mbdl.distributed import (
     DistributedInfo,
     GatheredLoss,
@@ -76,28 +76,16 @@ from mbdl.train.build import (
     model_args,
 )
 from mbdl.train.callbacks import Callback, CallbackList, ReportWriter, TestResult, TrackingSinks
-from mbdl.train.checkpoint import (
-    check_state_matches,
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
+from mbdl.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from mbdl.train.data import training_loader, training_sampler, training_splits
-from mbdl.train.ema import ExponentialMovingAverage
 from mbdl.train.optim import build_optimizer, build_scheduler
-from mbdl.train.policies import (
-    BestCheckpoint,
-    EarlyStopping,
-    VerificationThreshold,
-    v1_callback_states,
-    v1_progress_fields,
-)
+from mbdl.train.policies import builtin_callbacks
 from mbdl.train.precision import amp_dtype, amp_name
-from mbdl.train.progress import Progress
+from mbdl.train.progress import Progress, announce, print_epoch, progress_bar
 from mbdl.train.rundir import prepare_run_dir_on_ranks
 from mbdl.train.runlock import release_run_lock
 from mbdl.train.seeding import seed_everything
+from mbdl.train.state import checkpoint_state, restore
 
 # How long a rank waits in a collective while rank 0 validates, tests or writes checkpoints.
 COLLECTIVE_TIMEOUT = timedelta(hours=2)
@@ -107,19 +95,6 @@ RECORD_KEYS = frozenset(
     {"epoch", "step", "train_loss", "lr", "images_per_s", "elapsed_s", "world_size", "amp"}
     | {"validation", "stopped_by", "loss"}
 )
-
-
-def builtin_callbacks(config: Config) -> list[Callback]:
-    """The policies of ``config`` in the order they act: the weight average (``train.ema``),
-    best-checkpoint selection, early stopping (``train.patience``), the verification threshold."""
-    callbacks: list[Callback] = []
-    if config.train.ema is not None:
-        callbacks.append(ExponentialMovingAverage(config.train.ema))
-    callbacks.append(BestCheckpoint(config.train.select_metric))
-    if config.train.patience is not None:
-        callbacks.append(EarlyStopping(config.train.select_metric, config.train.patience))
-    callbacks.append(VerificationThreshold())
-    return callbacks
 
 
 class Trainer:
@@ -206,7 +181,7 @@ class Trainer:
         self.config_dict = config_to_dict(config)
         try:
             if resume_state is not None:
-                self._restore(resume_state)
+                restore(self, resume_state)
             elif self.dist.is_main:
                 atomic_write_text(self.out / "config.yaml", config_to_yaml(config))
             self.callbacks.on_train_start(self)
@@ -229,7 +204,8 @@ class Trainer:
     def fit(self) -> None:
         """Train until ``train.epochs`` or a stop (continuing a resumed position)."""
         p = self.progress
-        self._announce()
+        if self.config.train.progress and self.dist.is_main:
+            announce(self.out, p, self.config.train.epochs)
         wall: list[float] = []  # seconds per epoch run here, validation included (for the ETA)
         while p.epoch < self.config.train.epochs and not self.should_stop:
             start = time.perf_counter()
@@ -243,7 +219,9 @@ class Trainer:
             self._end_epoch(validation)  # log.jsonl, on_epoch_end, last.pt
             wall.append(time.perf_counter() - start)
             remaining = (self.config.train.epochs - p.epoch) * sum(wall) / len(wall)
-            self._print_epoch(p.history[-1], 0.0 if self.should_stop else remaining)
+            if self.config.train.progress and self.dist.is_main:
+                eta = 0.0 if self.should_stop else remaining
+                print_epoch(p.history[-1], self.config, self.dist.world_size, eta)
         with self.callbacks.evaluation_weights(self):
             self.callbacks.on_fit_end(self)  # the final choice when nothing validated
 
@@ -254,7 +232,8 @@ class Trainer:
         self.loader_generator.manual_seed(self.config.seed * 1_000_003 + epoch)
         self.model.train()
         self.criterion.train()
-        bar = self._progress_bar(epoch)
+        shown = self.config.train.progress and sys.stderr.isatty() and self.dist.is_main
+        bar = progress_bar(self.steps_per_epoch, p.step_in_epoch, epoch, self.config, shown)
         try:
             batches = iter(self.loader)
             while p.step_in_epoch < self.steps_per_epoch and not self.should_stop:
@@ -410,40 +389,6 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------
 
-    def checkpoint_state(self, kind: Literal["last", "best"], **fields: Any) -> dict[str, Any]:
-        """The one checkpoint layout (:mod:`mbdl.train.checkpoint`): what rebuilds the model
-        (config, model and data arguments, weights, loss parameters); for ``last`` also what
-        resumes the run exactly (optimiser, scheduler, GradScaler, RNG states, progress, number
-        of processes, cross-batch memory, the callbacks' state); then ``fields`` (``best``:
-        epoch and validation)."""
-        state: dict[str, Any] = {
-            "kind": kind,
-            "config": self.config_dict,
-            "model_args": self.model_args,
-            "data_args": {
-                "source": self.config.data.source,
-                "root": self.config.data.root,
-                "image_size": int(self.splits.image_size),
-                "channels": int(self.splits.channels),
-            },
-            "model_state": self.model.state_dict(),
-            "loss_state": self.loss.state_dict(),
-        }
-        if kind == "last":
-            callbacks = self.callbacks.state_dict()
-            state.update(
-                optimizer=self.optimizer.state_dict(),
-                scheduler=self.scheduler.state_dict(),
-                scaler=self.scaler.state_dict(),
-                rng=rng_state(),
-                progress=self.progress.to_state(v1_progress_fields(callbacks)),
-                world_size=self.dist.world_size,
-            )
-            if self.memory is not None:
-                state["xbm_state"] = self.memory.state_dict()
-            state["callbacks"] = callbacks
-        return {**state, **fields}
-
     def save(self, kind: Literal["last", "best"], **fields: Any) -> None:
         """Write ``checkpoints/<kind>.pt`` (rank 0), refusing non-finite weights."""
         for name, param in self.model.named_parameters():
@@ -455,51 +400,8 @@ class Trainer:
         if not self.dist.is_main:
             return
         path = self.checkpoints / f"{kind}.pt"
-        save_checkpoint(path, self.checkpoint_state(kind, **fields))
+        save_checkpoint(path, checkpoint_state(self, kind, **fields))
         self.callbacks.on_checkpoint(self, path)
-
-    def _restore(self, state: dict[str, Any]) -> None:
-        """Every field of ``last.pt`` checked against this run, then restored."""
-        last = self.checkpoints / "last.pt"
-        saved_world = int(state.get("world_size", 1))
-        if saved_world != self.dist.world_size:
-            raise ConfigError(
-                f"{last} was written by {saved_world} process(es); resume it with the same number "
-                f"(torchrun --nproc_per_node ...), not {self.dist.world_size}"
-            )
-        if (self.memory is not None) != ("xbm_state" in state):
-            raise ConfigError(f"{last} does not match train.xbm_size")
-        try:
-            check_state_matches(self.model.state_dict(), state["model_state"], f"{last} model")
-            check_state_matches(self.loss.state_dict(), state["loss_state"], f"{last} loss")
-            if self.memory is not None:
-                check_state_matches(self.memory.state_dict(), state["xbm_state"], f"{last} xbm")
-            self.model.load_state_dict(state["model_state"])
-            self.loss.load_state_dict(state["loss_state"])
-            if self.memory is not None:
-                self.memory.load_state_dict(state["xbm_state"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            self.scaler.load_state_dict(state["scaler"])
-            self.progress = Progress.from_state(state["progress"])
-            self.should_stop = self.progress.stopped_early
-            callbacks = state.get("callbacks")  # absent before callbacks had state
-            self.callbacks.load_state_dict(
-                callbacks if callbacks is not None else v1_callback_states(state["progress"])
-            )
-            set_rng_state(state["rng"])
-        except UserError:
-            raise
-        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as error:
-            raise ConfigError(
-                f"{last} does not match this run ({type(error).__name__}: "
-                f"{str(error).splitlines()[0] if str(error) else ''}); it is damaged or from "
-                "another version: start a new run with another out="
-            ) from None
-        if self.dist.is_main:
-            # log.jsonl may hold records written after this checkpoint: rewrite it from the history
-            lines = "".join(json.dumps(r) + "\n" for r in self.progress.history)
-            atomic_write_text(self.out / "log.jsonl", lines)
 
     # -- small parts ---------------------------------------------------------------------------
 
@@ -552,46 +454,6 @@ class Trainer:
                 f"the ranks' copies diverged {self._where()}: {', '.join(differ[:3])} differ"
             )
 
-    def _progress_bar(self, epoch: int) -> Any:
-        from tqdm.auto import tqdm
-
-        enabled = self.config.train.progress and sys.stderr.isatty() and self.dist.is_main
-        return tqdm(
-            total=self.steps_per_epoch,
-            initial=self.progress.step_in_epoch,
-            desc=f"epoch {epoch + 1}/{self.config.train.epochs}",
-            unit="step",
-            disable=not enabled,
-            leave=False,
-            dynamic_ncols=True,
-        )
-
-    def _announce(self) -> None:
-        p = self.progress
-        if self.config.train.progress and self.dist.is_main and p.epoch < self.config.train.epochs:
-            where = f" from epoch {p.epoch + 1}, step {p.step_in_epoch}" if p.global_step else ""
-            print(f"training into {self.out}{where}", file=sys.stderr, flush=True)
-
-    def _print_epoch(self, record: dict[str, Any], eta_s: float) -> None:
-        if not self.config.train.progress or not self.dist.is_main:
-            return
-        parts = [
-            f"epoch {record['epoch']}/{self.config.train.epochs}",
-            f"loss {record['train_loss']:.4f}",
-        ]
-        if record.get("images_per_s"):
-            world = f" ({self.dist.world_size} processes)" if self.dist.enabled else ""
-            parts.append(f"{record['images_per_s']:.0f} img/s{world}")
-        validation = record.get("validation")
-        if validation:
-            metric = self.config.train.select_metric
-            parts.append(f"val {metric} {validation[metric]:.4f}")
-        if "stopped_by" in record:
-            parts.append(f"stopped by {record['stopped_by']}")
-        if eta_s > 0:
-            parts.append(f"ETA {timedelta(seconds=round(eta_s))}")
-        print("  ".join(parts), file=sys.stderr, flush=True)
-
 
 def train(config: Config, callbacks: Sequence[Callback] = (), **given: Any) -> dict[str, Any]:
     """Train, select on validation classes, test the chosen checkpoint once, write the report.
@@ -624,4 +486,4 @@ def train(config: Config, callbacks: Sequence[Callback] = (), **given: Any) -> d
         trainer.close()
 
 
-__all__ = ["Trainer", "TrainingDiverged", "builtin_callbacks", "format_metrics", "train"]
+__all__ = ["Trainer", "TrainingDiverged", "format_metrics", "train"]
