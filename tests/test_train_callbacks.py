@@ -6,6 +6,7 @@ accumulation (train.accumulate) and torch.compile (train.compile) each do what t
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -389,6 +390,10 @@ def test_compile_sends_the_model_through_the_compiler(
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("MBDL_SLOW", "") in ("", "0"),
+    reason="MBDL_SLOW=1: torch.compile's default backend generates C++ (minutes on a busy CPU)",
+)
 def test_compile_runs_a_step_with_the_default_backend(image_root: Path, tmp_path: Path) -> None:
     if shutil.which("cc") is None and shutil.which("gcc") is None:
         pytest.skip("torch.compile on CPU needs a C compiler (none on PATH)")

@@ -135,6 +135,9 @@ def _run_train(args: argparse.Namespace) -> int:
     if not main_rank:
         return 0
     print(f"run directory: {config.out}")
+    stopped = metrics.get("stopped")
+    if stopped:
+        print(f"stopped at epoch {stopped['epoch']}, step {stopped['step']} by {stopped['by']}")
     if metrics.get("validation"):
         print(f"validation ({config.train.select_metric} selected):")
         _print_metrics(metrics["validation"])
