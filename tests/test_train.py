@@ -121,10 +121,10 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(
     run = tmp_path / "interrupted"
     original = trainer_module.Trainer._train_step
 
-    def interrupt_at_step_5(self: Any, batches: Any) -> float:
+    def interrupt_at_step_5(self: Any, images: torch.Tensor, labels: torch.Tensor) -> float:
         if self.progress.global_step == 4:  # the 5th step, mid-way through epoch 2
             raise KeyboardInterrupt
-        return original(self, batches)
+        return original(self, images, labels)
 
     monkeypatch.setattr(trainer_module.Trainer, "_train_step", interrupt_at_step_5)
     with pytest.raises(KeyboardInterrupt):

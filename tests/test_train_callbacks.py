@@ -311,12 +311,12 @@ def test_accumulated_gradients_equal_the_large_batch(image_root: Path, tmp_path:
         images = torch.rand(16, 3, 32, 32, generator=generator)
         labels = torch.randint(0, 9, (16,), generator=generator)
         start = _copy(model), _copy(trainer.loss)
-        trainer._train_step([(images[:8], labels[:8]), (images[8:], labels[8:])])
+        trainer._train_step([images[:8], images[8:]], [labels[:8], labels[8:]])
         accumulated = [p.grad.clone() for p in [*model.parameters(), *trainer.loss.parameters()]]
         stepped = _copy(model), _copy(loss)
         model.load_state_dict(start[0])
         trainer.loss.load_state_dict(start[1])
-        trainer._train_step([(images, labels)])
+        trainer._train_step([images], [labels])
         large = [p.grad.clone() for p in [*model.parameters(), *trainer.loss.parameters()]]
     finally:
         trainer.close()
@@ -333,9 +333,9 @@ def test_accumulate_takes_that_many_batches_per_step(
     seen: list[int] = []
     original = Trainer._train_step
 
-    def counting(self: Any, batches: Any) -> float:
-        seen.append(len(batches))
-        return original(self, batches)
+    def counting(self: Any, images: Any, labels: Any) -> float:
+        seen.append(len(images))
+        return original(self, images, labels)
 
     monkeypatch.setattr(Trainer, "_train_step", counting)
     out = tmp_path / "run"

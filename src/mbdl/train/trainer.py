@@ -239,9 +239,10 @@ class Trainer:
             while p.step_in_epoch < self.steps_per_epoch and not self.should_stop:
                 start = time.perf_counter()
                 micro = [self._augmented(next(batches)) for _ in range(accumulate)]
-                value = self._train_step(micro)
-                images = sum(int(labels.shape[0]) for _, labels in micro)
-                p.advance(value, images * self.dist.world_size, time.perf_counter() - start)
+                images, labels = [m[0] for m in micro], [m[1] for m in micro]
+                value = self._train_step(images, labels)
+                seen = sum(int(part.shape[0]) for part in labels) * self.dist.world_size
+                p.advance(value, seen, time.perf_counter() - start)
                 self._step_end(value)
                 rate = p.epoch_images / p.epoch_seconds if p.epoch_seconds > 0 else 0.0
                 bar.set_postfix(loss=f"{value:.4f}", img_s=f"{rate:.0f}", refresh=False)
@@ -252,20 +253,21 @@ class Trainer:
         finally:
             bar.close()
 
-    def _train_step(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
-        """One optimiser step on the gradients of ``batches`` (``train.accumulate`` micro-batches,
-        each loss divided by their number); returns the mean of their losses."""
+    def _train_step(self, images: Sequence[torch.Tensor], labels: Sequence[torch.Tensor]) -> float:
+        """One optimiser step on the gradients of the micro-batches ``images[i], labels[i]``
+        (``train.accumulate`` of them, each loss divided by their number); returns the mean of
+        their losses."""
         self.optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for number, (images, labels) in enumerate(batches, start=1):
-            last = number == len(batches)
+        total, count = 0.0, len(images)
+        for number, (micro_images, micro_labels) in enumerate(zip(images, labels, strict=True)):
+            last = number == count - 1
             sync = self.ddp.no_sync() if self.ddp is not None and not last else None
             with sync or contextlib.nullcontext():
-                loss = self._loss(images, labels)
+                loss = self._loss(micro_images, micro_labels)
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise TrainingDiverged(f"the loss is {value} {self._where()}. {self._advice()}")
-                self.scaler.scale(loss / len(batches)).backward()
+                self.scaler.scale(loss / count).backward()
             total += value
         average_gradients(self.loss.parameters())  # DDP averages the model's only
         if self.config.train.grad_clip is not None:
@@ -279,7 +281,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        return total / len(batches)
+        return total / count
 
     def _loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)
