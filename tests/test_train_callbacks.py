@@ -169,7 +169,7 @@ def test_the_policies_choose_and_stop_as_before_across_a_resume(
 
 
 def test_injected_objects_are_the_ones_used(image_root: Path, tmp_path: Path) -> None:
-    from mbdl.inference import load_data
+    from mbdl.runconfig import load_data
     from mbdl.losses import build_loss
     from mbdl.models import build_model
 
@@ -344,7 +344,7 @@ def test_accumulate_takes_that_many_batches_per_step(
     )
     train(config)
     from mbdl.data import ClassBalancedBatchSampler
-    from mbdl.inference import load_data
+    from mbdl.runconfig import load_data
 
     labels = load_data(config).train.labels
     batches_per_epoch = len(ClassBalancedBatchSampler(labels, 4, 2))

@@ -16,7 +16,7 @@ from mbdl.data.cache import decode_splits
 from mbdl.data.workers import loader_workers
 from mbdl.distributed import DistributedInfo, barrier
 from mbdl.errors import terminal_safe
-from mbdl.inference import load_data
+from mbdl.runconfig import load_data
 from mbdl.train.preflight import describe_data, validate_before_training
 from mbdl.train.seeding import SeededBatches, SeededDataset, seed_everything
 
@@ -28,7 +28,7 @@ def training_splits(config: Config, dist: DistributedInfo, given: Any = None) ->
     if not dist.is_main:
         barrier()  # rank 0 builds caches or downloads first
     splits = load_data(config) if given is None else given
-    decode_splits(splits, config.data.cache)  # training and evaluation splits, once
+    decode_splits(splits, config.data.cache, config.data.num_workers)  # decoded once
     if dist.is_main:
         barrier()
     validate_before_training(config, splits)  # every check the data allows, up front

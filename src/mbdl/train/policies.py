@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mbdl.config import Config
-from mbdl.inference import choose_verification_threshold, verification_at_threshold
+from mbdl.runconfig import choose_verification_threshold, verification_at_threshold
 from mbdl.metrics import improves
 from mbdl.train.callbacks import Callback, TestResult
 from mbdl.train.checkpoint import load_checkpoint, save_checkpoint

@@ -66,7 +66,7 @@ from mbdl.distributed import (
 )
 from mbdl.errors import TrainingDiverged, UserError
 from mbdl.fileio import atomic_write_text
-from mbdl.inference import evaluate_dataset, evaluate_test, format_metrics, resolve_device
+from mbdl.runconfig import evaluate_dataset, evaluate_test, format_metrics, resolve_device
 from mbdl.tracking import Sinks, check_sinks
 from mbdl.train.build import (
     build_loss_from_config,
