@@ -169,9 +169,9 @@ def test_the_policies_choose_and_stop_as_before_across_a_resume(
 
 
 def test_injected_objects_are_the_ones_used(image_root: Path, tmp_path: Path) -> None:
-    from mbdl.runconfig import load_data
     from mbdl.losses import build_loss
     from mbdl.models import build_model
+    from mbdl.runconfig import load_data
 
     config = folder_config(image_root, tmp_path / "run", "train.epochs=1")
     splits = load_data(config)

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mbdl.config import Config
-from mbdl.runconfig import choose_verification_threshold, verification_at_threshold
 from mbdl.metrics import improves
+from mbdl.runconfig import choose_verification_threshold, verification_at_threshold
 from mbdl.train.callbacks import Callback, TestResult
 from mbdl.train.checkpoint import load_checkpoint, save_checkpoint
 from mbdl.train.ema import ExponentialMovingAverage
