@@ -31,8 +31,13 @@ class Neighbour:
     match: bool | None
 
     def to_json(self) -> dict[str, Any]:
-        out = {"rank": self.rank, "id": self.id, "path": self.path, "distance": self.distance,
-               "label": self.label}
+        out = {
+            "rank": self.rank,
+            "id": self.id,
+            "path": self.path,
+            "distance": self.distance,
+            "label": self.label,
+        }
         if self.match is not None:
             out["match"] = self.match
         return out
@@ -89,9 +94,20 @@ class Searcher:
         results = []
         for i, row in enumerate(d):
             order = np.argsort(row, kind="stable")[:k]
-            results.append(QueryResult(f"image[{i}]", [
-                Neighbour(r + 1, int(j), self.catalog._items[j].path, float(row[j]), None,
-                          None if threshold is None else bool(row[j] <= threshold))
-                for r, j in enumerate(order)
-            ]))
+            results.append(
+                QueryResult(
+                    f"image[{i}]",
+                    [
+                        Neighbour(
+                            r + 1,
+                            int(j),
+                            self.catalog._items[j].path,
+                            float(row[j]),
+                            None,
+                            None if threshold is None else bool(row[j] <= threshold),
+                        )
+                        for r, j in enumerate(order)
+                    ],
+                )
+            )
         return results

@@ -132,8 +132,9 @@ def test_image_upload_returns_the_search_json(
     )
     assert response.status_code == 200, response.text
     body = response.json()
-    expected = searcher.search([Image.open(io.BytesIO(data)).convert("RGB")], k=3,
-                               threshold="model")
+    expected = searcher.search(
+        [Image.open(io.BytesIO(data)).convert("RGB")], k=3, threshold="model"
+    )
     assert body == [r.to_json() for r in expected]
     first = body[0]["neighbours"][0]
     assert first["path"] == str(catalog_images[2]) and first["match"] is True
@@ -155,7 +156,7 @@ def test_thumbnails_by_id_only(server: Server, catalog_images: list[Path]) -> No
     assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
     image = Image.open(io.BytesIO(response.content))
     assert image.size == (48, 40)  # at most 160 px on the longer side, never enlarged
-    assert max(abs(a - b) for a, b in zip(image.getpixel((24, 20)), COLOURS[1])) < 8
+    assert max(abs(a - b) for a, b in zip(image.getpixel((24, 20)), COLOURS[1], strict=False)) < 8
     assert_json_error(httpx.get(f"{server.url}/thumbnail/999"), 404)
     secret = str(catalog_images[0].parent / "secret.txt")
     tricks = [
@@ -205,7 +206,7 @@ def test_oversized_uploads_are_413(server: Server) -> None:
 @pytest.mark.parametrize(
     "body",
     [
-        b"--zzz\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n\r\nabc",
+        b'--zzz\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\nabc',
         b"not multipart at all",
         b"--zzz--\r\n",
     ],
@@ -220,8 +221,11 @@ def test_malformed_multipart_is_400(server: Server, body: bytes) -> None:
 
 
 def test_bad_images_are_400(server: Server) -> None:
-    for name, data in [("a.txt", b"hello, not an image"), ("empty.png", b""),
-                       ("cut.png", png((64, 64), (1, 2, 3))[:60])]:
+    for name, data in [
+        ("a.txt", b"hello, not an image"),
+        ("empty.png", b""),
+        ("cut.png", png((64, 64), (1, 2, 3))[:60]),
+    ]:
         response = httpx.post(f"{server.url}/search", files={"image": (name, data, "image/png")})
         assert_json_error(response, 400)
     huge = png((2000, 1000), (9, 9, 9))  # 2 Mpx, compresses to a few kB
@@ -258,8 +262,12 @@ def test_bad_json_bodies_are_400(server: Server, document: dict) -> None:
 
 
 def test_nan_and_broken_json_are_400(server: Server) -> None:
-    for text in ['{"embedding": [NaN, 0.1, 0.2]}', '{"embedding": [Infinity, 0, 0]}',
-                 '{"embedding": [0.1, 0.2', "[1, 2, 3]"]:
+    for text in [
+        '{"embedding": [NaN, 0.1, 0.2]}',
+        '{"embedding": [Infinity, 0, 0]}',
+        '{"embedding": [0.1, 0.2',
+        "[1, 2, 3]",
+    ]:
         response = httpx.post(
             f"{server.url}/search", content=text, headers={"content-type": "application/json"}
         )
@@ -286,8 +294,12 @@ def test_token_is_required_when_set(guarded: Server) -> None:
     url = guarded.url
     assert httpx.get(f"{url}/health").status_code == 200
     assert httpx.get(f"{url}/").status_code == 200
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"},
-                    {"Authorization": "Bearer s3cretX"}):
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": "s3cret"},
+        {"Authorization": "Bearer s3cretX"},
+    ):
         for method, path in (("GET", "/info"), ("GET", "/thumbnail/0"), ("POST", "/search")):
             response = httpx.request(method, f"{url}{path}", headers=headers, json={})
             assert_json_error(response, 401)
@@ -321,11 +333,19 @@ def test_page_finds_the_nearest_item_in_headless_chromium(
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     driver_path = shutil.which("chromedriver")
     if chromium is None or driver_path is None:
-        pytest.skip("headless Chromium is not installed (Debian packages chromium, chromium-driver)")
+        pytest.skip(
+            "headless Chromium is not installed (Debian packages chromium, chromium-driver)"
+        )
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                     "--window-size=1100,800", f"--user-data-dir={tmp_path / 'profile'}"):
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1100,800",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ):
         options.add_argument(argument)
     service = webdriver.ChromeService(executable_path=driver_path)
     browser = webdriver.Chrome(options=options, service=service)

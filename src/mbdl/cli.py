@@ -952,6 +952,110 @@ def _run_compare(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# mbdl dedup, mbdl cluster (implementation: mbdl.catalog.dedup)
+
+
+def _configure_groups(parser: argparse.ArgumentParser, clusters: bool) -> None:
+    parser.add_argument("source", metavar="INDEX|DIR", help="an index, or a folder of images")
+    parser.add_argument("-o", "--out", required=True, metavar="OUT", help="the output folder")
+    parser.add_argument("--model", help="the model that indexes DIR (a run, checkpoint, model dir)")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        metavar="D",
+        help="the distance at or below which two items are the same (default: the model's "
+        "validated verification threshold)",
+    )
+    if clusters:
+        parser.add_argument(
+            "--min-size", type=int, default=2, help="the smallest cluster kept (default 2)"
+        )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _run_groups(args: argparse.Namespace, kind: str) -> int:
+    from mbdl.catalog.dedup import group_images
+
+    groups = group_images(
+        args.source,
+        args.out,
+        kind=kind,
+        model=args.model,
+        threshold=args.threshold,
+        min_size=getattr(args, "min_size", 2),
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    noun = "groups of near-duplicates" if kind == "duplicates" else "clusters"
+    print(
+        f"{len(groups.groups)} {noun} holding {groups.grouped_items} of {groups.count} items "
+        f"({groups.distance} distance <= {groups.threshold:.4g}); examined "
+        f"{groups.pairs_examined} pairs (all pairs: {groups.quadratic_pairs})"
+    )
+    print(f"wrote {terminal_safe(Path(args.out) / 'index.html')}, groups.csv, groups.json")
+    return 0
+
+
+@command(
+    "dedup",
+    "find groups of near-duplicate images in an index or a folder",
+    lambda parser: _configure_groups(parser, clusters=False),
+)
+def _run_dedup(args: argparse.Namespace) -> int:
+    return _run_groups(args, "duplicates")
+
+
+@command(
+    "cluster",
+    "group an index or a folder into clusters of similar images",
+    lambda parser: _configure_groups(parser, clusters=True),
+)
+def _run_cluster(args: argparse.Namespace) -> int:
+    return _run_groups(args, "clusters")
+
+
+# ---------------------------------------------------------------------------------------------
+# mbdl serve (implementation: mbdl.serve)
+
+
+def _configure_serve(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("index", metavar="INDEX", help="the index to serve")
+    parser.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--token", help="require 'Authorization: Bearer TOKEN' (default: env MBDL_SERVE_TOKEN)"
+    )
+    parser.add_argument(
+        "--max-upload-bytes", type=int, help="the largest upload accepted (default 20 MiB)"
+    )
+    parser.add_argument(
+        "--max-pixels", type=int, help="the most pixels a query image may have (default 40 M)"
+    )
+    parser.add_argument("--device", default="cpu")
+
+
+@command("serve", "serve an index: a JSON search API and a search page", _configure_serve)
+def _run_serve(args: argparse.Namespace) -> int:
+    from mbdl.serve import serve
+
+    limits = {
+        name: getattr(args, name)
+        for name in ("max_upload_bytes", "max_pixels")
+        if getattr(args, name) is not None
+    }
+    serve(
+        args.index,
+        host=args.host,
+        port=args.port,
+        token=args.token or os.environ.get("MBDL_SERVE_TOKEN") or None,
+        device=args.device,
+        **limits,
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # entry point
 
 

@@ -444,3 +444,52 @@ def write_groups(groups: Groups, out: str | Path, *, max_groups_shown: int = 500
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def group_images(
+    source: str | Path,
+    out: str | Path,
+    *,
+    kind: str = "duplicates",
+    model: str | Path | None = None,
+    threshold: float | None = None,
+    min_size: int = 2,
+    device: str = "cpu",
+    progress: bool = True,
+) -> Groups:
+    """``mbdl dedup`` / ``mbdl cluster``: group the catalog ``source`` (an index directory, or a
+    folder of images indexed first with ``model`` into a temporary catalog) into near-duplicates
+    (``kind="duplicates"``) or clusters (``kind="clusters"``) and write them into ``out``
+    (:func:`write_groups`). Bad arguments are refused before any work."""
+    if kind not in ("duplicates", "clusters"):
+        raise UserError(f"kind must be duplicates or clusters, got {kind!r}")
+    if threshold is not None:
+        check_threshold(threshold, None)
+    check_output_folder(out)
+    folder = Path(source)
+    if not folder.is_dir():
+        raise UserError(f"{terminal_safe(folder)} is not an index or a folder of images")
+    from mbdl.catalog.store import MANIFEST
+
+    from mbdl.catalog import Catalog, build_catalog
+
+    grouping = find_duplicates if kind == "duplicates" else cluster_catalog
+    options: dict[str, Any] = {} if kind == "duplicates" else {"min_size": min_size}
+    if (folder / MANIFEST).is_file():
+        catalog = Catalog.open(folder)
+        groups = grouping(catalog, threshold, **options)
+    else:
+        if model is None:
+            raise UserError(
+                f"{terminal_safe(folder)} is a folder of images, not an index: give --model MODEL "
+                "to index it first (or build an index with mbdl index build)"
+            )
+        with tempfile.TemporaryDirectory(prefix="mbdl-groups-") as temporary:
+            report = build_catalog(
+                model, Path(temporary) / "index", images=folder, device=device, progress=progress
+            )
+            check_threshold(threshold, report.catalog.threshold)
+            groups = grouping(report.catalog, threshold, **options)
+            report.catalog.close()
+    write_groups(groups, out)
+    return groups

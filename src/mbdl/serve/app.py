@@ -109,7 +109,9 @@ def parse_embeddings(value: Any, dim: int) -> np.ndarray:
     for row in rows:
         if not isinstance(row, list) or len(row) != dim:
             size = len(row) if isinstance(row, list) else "a non-list"
-            raise RequestError(400, f"embedding must have {dim} numbers (the catalog's), got {size}")
+            raise RequestError(
+                400, f"embedding must have {dim} numbers (the catalog's), got {size}"
+            )
         if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in row):
             raise RequestError(400, "embedding must hold numbers only")
     array = np.asarray(rows, dtype=np.float64)
