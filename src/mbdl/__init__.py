@@ -15,4 +15,21 @@ def load_embedder(path: Any, device: Any = "cpu") -> Any:
     return load(path, device)
 
 
-__all__ = ["__version__", "load_embedder"]
+def search(index: Any, queries: Any, *, k: int = 5, threshold: Any = None, **options: Any) -> Any:
+    """The ``k`` nearest items of a catalog index for each query (image paths, PIL images,
+    tensors or an embeddings array), as :class:`mbdl.catalog.QueryResult` objects
+    (:func:`mbdl.catalog.search`; :class:`Searcher` keeps the model loaded for many calls)."""
+    from mbdl.catalog import search as run
+
+    return run(index, queries, k=k, threshold=threshold, **options)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Searcher":  # imported on first use: `import mbdl` stays light
+        from mbdl.catalog import Searcher
+
+        return Searcher
+    raise AttributeError(f"module 'mbdl' has no attribute {name!r}")
+
+
+__all__ = ["Searcher", "__version__", "load_embedder", "search"]
