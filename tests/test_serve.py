@@ -23,9 +23,12 @@ httpx = pytest.importorskip("httpx")
 
 from PIL import Image  # noqa: E402
 
+from catalog_fixtures import TinyCatalog, make_tiny_catalog  # noqa: E402
+
 from mbdl.serve import create_app  # noqa: E402
 
-COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200)]
+DIM = 16  # the tiny model's embedding_dim
+V = [0.1] * DIM
 
 
 class Server:
@@ -66,22 +69,23 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def catalog_images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    root = tmp_path_factory.mktemp("serve-images")
-    paths = []
-    for i, colour in enumerate(COLOURS):
-        path = root / f"item{i}.png"
-        Image.new("RGB", (48, 40), colour).save(path)
-        paths.append(path)
-    (root / "secret.txt").write_text("not in the catalog")
-    return paths
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyCatalog:
+    pytest.importorskip("faiss")
+    tiny = make_tiny_catalog(tmp_path_factory.mktemp("serve"))
+    (tiny.images / "secret.txt").write_text("not in the catalog")
+    return tiny
 
 
 @pytest.fixture(scope="module")
-def searcher(catalog_images: list[Path]) -> Any:
-    from serve_standin import Catalog, Searcher
+def catalog_images(tiny: TinyCatalog) -> list[Path]:
+    return sorted(p.resolve() for p in tiny.images.rglob("*.png"))
 
-    return Searcher(Catalog(catalog_images))
+
+@pytest.fixture(scope="module")
+def searcher(tiny: TinyCatalog) -> Any:
+    from mbdl.catalog import Searcher
+
+    return Searcher.open(tiny.index)
 
 
 @pytest.fixture(scope="module")
@@ -151,12 +155,16 @@ def test_embedding_body_returns_the_search_json(server: Server, searcher: Any) -
     assert len(single.json()[0]["neighbours"]) == 5  # the default k
 
 
-def test_thumbnails_by_id_only(server: Server, catalog_images: list[Path]) -> None:
+def test_thumbnails_by_id_only(
+    server: Server, searcher: Any, catalog_images: list[Path]
+) -> None:
     response = httpx.get(f"{server.url}/thumbnail/1")
     assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
-    image = Image.open(io.BytesIO(response.content))
-    assert image.size == (48, 40)  # at most 160 px on the longer side, never enlarged
-    assert max(abs(a - b) for a, b in zip(image.getpixel((24, 20)), COLOURS[1], strict=False)) < 8
+    image = np.asarray(Image.open(io.BytesIO(response.content)).convert("L"), np.float32)
+    item = searcher.catalog.items([1])[0]
+    original = np.asarray(Image.open(item.path).convert("L"), np.float32)
+    assert image.shape == original.shape  # at most 160 px on the longer side, never enlarged
+    assert np.abs(image - original).mean() < 6  # the item's own picture (JPEG)
     assert_json_error(httpx.get(f"{server.url}/thumbnail/999"), 404)
     secret = str(catalog_images[0].parent / "secret.txt")
     tricks = [
@@ -240,21 +248,21 @@ def test_bad_images_are_400(server: Server) -> None:
     "document",
     [
         {"embedding": [0.1, 0.2]},
-        {"embedding": [[0.1, 0.2, 0.3], [0.1]]},
+        {"embedding": [V, [0.1]]},
         {"embedding": []},
         {"embedding": "0.1,0.2,0.3"},
-        {"embedding": [0.1, True, 0.3]},
-        {"embedding": [0.1, "x", 0.3]},
-        {"embedding": [0.1, 0.2, 0.3], "k": 0},
-        {"embedding": [0.1, 0.2, 0.3], "k": -3},
-        {"embedding": [0.1, 0.2, 0.3], "k": 10**9},
-        {"embedding": [0.1, 0.2, 0.3], "k": "five"},
-        {"embedding": [0.1, 0.2, 0.3], "k": 2.5},
-        {"embedding": [0.1, 0.2, 0.3], "k": True},
-        {"embedding": [0.1, 0.2, 0.3], "threshold": -1},
-        {"embedding": [0.1, 0.2, 0.3], "threshold": "loose"},
-        {"embedding": [0.1, 0.2, 0.3], "extra": 1},
-        {"vector": [0.1, 0.2, 0.3]},
+        {"embedding": V, "k": 0},
+        {"embedding": V, "k": -3},
+        {"embedding": V, "k": 10**9},
+        {"embedding": V, "k": "five"},
+        {"embedding": V, "k": 2.5},
+        {"embedding": V, "k": True},
+        {"embedding": V, "threshold": -1},
+        {"embedding": V, "threshold": "loose"},
+        {"embedding": V, "extra": 1},
+        {"vector": V},
+        {"embedding": [*V[:-1], True]},
+        {"embedding": [*V[:-1], "x"]},
     ],
 )
 def test_bad_json_bodies_are_400(server: Server, document: dict) -> None:
@@ -352,20 +360,20 @@ def test_page_finds_the_nearest_item_in_headless_chromium(
     try:
         browser.get(server.url + "/")
         WebDriverWait(browser, 30).until(lambda b: "items" in b.find_element(By.ID, "info").text)
-        query = tmp_path / "query.png"  # a slightly different shade of item 3's colour
-        Image.new("RGB", (40, 40), (190, 205, 40)).save(query)
+        query = tmp_path / "query.png"  # a copy of a catalog image, outside the catalog
+        query.write_bytes(catalog_images[3].read_bytes())
         browser.find_element(By.ID, "file").send_keys(str(query))
         WebDriverWait(browser, 30).until(
             lambda b: b.find_element(By.ID, "results").get_attribute("data-done") == "1"
         )
         cards = browser.find_elements(By.CSS_SELECTOR, "#results .hit")
-        assert len(cards) == 5  # k=8 asked, the catalog has 5 items
+        assert len(cards) == 8  # the page's default k
         assert cards[0].get_attribute("data-path") == str(catalog_images[3])
         loaded = browser.execute_script(
             "return [...document.querySelectorAll('#results img')]"
             ".map(i => i.complete && i.naturalWidth)"
         )
-        assert all(width == 48 for width in loaded), loaded  # every thumbnail decoded
+        assert all(width == 32 for width in loaded), loaded  # every thumbnail decoded
         assert "distance 0.0" in cards[0].text
         keep = os.environ.get("MBDL_SCREENSHOTS")  # a folder to keep the screenshot in, to look at
         browser.save_screenshot(str(Path(keep or tmp_path) / "serve-page.png"))
