@@ -175,3 +175,110 @@ def test_write_groups_is_atomic_and_refuses_foreign_folders(tmp_path: Path) -> N
     assert (foreign / "keep.txt").read_text() == "mine"
     with pytest.raises(UserError, match="not a folder"):
         check_output_folder(tmp_path / "img0.png")
+
+
+# ---------------------------------------------------------------------------------------------
+# on a real catalog: mbdl dedup / mbdl cluster
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory):
+    pytest.importorskip("faiss")
+    from catalog_fixtures import make_tiny_catalog
+
+    return make_tiny_catalog(tmp_path_factory.mktemp("dedup"))
+
+
+def _csv_groups(folder: Path) -> list[set[str]]:
+    groups: dict[str, set[str]] = {}
+    for line in (folder / "groups.csv").read_text().splitlines()[1:]:
+        number, _, path = line.split(",", 2)
+        groups.setdefault(number, set()).add(Path(path).name)
+    return list(groups.values())
+
+
+def test_dedup_finds_the_planted_copies(tiny, tmp_path: Path, capsys) -> None:
+    from catalog_fixtures import PLANTED
+
+    from mbdl.catalog import Catalog
+    from mbdl.catalog.dedup import find_duplicates
+    from mbdl.cli import main
+
+    catalog = Catalog.open(tiny.index)
+    assert catalog.threshold is not None
+    out = tmp_path / "dups"
+    assert main(["dedup", str(tiny.index), "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    found = _csv_groups(out)
+    for original, copy in PLANTED:
+        assert any({original, copy} <= group for group in found), (original, found)
+    groups = find_duplicates(catalog)
+    assert [set(Path(p).name for p in g) for g in groups.paths] == found
+    assert f"examined {groups.pairs_examined} pairs" in printed
+    assert groups.pairs_examined < len(catalog) ** 2
+    # every pair within a group chain is within the threshold of some other member
+    for ids in groups.groups:
+        x = catalog.vectors(ids)
+        d = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1)) + np.eye(len(ids)) * 9
+        assert (d.min(axis=1) <= catalog.threshold + 1e-4).all()
+    # a folder of images with --model: indexed into a temporary catalog first, same groups
+    again = tmp_path / "from-folder"
+    assert (
+        main(["dedup", str(tiny.images), "--model", str(tiny.model), "-o", str(again),
+              "--no-progress"])
+        == 0
+    )
+    assert _csv_groups(again) == found
+
+
+def test_cluster_writes_leader_clusters(tiny, tmp_path: Path) -> None:
+    from mbdl.catalog import Catalog
+    from mbdl.catalog.dedup import cluster_catalog
+    from mbdl.cli import main
+
+    catalog = Catalog.open(tiny.index)
+    threshold = 2 * catalog.threshold
+    out = tmp_path / "clusters"
+    assert main(["cluster", str(tiny.index), "-o", str(out), "--threshold", str(threshold),
+                 "--min-size", "2"]) == 0
+    clusters = cluster_catalog(catalog, threshold)
+    assert [set(Path(p).name for p in g) for g in clusters.paths] == _csv_groups(out)
+    seen = [i for group in clusters.groups for i in group]
+    assert len(seen) == len(set(seen))  # an item is in one cluster at most
+    for ids in clusters.groups:  # some member (the leader) is within threshold of all
+        x = catalog.vectors(ids)
+        d = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
+        assert (d.max(axis=1) <= threshold + 1e-4).any()
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["dedup", "INDEX", "--threshold", "-0.5"], "threshold must be a finite distance"),
+        (["dedup", "INDEX", "--threshold", "nan"], "threshold must be a finite distance"),
+        (["cluster", "INDEX", "--threshold", "inf"], "threshold must be a finite distance"),
+        (["dedup", "DIR"], "give --model MODEL"),
+        (["cluster", "DIR"], "give --model MODEL"),
+        (["dedup", "FILE"], "is not an index or a folder"),
+        (["dedup", "INDEX", "-o", "FOREIGN"], "not empty"),
+        (["cluster", "INDEX", "--min-size", "0"], "min_size must be"),
+    ],
+)
+def test_bad_dedup_input_is_one_line_exit_2(
+    tiny, tmp_path: Path, capsys, arguments: list[str], message: str
+) -> None:
+    from mbdl.cli import main
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    names = {"INDEX": str(tiny.index), "DIR": str(tiny.images), "FOREIGN": str(foreign),
+             "FILE": str(foreign / "keep.txt")}
+    words = [names.get(word, word) for word in arguments]
+    if "-o" not in words:
+        words += ["-o", str(tmp_path / "out")]
+    assert main(words) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert (foreign / "keep.txt").read_text() == "mine"
+    assert not (tmp_path / "out").exists()

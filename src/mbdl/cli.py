@@ -468,6 +468,15 @@ def _configure_search(parser: argparse.ArgumentParser) -> None:
         "verification threshold mbdl train chose on the validation classes",
     )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument(
+        "--engine",
+        metavar="ENGINE:LOCATION",
+        help="with an INDEX: search the copy exported by mbdl index export (qdrant:DIR, "
+        "qdrant:URL, milvus:FILE.db, milvus:URL) instead of the index's own faiss index",
+    )
+    parser.add_argument(
+        "--collection", default="mbdl", help="with --engine: the collection (default: mbdl)"
+    )
 
 
 def _is_catalog(path: str | None) -> bool:
@@ -493,7 +502,21 @@ def _search_catalog(args: argparse.Namespace, index: str, model: str | None) -> 
     elif args.threshold is not None:
         threshold = _match_threshold(args.threshold, {}, "euclidean")
     searcher = Searcher.open(index, model=model, device=str(_device(args.device)))
-    results = searcher.search(paths, k=args.k, threshold=threshold)
+    if args.engine is not None:
+        from mbdl.catalog.engines import search_engine
+
+        if threshold == "model":
+            threshold = searcher.threshold
+        results = search_engine(
+            args.engine,
+            args.collection,
+            searcher.embed(paths),
+            args.k,
+            threshold=threshold if isinstance(threshold, float) else None,
+            names=[str(path) for path in paths],
+        )
+    else:
+        results = searcher.search(paths, k=args.k, threshold=threshold)
     if args.json:
         print(json.dumps([result.to_json() for result in results], indent=1))
         return 0
@@ -820,6 +843,11 @@ def _configure_index(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nprobe", type=int, help="ivf lists visited (--split; default: 16)")
     parser.add_argument("--hnsw-m", type=int, help="hnsw neighbours (default: 32)")
     parser.add_argument("-o", "--output", metavar="INDEX", help="build: the index to write")
+    parser.add_argument(
+        "--to", metavar="ENGINE:LOCATION", help="export: qdrant:DIR|URL or milvus:FILE.db|URL"
+    )
+    parser.add_argument("--collection", default="mbdl", help="export: default mbdl")
+    parser.add_argument("--replace", action="store_true", help="export: replace the collection")
 
 
 def _check_index_aliases(args: argparse.Namespace) -> None:
@@ -1254,6 +1282,28 @@ def _run_dedup(args: argparse.Namespace) -> int:
 )
 def _run_cluster(args: argparse.Namespace) -> int:
     return _run_groups(args, "clusters")
+
+
+# ---------------------------------------------------------------------------------------------
+# mbdl index export (implementation: mbdl.catalog.engines)
+
+
+def _index_export(args: argparse.Namespace) -> int:
+    from mbdl.catalog import Catalog
+    from mbdl.catalog.engines import export_catalog
+
+    if args.to is None:
+        raise UsageError("index export needs --to ENGINE:LOCATION (qdrant:DIR or milvus:FILE.db)")
+    with Catalog.open(args.checkpoint) as catalog:
+        done = export_catalog(catalog, args.to, collection=args.collection, replace=args.replace)
+    print(
+        f"exported {done.count} items ({done.dim}-d, {done.distance}) to {done.engine} "
+        f"{terminal_safe(done.location)}, collection {done.collection!r}"
+    )
+    return 0
+
+
+INDEX_ACTIONS["export"] = _index_export
 
 
 # ---------------------------------------------------------------------------------------------

@@ -204,16 +204,19 @@ def search_engine(
     k: int,
     *,
     threshold: float | None = None,
+    names: list[str] | None = None,
 ) -> list[Any]:
     """The ``k`` nearest items of each embedding (``[Q, dim]``) in ``collection`` of the engine
-    ``url`` (``ENGINE:LOCATION``), as :class:`~mbdl.catalog.QueryResult` (queries named
-    ``embedding[i]``), distances in the catalog's distance; ``match`` set when ``threshold``
+    ``url`` (``ENGINE:LOCATION``), as :class:`~mbdl.catalog.QueryResult` (queries named by
+    ``names``, else ``embedding[i]``), distances in the catalog's distance; ``match`` set when ``threshold``
     is given."""
     from mbdl.catalog import Neighbour, QueryResult
 
     engine, location = parse_engine(url)
     _check_collection(collection)
     queries = _check_queries(embeddings, k)
+    if names is not None and len(names) != len(queries):
+        raise UserError(f"{len(names)} names for {len(queries)} queries")
     if threshold is not None and (not math.isfinite(threshold) or threshold < 0):
         raise UserError(f"threshold must be a finite distance >= 0, got {threshold}")
     hits: list[list[tuple[int, float, dict[str, Any]]]] = []
@@ -272,7 +275,8 @@ def search_engine(
             )
             for rank, (item_id, distance, payload) in enumerate(row, start=1)
         ]
-        results.append(QueryResult(query=f"embedding[{number}]", neighbours=neighbours))
+        name = names[number] if names is not None else f"embedding[{number}]"
+        results.append(QueryResult(query=name, neighbours=neighbours))
     return results
 
 
