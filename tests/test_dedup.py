@@ -199,7 +199,6 @@ def _csv_groups(folder: Path) -> list[set[str]]:
 
 def test_dedup_finds_the_planted_copies(tiny, tmp_path: Path, capsys) -> None:
     from catalog_fixtures import PLANTED
-
     from mbdl.catalog import Catalog
     from mbdl.catalog.dedup import find_duplicates
     from mbdl.cli import main
@@ -224,8 +223,17 @@ def test_dedup_finds_the_planted_copies(tiny, tmp_path: Path, capsys) -> None:
     # a folder of images with --model: indexed into a temporary catalog first, same groups
     again = tmp_path / "from-folder"
     assert (
-        main(["dedup", str(tiny.images), "--model", str(tiny.model), "-o", str(again),
-              "--no-progress"])
+        main(
+            [
+                "dedup",
+                str(tiny.images),
+                "--model",
+                str(tiny.model),
+                "-o",
+                str(again),
+                "--no-progress",
+            ]
+        )
         == 0
     )
     assert _csv_groups(again) == found
@@ -239,8 +247,21 @@ def test_cluster_writes_leader_clusters(tiny, tmp_path: Path) -> None:
     catalog = Catalog.open(tiny.index)
     threshold = 2 * catalog.threshold
     out = tmp_path / "clusters"
-    assert main(["cluster", str(tiny.index), "-o", str(out), "--threshold", str(threshold),
-                 "--min-size", "2"]) == 0
+    assert (
+        main(
+            [
+                "cluster",
+                str(tiny.index),
+                "-o",
+                str(out),
+                "--threshold",
+                str(threshold),
+                "--min-size",
+                "2",
+            ]
+        )
+        == 0
+    )
     clusters = cluster_catalog(catalog, threshold)
     assert [set(Path(p).name for p in g) for g in clusters.paths] == _csv_groups(out)
     seen = [i for group in clusters.groups for i in group]
@@ -272,8 +293,12 @@ def test_bad_dedup_input_is_one_line_exit_2(
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "keep.txt").write_text("mine")
-    names = {"INDEX": str(tiny.index), "DIR": str(tiny.images), "FOREIGN": str(foreign),
-             "FILE": str(foreign / "keep.txt")}
+    names = {
+        "INDEX": str(tiny.index),
+        "DIR": str(tiny.images),
+        "FOREIGN": str(foreign),
+        "FILE": str(foreign / "keep.txt"),
+    }
     words = [names.get(word, word) for word in arguments]
     if "-o" not in words:
         words += ["-o", str(tmp_path / "out")]

@@ -11,12 +11,11 @@ import pytest
 
 pytest.importorskip("faiss")
 
-from catalog_fixtures import TinyCatalog, make_tiny_catalog  # noqa: E402
-
-from mbdl.catalog import Catalog, Searcher  # noqa: E402
-from mbdl.catalog.engines import export_catalog, parse_engine, search_engine  # noqa: E402
-from mbdl.cli import main  # noqa: E402
-from mbdl.errors import UserError  # noqa: E402
+from catalog_fixtures import TinyCatalog, make_tiny_catalog
+from mbdl.catalog import Catalog, Searcher
+from mbdl.catalog.engines import export_catalog, parse_engine, search_engine
+from mbdl.cli import main
+from mbdl.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +63,16 @@ def test_export_then_engine_search_equals_exact_search(
     assert "already exists" in capsys.readouterr().err
     assert (
         main(
-            ["index", "export", str(tiny.index), "--to", location, "--collection", "c1",
-             "--replace"]
+            [
+                "index",
+                "export",
+                str(tiny.index),
+                "--to",
+                location,
+                "--collection",
+                "c1",
+                "--replace",
+            ]
         )
         == 0
     )

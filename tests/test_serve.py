@@ -24,7 +24,6 @@ httpx = pytest.importorskip("httpx")
 from PIL import Image  # noqa: E402
 
 from catalog_fixtures import TinyCatalog, make_tiny_catalog  # noqa: E402
-
 from mbdl.serve import create_app  # noqa: E402
 
 DIM = 16  # the tiny model's embedding_dim
@@ -155,9 +154,7 @@ def test_embedding_body_returns_the_search_json(server: Server, searcher: Any) -
     assert len(single.json()[0]["neighbours"]) == 5  # the default k
 
 
-def test_thumbnails_by_id_only(
-    server: Server, searcher: Any, catalog_images: list[Path]
-) -> None:
+def test_thumbnails_by_id_only(server: Server, searcher: Any, catalog_images: list[Path]) -> None:
     response = httpx.get(f"{server.url}/thumbnail/1")
     assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
     image = np.asarray(Image.open(io.BytesIO(response.content)).convert("L"), np.float32)

@@ -469,9 +469,8 @@ def group_images(
     folder = Path(source)
     if not folder.is_dir():
         raise UserError(f"{terminal_safe(folder)} is not an index or a folder of images")
-    from mbdl.catalog.store import MANIFEST
-
     from mbdl.catalog import Catalog, build_catalog
+    from mbdl.catalog.store import MANIFEST
 
     grouping = find_duplicates if kind == "duplicates" else cluster_catalog
     options: dict[str, Any] = {} if kind == "duplicates" else {"min_size": min_size}
