@@ -544,6 +544,11 @@ def _run_search(args: argparse.Namespace) -> int:
         return _search_catalog(args, args.checkpoint, args.model)
     if _is_catalog(args.index):
         return _search_catalog(args, args.index, args.model or args.checkpoint)
+    if (Path(args.checkpoint) / "meta.json").is_file():
+        raise UsageError(
+            f"{args.checkpoint} is an index in mbdl's old format: search it with mbdl search "
+            "CHECKPOINT --index INDEX IMAGE, or rebuild it with mbdl index build MODEL --images DIR"
+        )
     if args.images or args.list or args.json or args.model:
         raise UsageError(
             "--images, --list, --json and --model need a catalog index (mbdl index build "

@@ -317,15 +317,17 @@ def embed_sources(
     workers: int,
     progress: bool,
     on_bad: str,
-    chunk: int = COMMIT_EVERY,
+    chunk: int | None = None,
     desc: str = "embedding",
 ) -> Iterator[Chunk]:
-    """Embed ``sources`` in order, yielding a :class:`Chunk` every ``chunk`` files; an
+    """Embed ``sources`` in order, yielding a :class:`Chunk` every ``chunk`` files (default:
+    :data:`COMMIT_EVERY`); an
     unreadable file is reported in ``Chunk.bad`` (``on_bad="skip"``) or refused."""
     import torch
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
+    chunk = COMMIT_EVERY if chunk is None else chunk
     dataset = _Files(sources, embedder.transform, str(embedder.spec.get("color_mode", "RGB")))
     loader: DataLoader[Any] = DataLoader(
         dataset,  # type: ignore[arg-type]
@@ -555,24 +557,25 @@ def build_catalog(
         "model_fingerprint": embedder.fingerprint,
         "source": str(resolve_path(embeddings or images or list_file or "")),
         "labels": labels,
-        "count": len(sources),
     }
     target.parent.mkdir(parents=True, exist_ok=True)
+    resumable = False
     if staging.is_dir():
-        previous = _read_build_key(staging)
-        if previous != key:
-            if not overwrite:
-                raise UserError(
-                    f"{terminal_safe(staging)} holds an interrupted build of another model or "
-                    "source: give --overwrite to discard it, or rerun that build to finish it"
-                )
+        previous = _read_build_key(staging) if (staging / DATABASE).is_file() else None
+        resumable = previous == key
+        if previous is not None and not resumable and not overwrite:
+            raise UserError(
+                f"{terminal_safe(staging)} holds an interrupted build of another model or "
+                "source: give --overwrite to discard it, or rerun that build to finish it"
+            )
+        if not resumable:
             with writer_lock(staging):
                 shutil.rmtree(staging)
+    if not resumable and on_bad == "refuse" and stored is None:
+        refuse_bad_files(sources)
     staging.mkdir(exist_ok=True)
     with writer_lock(staging):
-        if not (staging / DATABASE).is_file():
-            if on_bad == "refuse" and stored is None:
-                refuse_bad_files(sources)
+        if not resumable:
             (staging / "build.json").write_text(json.dumps(key), encoding="utf-8")
             connection = create_database(staging / DATABASE)
             (staging / VECTORS).touch()
