@@ -153,7 +153,7 @@ def test_write_groups_is_atomic_and_refuses_foreign_folders(tmp_path: Path) -> N
     rows = (out / "groups.csv").read_text().splitlines()
     assert rows[0] == "group,id,path" and rows[1] == f"1,0,{images[0]}" and len(rows) == 5
     document = json.loads((out / "groups.json").read_text())
-    assert next([m["path"] for m in g] for g in document["groups"]) == images[:2]
+    assert document["groups"][0] == images[:2] and document["ids"][0] == [0, 1]
     page = (out / "index.html").read_text()
     assert page.count("<section") == 2 and 'src="thumbnails/0.jpg"' in page
     assert "(unreadable)" in page  # the missing file: shown by name, no thumbnail

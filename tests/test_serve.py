@@ -376,3 +376,28 @@ def test_page_finds_the_nearest_item_in_headless_chromium(
         browser.save_screenshot(str(Path(keep or tmp_path) / "serve-page.png"))
     finally:
         browser.quit()
+
+
+def test_missing_fastapi_is_one_line_naming_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from mbdl.cli import main
+    from mbdl.errors import UserError
+    from mbdl.serve.app import require_fastapi
+
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # import fastapi raises ImportError
+    with pytest.raises(UserError, match=r"pip install 'mbdl\[serve\]'"):
+        require_fastapi()
+    assert main(["serve", "nowhere.index"]) == 2
+
+
+def test_serve_refuses_a_bad_port_or_index_in_one_line(
+    tiny: TinyCatalog, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mbdl.cli import main
+
+    assert main(["serve", str(tiny.index), "--port", "70000"]) == 2
+    assert "port must be" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not an mbdl index" in err

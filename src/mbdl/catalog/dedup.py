@@ -66,6 +66,8 @@ class Groups:
     looked at (each pair seen from both ends counts twice, an item as its own neighbour once);
     ``pairs_within`` the distinct pairs of different items at distance ``<= threshold``;
     ``quadratic_pairs`` the ``N (N - 1) / 2`` pairs an all-pairs comparison would examine.
+    (The index computes more distances than it returns; how many depends on its kind: all N per
+    query for a flat index, about ``nprobe / nlist`` of them for IVF.)
     """
 
     kind: str  # "duplicates" | "clusters"
@@ -93,10 +95,8 @@ class Groups:
             "count": self.count,
             "pairs_examined": self.pairs_examined,
             "pairs_within": self.pairs_within,
-            "groups": [
-                [{"id": int(i), "path": p} for i, p in zip(ids, paths, strict=True)]
-                for ids, paths in zip(self.groups, self.paths, strict=True)
-            ],
+            "groups": [list(paths) for paths in self.paths],
+            "ids": [[int(i) for i in ids] for ids in self.groups],
         }
 
 
@@ -371,6 +371,17 @@ def write_thumbnail(source: str | Path, target: Path, size: int = THUMBNAIL_SIZE
     return True
 
 
+def _common_folder(paths: list[str]) -> str:
+    """The deepest folder holding every path ('' when none or only the root)."""
+    if not paths:
+        return ""
+    try:
+        common = os.path.commonpath([os.path.dirname(path) for path in paths])
+    except ValueError:
+        return ""
+    return "" if common in ("", os.sep) else common
+
+
 def _page(groups: Groups, thumbnails: dict[int, str], shown: int) -> str:
     title = "Near-duplicates" if groups.kind == "duplicates" else "Clusters"
     lines = [
@@ -379,13 +390,18 @@ def _page(groups: Groups, thumbnails: dict[int, str], shown: int) -> str:
         f"<title>{title}</title>",
         "<style>body{font-family:sans-serif;margin:1em}section{border-top:1px solid #ccc;"
         "padding:.5em 0}figure{display:inline-block;margin:4px;width:140px;vertical-align:top}"
-        "figcaption{font-size:11px;word-break:break-all}img{max-width:128px;max-height:128px}"
+        "figcaption{font-size:11px;word-break:break-all}img{width:128px;height:128px;"
+        "object-fit:contain;background:#f4f4f4}"
         "</style></head><body>",
         f"<h1>{title}</h1>",
         f"<p>{len(groups.groups)} groups of {groups.grouped_items} items among {groups.count} "
         f"({groups.distance} distance &lt;= {groups.threshold:.4g}); {groups.pairs_examined} "
         f"pairs examined of the {groups.quadratic_pairs} an all-pairs comparison would.</p>",
     ]
+    shown_paths = [path for paths in groups.paths[:shown] for path in paths]
+    root = _common_folder(shown_paths)
+    if root:
+        lines.append(f"<p>Paths below {html.escape(terminal_safe(root))}/</p>")
     if shown < len(groups.groups):
         lines.append(
             f"<p>The {shown} largest groups are shown; groups.csv and groups.json hold all.</p>"
@@ -395,7 +411,8 @@ def _page(groups: Groups, thumbnails: dict[int, str], shown: int) -> str:
     ):
         lines.append(f'<section id="group-{number}"><h2>Group {number} ({len(ids)} items)</h2>')
         for item_id, path in zip(ids, paths, strict=True):
-            name = html.escape(terminal_safe(path))
+            shown_name = path[len(root) + 1 :] if root else path
+            name = html.escape(terminal_safe(shown_name))
             thumb = thumbnails.get(item_id)
             image = f'<img src="{thumb}" alt="{name}">' if thumb else "<div>(unreadable)</div>"
             lines.append(f"<figure>{image}<figcaption>{name}</figcaption></figure>")
@@ -406,7 +423,8 @@ def _page(groups: Groups, thumbnails: dict[int, str], shown: int) -> str:
 
 def write_groups(groups: Groups, out: str | Path, *, max_groups_shown: int = 500) -> Path:
     """Write ``groups`` into the folder ``out``: ``groups.csv`` (group,id,path; group 1 is the
-    largest), ``groups.json`` (:meth:`Groups.to_json` with a ``format`` marker), ``index.html``
+    largest), ``groups.json`` (:meth:`Groups.to_json` with a ``format`` marker: ``groups`` a list
+    of lists of paths, ``ids`` the same with item ids), ``index.html``
     with a thumbnail (generated into ``out/thumbnails/``) of every item of the
     ``max_groups_shown`` largest groups. Atomic: written into a staging folder beside ``out``,
     then renamed over it; a previous output in ``out`` is replaced, anything else refused."""

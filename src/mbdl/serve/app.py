@@ -24,6 +24,7 @@ import io
 import json
 import math
 import os
+import sys
 import threading
 import warnings
 from collections import OrderedDict
@@ -366,6 +367,12 @@ def serve(
 
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise UserError(f"port must be an integer from 0 to 65535, got {port!r}")
+    if token is None and host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"mbdl serve: warning: listening on {host} without --token: anyone who can reach "
+            "this address can search the catalog and see its thumbnails",
+            file=sys.stderr,
+        )
     searcher = Searcher.open(index, device=device)
     app = create_app(
         searcher, token=token, max_upload_bytes=max_upload_bytes, max_pixels=max_pixels
