@@ -401,3 +401,22 @@ def test_serve_refuses_a_bad_port_or_index_in_one_line(
     assert main(["serve", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "not an mbdl index" in err
+
+
+def test_concurrent_requests_get_the_serial_answers(
+    server: Server, catalog_images: list[Path]
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ask(path: Path) -> Any:
+        files = {"image": ("q.png", path.read_bytes(), "image/png")}
+        response = httpx.post(f"{server.url}/search", files=files, data={"k": "4"}, timeout=60)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    queries = catalog_images[:8]
+    serial = [ask(path) for path in queries]
+    with ThreadPoolExecutor(8) as pool:
+        concurrent = list(pool.map(ask, queries))
+    assert concurrent == serial
+    assert [r[0]["neighbours"][0]["path"] for r in serial] == [str(p) for p in queries]
