@@ -521,3 +521,50 @@ def test_cli_build_add_remove_search(
     assert main(["index", "remove", index, str(folder / "dogs" / "late.png")]) == 0
     assert "30 items" in capsys.readouterr().out
     assert main(["index", "remove", index, str(folder / "nope.png")]) == 2
+
+
+def test_torchrun_ranks_build_one_index(
+    setup: dict[str, Any], folder: Path, tmp_path: Path
+) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    index = tmp_path / "multi.index"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "mbdl",
+            "index",
+            "build",
+            str(setup["model"]),
+            "--images",
+            str(folder),
+            "-o",
+            str(index),
+            "--device",
+            "cpu",
+            "--batch-size",
+            "4",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("built ") == 1  # rank 0 reports
+    assert "skipped 1 unreadable" in result.stdout
+    multi = Catalog.open(index)
+    single = _build(setup, folder, tmp_path / "single.index").catalog
+    assert len(multi) == len(single) == 30
+    for item in single.iter_items():
+        other = multi.item_by_path(item.path)
+        assert other is not None and other.id == item.id and other.sha256 == item.sha256
+    assert np.allclose(multi.vectors(multi.ids()), single.vectors(single.ids()), atol=1e-6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "multi.index", "single.index"]

@@ -886,22 +886,35 @@ def _index_build(args: argparse.Namespace) -> int:
         raise UsageError(f"unexpected argument {args.items[0]!r} with --images/--list/--embeddings")
     if args.split is not None or args.nprobe is not None:
         raise UsageError("--split and --nprobe do not apply with --images/--list/--embeddings")
-    report = build_catalog(
-        args.checkpoint,
-        args.output,
-        images=args.images,
-        list_file=args.list,
-        embeddings=args.embeddings,
-        labels=args.labels,
-        factory=_alias_factory(args),
-        on_bad=args.on_bad,
-        device=str(_device(args.device)),
-        batch_size=args.batch_size,
-        workers=args.workers,
-        progress=not args.no_progress,
-        overwrite=args.overwrite,
-    )
-    _print_build_report(report, args.json, "built")
+    import torch
+
+    from mbdl.distributed import init_distributed
+
+    device = _device(args.device)
+    info = init_distributed(device.type)  # under torchrun: each rank embeds a shard
+    if info.enabled and device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+    try:
+        report = build_catalog(
+            args.checkpoint,
+            args.output,
+            images=args.images,
+            list_file=args.list,
+            embeddings=args.embeddings,
+            labels=args.labels,
+            factory=_alias_factory(args),
+            on_bad=args.on_bad,
+            device=str(device),
+            batch_size=args.batch_size,
+            workers=args.workers,
+            progress=not args.no_progress,
+            overwrite=args.overwrite,
+        )
+    finally:
+        if info.enabled and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if info.is_main:
+        _print_build_report(report, args.json, "built")
     return 0
 
 

@@ -80,6 +80,7 @@ class BuildReport:
     resumed: int = 0  # items a resumed build found already committed
     seconds: float = 0.0
     embed_seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)  # seconds of each build step
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -153,13 +154,13 @@ def list_sources(
         root = Path(images)
         if not root.is_dir():
             raise UserError(f"--images {terminal_safe(root)}: no such directory")
-        paths = list(_walk(root))
+        paths = list(_walk(root.resolve()))
     else:
         assert list_file is not None
         listing = Path(list_file)
         if not listing.is_file():
             raise UserError(f"--list {terminal_safe(listing)}: no such file")
-        base = listing.parent
+        base = listing.parent.resolve()
         lines = listing.read_text(encoding="utf-8").splitlines()
         paths = [base / line.strip() for line in lines if line.strip()]
     if not paths:
@@ -168,7 +169,7 @@ def list_sources(
     if labels not in ("none", "folders"):
         csv_file = Path(labels)
         table = _label_csv(csv_file, Path(images) if images is not None else csv_file.parent)
-    root_resolved = Path(resolve_path(images)) if images is not None else None
+    root_resolved = Path(images).resolve() if images is not None else None
     seen: set[str] = set()
     sources: list[Source] = []
     for path in paths:
@@ -178,12 +179,8 @@ def list_sources(
         seen.add(resolved)
         label: str | None = None
         if labels == "folders" and root_resolved is not None:
-            parts = (
-                Path(resolved).relative_to(root_resolved).parts
-                if Path(resolved).is_relative_to(root_resolved)
-                else ()
-            )
-            label = parts[0] if len(parts) > 1 else None
+            relative = os.path.relpath(resolved, root_resolved).split(os.sep)
+            label = relative[0] if len(relative) > 1 and relative[0] != ".." else None
         elif table:
             label = table.get(resolved)
         sources.append(Source(resolved, label))
@@ -552,10 +549,67 @@ def build_catalog(
         )
     if factory is not None:
         factories.check_factory(factory, embedder.dim, len(sources))
+    from mbdl.distributed import is_distributed
+
+    skipped: list[tuple[str, str]] = []
+    if stored is None and is_distributed():
+        return _build_distributed(
+            embedder,
+            target,
+            sources,
+            factory=factory,
+            on_bad=on_bad,
+            batch_size=batch_size,
+            workers=workers,
+            progress=progress,
+            overwrite=overwrite,
+            seed=seed,
+            started=started,
+            key_source=str(resolve_path(images or list_file or "")),
+            labels=labels,
+        )
+    return _build_staged(
+        embedder,
+        target,
+        sources,
+        stored,
+        skipped,
+        factory=factory,
+        on_bad=on_bad,
+        batch_size=batch_size,
+        workers=workers,
+        progress=progress,
+        overwrite=overwrite,
+        seed=seed,
+        started=started,
+        key_source=str(resolve_path(embeddings or images or list_file or "")),
+        labels=labels,
+    )
+
+
+def _build_staged(
+    embedder: Embedder,
+    target: Path,
+    sources: list[Source],
+    stored: np.ndarray | None,
+    skipped: list[tuple[str, str]],
+    *,
+    factory: str | None,
+    on_bad: str,
+    batch_size: int,
+    workers: int,
+    progress: bool,
+    overwrite: bool,
+    seed: int,
+    started: float,
+    key_source: str,
+    labels: str,
+) -> BuildReport:
+    """Build into the staging directory (resuming what it holds), then move it into place."""
     staging = _staging(target)
     key = {
         "model_fingerprint": embedder.fingerprint,
-        "source": str(resolve_path(embeddings or images or list_file or "")),
+        "source": key_source,
         "labels": labels,
     }
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -579,6 +633,8 @@ def build_catalog(
             (staging / "build.json").write_text(json.dumps(key), encoding="utf-8")
             connection = create_database(staging / DATABASE)
             (staging / VECTORS).touch()
+            with transaction(connection):
+                connection.executemany("INSERT OR REPLACE INTO skipped VALUES (?, ?)", skipped)
         else:
             from mbdl.catalog.store import connect
 
@@ -649,13 +705,13 @@ def _embedding_sources(
             f"{len(paths)} paths and {len(label_ids)} labels do not agree"
         )
     names = info.get("class_names") if isinstance(info, dict) else None
-    root = Path(images) if images is not None else Path.cwd()
+    root = str(Path(images).resolve() if images is not None else Path.cwd())
     sources = []
     for path, label in zip(paths, label_ids.tolist(), strict=True):
         label_name: str | None = None
         if labels == "folders" and isinstance(names, list) and 0 <= label < len(names):
             label_name = str(names[label])
-        sources.append(Source(resolve_path(root / path), label_name))
+        sources.append(Source(os.path.normpath(os.path.join(root, path)), label_name))
     if len({s.path for s in sources}) != len(sources):
         raise UserError(f"--embeddings {terminal_safe(embeddings)} lists a path twice")
     return sources, vectors
@@ -782,13 +838,19 @@ def _finish(
     rng = np.random.default_rng(seed)
     queries = np.sort(rng.choice(ids, size=min(RECALL_QUERIES, len(ids)), replace=False))
     held_out = queries if len(ids) > 2 * len(queries) else None
+    clock = time.perf_counter()
     index = train_and_fill(spec, vectors, ids, metric, held_out=held_out, seed=seed)
+    report.timings["faiss_train_add"] = time.perf_counter() - clock
+    clock = time.perf_counter()
     if spec.exact:
         recall = {"k": min(RECALL_K, len(ids)), "queries": 0, "recall": 1.0, "exact": True}
     else:
         recall = measure_recall(index, vectors, ids, queries, metric)
+    report.timings["recall"] = time.perf_counter() - clock
     generation = int(state["generation"]) + 1
+    clock = time.perf_counter()
     size, sha = write_faiss(index, staging / f"index.{generation}.faiss")
+    report.timings["faiss_write_hash"] = time.perf_counter() - clock
     report.factory, report.factory_reason, report.recall = spec.text, reason, recall
     manifest = {
         "format": FORMAT,
@@ -1076,4 +1138,88 @@ def remove_from_catalog(
         catalog.close()
     report.catalog = Catalog.open(folder)
     report.seconds = time.perf_counter() - started
+    return report
+
+
+class _SourceImages:
+    """``(tensor, -1)`` of each source, for :func:`mbdl.embedstore.embed_to_files`."""
+
+    def __init__(self, sources: Sequence[Source], transform: Any, mode: str) -> None:
+        self.sources, self.transform, self.mode = sources, transform, mode
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, position: int) -> tuple[Any, int]:
+        from mbdl.data.files import read_image
+
+        return self.transform(read_image(self.sources[position].path, self.mode)), -1
+
+
+def _build_distributed(
+    embedder: Embedder,
+    target: Path,
+    sources: list[Source],
+    *,
+    started: float,
+    **options: Any,
+) -> BuildReport:
+    """Under ``torchrun``: rank 0 checks every file, each rank embeds a shard into one shared
+    memory-mapped file (:func:`mbdl.embedstore.embed_to_files`), rank 0 indexes it. Not
+    resumable (a single-process build is)."""
+    from mbdl.data.files import inspect_images
+    from mbdl.distributed import barrier, broadcast_object, distributed_info
+    from mbdl.embedstore import embed_to_files, output_paths
+    from mbdl.errors import one_line
+
+    info = distributed_info()
+    verdict: tuple[list[tuple[str, str]], str | None] | None = None
+    if info.is_main:
+        reasons = inspect_images([s.path for s in sources])
+        bad = [(s.path, r) for s, r in zip(sources, reasons, strict=True) if r is not None]
+        message = None
+        if bad and options["on_bad"] == "refuse":
+            message = (
+                f"{len(bad)} of {len(sources)} files are not readable images, e.g. "
+                f"{terminal_safe(bad[0][0])} ({bad[0][1]}); --on-bad refuse: nothing was indexed"
+            )
+        elif len(bad) == len(sources):
+            message = f"none of the {len(sources)} files could be read as an image"
+        verdict = (bad, message)
+    bad, message = broadcast_object(verdict)
+    if message is not None:
+        raise UserError(message)
+    unreadable = {path for path, _ in bad}
+    good = [s for s in sources if s.path not in unreadable]
+    embedded = target.with_name(f".{target.name}.embedded.npy")
+    dataset = _SourceImages(good, embedder.transform, str(embedder.spec.get("color_mode", "RGB")))
+    embed_to_files(
+        embedder.model,
+        dataset,
+        embedded,
+        dim=embedder.dim,
+        batch_size=options["batch_size"],
+        device=embedder.device,
+        num_workers=options["workers"],
+        progress=options["progress"],
+        describe=lambda i: good[i].path,
+    )
+    outcome: str | None = None
+    report: BuildReport | None = None
+    if info.is_main:
+        try:
+            stored = np.load(embedded, mmap_mode="r", allow_pickle=False)
+            report = _build_staged(embedder, target, good, stored, bad, started=started, **options)
+        except (ValueError, OSError) as error:
+            outcome = one_line(error)
+        finally:
+            for file in output_paths(embedded).values():
+                file.unlink(missing_ok=True)
+    outcome = broadcast_object(outcome)
+    if outcome is not None:
+        raise UserError(outcome)
+    barrier()
+    if report is None:
+        report = BuildReport(catalog=Catalog.open(target))
+        report.seconds = time.perf_counter() - started
     return report
