@@ -24,6 +24,8 @@ _LAZY = {
     "embed_images": "mbdl.inference",
     "verify": "mbdl.inference",
     "evaluate_model": "mbdl.inference",
+    "Searcher": "mbdl.catalog",
+    "search": "mbdl.catalog",
 }
 
 

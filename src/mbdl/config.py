@@ -408,6 +408,27 @@ class TrainConfig:
         "paper waits about 1000 iterations while the embedding still drifts fast.",
         minimum=0,
     )
+    ema: float | None = key(
+        None,
+        "Exponential moving average of the weights with this decay, in (0, 1) (e.g. 0.999): "
+        "after every optimiser step ema = decay x ema + (1 - decay) x weights; the average is "
+        "what is validated, selected into best.pt, tested and exported. null: off.",
+        above=0.0,
+    )
+    accumulate: int = key(
+        1,
+        "Gradient accumulation: micro-batches (each P x K) per optimiser step, each loss divided "
+        "by this number; train.max_steps_per_epoch and the schedule count optimiser steps. A "
+        "pair-based loss compares pairs within a micro-batch only (unless train.xbm_size adds "
+        "earlier embeddings); a loss that is a mean over samples (proxy and softmax losses) gets "
+        "the gradients of the large batch.",
+        minimum=1,
+    )
+    compile: bool = key(
+        False,
+        "torch.compile the model for training (the first steps compile; needs a C compiler on "
+        "CPU).",
+    )
     loggers: list[str] = key(
         [],
         "Experiment trackers that also receive log.jsonl's records, the config, the test metrics "
@@ -868,6 +889,8 @@ def _check_cross_keys(resolved: dict[str, Any]) -> None:
         raise ConfigError(
             f"train.select_metric={_shown(metric)} is not allowed; choose one of {', '.join(allowed)}"
         )
+    if resolved["train.ema"] is not None and resolved["train.ema"] >= 1:
+        raise ConfigError(f"train.ema must be in (0, 1); got {resolved['train.ema']!r}")
     if resolved["eval.verify_far"] >= 1:
         raise ConfigError(
             f"eval.verify_far must be in (0, 1); got {_shown(resolved['eval.verify_far'])}"
