@@ -149,8 +149,8 @@ def test_debris_of_a_dead_writer_is_removed_and_its_lock_taken_over(
     with pytest.raises(KeyboardInterrupt):  # stop after the first epoch's checkpoint
         original = Trainer._end_epoch
 
-        def stop_after_first(self: Trainer, epoch: int, validation: Any) -> bool:
-            original(self, epoch, validation)
+        def stop_after_first(self: Trainer, validation: Any) -> None:
+            original(self, validation)
             raise KeyboardInterrupt
 
         with pytest.MonkeyPatch.context() as patch:
@@ -223,8 +223,8 @@ def test_a_failing_file_system_keeps_the_last_checkpoint(
         original = Trainer._end_epoch
         undo: list[Any] = []
 
-        def fault_in_second_epoch(self: Trainer, epoch: int, validation: Any) -> bool:
-            if epoch == 1:  # the first epoch's checkpoint is on disk
+        def fault_in_second_epoch(self: Trainer, validation: Any) -> None:
+            if self.progress.epoch == 1:  # the first epoch's checkpoint is on disk
                 if fault == "disk-full":
                     filler = _fill(mount)
                     undo.append(lambda: filler.unlink())
@@ -235,7 +235,7 @@ def test_a_failing_file_system_keeps_the_last_checkpoint(
                             ["mount", "-o", "remount,rw", str(mount)], check=True
                         )
                     )
-            return original(self, epoch, validation)
+            original(self, validation)
 
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(Trainer, "_end_epoch", fault_in_second_epoch)

@@ -124,8 +124,8 @@ def test_resume_compares_with_the_checkpoint_not_an_edited_config_yaml(tmp_path:
 
         original = Trainer._end_epoch
 
-        def stop(self: Trainer, epoch: int, validation: object) -> bool:
-            original(self, epoch, validation)
+        def stop(self: Trainer, validation: object) -> None:
+            original(self, validation)
             raise KeyboardInterrupt
 
         patch.setattr(Trainer, "_end_epoch", stop)
