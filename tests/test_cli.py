@@ -285,9 +285,9 @@ def test_search_threshold_marks_matches(
         distance = float(row.split()[1])
         assert (row.split()[2] == "match") == (distance <= threshold)
     assert rows[0].split()[2] == "match"  # the image itself, at distance 0
-    assert main(["search", str(out), str(query), "-k", "3", "--threshold", "-1"]) == 0
-    rows = capsys.readouterr().out.strip().splitlines()[1:]
-    assert not any("match" in row for row in rows)
+    # a distance is never negative: -1 (which matched nothing) is refused
+    assert main(["search", str(out), str(query), "-k", "3", "--threshold", "-1"]) == 2
+    assert "--threshold must be a finite distance >= 0" in capsys.readouterr().err
 
 
 def test_threshold_option_needs_a_stored_threshold_or_a_number() -> None:
