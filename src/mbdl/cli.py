@@ -138,11 +138,12 @@ def _run_train(args: argparse.Namespace) -> int:
     stopped = metrics.get("stopped")
     if stopped:
         print(f"stopped at epoch {stopped['epoch']}, step {stopped['step']} by {stopped['by']}")
+    meta = metrics.get("meta") or {}
     if metrics.get("validation"):
         print(f"validation ({config.train.select_metric} selected):")
-        _print_metrics(metrics["validation"])
+        _print_metrics({**metrics["validation"], **meta.get("validation", {})})
     print("test:")
-    _print_metrics(metrics["test"])
+    _print_metrics({**metrics["test"], **meta.get("test", {})})
     report = Path(str(config.out)) / "report.html"
     if report.is_file():
         print(f"report: {report}")
