@@ -187,19 +187,27 @@ def image_rows(count: int, folder: Path) -> list[dict[str, Any]]:
             for batch in batches:
                 network(batch)
             network_s = time.perf_counter() - start
-        start = time.perf_counter()
-        report = build_catalog(model, folder / "img.index", images=images, progress=False)
-        build_s = time.perf_counter() - start
-        row = {
-            "model": f"{backbone} {size}px, 128-d",
-            "images": count,
-            "network_alone_images_per_s": count / network_s,
-            "build_images_per_s": count / build_s,
-            "ratio": network_s / build_s,
-            "embed_phase_images_per_s": count / report.embed_seconds,
-        }
-        print(row, flush=True)
-        rows.append(row)
+        for workers in (0, 1):
+            start = time.perf_counter()
+            report = build_catalog(
+                model,
+                folder / f"img{workers}.index",
+                images=images,
+                progress=False,
+                workers=workers,
+            )
+            build_s = time.perf_counter() - start
+            row = {
+                "model": f"{backbone} {size}px, 128-d",
+                "images": count,
+                "workers": workers,
+                "network_alone_images_per_s": count / network_s,
+                "build_images_per_s": count / build_s,
+                "ratio": network_s / build_s,
+                "embed_phase_images_per_s": count / report.embed_seconds,
+            }
+            print(row, flush=True)
+            rows.append(row)
     return rows
 
 
@@ -243,7 +251,9 @@ def markdown(payload: dict[str, Any]) -> str:
     lines += [
         "",
         "Reading it: the faiss step inside mbdl's build and mbdl's queries cost what bare faiss "
-        "costs (the 1.1x target); the rest of a build is linear bookkeeping faiss does not do "
+        "costs, within this machine's noise (the columns in parentheses and the query time "
+        "ratio); the whole build meets the 1.1x target only where faiss's own work is large "
+        "(IVF-PQ). The rest of a build is linear bookkeeping faiss does not do "
         "(a stat and SHA-256 per file, one SQLite row per item, the exact float32 vectors: "
         "about 600 bytes per item on top of the faiss file) plus the recall measurement. That "
         "bookkeeping dominates only where faiss itself does nearly nothing (Flat, a copy). "
@@ -252,18 +262,27 @@ def markdown(payload: dict[str, Any]) -> str:
         "adds 512 B of exact vectors (memory-mapped, not loaded) and ~100 B of SQLite per item; "
         "opening reads neither.",
         "",
-        "`index build --images` (generated 72 x 72 PNG files, batch 256, no loader workers) "
+        "`index build --images` (generated 72 x 72 PNG files, batch 256) "
         "against the same network's forward pass alone on the same images decoded and "
         "preprocessed in memory (the build also decodes, hashes, stores and indexes):",
         "",
-        "| model | images | network alone img/s | build img/s | ratio | embedding phase img/s |",
-        "|---|---|---|---|---|---|",
+        "| model | images | loader workers | network alone img/s | build img/s | ratio | "
+        "embedding phase img/s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in images:
         lines.append(
-            f"| {r['model']} | {r['images']} | {r['network_alone_images_per_s']:.3g} | "
+            f"| {r['model']} | {r['images']} | {r.get('workers', 0)} | "
+            f"{r['network_alone_images_per_s']:.3g} | "
             f"{r['build_images_per_s']:.3g} | {r['ratio']:.2f}x | "
             f"{r['embed_phase_images_per_s']:.3g} |"
+        )
+    for r in payload.get("earlier_image_runs", []):
+        lines.append(
+            f"\nAn earlier run of the images part ({r['note']}) measured {r['ratio']:.2f}x "
+            f"({r['build_images_per_s']:.3g} against {r['network_alone_images_per_s']:.3g} img/s, "
+            f"{r['workers']} workers): on this shared machine the ratio moves by +-0.1 between "
+            "runs, so the 0.85x target is met in one run and missed in the other."
         )
     return "\n".join(lines)
 
@@ -275,9 +294,17 @@ def main() -> None:
     parser.add_argument(
         "--from-json", action="store_true", help="rewrite the docs section from the results"
     )
+    parser.add_argument(
+        "--images-only", action="store_true", help="rerun only the images part, keep the rest"
+    )
     args = parser.parse_args()
-    if args.from_json:
+    if args.from_json or args.images_only:
         payload = json.loads((ROOT / "benchmarks" / "results" / "catalog.json").read_text())
+        if args.images_only:
+            with tempfile.TemporaryDirectory() as temp:
+                payload["images"] = image_rows(args.images, Path(temp))
+            payload["image_count"] = args.images
+            payload["images_load_average"] = os.getloadavg()[0]
         write_results("catalog", payload, markdown(payload))
         return
     info = {**machine(), "load_average": os.getloadavg()[0]}
