@@ -142,8 +142,9 @@ class DataConfig:
         "auto",
         "DataLoader worker processes (0: load in the main process); auto: sized to the machine "
         "and the data path by measurement (mbdl.data.workers: for batches from memory one where "
-        "a CPU is left over by the training threads, else none; the CPUs but one for images "
-        "decoded one by one; none for evaluating from memory).",
+        "a CPU is left over by the training threads, else none, two with a GPU; the CPUs but one "
+        "for images decoded one by one; none for evaluating from memory); printed on the data "
+        "line with the reason.",
         minimum=0,
         resume_free=True,
     )
@@ -151,8 +152,12 @@ class DataConfig:
         "auto",
         "Decode a file source's training images once, resized, as uint8 (mbdl.data.cache), and "
         "its evaluation splits once at the network's input size: auto: in memory when they fit "
-        "in a quarter of the available memory, else a memory-mapped file in the cache directory; "
-        "off: decode every image every epoch and evaluation.",
+        "in a quarter of the available memory, else a memory-mapped file in the cache directory "
+        "($MBDL_CACHE) when its disk has room, else decode per image; disk: refused before "
+        "writing when the disk lacks the room (the message gives the size); off: decode every "
+        "image every epoch and evaluation. The choice and its reason are on the data line; a "
+        "cache whose source files changed (size or time) or written by another version is "
+        "rebuilt, never read.",
         choices=("auto", "memory", "disk", "off"),
     )
     skip_corrupt: bool = key(
@@ -467,7 +472,7 @@ def _check_value(key: str, value: Any) -> Any:
     allowed = declared.choices
     if key == "data.augment" and isinstance(value, bool):
         value = "auto" if value else "none"
-    if key == "train.amp" and value is False:
+    if key in ("train.amp", "data.cache") and value is False:
         value = "off"  # YAML 1.1 reads a bare `off` as false
     if declared.type == "int | str" and isinstance(value, str):  # a count, or auto
         if value != "auto":

@@ -210,7 +210,7 @@ class Trainer:
         if not self.dist.is_main:
             barrier()  # rank 0 builds caches or downloads first
         splits = load_data(config)
-        decode_splits(splits, config.data.cache)  # training and evaluation splits, once
+        decode_splits(splits, config.data.cache, config.data.num_workers)  # decoded once
         if self.dist.is_main:
             barrier()
         validate_before_training(config, splits)  # every check the data allows, up front
