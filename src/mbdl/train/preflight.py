@@ -98,4 +98,5 @@ def describe_data(splits: Any) -> str:
     extra += f"; {duplicates} duplicate paths counted once" if duplicates else ""
     size = info.get("image_size") or f"{splits.image_size} px"
     extra += f"; input {size}, {splits.channels} channel(s)"
-    return f"data {splits.source}: " + ", ".join(parts) + extra
+    recipe = f"; {info['recipe']}" if info.get("recipe") else ""
+    return f"data {splits.source}: " + ", ".join(parts) + extra + recipe

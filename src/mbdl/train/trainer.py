@@ -100,6 +100,7 @@ from mbdl.train.checkpoint import (
 )
 from mbdl.train.optim import build_optimizer, build_scheduler
 from mbdl.train.precision import amp_dtype, amp_name
+from mbdl.recipe import resolve_auto
 from mbdl.train.preflight import describe_data, validate_before_training
 from mbdl.train.progress import Progress
 from mbdl.train.rundir import prepare_run_dir
@@ -140,6 +141,9 @@ class Trainer:
         self.config = config
         check_sinks(config.train.loggers)  # a missing tracker package: before any file is written
         self.device = resolve_device(config.train.device)
+        # model.backbone=auto: the recipe is chosen (in place) before the run directory is
+        # checked, so a resumed run compares the resolved config; its splits are reused
+        self._auto_splits = resolve_auto(config)
         self.owns_process_group = not torch.distributed.is_initialized()
         self.dist: DistributedInfo = init_distributed(self.device.type, COLLECTIVE_TIMEOUT)
         if self.dist.enabled and self.device.type == "cuda":
@@ -209,7 +213,8 @@ class Trainer:
         seed_everything(config.seed)
         if not self.dist.is_main:
             barrier()  # rank 0 builds caches or downloads first
-        splits = load_data(config)
+        splits = self._auto_splits if self._auto_splits is not None else load_data(config)
+        self._auto_splits = None
         decode_splits(splits, config.data.cache)  # training and evaluation splits, once
         if self.dist.is_main:
             barrier()
