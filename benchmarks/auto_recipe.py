@@ -33,7 +33,7 @@ from benchmarks.common import machine, write_results
 GRID_BATCH = 64
 #: name -> (description, overrides); the budgets are images seen, cut into 10 epochs
 GRID: dict[str, tuple[str, list[str]]] = {}
-for _images in (6400, 19200):
+for _images in (3200, 9600):
     _steps = _images // GRID_BATCH // 10
     GRID[f"smallvgg32_{_images}"] = (
         f"smallvgg from scratch, 32 px, {_images:,} images",
@@ -171,7 +171,7 @@ def markdown(results: dict[str, Any]) -> str:
         "cell, runs one after another (load averages in `benchmarks/results/auto_recipe.json`). "
         "The auto default is `mbdl train` with only the data set's keys; the grid is the same for "
         "every data set: {smallvgg from scratch at 32 px, MobileNetV2 with ImageNet weights at "
-        "64 px} x {6,400, 19,200 images seen}, batches of 64 (P = min(16, training classes)). "
+        "64 px} x {3,200, 9,600 images seen}, batches of 64 (P = min(16, training classes)). "
         "The grid's best is chosen on the **validation** classes' MAP@R; the ratios are the "
         "auto default's **test** MAP@R and whole-run wall time over the chosen cell's. Target: "
         ">= 0.9x MAP@R within 1.5x the time.",

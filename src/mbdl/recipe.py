@@ -59,7 +59,7 @@ PRETRAINED_PREFERENCE: dict[str, tuple[str, ...]] = {
 #: passes over the training images (the budget before its floor and ceiling)
 PASSES = {"pretrained": 5, "scratch": 20}
 #: optimiser steps at least
-MIN_STEPS = {"pretrained": 200, "scratch": 200}
+MIN_STEPS = {"pretrained": 100, "scratch": 100}
 #: images per batch the batch composition P x K aims at, per device
 BATCH_IMAGES = {"pretrained": {"cpu": 64, "cuda": 128}, "scratch": {"cpu": 128, "cuda": 128}}
 #: the estimated training time (at :func:`images_per_second`) the budget stays under
@@ -109,6 +109,7 @@ class DataSummary:
     colour_fraction: float = 1.0
     fixed_size: bool = False
     device: str = "cpu"
+    largest_class: int = 2
 
 
 @dataclass(frozen=True)
@@ -220,6 +221,11 @@ def choose_recipe(
         raise RecipeError(
             f"the training split has {summary.train_classes} class(es) with images; metric "
             "learning needs at least 2: add class folders or lower data.val_fraction"
+        )
+    if summary.largest_class < 2:
+        raise RecipeError(
+            "every training class has one image, so a batch has no positive pair: the data set "
+            "needs classes with at least 2 images"
         )
     reasons: list[str] = list(weights.rejected)
     side = summary.median_side
@@ -369,6 +375,7 @@ def summarize_data(splits: Any, *, fixed_size: bool = False, device: str = "cpu"
         colour_fraction=fraction,
         fixed_size=fixed_size,
         device=device,
+        largest_class=int(sizes.max()) if len(sizes) else 0,
     )
 
 
