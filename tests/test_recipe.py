@@ -88,6 +88,12 @@ def test_otherwise_the_small_cnn_from_scratch_with_the_reason(
     assert reason in recipe.describe()
 
 
+def test_a_small_input_size_the_user_set_trains_from_scratch() -> None:
+    recipe = choose_recipe(summary(), WEIGHTS, {"data.image_size": 16})
+    assert recipe.kind == "scratch" and "data.image_size=16 < 48 px" in recipe.describe()
+    assert "data.image_size" not in recipe.values
+
+
 def test_mostly_colour_mixed_images_are_treated_as_colour_and_say_so() -> None:
     recipe = choose_recipe(summary(colour="mixed", colour_fraction=0.7), WEIGHTS)
     assert recipe.kind == "pretrained"
@@ -230,6 +236,18 @@ def test_the_default_backbone_is_auto() -> None:
     config = load_config(None, ["data.source=folder", "data.root=/x"])
     assert config.model.backbone == "auto"
     assert config.user_set == frozenset({"data.source", "data.root"})
+
+
+def test_glyphs_resolve_to_exactly_the_default_recipe() -> None:
+    from mbdl.config import config_to_flat
+    from mbdl.recipe import resolve_auto
+
+    auto = load_config(None, ["data.max_classes=24"])
+    splits = resolve_auto(auto)
+    assert splits is not None and auto.recipe.kind == "default"
+    named = load_config(None, ["data.max_classes=24", "model.backbone=smallvgg"])
+    assert config_to_flat(auto) == config_to_flat(named)
+    assert splits.image_size == 32
 
 
 def test_print_config_shows_the_resolved_recipe(

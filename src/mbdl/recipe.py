@@ -254,6 +254,8 @@ def choose_recipe(
         why_not = "image size unknown"
     elif side < MIN_PRETRAINED_SIDE:
         why_not = f"images of {side} px (median shorter side) < {MIN_PRETRAINED_SIDE} px"
+    elif int(user.get("data.image_size") or side) < MIN_PRETRAINED_SIDE:
+        why_not = f"data.image_size={user['data.image_size']} < {MIN_PRETRAINED_SIDE} px"
     else:
         why_not = None
 
