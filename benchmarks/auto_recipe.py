@@ -7,6 +7,11 @@ chosen on the validation classes (the validation MAP@R of each run's chosen chec
 on test; the table reports the auto default's test MAP@R over the best's, and its wall time
 (the whole ``mbdl train``: data, training, validation, test) over the best's. One seed per cell.
 
+``--scale S`` multiplies every run's budget (the auto default's resolved steps and the grid's)
+by S, cut into at most 5 epochs: on a loaded machine the whole comparison then fits, and it
+compares the recipes at budgets in the same proportion. The auto default then runs from its
+resolved config (``mbdl train --print-config``, whose wall time is added to its own).
+
     python benchmarks/auto_recipe.py --icons ~/.cache/mbdl/icons \\
         --fashion ~/.cache/mbdl/fashion-mnist-300        # writes benchmarks/results/auto_recipe.json
     python benchmarks/auto_recipe.py --publish results.json   # render a stored run into the docs
@@ -77,24 +82,77 @@ def grid_batch(train_classes: int) -> list[str]:
     return [f"train.batch_classes={p}", f"train.batch_per_class={math.ceil(GRID_BATCH / p)}"]
 
 
-def run(overrides: list[str], threads: int) -> dict[str, Any]:
+def scaled_budget(steps: int, scale: float) -> list[str]:
+    """``steps`` x ``scale`` (at least 5) as train.epochs x train.max_steps_per_epoch, at most
+    5 epochs (validations)."""
+    total = max(5, round(steps * scale))
+    epochs = min(5, total)
+    return [
+        f"train.epochs={epochs}",
+        f"train.max_steps_per_epoch={math.ceil(total / epochs)}",
+        "train.warmup_epochs=1",
+    ]
+
+
+def command(overrides: list[str], threads: int, out: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "mbdl",
+        "train",
+        *overrides,
+        f"train.num_threads={threads}",
+        "eval.report=false",
+        f"out={out}",
+    ]
+
+
+def resolved_auto(keys: list[str], scale: float, tmp: Path) -> tuple[list[str], float, str]:
+    """The auto default's resolved config, its budget scaled, as a file; the seconds the choice
+    took; its one-line description."""
+    import yaml
+
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "mbdl", "train", "--print-config", *keys],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    seconds = time.perf_counter() - start
+    config = yaml.safe_load(done.stdout)
+    train = config["train"]
+    steps = train["max_steps_per_epoch"]
+    if steps is None:  # full passes (the glyphs' default): count the sampler's batches
+        from mbdl.config import load_config
+        from mbdl.data import ClassBalancedBatchSampler
+        from mbdl.inference import load_data
+
+        labels = load_data(load_config(None, [*keys, "model.backbone=smallvgg"])).train.labels
+        steps = len(
+            ClassBalancedBatchSampler(labels, train["batch_classes"], train["batch_per_class"])
+        )
+    for key, value in zip(
+        ("epochs", "max_steps_per_epoch", "warmup_epochs"),
+        [o.split("=")[1] for o in scaled_budget(train["epochs"] * steps, scale)],
+        strict=True,
+    ):
+        train[key] = float(value) if key == "warmup_epochs" else int(value)
+    config["out"] = None
+    path = tmp / "auto.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    line = done.stdout.splitlines()[0] if done.stdout.startswith("#") else ""
+    return [str(path)], seconds, line
+
+
+def run(overrides: list[str], threads: int, extra_seconds: float = 0.0) -> dict[str, Any]:
     """One ``mbdl train`` in a fresh process: wall time, metrics, the resolved config."""
     with tempfile.TemporaryDirectory(prefix="auto-recipe-") as tmp:
         out = Path(tmp) / "run"
-        command = [
-            sys.executable,
-            "-m",
-            "mbdl",
-            "train",
-            *overrides,
-            f"train.num_threads={threads}",
-            "eval.report=false",
-            f"out={out}",
-        ]
         load = os.getloadavg()[0]
         start = time.perf_counter()
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        wall = time.perf_counter() - start
+        done = subprocess.run(command(overrides, threads, out), capture_output=True, text=True)
+        wall = time.perf_counter() - start + extra_seconds
         if done.returncode != 0:
             return {"overrides": overrides, "error": done.stderr.strip().splitlines()[-1:]}
         metrics = json.loads((out / "metrics.json").read_text())
@@ -115,7 +173,8 @@ def run(overrides: list[str], threads: int) -> dict[str, Any]:
             "model.backbone": config["model"]["backbone"],
             "data.image_size": config["data"]["image_size"],
             "train.batch": config["train"]["batch_classes"] * config["train"]["batch_per_class"],
-            "train.steps": config["train"]["epochs"] * (config["train"]["max_steps_per_epoch"] or 0),
+            "train.steps": config["train"]["epochs"]
+            * (config["train"]["max_steps_per_epoch"] or 0),
         },
     }
 
@@ -131,17 +190,34 @@ def train_classes(dataset_keys: list[str]) -> int:
 
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     values = {"icons": args.icons, "fashion": args.fashion, "weights": args.weights}
-    results: dict[str, Any] = {"machine": machine(), "threads": args.threads, "datasets": {}}
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "threads": args.threads,
+        "scale": args.scale,
+        "datasets": {},
+    }
     for name in args.datasets.split(","):
         keys = [k.format(**values) for k in DATASETS[name]]
         classes = train_classes(keys)
         entry: dict[str, Any] = {"keys": keys, "train_classes": classes, "runs": {}}
         results["datasets"][name] = entry
-        entry["runs"]["auto"] = run(keys, args.threads)
-        print(name, "auto", json.dumps(entry["runs"]["auto"])[:300], flush=True)
+        with tempfile.TemporaryDirectory(prefix="auto-recipe-config-") as tmp:
+            if args.scale == 1.0:
+                auto_keys, seconds, line = keys, 0.0, ""
+            else:
+                auto_keys, seconds, line = resolved_auto(keys, args.scale, Path(tmp))
+            entry["runs"]["auto"] = {"choice": line, **run(auto_keys, args.threads, seconds)}
+            entry["runs"]["auto"]["choice_s"] = seconds
+        print(name, "auto", json.dumps(entry["runs"]["auto"])[:400], flush=True)
         for cell, (description, overrides) in GRID.items():
-            cell_keys = [o.format(**values) for o in overrides] + grid_batch(classes)
-            entry["runs"][cell] = {"description": description, **run(keys + cell_keys, args.threads)}
+            steps = int(description.split(", ")[-1].split()[0].replace(",", "")) // GRID_BATCH
+            cell_keys = [o.format(**values) for o in overrides if not o.startswith("train.epochs")]
+            cell_keys = [k for k in cell_keys if not k.startswith("train.max_steps_per_epoch")]
+            cell_keys += grid_batch(classes) + scaled_budget(steps, args.scale)
+            entry["runs"][cell] = {
+                "description": description,
+                **run(keys + cell_keys, args.threads),
+            }
             print(name, cell, json.dumps(entry["runs"][cell])[:300], flush=True)
         summarize(entry)
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
@@ -194,7 +270,10 @@ def markdown(results: dict[str, Any]) -> str:
             f"{'met' if entry['meets_target'] else '**missed**'} |"
         )
     lines += ["", "Every cell (validation and test MAP@R, wall seconds):", ""]
-    lines += ["| data set | run | val MAP@R | test MAP@R | wall s |", "| --- | --- | --- | --- | --- |"]
+    lines += [
+        "| data set | run | val MAP@R | test MAP@R | wall s |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for name, entry in results["datasets"].items():
         for cell, run_ in entry["runs"].items():
             if "error" in run_:
@@ -213,8 +292,11 @@ def main() -> None:
     parser.add_argument("--fashion", default=os.path.expanduser("~/.cache/mbdl/fashion-mnist-300"))
     parser.add_argument("--weights", default=None, help="MobileNetV2 weights file of the grid")
     parser.add_argument("--datasets", default="icons,fashion,glyphs")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default="auto_recipe_run.json", help="the raw results, as they come")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--scale", type=float, default=1.0, help="budget multiplier, every run")
+    parser.add_argument(
+        "--out", default="auto_recipe_run.json", help="the raw results, as they come"
+    )
     parser.add_argument("--publish", default=None, help="render a stored run into the docs")
     args = parser.parse_args()
     if args.publish:

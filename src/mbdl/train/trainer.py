@@ -83,6 +83,7 @@ from mbdl.inference import (
 )
 from mbdl.losses.xbm import CrossBatchMemory
 from mbdl.metrics import improves
+from mbdl.recipe import resolve_auto
 from mbdl.tracking import Sinks, check_sinks
 from mbdl.train.callbacks import (
     Callback,
@@ -100,7 +101,6 @@ from mbdl.train.checkpoint import (
 )
 from mbdl.train.optim import build_optimizer, build_scheduler
 from mbdl.train.precision import amp_dtype, amp_name
-from mbdl.recipe import resolve_auto
 from mbdl.train.preflight import describe_data, validate_before_training
 from mbdl.train.progress import Progress
 from mbdl.train.rundir import prepare_run_dir
