@@ -167,7 +167,7 @@ def run(overrides: list[str], threads: int, extra_seconds: float = 0.0) -> dict[
         "load_average_at_end": os.getloadavg()[0],
         "val_map@r": metrics["validation"].get("map@r"),
         "test_map@r": metrics["test"]["map@r"],
-        "test_r@1": metrics["test"]["r@1"],
+        "test_recall@1": metrics["test"].get("recall@1"),
         "data_line": data_line[:1],
         "resolved": {
             "model.backbone": config["model"]["backbone"],
@@ -242,15 +242,28 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         "## auto_recipe: `model.backbone=auto` against a grid of recipes",
         "",
-        f"`python benchmarks/auto_recipe.py`, {m['date']}, {m['cpus']} CPUs shared with other "
-        f"jobs, torch {m['torch']}, `train.num_threads={results['threads']}`, one seed (0) per "
-        "cell, runs one after another (load averages in `benchmarks/results/auto_recipe.json`). "
-        "The auto default is `mbdl train` with only the data set's keys; the grid is the same for "
-        "every data set: {smallvgg from scratch at 32 px, MobileNetV2 with ImageNet weights at "
-        "64 px} x {3,200, 9,600 images seen}, batches of 64 (P = min(16, training classes)). "
-        "The grid's best is chosen on the **validation** classes' MAP@R; the ratios are the "
+        f"`python benchmarks/auto_recipe.py --scale {results.get('scale', 1.0)} --threads "
+        f"{results['threads']}`, {m['date']}, {m['cpus']} CPUs shared with other jobs (1-minute "
+        "load average 12-15 throughout: every wall time here is several times a quiet "
+        f"machine's), torch {m['torch']}, one seed (0) per cell, runs one after another (load "
+        "averages in `benchmarks/results/auto_recipe.json`). The auto default is `mbdl train` "
+        "with only the data set's keys; the grid is the same for every data set: {smallvgg from "
+        "scratch at 32 px, MobileNetV2 with ImageNet weights at 64 px (freeze_bn, head lr x10)} "
+        "x {3,200, 9,600 images seen}, batches of 64 (P = min(16, training classes)). "
+        + (
+            f"Every budget (the auto default's resolved one and the grid's) is scaled by "
+            f"{results['scale']} and cut into at most 5 epochs, so that the comparison fits the "
+            "loaded machine; the auto default runs from its `--print-config` output, whose wall "
+            "time is added to its own. "
+            if results.get("scale", 1.0) != 1.0
+            else ""
+        )
+        + "The grid's best is chosen on the **validation** classes' MAP@R; the ratios are the "
         "auto default's **test** MAP@R and whole-run wall time over the chosen cell's. Target: "
-        ">= 0.9x MAP@R within 1.5x the time.",
+        ">= 0.9x MAP@R within 1.5x the time. Data: icons: every 4th icon name of `mbdl data "
+        "icons` (347 names, 2,244 drawings, its split.txt); Fashion-MNIST: 100 images per class "
+        "(`benchmarks/make_fashion_subset.py --per-class 100`), `data.val_fraction=0.4`; glyphs: "
+        "the full default data set.",
         "",
         "| data set | auto picked | auto test MAP@R | auto wall s | best on validation | its test MAP@R | its wall s | MAP@R ratio | time ratio | target |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
