@@ -94,6 +94,14 @@ def test_a_small_input_size_the_user_set_trains_from_scratch() -> None:
     assert "data.image_size" not in recipe.values
 
 
+def test_weights_the_user_named_are_used_even_for_grey_images() -> None:
+    recipe = choose_recipe(
+        summary(colour="grey", colour_fraction=0.0), WEIGHTS, {"model.pretrained": MOBILENET}
+    )
+    assert recipe.kind == "pretrained" and recipe.values["model.backbone"] == "mobilenet_v2"
+    assert "grey images, but model.pretrained names mobilenet_v2's weights" in recipe.describe()
+
+
 def test_mostly_colour_mixed_images_are_treated_as_colour_and_say_so() -> None:
     recipe = choose_recipe(summary(colour="mixed", colour_fraction=0.7), WEIGHTS)
     assert recipe.kind == "pretrained"

@@ -272,9 +272,13 @@ def choose_recipe(
         why_not = f"data.image_size={user['data.image_size']} < {MIN_PRETRAINED_SIDE} px"
     else:
         why_not = None
+    if why_not is not None and backbone is not None and "model.pretrained" in user:
+        reasons.append(f"{why_not}, but model.pretrained names {backbone}'s weights: used")
+        why_not = ""
 
     values: dict[str, Any] = {}
-    if why_not is None and backbone is not None and side is not None:
+    if not why_not and backbone is not None:
+        forced, side = why_not == "", side or MIN_PRETRAINED_SIDE
         kind = "pretrained"
         from mbdl.models.backbones import NATIVE_INPUT_SIZES
 
@@ -294,10 +298,8 @@ def choose_recipe(
                 "train.loss_lr": 1.0e-2,
             }
         )
-        reasons.append(
-            f"colour images of {side} px (median shorter side): {backbone} fine-tuned from "
-            f"{Path(weights.files[backbone]).name}"
-        )
+        tuned = f"{backbone} fine-tuned from {Path(weights.files[backbone]).name}"
+        reasons.append(tuned if forced else f"colour images of {side} px: {tuned}")
     else:
         kind = "scratch"
         size = SCRATCH_SIZE
