@@ -494,6 +494,8 @@ def resolve_auto(config: Any) -> Any:
     splits it loaded (transforms attached for the chosen size), or None when there was nothing
     to resolve. ``config.recipe`` records the :class:`Recipe`. Raises
     :class:`mbdl.config.ConfigError` (one line) when the data or the weights named cannot do."""
+    if config.model.backbone != AUTO:  # before any import: inference commands stay light
+        return None
     from mbdl.config import ConfigError, config_from_flat, config_to_flat
     from mbdl.data import load_splits
     from mbdl.data.sources import SOURCES
@@ -501,8 +503,6 @@ def resolve_auto(config: Any) -> Any:
     from mbdl.inference import resolve_device, source_options
     from mbdl.train.seeding import seed_everything
 
-    if config.model.backbone != AUTO:
-        return None
     user_keys = set(getattr(config, "user_set", ()))
     flat = config_to_flat(config)
     user = {key: flat[key] for key in user_keys if key in flat}
