@@ -492,7 +492,7 @@ def _section_set(config: Any, key: str, value: Any) -> None:
 def resolve_auto(config: Any) -> Any:
     """Apply the auto recipe to ``config`` in place when ``model.backbone`` is auto; returns the
     splits it loaded (transforms attached for the chosen size), or None when there was nothing
-    to resolve. ``config.recipe`` records the :class:`Recipe`. Raises
+    to resolve or the source keeps its default recipe (glyphs: load it as usual). ``config.recipe`` records the :class:`Recipe`. Raises
     :class:`mbdl.config.ConfigError` (one line) when the data or the weights named cannot do."""
     if config.model.backbone != AUTO:  # before any import: inference commands stay light
         return None
@@ -507,27 +507,26 @@ def resolve_auto(config: Any) -> Any:
     flat = config_to_flat(config)
     user = {key: flat[key] for key in user_keys if key in flat}
     declared = SOURCES.get(config.data.source)
-    seed_everything(config.seed)
-    options = source_options(config)
-    splits = load_splits(
-        config.data.source,
-        config.data.root,
-        image_size=config.data.image_size,
-        val_fraction=config.data.val_fraction,
-        seed=config.seed,
-        **options,
-    )
+    splits = None
     try:
-        device = resolve_device(config.train.device).type
-        summary = summarize_data(
-            splits, fixed_size=declared.fixed_size, device=device, seed=config.seed
-        )
-        weights = (
-            WeightsFound()
-            if config.data.source in KEEP_DEFAULT_SOURCES
-            else find_weights(config.model.pretrained)
-        )
-        recipe = choose_recipe(summary, weights, user)
+        if config.data.source in KEEP_DEFAULT_SOURCES:  # the choice needs no look at the data
+            summary = DataSummary(config.data.source, 0, 0, 0.0, None, "grey")
+            recipe = choose_recipe(summary, WeightsFound(), user)
+        else:
+            seed_everything(config.seed)
+            splits = load_splits(
+                config.data.source,
+                config.data.root,
+                image_size=config.data.image_size,
+                val_fraction=config.data.val_fraction,
+                seed=config.seed,
+                **source_options(config),
+            )
+            device = resolve_device(config.train.device).type
+            summary = summarize_data(
+                splits, fixed_size=declared.fixed_size, device=device, seed=config.seed
+            )
+            recipe = choose_recipe(summary, find_weights(config.model.pretrained), user)
     except RecipeError as error:
         raise ConfigError(f"model.backbone=auto: {error}") from None
     resolved = config_from_flat({**flat, **recipe.values})
@@ -535,6 +534,8 @@ def resolve_auto(config: Any) -> Any:
         section, _, name = key.partition(".")
         _section_set(config, key, getattr(getattr(resolved, section), name))
     config.recipe = recipe
+    if splits is None:  # the source's default recipe: its data loads as it always did
+        return None
     if config.data.image_size is not None and not declared.fixed_size:
         splits.image_size = int(config.data.image_size)
     options = source_options(config)
