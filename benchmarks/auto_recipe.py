@@ -275,13 +275,21 @@ def markdown(results: dict[str, Any]) -> str:
             continue
         best = entry["runs"][entry["best_on_validation"]]
         r = auto["resolved"]
-        picked = f"{r['model.backbone']} {r['data.image_size']} px, {r['train.steps']} x {r['train.batch']}"
+        size = f"{r['data.image_size']} px" if r["data.image_size"] else "the source's size"
+        picked = f"{r['model.backbone']} {size}, {r['train.steps']} x {r['train.batch']}"
         lines.append(
             f"| {name} | {picked} | {auto['test_map@r']:.3f} | {auto['wall_s']:.0f} | "
             f"{entry['best_on_validation']} | {best['test_map@r']:.3f} | {best['wall_s']:.0f} | "
             f"{entry['map_ratio']:.2f} | {entry['time_ratio']:.2f} | "
             f"{'met' if entry['meets_target'] else '**missed**'} |"
         )
+    lines += [
+        "",
+        "Read with care: one seed per cell, and the load moved between runs (the 1-minute load "
+        "average at each start is in the JSON). With `--scale` the auto default's wall time "
+        "includes its separate `--print-config` step (`choice_s` in the JSON), a second start "
+        "of Python and a second scan of the data that a plain `mbdl train` does once.",
+    ]
     lines += ["", "Every cell (validation and test MAP@R, wall seconds):", ""]
     lines += [
         "| data set | run | val MAP@R | test MAP@R | wall s |",
