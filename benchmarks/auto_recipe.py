@@ -126,7 +126,7 @@ def resolved_auto(keys: list[str], scale: float, tmp: Path) -> tuple[list[str], 
     if steps is None:  # full passes (the glyphs' default): count the sampler's batches
         from mbdl.config import load_config
         from mbdl.data import ClassBalancedBatchSampler
-        from mbdl.inference import load_data
+        from mbdl.runconfig import load_data
 
         labels = load_data(load_config(None, [*keys, "model.backbone=smallvgg"])).train.labels
         steps = len(
@@ -182,7 +182,7 @@ def run(overrides: list[str], threads: int, extra_seconds: float = 0.0) -> dict[
 def train_classes(dataset_keys: list[str]) -> int:
     """The training classes of a data set (after carving validation classes)."""
     from mbdl.config import load_config
-    from mbdl.inference import load_data
+    from mbdl.runconfig import load_data
 
     config = load_config(None, [*dataset_keys, "model.backbone=smallcnn", "data.image_size=32"])
     return len(set(load_data(config).train.labels.tolist()))

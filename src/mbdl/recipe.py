@@ -489,10 +489,11 @@ def _section_set(config: Any, key: str, value: Any) -> None:
     setattr(getattr(config, section), name, value)
 
 
-def resolve_auto(config: Any) -> Any:
+def resolve_auto(config: Any, splits: Any = None) -> Any:
     """Apply the auto recipe to ``config`` in place when ``model.backbone`` is auto; returns the
     splits it loaded (transforms attached for the chosen size), or None when there was nothing
-    to resolve or the source keeps its default recipe (glyphs: load it as usual). ``config.recipe`` records the :class:`Recipe`. Raises
+    to resolve or the source keeps its default recipe (glyphs: load it as usual). ``splits``
+    given (a :class:`mbdl.data.Splits`) are summarised instead of the config's data. ``config.recipe`` records the :class:`Recipe`. Raises
     :class:`mbdl.config.ConfigError` (one line) when the data or the weights named cannot do."""
     if config.model.backbone != AUTO:  # before any import: inference commands stay light
         return None
@@ -500,21 +501,21 @@ def resolve_auto(config: Any) -> Any:
     from mbdl.data import load_splits
     from mbdl.data.sources import SOURCES
     from mbdl.data.splits import attach_transforms
-    from mbdl.inference import resolve_device, source_options
+    from mbdl.runconfig import resolve_device, source_options
     from mbdl.train.seeding import seed_everything
 
     user_keys = set(getattr(config, "user_set", ()))
     flat = config_to_flat(config)
     user = {key: flat[key] for key in user_keys if key in flat}
     declared = SOURCES.get(config.data.source)
-    splits = None
+    given = splits
     try:
-        if config.data.source in KEEP_DEFAULT_SOURCES:  # the choice needs no look at the data
+        if given is None and config.data.source in KEEP_DEFAULT_SOURCES:  # no look at the data
             summary = DataSummary(config.data.source, 0, 0, 0.0, None, "grey")
             recipe = choose_recipe(summary, WeightsFound(), user)
         else:
             seed_everything(config.seed)
-            splits = load_splits(
+            splits = given or load_splits(
                 config.data.source,
                 config.data.root,
                 image_size=config.data.image_size,
