@@ -119,6 +119,16 @@ def _run_train(args: argparse.Namespace) -> int:
         raise UsageError(f"expected at most one config file, got {', '.join(others)}")
     config = load_config(others[0] if others else None, overrides)
     if args.print_config:
+        from mbdl.recipe import resolve_auto
+
+        try:  # model.backbone=auto: scans the data to show what will run
+            resolve_auto(config)
+        except FileNotFoundError as error:  # no data there (yet): the config as given
+            print(
+                f"# model.backbone=auto is chosen when the data can be read: {terminal_safe(error)}"
+            )
+        if config.recipe is not None:
+            print(f"# {terminal_safe(config.recipe.describe())}")
         print(config_to_yaml(config), end="")
         return 0
     from mbdl.distributed import distributed_info

@@ -67,6 +67,7 @@ from mbdl.distributed import (
 from mbdl.errors import TrainingDiverged, UserError
 from mbdl.evaluate import metrics_document
 from mbdl.fileio import atomic_write_text
+from mbdl.recipe import resolve_auto
 from mbdl.runconfig import evaluate_dataset, evaluate_test, format_metrics, resolve_device
 from mbdl.tracking import Sinks, check_sinks
 from mbdl.train.build import (
@@ -120,6 +121,11 @@ class Trainer:
         self.config = config
         check_sinks(config.train.loggers)  # a missing tracker package: before any file is written
         self.device = resolve_device(config.train.device)
+        # model.backbone=auto: the recipe is chosen (in place) before the run directory is
+        # checked, so a resumed run compares the resolved config; its splits are reused
+        auto_splits = resolve_auto(config, data)
+        if auto_splits is not None:
+            data = auto_splits
         self.owns_process_group = not torch.distributed.is_initialized()
         self.dist: DistributedInfo = init_distributed(self.device.type, COLLECTIVE_TIMEOUT)
         if self.dist.enabled and self.device.type == "cuda":
