@@ -54,6 +54,7 @@ def test_schema_is_plain_data() -> None:
             "float",
             "bool",
             "list[int]",
+            "list[float]",
             "list[str]",
         }
         assert isinstance(declared.help, str) and declared.help

@@ -166,6 +166,31 @@ class DataConfig:
         "false = none.",
         choices=("auto", "crop", "affine", "none"),
     )
+    mean: list[float] | None = key(
+        None,
+        "Per-channel mean subtracted from images in [0, 1] (3 values, or 1 for grey data); "
+        "null: what the backbone's weights expect (torchvision weights' transforms, timm's "
+        "pretrained_cfg, the Hugging Face image processor, open_clip's preprocess_cfg), none "
+        "for random weights. Training, evaluation and every saved model use it.",
+    )
+    std: list[float] | None = key(
+        None,
+        "Per-channel standard deviation images are divided by (each > 0); null: what the "
+        "backbone's weights expect (see data.mean).",
+    )
+    interpolation: str = key(
+        "auto",
+        "Resize filter for training and evaluation; auto: what the backbone's weights expect "
+        "(bilinear by default).",
+        choices=("auto", "nearest", "bilinear", "bicubic", "box", "hamming", "lanczos"),
+    )
+    crop_fraction: float | None = key(
+        None,
+        "Evaluation centre crop side / resized shorter side (timm's crop_pct); null: what the "
+        "backbone's weights expect, else 224/256 from 64 px up and 1 below.",
+        above=0.0,
+        maximum=1.0,
+    )
     allow_outside_root: bool = key(
         False,
         "Folder source: accept images and class folders whose resolved path (through symbolic "
@@ -451,6 +476,15 @@ def _coerce(key: str, value: Any, type_name: str) -> Any:
             isinstance(v, int) and not isinstance(v, bool) for v in value
         ):
             return list(value)
+    elif base == "list[float]":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if isinstance(value, list) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+        ):
+            if not all(math.isfinite(float(v)) for v in value):
+                raise ConfigError(f"{key} must hold finite numbers; got {value!r}")
+            return [float(v) for v in value]
     elif base == "list[str]":
         if isinstance(value, str):
             value = [value]
@@ -764,11 +798,28 @@ def _check_cross_keys(resolved: dict[str, Any]) -> None:
         )
     if resolved["data.max_classes"] is not None and resolved["data.source"] != "glyphs":
         raise ConfigError("data.max_classes applies to data.source=glyphs only")
+    _check_statistics(resolved)
     if resolved["train.warmup_epochs"] > resolved["train.epochs"]:
         raise ConfigError(
             f"train.warmup_epochs={resolved['train.warmup_epochs']:g} exceeds "
             f"train.epochs={resolved['train.epochs']}"
         )
+
+
+def _check_statistics(resolved: dict[str, Any]) -> None:
+    """data.mean and data.std: one value per channel (1 or 3, the same count), std > 0."""
+    mean, std = resolved["data.mean"], resolved["data.std"]
+    for name, values in (("data.mean", mean), ("data.std", std)):
+        if values is not None and len(values) not in (1, 3):
+            raise ConfigError(
+                f"{name} needs one value per channel (3, or 1 for grey data); got {values!r}"
+            )
+    if mean is not None and std is not None and len(mean) != len(std):
+        raise ConfigError(
+            f"data.mean has {len(mean)} values but data.std {len(std)}; give one per channel"
+        )
+    if std is not None and any(v <= 0 for v in std):
+        raise ConfigError(f"data.std must be > 0 for every channel; got {std!r}")
 
 
 def _source_needs_root(name: str) -> bool:

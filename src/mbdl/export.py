@@ -36,7 +36,11 @@ from torch import Tensor, nn
 
 import mbdl
 from mbdl.fileio import atomic_write_text, default_file_mode
-from mbdl.model.preprocessing import preprocessing_spec, transform_from_spec
+from mbdl.model.preprocessing import (
+    preprocessing_spec,
+    stored_preprocessing,
+    transform_from_spec,
+)
 
 MODEL_FORMAT = "mbdl-model"
 MODEL_VERSION = 1
@@ -179,18 +183,9 @@ def load_state(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def state_preprocessing(state: dict[str, Any]) -> dict[str, Any]:
-    """The preprocessing of a loaded state (stored in a model directory, derived otherwise)."""
-    info = state.get("model_dir")
-    if info is not None and isinstance(info.get("preprocessing"), dict):
-        return dict(info["preprocessing"])
-    data_args = state.get("data_args", {})
-    model_args = state["model_args"]
-    pretrained = (state.get("config") or {}).get("model", {}).get("pretrained")
-    return preprocessing_spec(
-        int(data_args.get("image_size", 32)),
-        int(data_args.get("channels", model_args.get("in_channels", 3))),
-        imagenet_norm=pretrained is not None,
-    )
+    """The preprocessing of a loaded state (:func:`mbdl.model.preprocessing.stored_preprocessing`:
+    stored with it, derived for older checkpoints)."""
+    return stored_preprocessing(state)
 
 
 def load_embedder(

@@ -46,6 +46,7 @@ def source_options(config: Config) -> dict[str, Any]:
 def load_data(config: Config) -> Any:
     """The :class:`mbdl.data.Splits` of ``config.data``."""
     from mbdl.data import load_splits
+    from mbdl.model.preprocessing import config_statistics
 
     return load_splits(
         config.data.source,
@@ -54,6 +55,7 @@ def load_data(config: Config) -> Any:
         val_fraction=config.data.val_fraction,
         seed=config.seed,
         backbone=config.model.backbone,
+        statistics=config_statistics(config),
         **source_options(config),
     )
 

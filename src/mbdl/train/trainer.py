@@ -83,6 +83,7 @@ from mbdl.inference import (
 )
 from mbdl.losses.xbm import CrossBatchMemory
 from mbdl.metrics import improves
+from mbdl.model.preprocessing import config_preprocessing
 from mbdl.tracking import Sinks, check_sinks
 from mbdl.train.callbacks import (
     Callback,
@@ -329,6 +330,7 @@ class Trainer:
             "root": self.config.data.root,
             "image_size": int(self.splits.image_size),
             "channels": int(self.splits.channels),
+            "preprocessing": config_preprocessing(self.config, self.splits),
         }
 
     def _check_finite_weights(self) -> None:
