@@ -529,25 +529,23 @@ class TimmBackbone:
         self, name: str, pretrained: str | os.PathLike[str] | None, in_channels: int
     ) -> tuple[nn.Module, int]:
         timm = _timm()
-        model = self.model
         options: dict[str, Any] = {"num_classes": 0, "in_chans": in_channels}
-        if pretrained is not None and str(pretrained) in HUB_WEIGHTS:
-            options["pretrained"] = True  # timm's own download (Hugging Face Hub), cached
-        elif pretrained is not None:
-            path = self._local(name, str(pretrained))
-            if path.is_dir():
-                model = f"local-dir:{path}"
-                options["pretrained"] = True
-            else:
-                options |= {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path)}}
+        hub = pretrained is not None and str(pretrained) in HUB_WEIGHTS
         try:
-            module = timm.create_model(model, **options)
-        except Exception as error:  # torch.load and load_state_dict raise many types
-            if pretrained is None:
+            # DEFAULT: timm's own download (Hugging Face Hub), cached
+            module = timm.create_model(self.model, pretrained=hub, **options)
+        except Exception as error:  # a download raises many types
+            if not hub:
                 raise
             raise PretrainedWeightsError(
-                f"cannot load pretrained weights {pretrained} into {name}: {_first_line(error)}"
+                f"cannot load timm's weights of {name}: {_first_line(error)}; download them "
+                "elsewhere (huggingface.co/timm) and pass model.pretrained=PATH"
             ) from None
+        if pretrained is not None and not hub:
+            path = self._local(name, str(pretrained))
+            if path.is_dir():
+                path = next(path / f for f in HUB_WEIGHT_FILES if (path / f).is_file())
+            load_timm_weights(module, _weights_file(path), in_channels, f"{path} into {name}")
         return check_features(
             module,
             int(module.num_features),
@@ -555,6 +553,61 @@ class TimmBackbone:
             size=self.native_size,
             name=name,
         )
+
+
+def _weights_file(path: Path) -> Mapping[str, Tensor]:
+    """A state_dict from a ``.safetensors`` file or a torch file (:func:`file_state_dict`)."""
+    if path.suffix != ".safetensors":
+        return file_state_dict(path)
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise PretrainedWeightsError(
+            f"cannot load pretrained weights {path}: {_first_line(error)}"
+        ) from None
+
+
+def load_timm_weights(
+    module: nn.Module, state: Mapping[str, Tensor], in_channels: int, where: str
+) -> None:
+    """Load ``state`` into a timm model built with ``num_classes=0``: strictly, the classifier's
+    keys ignored, the first convolution adapted to ``in_channels`` as timm does."""
+    config = getattr(module, "pretrained_cfg", {}) or {}
+    classifiers = config.get("classifier") or ()
+    classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
+    own = module.state_dict()
+    kept = {
+        k: v
+        for k, v in state.items()
+        if not (k.startswith(tuple(c + "." for c in classifiers)) and k not in own)
+    }
+    first_conv = config.get("first_conv")
+    if in_channels != 3 and isinstance(first_conv, str) and f"{first_conv}.weight" in kept:
+        from timm.models import adapt_input_conv
+
+        key = f"{first_conv}.weight"
+        kept[key] = adapt_input_conv(in_channels, kept[key])
+    missing = [k for k in own if k not in kept]
+    unexpected = [k for k in kept if k not in own]
+    wrong = [k for k in kept if k in own and own[k].shape != kept[k].shape]
+    if missing or unexpected or wrong:
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+        if wrong:
+            key = wrong[0]
+            problems.append(
+                f"shape mismatch for {key}: {tuple(kept[key].shape)} vs {tuple(own[key].shape)}"
+            )
+        raise PretrainedWeightsError(
+            f"cannot load pretrained weights {where}: {'; '.join(problems)}"
+        )
+    module.load_state_dict(kept, strict=True)
 
 
 class GreyToRGB(nn.Module):
@@ -626,8 +679,9 @@ class HfBackbone:
     model: str
 
     def _config(self) -> Any:
+        transformers = _transformers()
         try:
-            return _transformers().AutoConfig.from_pretrained(self.model)
+            return transformers.AutoConfig.from_pretrained(self.model)
         except (OSError, ValueError, KeyError) as error:
             raise PretrainedWeightsError(
                 f"hf/{self.model}: not a transformers model id or directory ({_first_line(error)})"
