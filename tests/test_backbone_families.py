@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -201,3 +202,25 @@ def test_missing_library_names_the_pip_install(
 
     with pytest.raises(PluginError, match=rf"pip install 'mbdl\[{extra}\]'"):
         BACKBONES.get(backbone)
+
+
+def test_timm_default_weights_are_timms_own_download(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``model.pretrained=DEFAULT`` asks timm for its hub weights (no network here: stubbed)."""
+    timm = pytest.importorskip("timm")
+    from mbdl.models.backbones import PretrainedWeightsError
+
+    asked: list[bool] = []
+    create = timm.create_model
+
+    def offline(name: str, pretrained: bool = False, **options: Any) -> Any:
+        asked.append(pretrained)
+        if pretrained:
+            raise OSError("no network\nsecond line")
+        return create(name, **options)
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(PretrainedWeightsError, match="needs a network") as info:
+        build_backbone("timm/test_resnet", pretrained="DEFAULT")
+    assert asked == [True] and "\n" not in str(info.value)
+    stats = weights_statistics("timm/test_resnet", "DEFAULT")  # timm's registered config
+    assert stats is not None and stats.origin == "timm pretrained_cfg of test_resnet"

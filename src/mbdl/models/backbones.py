@@ -490,9 +490,9 @@ class TimmBackbone:
         path = Path(os.path.expanduser(pretrained))
         if not path.exists():
             raise PretrainedWeightsError(
-                f"{name}: model.pretrained={pretrained!r} is neither DEFAULT (timm's download) nor "
-                f"a local file or directory; download the weights of {self.model} (e.g. from "
-                "huggingface.co/timm) and pass model.pretrained=PATH"
+                f"{name}: model.pretrained={pretrained!r} is neither DEFAULT (timm's download, "
+                "which needs a network) nor a local file or directory; download the weights of "
+                f"{self.model} (e.g. from huggingface.co/timm) and pass model.pretrained=PATH"
             )
         if path.is_dir():
             config = path / "config.json"
@@ -538,8 +538,9 @@ class TimmBackbone:
             if not hub:
                 raise
             raise PretrainedWeightsError(
-                f"cannot load timm's weights of {name}: {_first_line(error)}; download them "
-                "elsewhere (huggingface.co/timm) and pass model.pretrained=PATH"
+                f"cannot load timm's weights of {name} (a download, which needs a network): "
+                f"{_first_line(error)}; download them elsewhere (huggingface.co/timm) and pass "
+                "model.pretrained=PATH"
             ) from None
         if pretrained is not None and not hub:
             path = self._local(name, str(pretrained))
