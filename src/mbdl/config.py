@@ -166,6 +166,12 @@ class DataConfig:
         "false = none.",
         choices=("auto", "crop", "affine", "none"),
     )
+    image_column: str = key(
+        "image", "hf source: the column holding the images (a datasets Image or image bytes)."
+    )
+    label_column: str = key(
+        "label", "hf source: the column holding the class labels (ClassLabel, ints or strings)."
+    )
     mean: list[float] | None = key(
         None,
         "Per-channel mean subtracted from images in [0, 1] (3 values, or 1 for grey data); "

@@ -31,6 +31,8 @@ def source_options(config: Config) -> dict[str, Any]:
         "bbox": (config.data.bbox, config.data.bbox),
         "max_classes": (config.data.max_classes, config.data.max_classes is not None),
         "allow_outside_root": (config.data.allow_outside_root, config.data.allow_outside_root),
+        "image_column": (config.data.image_column, config.data.image_column != "image"),
+        "label_column": (config.data.label_column, config.data.label_column != "label"),
     }
     if config.model.pretrained is not None:
         wanted["imagenet_norm"] = (True, False)
