@@ -220,6 +220,13 @@ class ModelConfig:
         "init.",
     )
     freeze_bn: bool = key(False, "Freeze the backbone's BatchNorm statistics and affine.")
+    freeze_blocks: int = key(
+        0,
+        "Freeze the stem and the first N blocks of the backbone (no gradients, BatchNorm "
+        "statistics fixed); blocks are timm/HF blocks.N, stages.N, layer.N, torchvision "
+        "features.N and ResNet layerN.",
+        minimum=0,
+    )
     head_bn: bool = key(False, "BatchNorm in the embedding head.")
 
 
@@ -248,6 +255,14 @@ class TrainConfig:
         " with W processes a step sees P x K x W images and the same gradients as one process on "
         "them, so lr is not scaled with W.",
         above=0.0,
+    )
+    layer_decay: float | None = key(
+        None,
+        "Layer-wise learning-rate decay: a backbone parameter at depth d of L blocks learns at "
+        "lr x layer_decay^(L + 1 - d) (stem 0, blocks 1..L, final norm L + 1); null: off. "
+        "Typical for ViTs: 0.65-0.75.",
+        above=0.0,
+        maximum=1.0,
     )
     head_lr_mult: float = key(1.0, "Learning rate of the embedding head = lr x this.", minimum=0.0)
     loss_lr: float | None = key(

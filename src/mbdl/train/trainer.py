@@ -84,6 +84,7 @@ from mbdl.inference import (
 from mbdl.losses.xbm import CrossBatchMemory
 from mbdl.metrics import improves
 from mbdl.model.preprocessing import config_preprocessing
+from mbdl.models.depth import freeze_blocks
 from mbdl.tracking import Sinks, check_sinks
 from mbdl.train.callbacks import (
     Callback,
@@ -241,12 +242,14 @@ class Trainer:
         from mbdl.models import build_model
 
         args = dict(self.model_args)
-        return build_model(
+        model = build_model(
             args.pop("backbone"),
             args.pop("embedding_dim"),
             pretrained=self.config.model.pretrained,
             **args,
-        ).to(self.device)
+        )
+        freeze_blocks(model.backbone, self.config.model.freeze_blocks)
+        return model.to(self.device)
 
     def _build_loss(self) -> tuple[nn.Module, CrossBatchMemory | None]:
         """The loss (given what it ``needs``) and the cross-batch memory around it, if any."""
