@@ -219,6 +219,12 @@ class ModelConfig:
         "torchvision weight name (IMAGENET1K_V1, DEFAULT) or a local weights file; null: random "
         "init.",
     )
+    init: str | None = key(
+        None,
+        "Start from a trained mbdl embedder (backbone and head): a run directory, a model "
+        "directory or hf://owner/name; its architecture must match the model.* keys, and its "
+        "preprocessing is used unless data.mean/std/interpolation/crop_fraction say otherwise.",
+    )
     freeze_bn: bool = key(False, "Freeze the backbone's BatchNorm statistics and affine.")
     freeze_blocks: int = key(
         0,

@@ -294,7 +294,20 @@ def model_statistics(
 
 
 def config_statistics(config: Any) -> ImageStatistics:
-    """:func:`model_statistics` of a :class:`mbdl.config.Config`'s model and data keys."""
+    """:func:`model_statistics` of a :class:`mbdl.config.Config`'s model and data keys; with
+    ``model.init``, the stored model's values in place of the backbone's."""
+    if getattr(config.model, "init", None) is not None:
+        from mbdl.models.warmstart import init_statistics
+
+        return apply_overrides(
+            init_statistics(config.model.init),
+            mean=config.data.mean,
+            std=config.data.std,
+            interpolation=None
+            if config.data.interpolation == "auto"
+            else config.data.interpolation,
+            crop_fraction=config.data.crop_fraction,
+        )
     return model_statistics(
         config.model.backbone,
         config.model.pretrained,

@@ -85,6 +85,7 @@ from mbdl.losses.xbm import CrossBatchMemory
 from mbdl.metrics import improves
 from mbdl.model.preprocessing import config_preprocessing
 from mbdl.models.depth import freeze_blocks
+from mbdl.models.warmstart import warm_start
 from mbdl.tracking import Sinks, check_sinks
 from mbdl.train.callbacks import (
     Callback,
@@ -248,6 +249,8 @@ class Trainer:
             pretrained=self.config.model.pretrained,
             **args,
         )
+        if self.config.model.init is not None:
+            warm_start(model, self.config.model.init)
         freeze_blocks(model.backbone, self.config.model.freeze_blocks)
         return model.to(self.device)
 
