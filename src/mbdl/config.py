@@ -356,8 +356,10 @@ class TrainConfig:
         [],
         "Experiment trackers that also receive log.jsonl's records, the config, the test metrics "
         "and the report's figures: tensorboard (OUT/tensorboard), mlflow ($MLFLOW_TRACKING_URI, "
-        "else OUT/mlruns); each needs its extra (pip install 'mbdl[tensorboard]').",
-        choices=("tensorboard", "mlflow"),
+        "else OUT/mlruns), wandb ($WANDB_PROJECT, default mbdl; files in OUT/wandb; "
+        "WANDB_MODE=offline keeps them local); each needs its extra (pip install "
+        "'mbdl[tensorboard]').",
+        choices=("tensorboard", "mlflow", "wandb"),
         resume_free=True,
     )
 
