@@ -7,13 +7,19 @@ runs every part at toy sizes on whatever device there is (the CPU fallback the t
   MDL): ``network`` is the trainer's own training step (:meth:`Trainer._train_step`: forward,
   loss, backward, AdamW) on one fixed batch already on the GPU: the speed the network allows;
   ``trainer`` is the trainer's epoch loop (:meth:`Trainer._run_epoch`: sampler, DataLoader with
-  ``data.num_workers`` worker processes and pinned memory, the same step). Two sources: random
-  ``uint8`` images in memory (an :class:`ArrayImageDataset`) and a folder of 256-px JPEGs
-  (``data.source=folder``, decoded once by the trainer, :mod:`mbdl.data.cache`); both then take
-  the batched path (:mod:`mbdl.data.batched`: crops and flips on the GPU). A third variant, ``jpeg_gpu_decode``,
-  reads the same JPEG files' bytes and decodes them on the GPU (``torchvision.io.decode_jpeg``
-  with ``device="cuda"``), random-resized-crops and flips there, then runs the same step.
-  Interleaved repeats, medians; the ratio is trainer images/s over network images/s.
+  ``data.num_workers=auto`` worker processes and pinned memory, the same step). Three sources:
+  (a) random ``uint8`` images in memory (an :class:`ArrayImageDataset`: the batched path of
+  :mod:`mbdl.data.batched`, crops and flips on the GPU); (b) a folder of 500 x 375 JPEGs
+  (``data.source=folder``, ``data.cache=off``: PIL decode, crop and flip per image in the
+  workers, every epoch); (c) the same folder with ``data.cache=disk`` (decoded once into the
+  memory-mapped cache at 256 x 256, :mod:`mbdl.data.cache`, then the batched path). A variant
+  of (b), ``jpeg_gpu_decode``, reads the JPEG files' bytes and decodes them on the GPU
+  (:func:`mbdl.data.decode.decode_jpeg_batch`, nvJPEG), random-resized-crops and flips there,
+  then runs the same step. Interleaved repeats, medians; the ratio is trainer images/s over
+  network images/s.
+- *embed*: :func:`mbdl.data.fastpath.embed_images` over the folder (exact and ``exact=False``,
+  loader workers = the CPUs but one) against the network alone (eval forward under bf16
+  autocast on one fixed batch of 256 on the GPU).
 - *losses*: every loss's forward + backward on ``B x 512`` normalised fp32 embeddings (K = 4
   per class), CUDA-event medians, and the floor: the euclidean distance matrix alone, forward +
   backward; peak memory above the inputs.
@@ -57,7 +63,7 @@ from mbdl.train import trainer as trainer_module
 FULL = {
     "backbone": "resnet50",
     "image_size": 224,
-    "jpeg_size": 256,
+    "jpeg_size": (500, 375),
     "classes": 400,
     "per_class": 16,
     "steps": 20,
@@ -76,7 +82,7 @@ SMOKE = {
     **FULL,
     "backbone": "resnet18",
     "image_size": 32,
-    "jpeg_size": 40,
+    "jpeg_size": (48, 40),
     "classes": 40,
     "per_class": 8,
     "steps": 2,
@@ -98,25 +104,16 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def smooth_image(seed: int, size: int) -> np.ndarray:
-    """A photo-like ``size x size x 3`` uint8 image (upsampled noise: JPEG sizes as for photos)."""
+def _write_jpeg(job: tuple[str, int, tuple[int, int]]) -> None:
     from PIL import Image
 
-    rng = np.random.default_rng(seed)
-    small = rng.integers(0, 256, (size // 8, size // 8, 3), dtype=np.uint8)
-    image = Image.fromarray(small).resize((size, size), Image.Resampling.BICUBIC)
-    noise = rng.integers(-12, 13, (size, size, 3))
-    return np.clip(np.asarray(image, dtype=np.int16) + noise, 0, 255).astype(np.uint8)
+    from benchmarks.jpeg_path import photo
+
+    path, seed, (width, height) = job
+    Image.fromarray(photo(seed, width, height)).save(path, quality=90)
 
 
-def _write_jpeg(job: tuple[str, int, int]) -> None:
-    from PIL import Image
-
-    path, seed, size = job
-    Image.fromarray(smooth_image(seed, size)).save(path, quality=90)
-
-
-def write_jpeg_folder(root: Path, classes: int, per_class: int, size: int) -> int:
+def write_jpeg_folder(root: Path, classes: int, per_class: int, size: tuple[int, int]) -> int:
     """``root/cNNN/iNN.jpg``; returns the number of bytes written."""
     jobs = []
     for c in range(classes):
@@ -153,7 +150,7 @@ def in_memory_splits(spec: dict[str, Any]) -> Splits:
 
 
 def build_trainer(spec: dict[str, Any], device: str, out: Path, extra: list[str]) -> Any:
-    workers = 0 if spec is SMOKE else max(2, min(14, (os.cpu_count() or 2) - 2))
+    workers = 0 if spec is SMOKE else "auto"
     config = load_config(
         None,
         [
@@ -217,6 +214,7 @@ def time_trainer(trainer: Any, spec: dict[str, Any], decode_on_gpu: bool) -> dic
         "trainer_images_per_s": images_per_s["trainer"],
         "ratio": images_per_s["trainer"] / images_per_s["network"],
         "num_workers": trainer.config.data.num_workers,
+        "data_path": (trainer.splits.info or {}).get("data_path"),
         "amp": str(trainer.amp),
         "batched": trainer.batched is not None,
         "raw_s": times,
@@ -229,9 +227,10 @@ def time_trainer(trainer: Any, spec: dict[str, Any], decode_on_gpu: bool) -> dic
 
 def gpu_decode_loop(trainer: Any, spec: dict[str, Any]) -> Callable[[], None]:
     """Batches of the folder's training JPEGs decoded on the GPU, cropped and flipped there."""
-    import torchvision
     from torchvision.transforms import RandomResizedCrop
     from torchvision.transforms.v2 import functional as F
+
+    from mbdl.data.decode import decode_jpeg_batch
 
     dataset, device, size = trainer.splits.train, trainer.device, spec["image_size"]
     paths = [dataset.describe(i) for i in range(len(dataset))]
@@ -244,8 +243,7 @@ def gpu_decode_loop(trainer: Any, spec: dict[str, Any]) -> Callable[[], None]:
         for number, batch in enumerate(trainer.sampler):
             if number == spec["steps"]:
                 break
-            data = [torchvision.io.read_file(paths[i]) for i in batch]
-            decoded = torchvision.io.decode_jpeg(data, device=device if on_gpu else "cpu")
+            decoded = decode_jpeg_batch([paths[i] for i in batch], str(device) if on_gpu else "cpu")
             crops = []
             for image in decoded:
                 top, left, h, w = RandomResizedCrop.get_params(image, (0.08, 1.0), (3 / 4, 4 / 3))
@@ -257,6 +255,90 @@ def gpu_decode_loop(trainer: Any, spec: dict[str, Any]) -> Callable[[], None]:
             trainer._train_step(images, labels_all[batch].to(device))
 
     return step_batches
+
+
+def time_embed(spec: dict[str, Any], device: torch.device, jpegs: Path) -> dict[str, Any]:
+    """:func:`mbdl.data.fastpath.embed_images` over the folder (exact and not) against the
+    network's eval forward alone on one fixed batch already on the device; interleaved medians."""
+    from mbdl.data.fastpath import EvaluationImages, embed_images, normalise_batch
+    from mbdl.embedstore import list_images
+    from mbdl.models import build_model
+
+    size = spec["image_size"]
+    preprocessing = {
+        "color_mode": "RGB",
+        "resize": round(size * 256 / 224),
+        "crop": size,
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+    }
+    relative, labels, _ = list_images(jpegs)
+    paths = [jpegs / p for p in relative]
+    on_gpu = device.type == "cuda"
+    amp = torch.bfloat16 if on_gpu else None
+    model = build_model(spec["backbone"], 128).to(device).eval()
+    if on_gpu:
+        model = model.to(memory_format=torch.channels_last)
+    workers = 0 if spec is SMOKE else max(1, (os.cpu_count() or 2) - 1)
+    batch_size = 256 if spec is FULL else 32
+    exact = EvaluationImages(paths, preprocessing, labels)
+    fast = EvaluationImages(paths, preprocessing, labels, exact=False)
+    fixed = normalise_batch(
+        torch.stack([exact.image(i % len(exact)) for i in range(batch_size)]).to(device),
+        preprocessing["mean"],
+        preprocessing["std"],
+    )
+    if on_gpu:
+        fixed = fixed.contiguous(memory_format=torch.channels_last)
+    batches = -(-len(paths) // batch_size)
+
+    def network() -> None:
+        with (
+            torch.inference_mode(),
+            torch.autocast(device.type, dtype=amp, enabled=amp is not None),
+        ):
+            for _ in range(batches):
+                model(fixed).float().cpu()
+
+    def run_with(dataset: EvaluationImages) -> Callable[[], None]:
+        def run() -> None:
+            embed_images(
+                model,
+                dataset,
+                preprocessing,
+                device=device,
+                batch_size=batch_size,
+                workers=workers,
+                amp_dtype=amp,
+            )
+
+        return run
+
+    variants = {"network": network, "embed_exact": run_with(exact), "embed_fast": run_with(fast)}
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for fn in variants.values():
+        fn()
+    for repeat in range(spec["repeats"]):
+        keys = list(variants)
+        for key in keys[repeat % len(keys) :] + keys[: repeat % len(keys)]:
+            synchronize(device)
+            start = time.perf_counter()
+            variants[key]()
+            synchronize(device)
+            times[key].append(time.perf_counter() - start)
+    handled = {"network": batches * batch_size, "embed_exact": len(paths), "embed_fast": len(paths)}
+    rates = {k: handled[k] / statistics.median(v) for k, v in times.items()}
+    return {
+        "images": len(paths),
+        "workers": workers,
+        "batch_size": batch_size,
+        "network_images_per_s": rates["network"],
+        "embed_exact_images_per_s": rates["embed_exact"],
+        "embed_fast_images_per_s": rates["embed_fast"],
+        "exact_ratio": rates["embed_exact"] / rates["network"],
+        "fast_ratio": rates["embed_fast"] / rates["network"],
+        "raw_s": times,
+    }
 
 
 def time_cuda(fn: Callable[[], Any], device: torch.device, repeats: int = 10) -> float:
@@ -378,7 +460,7 @@ def markdown(payload: dict[str, Any]) -> str:
         f"{spec['batch_per_class']}, MDL; {spec['steps']} steps per measurement, medians of "
         f"{spec['repeats']} interleaved repeats. *Network*: the trainer's step on one fixed batch "
         "already on the GPU; *trainer*: its epoch loop (sampler, DataLoader with "
-        f"{t['in_memory']['num_workers']} workers and pinned memory, the same step).",
+        f"data.num_workers={t['in_memory']['num_workers']} and pinned memory, the same step).",
         "",
         "| source | network images/s | trainer images/s | trainer / network |",
         "|---|---:|---:|---:|",
@@ -389,29 +471,44 @@ def markdown(payload: dict[str, Any]) -> str:
             return "whole uint8 batches from memory, crop + flip on the GPU"
         return "PIL decode, crop + flip per image in the workers"
 
+    width, height = spec["jpeg_size"]
     names = {
-        "in_memory": f"random uint8 images in memory ({path(t['in_memory'])})",
-        "jpeg_folder": f"folder of {spec['jpeg_size']}-px JPEGs"
-        + (
-            f", decoded once by the trainer in {payload['jpeg_trainer_build_s']:.0f} s"
-            if t["jpeg_folder"].get("batched")
-            else ""
-        )
-        + f" ({path(t['jpeg_folder'])})",
+        "in_memory": f"(a) random uint8 images in memory ({path(t['in_memory'])})",
+        "jpeg_folder": f"(b) folder of {width} x {height} JPEGs, data.cache=off "
+        f"({path(t['jpeg_folder'])})",
+        "jpeg_cache": f"(c) the same folder, data.cache=disk: decoded once in "
+        f"{payload.get('jpeg_cache_trainer_build_s', 0):.0f} s, memory-mapped "
+        f"({path(t['jpeg_cache'])})",
     }
     for key, label in names.items():
-        row = t[key]
+        row = t.get(key)
+        if row is None:
+            continue
         lines.append(
             f"| {label} | {row['network_images_per_s']:.0f} | {row['trainer_images_per_s']:.0f} "
             f"| {row['ratio']:.2f} |"
         )
-    if "gpu_decode_images_per_s" in t["jpeg_folder"]:
+    if "gpu_decode_images_per_s" in t.get("jpeg_folder", {}):
         row = t["jpeg_folder"]
         lines.append(
-            f"| same JPEGs decoded on the GPU (`decode_jpeg(device='cuda')`, crop + flip on the "
+            f"| (b) decoded on the GPU (`decode_jpeg_batch`, nvJPEG; crop + flip on the "
             f"GPU, main process) | {row['network_images_per_s']:.0f} | "
             f"{row['gpu_decode_images_per_s']:.0f} | {row['gpu_decode_ratio']:.2f} |"
         )
+    lines += ["", "Data lines (cache and loader workers, and why): "] + [
+        f"{key}: {t[key].get('data_path')}" + ("; " if i < len(t) - 1 else ".")
+        for i, key in enumerate(t)
+    ]
+    embed = payload.get("embed")
+    if embed:
+        lines += [
+            "",
+            f"**Embed** (`mbdl.data.fastpath.embed_images`, {embed['images']} JPEGs, batch "
+            f"{embed['batch_size']}, {embed['workers']} loader workers, bf16 autocast): network "
+            f"alone (eval forward on a fixed batch) {embed['network_images_per_s']:.0f} images/s; "
+            f"exact {embed['embed_exact_images_per_s']:.0f} ({embed['exact_ratio']:.2f}); "
+            f"exact=False {embed['embed_fast_images_per_s']:.0f} ({embed['fast_ratio']:.2f}).",
+        ]
     if payload.get("note"):
         lines += ["", payload["note"]]
     losses = payload["losses"]
@@ -478,20 +575,33 @@ def run(spec: dict[str, Any], out: Path, tests: str | None) -> dict[str, Any]:
         payload["jpeg_bytes"] = write_jpeg_folder(
             jpegs, spec["classes"], spec["per_class"], spec["jpeg_size"]
         )
-        started = time.perf_counter()
-        trainer = build_trainer(
-            spec,
-            device.type,
-            root / "run-jpeg",
-            ["data.source=folder", f"data.root={jpegs}", f"data.image_size={spec['image_size']}"],
-        )
-        payload["jpeg_trainer_build_s"] = time.perf_counter() - started
-        try:
-            payload["trainer_vs_network"]["jpeg_folder"] = time_trainer(trainer, spec, True)
-        finally:
-            trainer.close()
+        folder = [
+            "data.source=folder",
+            f"data.root={jpegs}",
+            f"data.image_size={spec['image_size']}",
+        ]
+        for name, cache, gpu_decode in (
+            ("jpeg_folder", "off", True),
+            ("jpeg_cache", "disk", False),
+        ):
+            started = time.perf_counter()
+            trainer = build_trainer(
+                spec, device.type, root / f"run-{name}", [*folder, f"data.cache={cache}"]
+            )
+            payload[f"{name}_trainer_build_s"] = time.perf_counter() - started
+            try:
+                payload["trainer_vs_network"][name] = time_trainer(trainer, spec, gpu_decode)
+            finally:
+                trainer.close()
+            print(
+                f"gpu_check: {name} {payload['trainer_vs_network'][name]['ratio']:.2f}",
+                file=sys.stderr,
+                flush=True,
+            )
+        payload["embed"] = time_embed(spec, device, jpegs)
         print(
-            f"gpu_check: jpeg {payload['trainer_vs_network']['jpeg_folder']['ratio']:.2f}",
+            f"gpu_check: embed {payload['embed']['exact_ratio']:.2f} "
+            f"(exact=False {payload['embed']['fast_ratio']:.2f})",
             file=sys.stderr,
             flush=True,
         )

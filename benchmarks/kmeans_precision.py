@@ -198,4 +198,7 @@ def markdown(rows: list[dict[str, Any]], seeding: dict[str, float]) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from mbdl.runtime import torch_tuning
+
+    with torch_tuning():  # as mbdl.evaluate runs k-means: per-operation threads, bf16 scoring
+        main()

@@ -47,4 +47,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from mbdl.runtime import torch_tuning
+
+    with torch_tuning():  # as mbdl.evaluate runs k-means: per-operation threads, bf16 scoring
+        main()

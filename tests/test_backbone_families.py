@@ -94,7 +94,7 @@ def test_hf_backbone_trains_and_its_model_loads(
     assert main(["train", *args, "model.pretrained=DEFAULT", f"out={out}"]) == 0
     from mbdl.export import load_embedder, load_state
 
-    spec = load_state(out)["data_args"]["preprocessing"]
+    spec = load_state(out)["preprocessing"]
     assert spec["mean"] == [0.5] * 3 and spec["interpolation"] == "bicubic"
     model, transform = load_embedder(out)
     from PIL import Image

@@ -85,7 +85,9 @@ def test_disk_cache_is_reused_and_keyed_by_the_files(
     Image.new("RGB", (50, 40), (255, 0, 0)).save(changed)
     os.utime(changed, ns=(1, 1))
     third = decoded_training_split(splits.train, 64, 3, mode="disk", cache_dir=store)
-    assert len(list(store.glob("decoded-*.u8"))) == 2
+    # rebuilt under a new key; the stale cache of the same files before the change is removed
+    assert sorted(store.glob("decoded-*.u8")) != files
+    assert len(list(store.glob("decoded-*.u8"))) == 1 and not files[0].exists()
     assert (np.asarray(third.images[0]) == [255, 0, 0]).all()
 
 
@@ -196,3 +198,126 @@ def test_trainer_evaluates_the_cached_splits_to_the_same_metrics(tmp_path: Path)
     finally:
         trainer.close()
     assert {key: metrics["test"][key] for key in uncached} == uncached  # exactly
+
+
+def test_a_disk_too_small_is_refused_before_writing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mbdl.errors import UserError
+
+    splits = load_splits("folder", write_folder(tmp_path / "data"), image_size=64, seed=0)
+    store = tmp_path / "cache"
+    monkeypatch.setattr(cache_module, "disk_free", lambda folder: 1000)
+    needed = len(splits.train) * 73 * 73 * 3 + cache_module.DISK_MARGIN
+    with pytest.raises(UserError, match=f"needs {needed / 2**30:.2f} GiB free") as caught:
+        decoded_training_split(splits.train, 64, 3, mode="disk", cache_dir=store)
+    assert "\n" not in str(caught.value) and "data.cache=off" in str(caught.value)
+    assert not store.exists() or not list(store.iterdir())  # nothing written
+    # auto, with the memory also too small: per-image decoding, and the reason
+    monkeypatch.setattr(cache_module, "available_memory", lambda: 1000)
+    notes: list[str] = []
+    same = decoded_training_split(splits.train, 64, 3, mode="auto", cache_dir=store, notes=notes)
+    assert same is splits.train and notes and "decoded per image" in notes[0]
+
+
+def test_a_cache_of_another_version_or_shape_is_rebuilt_never_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    splits = load_splits("folder", write_folder(tmp_path / "data"), image_size=64, seed=0)
+    store = tmp_path / "cache"
+    first = decoded_training_split(splits.train, 64, 3, mode="disk", cache_dir=store)
+    expected = np.array(first.images)
+    (path,) = store.glob("decoded-*.u8")
+    record = path.with_suffix(".json")
+    assert json.loads(record.read_text())["version"] == cache_module.CACHE_VERSION
+    for meta in (
+        {"version": cache_module.CACHE_VERSION - 1, "shape": list(expected.shape)},
+        {"version": cache_module.CACHE_VERSION, "shape": [len(expected), 73 * 73 * 3]},
+        None,  # no record: an interrupted or foreign file
+    ):
+        path.write_bytes(b"\xff" * expected.size)  # stale content of the right size
+        if meta is None:
+            record.unlink()
+        else:
+            record.write_text(json.dumps(meta))
+        again = decoded_training_split(splits.train, 64, 3, mode="disk", cache_dir=store)
+        assert np.array_equal(np.asarray(again.images), expected)
+
+
+def test_large_jpegs_are_decoded_reduced_into_the_training_cache(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    rng = np.random.default_rng(1)
+    for c in range(4):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(3):
+            small = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+            image = Image.fromarray(small).resize((320, 240), Image.Resampling.BICUBIC)
+            image.save(root / f"c{c}" / f"{i}.jpg", quality=90)
+    splits = load_splits("folder", root, image_size=64, seed=0, val_fraction=0.0)
+    cached = decoded_training_split(splits.train, 64, 3, mode="memory")
+    exact = np.stack(
+        [decode_resized(splits.train.load_image(i), 73, 3) for i in range(len(splits.train))]
+    )
+    difference = np.abs(cached.images.astype(np.int16) - exact)
+    assert cached.images.shape == exact.shape and 0 < difference.mean() < 2.0
+
+
+def test_the_data_line_says_where_the_images_are_and_why(tmp_path: Path) -> None:
+    splits = load_splits("folder", write_folder(tmp_path / "data"), image_size=32, seed=0)
+    decode_splits(splits, "memory", num_workers="auto")
+    line = splits.info["data_path"]
+    assert "data.cache=memory" in line and "loader worker(s): auto: whole batches" in line
+    from mbdl.train.preflight import describe_data
+
+    assert line in describe_data(splits)
+    other = load_splits("folder", write_folder(tmp_path / "other"), image_size=32, seed=0)
+    decode_splits(other, "off", num_workers=3)
+    assert other.info["data_path"].startswith("data.cache=off")
+    assert "3 loader worker(s): data.num_workers" in other.info["data_path"]
+
+
+def test_data_cache_off_is_read_as_off_not_as_false() -> None:
+    from mbdl.config import load_config
+
+    assert load_config(None, ["data.cache=off"]).data.cache == "off"  # YAML 1.1: off is false
+    assert load_config(None, ["data.cache=disk"]).data.cache == "disk"
+
+
+def test_train_refuses_a_disk_too_small_in_one_line_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import contextlib
+    import io
+
+    from mbdl.cli import main
+
+    root = write_folder(tmp_path / "data", classes=6, per_class=4)
+    monkeypatch.setenv("MBDL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cache_module, "disk_free", lambda folder: 1000)
+    argv = [
+        "train",
+        "data.source=folder",
+        f"data.root={root}",
+        "data.image_size=64",
+        "data.val_fraction=0",
+        "data.cache=disk",
+        "model.backbone=smallcnn",
+        "model.embedding_dim=8",
+        "train.epochs=1",
+        "train.batch_classes=2",
+        "train.batch_per_class=2",
+        "train.max_steps_per_epoch=1",
+        "train.num_threads=1",
+        "train.progress=false",
+        "train.device=cpu",
+        f"out={tmp_path / 'run'}",
+    ]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(argv) == 2
+    lines = err.getvalue().strip().splitlines()
+    assert len(lines) == 1 and "the decoded-image cache needs" in lines[0], lines
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not list((tmp_path / "cache").glob("decoded-*"))

@@ -412,17 +412,52 @@ def test_excess_error_bound_covers_bf16_rounding():
 
 def test_reduced_precision_products_restore_the_setting():
     from mbdl.functional.kmeans import reduced_precision_products, reduced_precision_switch
+    from mbdl.runtime import torch_tuning
 
-    found = reduced_precision_switch(torch.device("cpu"))
-    if found is None:
-        pytest.skip("no reduced-precision float32 products on this CPU or torch")
-    switch, precision = found
-    before = switch.fp32_precision
-    with pytest.raises(RuntimeError, match="inside"):
-        with reduced_precision_products(torch.device("cpu")):
-            assert switch.fp32_precision == precision
-            raise RuntimeError("inside")
-    assert switch.fp32_precision == before
+    assert reduced_precision_switch(torch.device("cpu")) is None  # not unless the caller allows
+    with torch_tuning():
+        found = reduced_precision_switch(torch.device("cpu"))
+        if found is None:
+            pytest.skip("no reduced-precision float32 products on this CPU or torch")
+        switch, precision = found
+        before = switch.fp32_precision
+        with pytest.raises(RuntimeError, match="inside"):
+            with reduced_precision_products(torch.device("cpu")):
+                assert switch.fp32_precision == precision
+                raise RuntimeError("inside")
+        assert switch.fp32_precision == before
+
+
+def test_kmeans_leaves_torch_global_state_alone_unless_the_caller_allows(monkeypatch):
+    """Called directly, k-means never sets torch's thread count or matrix precision; inside
+    ``torch_tuning`` it may, per operation, and every change is restored."""
+    from mbdl.functional.kmeans import kmeans_fit
+    from mbdl.runtime import torch_tuning
+
+    calls = []
+    real = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (calls.append(n), real(n))[1])
+    x, _ = realistic(2, num_classes=10, per_class=6, dim=8)
+    before = torch.get_num_threads()
+    kmeans_fit(x, 10, restarts=2)
+    assert calls == []
+    with torch_tuning():
+        kmeans_fit(x, 10, restarts=2)
+    assert calls and torch.get_num_threads() == before
+
+
+def test_the_kmeans_kernel_imports_no_training_code():
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, mbdl.functional.kmeans, mbdl.evaluate; "
+        "print(sorted(m for m in sys.modules if m.startswith('mbdl.train')))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == "[]"
 
 
 def separated(seed, num_clusters=20, per_cluster=10):

@@ -80,11 +80,6 @@ def test_each_key_is_declared_once_as_a_dataclass_field() -> None:
         section, _, name = key.rpartition(".")
         value = getattr(getattr(config, section) if section else config, name)
         assert value == declared.default, key
-        if declared.maximum is not None:
-            assert UPPER_BOUNDS[key] == declared.maximum
-    assert RESUME_FREE_KEYS == {k for k, d in CONFIG_SCHEMA.items() if d.resume_free}
-    assert {"out", "resume", "train.device"} <= RESUME_FREE_KEYS
-    assert "train.lr" not in RESUME_FREE_KEYS
     # a list default is a fresh list per config, not shared
     assert Config().eval.ks is not Config().eval.ks
 
@@ -231,6 +226,59 @@ def test_glyphs_mdl_config_equals_the_defaults() -> None:
     defaults = config_to_flat(load_config())
     shipped.pop("out"), defaults.pop("out")
     assert shipped == defaults
+
+
+def test_upper_bounds_are_enforced_and_cover_what_sizes_allocations() -> None:
+    """Each bound in UPPER_BOUNDS is the largest value load_config accepts for its key (what a
+    received checkpoint or model directory is checked against), and the keys that size a
+    model's allocations are bounded."""
+    assert {"data.image_size", "model.embedding_dim"} <= set(UPPER_BOUNDS)
+    for key, bound in UPPER_BOUNDS.items():
+        assert isinstance(bound, int) and bound > 0, key
+        assert config_to_flat(load_config(None, [f"{key}={bound}"]))[key] == bound
+        with pytest.raises(ConfigError, match=rf"{key} must be <= {bound}"):
+            load_config(None, [f"{key}={bound + 1}"])
+
+
+#: for each key a resumed run may change, a value other than its default
+_RESUME_FREE_CHANGES = {
+    "data.root": "elsewhere",
+    "data.num_workers": "2",
+    "train.device": "cpu",
+    "train.num_threads": "1",
+    "train.progress": "false",
+    "train.loggers": "[tensorboard]",
+    "eval.batch_size": "7",
+    "eval.report": "false",
+    "eval.kmeans_restarts": "2",
+    "eval.verify_far": "0.01",
+    "eval.verify_max_pairs": "100",
+    "out": "elsewhere",
+    "resume": "true",
+}
+#: keys that change what a run computes: a resumed run must keep them
+_RESULT_KEYS = (
+    "seed=1",
+    "train.lr=0.01",
+    "loss.name=triplet",
+    "model.embedding_dim=8",
+    "data.image_size=64",
+    "train.batch_classes=8",
+    "eval.distance=cosine",
+)
+
+
+def test_resume_free_keys_are_the_ones_a_resume_may_change() -> None:
+    base = config_to_flat(load_config(None, []))
+    for key, value in _RESUME_FREE_CHANGES.items():
+        changed = config_to_flat(load_config(None, [f"{key}={value}"]))
+        assert changed[key] != base[key], key
+        assert config_differences(base, changed) == [], key
+    assert set(_RESUME_FREE_CHANGES) == RESUME_FREE_KEYS  # no key is free without being listed
+    for override in _RESULT_KEYS:
+        key = override.partition("=")[0]
+        changed = config_to_flat(load_config(None, [override]))
+        assert key in config_differences(base, changed), key
 
 
 def test_resume_differences_ignore_harmless_keys() -> None:

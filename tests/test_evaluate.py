@@ -202,3 +202,88 @@ def test_embed_dataset():
     with torch.no_grad():
         model.eval()
         torch.testing.assert_close(embeddings, model(dataset.images))  # dropout was off
+
+
+def test_the_clustering_step_is_injectable():
+    """``evaluate(..., kmeans=f)`` scores f's assignment (as PML's kmeans_func) and records its
+    name instead of mbdl's k-means settings."""
+    import numpy as np
+
+    from mbdl.evaluate import evaluate
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(6).repeat_interleave(5)
+    x = torch.nn.functional.normalize(torch.randn(30, 8, generator=g), dim=1)
+    calls = []
+
+    def perfect(embeddings, num_clusters):
+        calls.append((tuple(embeddings.shape), num_clusters))
+        return labels.numpy()[::-1].copy()  # a relabelling of the truth: a perfect clustering
+
+    ours = evaluate(x, labels, ks=(1,), metrics=["nmi", "ami", "f1"], kmeans=perfect)
+    assert calls == [((30, 8), 6)]
+    assert ours["kmeans/backend=perfect"] == 1.0 and "kmeans/seed" not in ours
+    default = evaluate(x, labels, ks=(1,), metrics=["nmi", "ami", "f1"])
+    assert ours["nmi"] == pytest.approx(1.0) and ours["f1"] == pytest.approx(1.0)
+    assert default["nmi"] < 1.0  # random embeddings: mbdl's k-means cannot find the classes
+    with pytest.raises(ValueError, match="returned 3 assignments for 30 rows"):
+        evaluate(x, labels, ks=(1,), metrics=["nmi"], kmeans=lambda e, k: np.zeros(3))
+
+
+def test_split_metrics_separates_the_run_metadata():
+    from mbdl.evaluate import split_metrics
+
+    table, meta = split_metrics(
+        {
+            "map@r": 0.5,
+            "kmeans/backend=torch": 1.0,
+            "kmeans/restarts": 3.0,
+            "kmeans/seed": 0.0,
+            "genuine_pairs": 40080.0,
+            "impostor_pairs": 1e6,
+            "eer": 0.1,
+        }
+    )
+    assert table == {"map@r": 0.5, "eer": 0.1}
+    assert meta == {
+        "kmeans/backend": "torch",
+        "kmeans/restarts": 3,
+        "kmeans/seed": 0,
+        "genuine_pairs": 40080,
+        "impostor_pairs": 1000000,
+    }
+    assert all(type(v) is int for k, v in meta.items() if k != "kmeans/backend")
+    assert split_metrics(table) == (table, {})
+
+
+def test_printed_metrics_keep_counts_as_integers_apart_from_the_table():
+    """``mbdl train`` / ``mbdl eval`` print the metric table, then the run metadata on one line
+    (counts as integers, not ``40080.0000``)."""
+    from mbdl.runconfig import format_metrics
+
+    text = format_metrics(
+        {"map@r": 0.5, "kmeans/backend=torch": 1.0, "kmeans/seed": 0.0, "genuine_pairs": 40080.0}
+    )
+    lines = text.splitlines()
+    assert lines[0].split() == ["map@r", "0.5000"]
+    assert lines[1] == "(kmeans/backend torch, kmeans/seed 0, genuine_pairs 40080)"
+    assert len(lines) == 2
+
+
+def test_metrics_document_moves_run_metadata_into_a_meta_block():
+    from mbdl.evaluate import metrics_document
+
+    document = metrics_document(
+        {
+            "validation": {"map@r": 0.4, "kmeans/seed": 0.0},
+            "test": {"map@r": 0.5, "impostor_pairs": 10.0},
+            "verification": {"threshold": 0.7},
+        }
+    )
+    assert document == {
+        "validation": {"map@r": 0.4},
+        "test": {"map@r": 0.5},
+        "verification": {"threshold": 0.7},
+        "meta": {"validation": {"kmeans/seed": 0}, "test": {"impostor_pairs": 10}},
+    }
+    assert metrics_document(document) == document

@@ -235,9 +235,14 @@ def test_gpu_check_script_syntax_and_cpu_fallback(tmp_path: Path) -> None:
     payload = json.loads((tmp_path / "gpu_check.json").read_text())
     assert payload["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     assert payload["smoke"] is True
-    for name in ("in_memory", "jpeg_folder"):
+    for name in ("in_memory", "jpeg_folder", "jpeg_cache"):
         row = payload["trainer_vs_network"][name]
         assert row["network_images_per_s"] > 0 and row["trainer_images_per_s"] > 0
+    assert "cache on disk" in payload["trainer_vs_network"]["jpeg_cache"]["data_path"]
+    assert "data.cache=off" in payload["trainer_vs_network"]["jpeg_folder"]["data_path"]
+    embed = payload["embed"]
+    assert embed["network_images_per_s"] > 0 and embed["embed_exact_images_per_s"] > 0
+    assert embed["embed_fast_images_per_s"] > 0
     assert all(v["ms"] > 0 for v in payload["losses"]["losses"].values())
     assert payload["knn"]["ms"] > 0
 
@@ -262,3 +267,99 @@ def test_batched_augmentation_on_gpu_equals_cpu() -> None:
     params = crop.draw(seeds, 48, 40)
     on_cpu, on_gpu = crop(rgb, params), crop(rgb.cuda(), params).cpu()
     torch.testing.assert_close(on_gpu, on_cpu, atol=1.01 / 255, rtol=0)  # uint8 vs float resize
+
+
+# --- the fast JPEG path on the GPU (mbdl.data.decode, mbdl.data.fastpath, the disk cache) -----
+
+
+def _write_photos(root: Path, count: int, size: tuple[int, int]) -> list[Path]:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        small = rng.integers(0, 256, (size[1] // 16, size[0] // 16, 3), dtype=np.uint8)
+        image = Image.fromarray(small).resize(size, Image.Resampling.BICUBIC)
+        paths.append(root / f"{i}.jpg")
+        image.save(paths[-1], quality=90)
+    return paths
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_batched_gpu_jpeg_decoding_matches_the_cpu_reader(tmp_path: Path) -> None:
+    import numpy as np
+
+    from mbdl.data.decode import decode_jpeg_batch
+    from mbdl.data.files import ImageReadError, read_image
+
+    paths = _write_photos(tmp_path, 6, (160, 120))
+    decoded = decode_jpeg_batch(paths, "cuda", checked=False)
+    assert len(decoded) == 6
+    for path, image in zip(paths, decoded, strict=True):
+        assert image.device.type == "cuda" and image.shape == (3, 120, 160)
+        expected = torch.from_numpy(np.asarray(read_image(path))).permute(2, 0, 1)
+        # nvJPEG's IDCT and upsampling differ from libjpeg-turbo's by a few levels
+        difference = (image.cpu().float() - expected.float()).abs()
+        assert difference.mean() < 2.0
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(paths[0].read_bytes()[:100])
+    with pytest.raises(ImageReadError, match=r"broken\.jpg"):
+        decode_jpeg_batch([*paths, broken], "cuda", checked=False)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_fast_embedding_on_gpu_equals_the_cpu(tmp_path: Path) -> None:
+    from mbdl.data.fastpath import EvaluationImages, embed_images
+
+    spec = {"color_mode": "RGB", "resize": 73, "crop": 64, "mean": [0.5] * 3, "std": [0.25] * 3}
+    paths = _write_photos(tmp_path, 10, (200, 150))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()
+    )
+    dataset = EvaluationImages(paths, spec)
+    on_cpu, _ = embed_images(model, dataset, spec, device="cpu", batch_size=4)
+    on_gpu, _ = embed_images(model.cuda(), dataset, spec, device="cuda", batch_size=4, workers=2)
+    assert on_gpu.shape == on_cpu.shape == (10, 8)
+    torch.testing.assert_close(
+        torch.from_numpy(on_gpu), torch.from_numpy(on_cpu), atol=1e-4, rtol=1e-4
+    )
+
+
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_gpu])]
+)
+def test_training_from_the_disk_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, device: str
+) -> None:
+    for c in range(8):
+        _write_photos(tmp_path / "data" / f"c{c}", 6, (160, 120))
+    monkeypatch.setenv("MBDL_CACHE", str(tmp_path / "cache"))
+    config = load_config(
+        None,
+        [
+            *[o for o in SMALL if not o.startswith(("data.max_classes", "train.batch_"))],
+            "data.source=folder",
+            f"data.root={tmp_path / 'data'}",
+            "data.image_size=64",
+            "data.cache=disk",
+            "data.val_fraction=0",
+            "train.batch_classes=2",
+            "train.batch_per_class=2",
+            "model.backbone=smallcnn",
+            f"train.device={device}",
+            f"out={tmp_path / 'run'}",
+        ],
+    )
+    trainer = Trainer(config)
+    try:
+        assert trainer.batched is not None  # crops and flips on the device, from the memory map
+        assert "cache on disk" in trainer.splits.info["data_path"]
+        trainer.fit()
+    finally:
+        trainer.close()
+    assert list((tmp_path / "cache").glob("decoded-*.u8"))

@@ -128,7 +128,7 @@ def test_timm_pretrained_cfg_reaches_every_path(timm_run: dict[str, Any]) -> Non
 
     run = timm_run["run"]
     state = load_checkpoint(run / "checkpoints" / "best.pt")
-    assert_custom_spec(state["data_args"]["preprocessing"])
+    assert_custom_spec(state["preprocessing"])
 
     model_dir = save_pretrained(run, timm_run["base"] / "model")
     assert_custom_spec(json.loads((model_dir / "preprocessing.json").read_text()))

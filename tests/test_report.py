@@ -110,6 +110,22 @@ def _synthetic_run(
             "map@r": 0.4567,
             "nmi": 0.6789,
             "f1": 0.3456,
+            # metrics.json's flat layout of earlier runs: run metadata among the metrics
+            "kmeans/backend=torch": 1.0,
+            "kmeans/restarts": 3.0,
+            "kmeans/seed": 0.0,
+            "tar@far=0.001": 0.4321,
+            "eer": 0.1234,
+            "genuine_pairs": 40080.0,
+            "impostor_pairs": 1000000.0,
+            "tar@threshold": 0.4444,
+        },
+        "verification": {
+            "threshold": 0.8321,
+            "far": 0.001,
+            "distance": "cosine",
+            "chosen_on": "validation",
+            "validation_tar": 0.7,
         },
     }
     return config, history, metrics, embeddings, labels, dataset
@@ -154,6 +170,26 @@ def test_report_contains_the_metric_values(report: tuple[Path, str]) -> None:
         "Test",
     ):
         assert label in text
+
+
+def test_report_groups_the_metrics_and_keeps_run_metadata_apart(report: tuple[Path, str]) -> None:
+    _, text = report
+    table = text[text.index('<table class="metrics">') : text.index("</table>")]
+    groups = re.findall(r'<th scope="rowgroup"[^>]*>([^<]+)</th>', table)
+    assert groups == ["Retrieval", "Clustering", "Verification"]
+    clustering = table[table.index(">Clustering<") : table.index(">Verification<")]
+    assert "NMI" in clustering and "MAP@R" not in clustering
+    verification = table[table.index(">Verification<") :]
+    assert "0.4321" in verification and "0.1234" in verification and "0.4444" in verification
+    # one column per split: the verification block is not a split
+    assert table.count('<th scope="col"') == 3
+    for meta in ("kmeans", "pairs", "40080", "1000000"):
+        assert meta not in table
+    block = text[text.index('<ul class="meta"') :]
+    block = block[: block.index("</ul>")]
+    assert "kmeans/backend torch" in block and "kmeans/restarts 3" in block
+    assert "genuine_pairs 40080," in block and "impostor_pairs 1000000" in block
+    assert "40080.0000" not in text and "0.8321" in block and "FAR 0.001" in block
 
 
 def test_report_escapes_class_names_paths_and_config_values(report: tuple[Path, str]) -> None:

@@ -194,3 +194,18 @@ def test_augmentation_seeds_follow_the_global_batch_number() -> None:
     assert by_rank[1] == one[1 : 2 * len(by_rank[1]) : 2]
     ranks[1].set_epoch(3, start_batch=1)  # a resumed rank keeps its seeds
     assert _seeds(ranks[1]) == by_rank[1][1:]
+
+
+@pytest.mark.slow
+def test_torchrun_with_accumulation_and_weight_average(tmp_path: Path) -> None:
+    """Two processes, 2 micro-batches per step (the first without gradient synchronisation) and
+    the weight average on rank 0: the ranks stay identical (checked after every epoch) and the
+    run completes with the average in last.pt."""
+    run = tmp_path / "run"
+    extra = ("train.accumulate=2", "train.ema=0.9", "train.max_steps_per_epoch=1")
+    done = torchrun("-m", "mbdl", *train_args(run, tmp_path / "cache", *extra))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["step"] for r in log_records(run)] == [1, 2]
+    last = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert last["world_size"] == 2 and int(last["xbm_state"]["steps"]) == 4  # 2 x 2 micro-batches
+    assert last["callbacks"]["ExponentialMovingAverage"]["updates"] == 2

@@ -72,14 +72,27 @@ def test_inference_commands_import_no_training_code(tmp_path: Path) -> None:
     checkpoint, root = _untrained_checkpoint(tmp_path)
     image = str(root / "class_0" / "0.png")
     other = str(root / "class_1" / "0.png")
-    commands = {
+    # the inference commands this module owns import nothing at all from mbdl.train; search and
+    # index (being rewritten as the catalog) at least none of the training loop's modules
+    strict = {
         "eval": ["eval", str(checkpoint), "--device", "cpu"],
         "embed": ["embed", str(checkpoint), "-o", str(tmp_path / "x.npz"), "--device", "cpu"],
         "embed-npy": ["embed", str(checkpoint), "-o", str(tmp_path / "x.npy"), "--no-progress"],
-        "search": ["search", str(checkpoint), image, "-k", "2", "--device", "cpu"],
+        "embed-train": [
+            "embed",
+            str(checkpoint),
+            "--split",
+            "train",
+            "-o",
+            str(tmp_path / "t.npz"),
+        ],
         "verify": ["verify", str(checkpoint), image, other, "--threshold", "0.5"],
-        "index": ["index", "build", str(checkpoint), "-o", str(tmp_path / "index")],
         "export": ["export", str(checkpoint), "--format", "safetensors", "-o", str(tmp_path / "m")],
+        "eval-model-dir": ["eval", str(tmp_path / "m"), "--device", "cpu"],
+    }
+    loose = {
+        "search": ["search", str(checkpoint), image, "-k", "2", "--device", "cpu"],
+        "index": ["index", "build", str(checkpoint), "-o", str(tmp_path / "index")],
     }
     script = textwrap.dedent(
         """
@@ -87,9 +100,13 @@ def test_inference_commands_import_no_training_code(tmp_path: Path) -> None:
         import torch
         torch.set_num_threads(1)
         from mbdl.cli import main
-        commands, forbidden = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+        strict, loose, forbidden = (json.loads(a) for a in sys.argv[1:4])
         result = {}
-        for name, argv in commands.items():
+        for name, argv in strict.items():
+            with contextlib.redirect_stdout(io.StringIO()):
+                code = main(argv)
+            result[name] = [code, sorted(m for m in sys.modules if m.startswith("mbdl.train"))]
+        for name, argv in loose.items():
             with contextlib.redirect_stdout(io.StringIO()):
                 code = main(argv)
             result[name] = [code, sorted(m for m in forbidden if m in sys.modules)]
@@ -97,7 +114,14 @@ def test_inference_commands_import_no_training_code(tmp_path: Path) -> None:
         """
     )
     done = subprocess.run(
-        [sys.executable, "-c", script, json.dumps(commands), json.dumps(TRAINING_MODULES)],
+        [
+            sys.executable,
+            "-c",
+            script,
+            json.dumps(strict),
+            json.dumps(loose),
+            json.dumps(TRAINING_MODULES),
+        ],
         capture_output=True,
         text=True,
         timeout=600,
@@ -105,8 +129,8 @@ def test_inference_commands_import_no_training_code(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    # every command ran, and after each (cumulatively) no training module was imported
-    assert result == {name: [0, []] for name in commands}
+    # every command ran, and after each (cumulatively) nothing forbidden was imported
+    assert result == {name: [0, []] for name in (*strict, *loose)}
 
 
 def test_train_is_still_reachable_from_the_package() -> None:
@@ -143,6 +167,37 @@ def checkpoint_layout(state: dict[str, Any]) -> dict[str, Any]:
         else:
             layout[key] = _describe(value)
     return layout
+
+
+def assert_layout_extends(layout: dict[str, Any], expected: dict[str, Any], where: str) -> None:
+    """``layout`` has every key of ``expected`` in the same order with the same description
+    (recursively for dicts); keys ``expected`` lacks (fields added later) are allowed."""
+    present = [key for key in layout if key in expected]
+    missing = [key for key in expected if key not in layout]
+    assert not missing, f"{where}: missing or renamed {missing}"
+    assert present == list(expected), f"{where}: the old keys changed order"
+    for key, old in expected.items():
+        if isinstance(old, dict):
+            assert isinstance(layout[key], dict), f"{where}.{key}"
+            assert_layout_extends(layout[key], old, f"{where}.{key}")
+        else:
+            assert layout[key] == old, f"{where}.{key}: {layout[key]} != {old}"
+
+
+def test_the_layout_check_allows_new_fields_and_refuses_missing_ones() -> None:
+    expected = {"format": "str", "model_args": {"backbone": "str", "embedding_dim": "int"}}
+    newer = {
+        "format": "str",
+        "model_args": {"backbone": "str", "embedding_dim": "int", "extra": "int"},
+        "record": "dict",
+    }
+    assert_layout_extends(newer, expected, "ok")
+    renamed = {"format": "str", "model_args": {"backbone": "str", "embedding_size": "int"}}
+    retyped = {"format": "str", "model_args": {"backbone": "str", "embedding_dim": "float"}}
+    dropped = {"model_args": {"backbone": "str", "embedding_dim": "int"}}
+    for broken in (renamed, retyped, dropped):
+        with pytest.raises(AssertionError):
+            assert_layout_extends(broken, expected, "broken")
 
 
 # -- callbacks ----------------------------------------------------------------------------------

@@ -48,3 +48,19 @@ def test_config_key_takes_auto_or_a_count() -> None:
         load_config(None, ["data.num_workers=many"])
     with pytest.raises(ConfigError, match=r"data\.num_workers"):
         load_config(None, ["data.num_workers=-1"])
+
+
+@pytest.mark.parametrize("cpus", [1, 2, 16])
+def test_auto_with_a_gpu_overlaps_loading_and_says_why(
+    monkeypatch: pytest.MonkeyPatch, cpus: int
+) -> None:
+    from mbdl.data.workers import MAX_GPU_WORKERS, loader_workers_reason
+
+    monkeypatch.setattr(workers_module, "cpu_count", lambda: cpus)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: cpus)
+    batches = batched_training_data(glyphs(True))
+    count, why = loader_workers_reason("auto", batches, training=True, gpu=True)
+    assert count == min(2, cpus - 1) and "GPU" in why
+    count, why = loader_workers_reason("auto", glyphs(True), training=True, gpu=True)
+    assert count == min(cpus - 1, MAX_GPU_WORKERS) and "one by one" in why
+    assert loader_workers_reason(5, batches, training=True, gpu=True) == (5, "data.num_workers")

@@ -82,7 +82,7 @@ def split_overrides(items: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def _print_metrics(metrics: dict[str, Any], file: Any = None) -> None:
-    from mbdl.inference import format_metrics
+    from mbdl.runconfig import format_metrics
 
     print(format_metrics(metrics), file=file or sys.stdout)
 
@@ -135,6 +135,9 @@ def _run_train(args: argparse.Namespace) -> int:
     if not main_rank:
         return 0
     print(f"run directory: {config.out}")
+    stopped = metrics.get("stopped")
+    if stopped:
+        print(f"stopped at epoch {stopped['epoch']}, step {stopped['step']} by {stopped['by']}")
     if metrics.get("validation"):
         print(f"validation ({config.train.select_metric} selected):")
         _print_metrics(metrics["validation"])
@@ -152,29 +155,18 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def _checkpoint_config(checkpoint: str, overrides: list[str]) -> tuple[Any, dict[str, Any]]:
     """The config stored in a checkpoint, with ``data.*`` / ``eval.*`` overrides applied."""
-    from mbdl.config import config_from_flat, parse_override, stored_config_values
-    from mbdl.export import load_state
+    from mbdl.model.loading import load_state, state_record
+    from mbdl.runconfig import model_config
 
     state = load_state(checkpoint)
-    if not state.get("config"):
-        raise UsageError(f"{checkpoint} records no training config (its data): cannot run this")
-    flat = stored_config_values(state["config"], "checkpoint config")
-    for text in overrides:
-        key, value = parse_override(text)
-        if not key.startswith(("data.", "eval.")) and key != "seed":
-            raise UsageError(f"only data.*, eval.* and seed overrides apply here; got {key}")
-        flat[key] = value
-    flat["resume"] = False
-    return config_from_flat(flat), state
+    return model_config(state_record(state, checkpoint), overrides), state
 
 
 def _split_dataset(splits: Any, name: str) -> Any:
-    dataset = getattr(splits, name, None)
-    if dataset is None:
-        raise UsageError(f"data source {splits.source} has no {name} split")
-    if len(dataset) == 0:
-        raise UsageError(f"the {name} split is empty")
-    return dataset
+    """The split ``name`` with the evaluation transform (:func:`mbdl.runconfig.split_for_inference`)."""
+    from mbdl.runconfig import split_for_inference
+
+    return split_for_inference(splits, name)
 
 
 def _add_checkpoint_args(parser: argparse.ArgumentParser, what: str) -> None:
@@ -193,14 +185,14 @@ def _add_checkpoint_args(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 def _device(name: str) -> Any:
-    from mbdl.inference import resolve_device
+    from mbdl.runconfig import resolve_device
 
     return resolve_device(name)
 
 
 def _checkpoint_model(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """``(config, device, model)`` for a command taking ``CHECKPOINT [data/eval overrides]``."""
-    from mbdl.train.checkpoint import model_from_state
+    from mbdl.model.checkpoint import model_from_state
 
     overrides, others = split_overrides(args.items)
     if others:
@@ -219,48 +211,41 @@ def _configure_eval(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--split", default="test", choices=("test", "val"), help="which classes (default: test)"
     )
-    parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    parser.add_argument("-o", "--output", metavar="FILE", help="also write the metrics as JSON")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help='print {"metrics": ..., "meta": ...} as JSON (the run metadata apart: k-means '
+        "backend, restarts, seed, pair counts)",
+    )
+    parser.add_argument("-o", "--output", metavar="FILE", help="also write that JSON to FILE")
+
+
+def _overrides_only(items: Sequence[str]) -> list[str]:
+    overrides, others = split_overrides(items)
+    if others:
+        raise UsageError(f"unexpected argument {others[0]!r} (overrides look like key=value)")
+    return overrides
 
 
 @command("eval", "evaluate a trained model on the test (or validation) classes", _configure_eval)
 def _run_eval(args: argparse.Namespace) -> int:
     from mbdl.fileio import atomic_write_text
-    from mbdl.inference import evaluate_dataset, evaluate_test, load_data
+    from mbdl.inference import evaluate_model
 
-    config, device, model = _checkpoint_model(args)
-    splits = load_data(config)
-    if args.split == "test":
-        metrics, embeddings, labels = evaluate_test(model, splits, config, device)
-    else:
-        dataset = _split_dataset(splits, "val")
-        metrics, embeddings, labels = evaluate_dataset(model, dataset, config, device)
-    metrics.update(_rates_at_stored_threshold(args.checkpoint, config, embeddings, labels))
+    result = evaluate_model(
+        args.checkpoint,
+        split=args.split,
+        overrides=_overrides_only(args.items),
+        device=args.device,
+    )
+    document = result.to_json()
     if args.output:
-        atomic_write_text(args.output, json.dumps(metrics, indent=2) + "\n")
+        atomic_write_text(args.output, json.dumps(document, indent=2) + "\n")
     if args.json:
-        print(json.dumps(metrics, indent=2))
+        print(json.dumps(document, indent=2))
     else:
-        _print_metrics(metrics)
+        _print_metrics({**result.metrics, **result.meta})
     return 0
-
-
-def _rates_at_stored_threshold(
-    checkpoint: str, config: Any, embeddings: Any, labels: Any
-) -> dict[str, float]:
-    """``tar@threshold`` and ``far@threshold`` of a split at the checkpoint's stored verification
-    threshold (none when it has none, or when eval.distance was overridden)."""
-    import torch
-
-    from mbdl.export import load_state
-    from mbdl.inference import verification_at_threshold
-
-    stored = load_state(checkpoint).get("verification")
-    if not isinstance(stored, dict) or stored.get("distance") != config.eval.distance:
-        return {}
-    if torch.unique(labels).numel() < 2:
-        return {}
-    return verification_at_threshold(embeddings, labels, config, float(stored["threshold"]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,22 +304,25 @@ def _embed_npz(args: argparse.Namespace) -> int:
     import numpy as np
 
     from mbdl.fileio import atomic_write_bytes
-    from mbdl.inference import embed_with_config, load_data
+    from mbdl.inference import embed
 
-    config, device, model = _checkpoint_model(args)
-    dataset = _split_dataset(load_data(config), args.split)
-    embeddings, labels = embed_with_config(model, dataset, config, device)
+    result = embed(
+        args.checkpoint,
+        split=args.split,
+        overrides=_overrides_only(args.items),
+        device=args.device,
+    )
     buffer = io.BytesIO()
     np.savez(
         buffer,
-        embeddings=embeddings.numpy(),
-        labels=labels.numpy(),
-        class_names=np.array(dataset.class_names, dtype=str),
-        items=np.array([dataset.describe(i) for i in range(len(dataset))], dtype=str),
+        embeddings=result.embeddings.numpy(),
+        labels=result.labels.numpy(),
+        class_names=np.array(result.class_names, dtype=str),
+        items=np.array(result.items, dtype=str),
     )
     atomic_write_bytes(args.output, buffer.getvalue())
     print(
-        f"wrote {len(dataset)} embeddings of dimension {embeddings.shape[1]} "
+        f"wrote {len(result.items)} embeddings of dimension {result.embeddings.shape[1]} "
         f"({args.split} split) to {args.output}"
     )
     return 0
@@ -347,8 +335,8 @@ def _embed_streaming(args: argparse.Namespace, overrides: list[str]) -> int:
     from mbdl.data.workers import loader_workers
     from mbdl.distributed import init_distributed
     from mbdl.embedstore import ImageFiles, embed_to_files, model_dim, output_paths
-    from mbdl.export import load_state, state_preprocessing, transform_from_spec
-    from mbdl.train.checkpoint import model_from_state
+    from mbdl.inference import as_loaded_model
+    from mbdl.model.loading import model_from_loaded_state
 
     output_paths(args.output)  # checks the name before any work
     device = _device(args.device)
@@ -359,16 +347,13 @@ def _embed_streaming(args: argparse.Namespace, overrides: list[str]) -> int:
         if args.images is not None:
             if overrides:
                 raise UsageError(f"{overrides[0]!r}: overrides do not apply with --images")
-            state = load_state(args.checkpoint)
-            model = model_from_state(state, device)
-            spec = state_preprocessing(state)
-            dataset = ImageFiles(args.images, transform_from_spec(spec), spec["color_mode"])
+            loaded = as_loaded_model(args.checkpoint, device)
+            dataset = ImageFiles(args.images, loaded.transform, loaded.record.color_mode)
             batch_size, workers = args.batch_size or 256, args.workers or 0
             class_names, what = dataset.class_names, f"images below {args.images}"
         else:
             config, state = _checkpoint_config(args.checkpoint, overrides)
-            model = model_from_state(state, device)
-            spec = state_preprocessing(state)
+            loaded = model_from_loaded_state(state, device, args.checkpoint)
             dataset = _split_dataset(_load_data_once(config), args.split)
             batch_size = args.batch_size or config.eval.batch_size
             workers = (
@@ -377,7 +362,7 @@ def _embed_streaming(args: argparse.Namespace, overrides: list[str]) -> int:
                 else args.workers
             )
             class_names, what = list(dataset.class_names), f"{args.split} split"
-        distance = ((state.get("config") or {}).get("eval") or {}).get("distance", "euclidean")
+        model = loaded.module
         files = embed_to_files(
             model,
             dataset,
@@ -390,9 +375,9 @@ def _embed_streaming(args: argparse.Namespace, overrides: list[str]) -> int:
             info={
                 "source": what,
                 "model": str(args.checkpoint),
-                "distance": distance,
+                "distance": loaded.record.distance,
                 "class_names": class_names,
-                "preprocessing": spec,
+                "preprocessing": dict(loaded.record.preprocessing),
             },
         )
     finally:
@@ -409,7 +394,7 @@ def _embed_streaming(args: argparse.Namespace, overrides: list[str]) -> int:
 def _load_data_once(config: Any) -> Any:
     """The config's splits; under torchrun rank 0 first (it may build a cache), then the rest."""
     from mbdl.distributed import barrier, distributed_info
-    from mbdl.inference import load_data
+    from mbdl.runconfig import load_data
 
     main_rank = distributed_info().is_main
     if not main_rank:
@@ -426,28 +411,38 @@ def _load_data_once(config: Any) -> Any:
 
 def _configure_search(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "checkpoint", metavar="CHECKPOINT", help="a run directory, a .pt file or a model directory"
+        "checkpoint",
+        metavar="INDEX|CHECKPOINT",
+        help="a catalog index (mbdl index build), or a run directory, .pt file or model "
+        "directory whose data split is searched",
     )
     parser.add_argument(
         "items",
         nargs="*",
-        metavar="[KEY=VALUE ...] IMAGE",
-        help="data.* / eval.* overrides, then the query image files",
+        metavar="[KEY=VALUE ...] QUERY",
+        help="the query image files (with a CHECKPOINT: data.* / eval.* overrides first)",
     )
+    parser.add_argument("--images", metavar="DIR", help="query every image below DIR")
+    parser.add_argument("--list", metavar="FILE", help="query the images listed in FILE")
     parser.add_argument(
         "--gallery-split",
         "--gallery",
         default="test",
         choices=_SPLITS,
-        help="the split searched (default: test)",
+        help="with a CHECKPOINT: the split searched (default: test)",
     )
     parser.add_argument("-k", type=int, default=5, help="neighbours per query (default: 5)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument(
         "--index",
         metavar="INDEX",
-        help="search this gallery index (from mbdl index build) instead of embedding a split; "
-        "CHECKPOINT must be the model the index was built with",
+        help="search this index instead of embedding a split; CHECKPOINT must be the model "
+        "the index was built with",
+    )
+    parser.add_argument(
+        "--model",
+        metavar="MODEL",
+        help="with an INDEX: the model embedding the queries (default: the one that built it)",
     )
     parser.add_argument(
         "--threshold",
@@ -457,6 +452,66 @@ def _configure_search(parser: argparse.ArgumentParser) -> None:
         help="mark the neighbours within this distance as matches; without a value: the "
         "verification threshold mbdl train chose on the validation classes",
     )
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument(
+        "--engine",
+        metavar="ENGINE:LOCATION",
+        help="with an INDEX: search the copy exported by mbdl index export (qdrant:DIR, "
+        "qdrant:URL, milvus:FILE.db, milvus:URL) instead of the index's own faiss index",
+    )
+    parser.add_argument(
+        "--collection", default="mbdl", help="with --engine: the collection (default: mbdl)"
+    )
+
+
+def _is_catalog(path: str | None) -> bool:
+    from mbdl.catalog.store import MANIFEST
+
+    return path is not None and (Path(path) / MANIFEST).is_file()
+
+
+def _search_catalog(args: argparse.Namespace, index: str, model: str | None) -> int:
+    """``mbdl search INDEX QUERY... [--images DIR] [--list FILE]``: a table or JSON."""
+    from mbdl.catalog import Searcher
+    from mbdl.catalog.search import query_files
+
+    overrides, queries = split_overrides(args.items)
+    if overrides:
+        raise UsageError(f"{overrides[0]!r}: overrides do not apply to an index search")
+    if args.k < 1:
+        raise UsageError(f"-k must be at least 1, got {args.k}")
+    paths = query_files(queries, args.images, args.list)
+    threshold: float | str | None = None
+    if args.threshold == "checkpoint":
+        threshold = "model"
+    elif args.threshold is not None:
+        threshold = _match_threshold(args.threshold, {}, "euclidean")
+    searcher = Searcher.open(index, model=model, device=str(_device(args.device)))
+    if args.engine is not None:
+        from mbdl.catalog.engines import search_engine
+
+        if threshold == "model":
+            threshold = searcher.threshold
+        results = search_engine(
+            args.engine,
+            args.collection,
+            searcher.embed(paths),
+            args.k,
+            threshold=threshold if isinstance(threshold, float) else None,
+            names=[str(path) for path in paths],
+        )
+    else:
+        results = searcher.search(paths, k=args.k, threshold=threshold)
+    if args.json:
+        print(json.dumps([result.to_json() for result in results], indent=1))
+        return 0
+    for result in results:
+        print(f"query {terminal_safe(result.query)}")
+        for n in result.neighbours:
+            mark = "" if n.match is None else ("  match" if n.match else "       ")
+            label = terminal_safe(repr(n.label)) if n.label is not None else "-"
+            print(f"  {n.rank:>3}  {n.distance:.4f}{mark}  {label:<12}  {terminal_safe(n.path)}")
+    return 0
 
 
 @command("search", "find the nearest gallery images of query images", _configure_search)
@@ -468,6 +523,22 @@ def _run_search(args: argparse.Namespace) -> int:
     from mbdl.inference import embed_with_config, load_data
     from mbdl.train.checkpoint import model_from_state
 
+    if _is_catalog(args.checkpoint):
+        if args.index is not None:
+            raise UsageError("give the index once: mbdl search INDEX QUERY...")
+        return _search_catalog(args, args.checkpoint, args.model)
+    if _is_catalog(args.index):
+        return _search_catalog(args, args.index, args.model or args.checkpoint)
+    if (Path(args.checkpoint) / "meta.json").is_file():
+        raise UsageError(
+            f"{args.checkpoint} is an index in mbdl's old format: search it with mbdl search "
+            "CHECKPOINT --index INDEX IMAGE, or rebuild it with mbdl index build MODEL --images DIR"
+        )
+    if args.images or args.list or args.json or args.model:
+        raise UsageError(
+            "--images, --list, --json and --model need a catalog index (mbdl index build "
+            "MODEL --images DIR -o INDEX): mbdl search INDEX QUERY..."
+        )
     overrides, images = split_overrides(args.items)
     if not images:
         raise UsageError("give at least one query IMAGE")
@@ -629,97 +700,266 @@ def _configure_verify(parser: argparse.ArgumentParser) -> None:
     _configure_verify,
 )
 def _run_verify(args: argparse.Namespace) -> int:
-    import torch
-    from PIL import Image, UnidentifiedImageError
+    from mbdl.inference import verify
 
-    from mbdl.data import build_transforms
-    from mbdl.export import load_state
-    from mbdl.functional.verification import paired_distances
-    from mbdl.train.checkpoint import model_from_state
-
-    state = load_state(args.checkpoint)
-    distance_name = str(state.get("config", {}).get("eval", {}).get("distance", "euclidean"))
-    threshold = _match_threshold(args.threshold or "checkpoint", state, distance_name)
-    assert threshold is not None
-    images = []
-    for path in (args.first, args.second):
+    threshold = None
+    if args.threshold is not None:
         try:
-            with Image.open(path) as image:
-                images.append(image.copy())
-        except (OSError, UnidentifiedImageError) as error:
-            raise ValueError(f"cannot read image {path!r}: {error}") from None
-    device = _device(args.device)
-    model = model_from_state(state, device)
-    data_args = state.get("data_args", {})
-    pretrained = state.get("config", {}).get("model", {}).get("pretrained")
-    transform = build_transforms(
-        False,
-        int(data_args.get("image_size", 32)),
-        int(data_args.get("channels", 3)),
-        imagenet_norm=pretrained is not None,
+            threshold = float(args.threshold)
+        except ValueError:
+            raise UsageError(f"--threshold must be a number; got {args.threshold!r}") from None
+        if not math.isfinite(threshold):
+            raise UsageError(f"--threshold must be finite; got {args.threshold!r}")
+    answer = verify(
+        args.checkpoint, args.first, args.second, threshold=threshold, device=args.device
     )
-    with torch.inference_mode():
-        batch = torch.stack([transform(image) for image in images]).to(device)
-        embeddings = model(batch).float().cpu()
-    # the pair's own distance, as the stored threshold was chosen (float64; not a GEMM
-    # expansion, whose rounding leaves two identical images about 3e-4 apart)
-    distance = float(paired_distances(embeddings[:1], embeddings[1:], distance_name)[0])
-    same = distance <= threshold
-    stored = state.get("verification") or {}
-    answer = {
-        "same": same,
-        "distance": distance,
-        "threshold": threshold,
-        "distance_kind": distance_name,
-        "threshold_source": "--threshold" if args.threshold else "validation classes",
-        "far": None if args.threshold else stored.get("far"),
-    }
     if args.json:
-        print(json.dumps(answer, indent=2))
+        print(json.dumps(answer.to_json(), indent=2))
         return 0
-    verdict = "same" if same else "different"
+    verdict = "same" if answer.same else "different"
     where = (
         "given with --threshold"
-        if args.threshold
-        else f"chosen on the validation classes at FAR {stored.get('far', float('nan')):g}"
+        if answer.threshold_source == "given"
+        else f"chosen on the validation classes at FAR {answer.far if answer.far is not None else float('nan'):g}"
     )
     print(
-        f"{verdict}: {distance_name} distance {distance:.4f} "
-        f"{'<=' if same else '>'} threshold {threshold:.4f} ({where})"
+        f"{verdict}: {answer.distance_kind} distance {answer.distance:.4f} "
+        f"{'<=' if answer.same else '>'} threshold {answer.threshold:.4f} ({where})"
     )
     return 0
 
 
 # ---------------------------------------------------------------------------------------------
-# mbdl index
+# mbdl index (implementation: mbdl.catalog; the --split form: mbdl.index)
+
+#: ``mbdl index ACTION``: the handlers; another module may register more (e.g. ``export``)
+INDEX_ACTIONS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
 
 def _configure_index(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=("build",), help="build: embed a split and index it")
-    _add_checkpoint_args(parser, "CHECKPOINT")
-    parser.add_argument("--split", default="test", choices=_SPLITS, help="default: test")
+    parser.add_argument(
+        "action",
+        choices=(
+            "build",
+            "add",
+            "remove",
+            *sorted(set(INDEX_ACTIONS) - {"build", "add", "remove"}),
+        ),
+        help="build: index a folder, a list of files, mbdl embed output or a split; "
+        "add: index new and changed files; remove: drop items",
+    )
+    parser.add_argument(
+        "checkpoint",
+        metavar="MODEL|INDEX",
+        help="build: the model (model directory, run directory or checkpoint); add, remove: "
+        "the index directory",
+    )
+    parser.add_argument(
+        "items",
+        nargs="*",
+        metavar="KEY=VALUE|PATH",
+        help="build --split: data.* / eval.* overrides; remove: the files (or folders) to drop",
+    )
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--images", metavar="DIR", help="index every file below DIR (recursive)")
+    parser.add_argument("--list", metavar="FILE", help="index the files listed in FILE")
+    parser.add_argument(
+        "--embeddings", metavar="X.npy", help="index the output of mbdl embed ... -o X.npy"
+    )
+    parser.add_argument(
+        "--labels",
+        default="none",
+        metavar="none|folders|CSV",
+        help="item labels: none (default), the first-level sub-folder, or a path,label CSV",
+    )
+    parser.add_argument(
+        "--factory",
+        metavar="STRING",
+        help="a faiss index_factory string (Flat, HNSW32, IVF4096,PQ32, IVF1024,SQ8, ...); "
+        "default: picked from the catalog's size and dimension, and printed",
+    )
+    parser.add_argument(
+        "--on-bad",
+        default="skip",
+        choices=("skip", "refuse"),
+        help="unreadable or non-image files: skip and list them (default), or refuse the build",
+    )
+    parser.add_argument("--model", metavar="MODEL", help="add: the model (default: the index's)")
+    parser.add_argument("--missing", action="store_true", help="remove: files that are gone")
+    parser.add_argument("--batch-size", type=int, default=256, help="default: 256")
+    parser.add_argument("--workers", type=int, default=0, help="image loading processes")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing index")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--split", choices=_SPLITS, help="index a split of the model's data")
     parser.add_argument(
         "--kind",
-        default="flat",
         choices=("flat", "ivf", "hnsw"),
-        help="flat: exact (default); ivf, hnsw: approximate, for large galleries (their recall "
-        "against exact search is reported)",
+        help="shorthand for --factory: flat (Flat), ivf (IVF{nlist},Flat), hnsw (HNSW{m})",
     )
     parser.add_argument("--nlist", type=int, help="ivf lists (default: 4 sqrt(N))")
-    parser.add_argument("--nprobe", type=int, default=16, help="ivf lists visited (default: 16)")
-    parser.add_argument("--hnsw-m", type=int, default=32, help="hnsw neighbours (default: 32)")
+    parser.add_argument("--nprobe", type=int, help="ivf lists visited (--split; default: 16)")
+    parser.add_argument("--hnsw-m", type=int, help="hnsw neighbours (default: 32)")
+    parser.add_argument("-o", "--output", metavar="INDEX", help="build: the index to write")
     parser.add_argument(
-        "-o", "--output", required=True, metavar="INDEX", help="the index directory to write"
+        "--to", metavar="ENGINE:LOCATION", help="export: qdrant:DIR|URL or milvus:FILE.db|URL"
+    )
+    parser.add_argument("--collection", default="mbdl", help="export: default mbdl")
+    parser.add_argument("--replace", action="store_true", help="export: replace the collection")
+
+
+def _check_index_aliases(args: argparse.Namespace) -> None:
+    """--nlist, --nprobe, --hnsw-m: in range before any work (faiss aborts on some values)."""
+    for name, value, low, high in (
+        ("--nlist", args.nlist, 1, 1 << 22),
+        ("--nprobe", args.nprobe, 1, 1 << 22),
+        ("--hnsw-m", args.hnsw_m, 2, 256),
+    ):
+        if value is not None and not low <= value <= high:
+            raise UsageError(f"{name} must be within {low}..{high}; got {value}")
+
+
+def _alias_factory(args: argparse.Namespace) -> str | None:
+    """--kind/--nlist/--hnsw-m as a factory string (None: the default)."""
+    if args.kind is None:
+        return args.factory
+    if args.factory is not None:
+        raise UsageError("give --factory or --kind, not both")
+    if args.kind == "flat":
+        return "Flat"
+    if args.kind == "hnsw":
+        return f"HNSW{args.hnsw_m or 32}"
+    if args.nlist is None:
+        raise UsageError("--kind ivf needs --nlist N here (or give --factory IVF{N},Flat)")
+    return f"IVF{args.nlist},Flat"
+
+
+@command("index", "build, add to or remove from a catalog index for mbdl search", _configure_index)
+def _run_index(args: argparse.Namespace) -> int:
+    _check_index_aliases(args)
+    if args.batch_size < 1 or args.workers < 0:
+        raise UsageError("--batch-size must be >= 1 and --workers >= 0")
+    if args.action in INDEX_ACTIONS:
+        return INDEX_ACTIONS[args.action](args)
+    if args.action == "build":
+        if args.output is None:
+            raise UsageError("index build needs -o INDEX")
+        if args.images is None and args.list is None and args.embeddings is None:
+            return _index_split(args)
+        return _index_build(args)
+    return _index_update(args)
+
+
+def _print_build_report(report: Any, as_json: bool, verb: str) -> None:
+    if as_json:
+        print(json.dumps(report.to_json(), indent=2))
+        return
+    catalog = report.catalog
+    if report.factory_reason:
+        print(f"index: {report.factory} ({report.factory_reason})")
+    if report.resumed:
+        print(f"resumed an interrupted build: {report.resumed} items were already embedded")
+    if report.recall:
+        recall = report.recall
+        how = "exact search" if recall.get("exact") else f"on {recall['queries']} held-out queries"
+        print(f"recall@{recall['k']} against exact search: {recall['recall']:.4f} ({how})")
+    if report.skipped:
+        where = f"; listed in {report.skipped_file}" if report.skipped_file else ""
+        first, reason = report.skipped[0]
+        print(
+            f"skipped {len(report.skipped)} unreadable or non-image files, e.g. "
+            f"{terminal_safe(first)} ({terminal_safe(reason)}){where}"
+        )
+    details = f"{report.added} added"
+    if verb != "built":
+        details += (
+            f", {report.changed} of them changed files re-embedded, {report.unchanged} "
+            f"unchanged, {report.touched} with only a new mtime, {report.removed} removed"
+        )
+    print(
+        f"{verb} {terminal_safe(catalog.path)}: {len(catalog)} items of dimension {catalog.dim} "
+        f"({catalog.distance}, {catalog.factory}); {details}; {report.seconds:.1f} s"
     )
 
 
-@command(
-    "index", "build a faiss gallery index of a split for mbdl search --index", _configure_index
-)
-def _run_index(args: argparse.Namespace) -> int:
+def _index_build(args: argparse.Namespace) -> int:
+    from mbdl.catalog import build_catalog
+
+    if args.items:
+        raise UsageError(f"unexpected argument {args.items[0]!r} with --images/--list/--embeddings")
+    if args.split is not None or args.nprobe is not None:
+        raise UsageError("--split and --nprobe do not apply with --images/--list/--embeddings")
+    import torch
+
+    from mbdl.distributed import init_distributed
+
+    device = _device(args.device)
+    info = init_distributed(device.type)  # under torchrun: each rank embeds a shard
+    if info.enabled and device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+    try:
+        report = build_catalog(
+            args.checkpoint,
+            args.output,
+            images=args.images,
+            list_file=args.list,
+            embeddings=args.embeddings,
+            labels=args.labels,
+            factory=_alias_factory(args),
+            on_bad=args.on_bad,
+            device=str(device),
+            batch_size=args.batch_size,
+            workers=args.workers,
+            progress=not args.no_progress,
+            overwrite=args.overwrite,
+        )
+    finally:
+        if info.enabled and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if info.is_main:
+        _print_build_report(report, args.json, "built")
+    return 0
+
+
+def _index_update(args: argparse.Namespace) -> int:
+    from mbdl.catalog import add_to_catalog, remove_from_catalog
+
+    if args.output is not None or args.factory is not None or args.kind is not None:
+        raise UsageError(f"-o, --factory and --kind do not apply to index {args.action}")
+    if args.action == "add":
+        if args.items:
+            raise UsageError(f"unexpected argument {args.items[0]!r}: give --images or --list")
+        report = add_to_catalog(
+            args.checkpoint,
+            images=args.images,
+            list_file=args.list,
+            labels=args.labels,
+            on_bad=args.on_bad,
+            model=args.model,
+            device=str(_device(args.device)),
+            batch_size=args.batch_size,
+            workers=args.workers,
+            progress=not args.no_progress,
+        )
+        _print_build_report(report, args.json, "updated")
+        return 0
+    if args.images or args.list or args.embeddings:
+        raise UsageError("index remove takes PATHs (or --missing), not --images/--list")
+    report = remove_from_catalog(args.checkpoint, args.items, missing=args.missing)
+    _print_build_report(report, args.json, "updated")
+    return 0
+
+
+def _index_split(args: argparse.Namespace) -> int:
+    """``mbdl index build CHECKPOINT [overrides] --split S``: the old gallery index of a split."""
+    from mbdl.catalog.build import check_output
     from mbdl.index import GalleryIndex, model_fingerprint
     from mbdl.inference import embed_with_config, load_data
 
+    if args.factory is not None:
+        raise UsageError("--factory needs --images, --list or --embeddings (--split: use --kind)")
+    check_output(Path(args.output), args.overwrite)
+    args.split = args.split or "test"
     config, device, model = _checkpoint_model(args)
     splits = load_data(config)
     dataset = _split_dataset(splits, args.split)
@@ -731,12 +971,12 @@ def _run_index(args: argparse.Namespace) -> int:
         labels,
         model_id=model_fingerprint(model.state_dict()),
         distance=distance,
-        kind=args.kind,
+        kind=args.kind or "flat",
         paths=[dataset.describe(i) for i in range(len(dataset))],
         class_names=list(dataset.class_names),
         nlist=args.nlist,
-        nprobe=args.nprobe,
-        hnsw_m=args.hnsw_m,
+        nprobe=args.nprobe or 16,
+        hnsw_m=args.hnsw_m or 32,
         seed=config.seed,
     )
     index.info = {
@@ -808,7 +1048,8 @@ def _configure_export(parser: argparse.ArgumentParser) -> None:
     _configure_export,
 )
 def _run_export(args: argparse.Namespace) -> int:
-    from mbdl.export import check_images, export_file, load_state
+    from mbdl.export import check_images, export_file
+    from mbdl.model.loading import load_state
 
     if not args.tolerance >= 0:
         raise UsageError(f"--tolerance must be >= 0, got {args.tolerance}")
@@ -969,6 +1210,132 @@ def _run_compare(args: argparse.Namespace) -> int:
     from mbdl.compare import run_cli
 
     return run_cli(args, split_overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# mbdl dedup, mbdl cluster (implementation: mbdl.catalog.dedup)
+
+
+def _configure_groups(parser: argparse.ArgumentParser, clusters: bool) -> None:
+    parser.add_argument("source", metavar="INDEX|DIR", help="an index, or a folder of images")
+    parser.add_argument("-o", "--out", required=True, metavar="OUT", help="the output folder")
+    parser.add_argument("--model", help="the model that indexes DIR (a run, checkpoint, model dir)")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        metavar="D",
+        help="the distance at or below which two items are the same (default: the model's "
+        "validated verification threshold)",
+    )
+    if clusters:
+        parser.add_argument(
+            "--min-size", type=int, default=2, help="the smallest cluster kept (default 2)"
+        )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _run_groups(args: argparse.Namespace, kind: str) -> int:
+    from mbdl.catalog.dedup import group_images
+
+    groups = group_images(
+        args.source,
+        args.out,
+        kind=kind,
+        model=args.model,
+        threshold=args.threshold,
+        min_size=getattr(args, "min_size", 2),
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    noun = "groups of near-duplicates" if kind == "duplicates" else "clusters"
+    print(
+        f"{len(groups.groups)} {noun} holding {groups.grouped_items} of {groups.count} items "
+        f"({groups.distance} distance <= {groups.threshold:.4g}); examined "
+        f"{groups.pairs_examined} pairs (all pairs: {groups.quadratic_pairs})"
+    )
+    print(f"wrote {terminal_safe(Path(args.out) / 'index.html')}, groups.csv, groups.json")
+    return 0
+
+
+@command(
+    "dedup",
+    "find groups of near-duplicate images in an index or a folder",
+    lambda parser: _configure_groups(parser, clusters=False),
+)
+def _run_dedup(args: argparse.Namespace) -> int:
+    return _run_groups(args, "duplicates")
+
+
+@command(
+    "cluster",
+    "group an index or a folder into clusters of similar images",
+    lambda parser: _configure_groups(parser, clusters=True),
+)
+def _run_cluster(args: argparse.Namespace) -> int:
+    return _run_groups(args, "clusters")
+
+
+# ---------------------------------------------------------------------------------------------
+# mbdl index export (implementation: mbdl.catalog.engines)
+
+
+def _index_export(args: argparse.Namespace) -> int:
+    from mbdl.catalog import Catalog
+    from mbdl.catalog.engines import export_catalog
+
+    if args.to is None:
+        raise UsageError("index export needs --to ENGINE:LOCATION (qdrant:DIR or milvus:FILE.db)")
+    with Catalog.open(args.checkpoint) as catalog:
+        done = export_catalog(catalog, args.to, collection=args.collection, replace=args.replace)
+    print(
+        f"exported {done.count} items ({done.dim}-d, {done.distance}) to {done.engine} "
+        f"{terminal_safe(done.location)}, collection {done.collection!r}"
+    )
+    return 0
+
+
+INDEX_ACTIONS["export"] = _index_export
+
+
+# ---------------------------------------------------------------------------------------------
+# mbdl serve (implementation: mbdl.serve)
+
+
+def _configure_serve(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("index", metavar="INDEX", help="the index to serve")
+    parser.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--token", help="require 'Authorization: Bearer TOKEN' (default: env MBDL_SERVE_TOKEN)"
+    )
+    parser.add_argument(
+        "--max-upload-bytes", type=int, help="the largest upload accepted (default 20 MiB)"
+    )
+    parser.add_argument(
+        "--max-pixels", type=int, help="the most pixels a query image may have (default 40 M)"
+    )
+    parser.add_argument("--device", default="cpu")
+
+
+@command("serve", "serve an index: a JSON search API and a search page", _configure_serve)
+def _run_serve(args: argparse.Namespace) -> int:
+    from mbdl.serve import serve
+
+    limits = {
+        name: getattr(args, name)
+        for name in ("max_upload_bytes", "max_pixels")
+        if getattr(args, name) is not None
+    }
+    serve(
+        args.index,
+        host=args.host,
+        port=args.port,
+        token=args.token or os.environ.get("MBDL_SERVE_TOKEN") or None,
+        device=args.device,
+        **limits,
+    )
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -142,8 +142,9 @@ class DataConfig:
         "auto",
         "DataLoader worker processes (0: load in the main process); auto: sized to the machine "
         "and the data path by measurement (mbdl.data.workers: for batches from memory one where "
-        "a CPU is left over by the training threads, else none; the CPUs but one for images "
-        "decoded one by one; none for evaluating from memory).",
+        "a CPU is left over by the training threads, else none, two with a GPU; the CPUs but one "
+        "for images decoded one by one; none for evaluating from memory); printed on the data "
+        "line with the reason.",
         minimum=0,
         resume_free=True,
     )
@@ -151,8 +152,12 @@ class DataConfig:
         "auto",
         "Decode a file source's training images once, resized, as uint8 (mbdl.data.cache), and "
         "its evaluation splits once at the network's input size: auto: in memory when they fit "
-        "in a quarter of the available memory, else a memory-mapped file in the cache directory; "
-        "off: decode every image every epoch and evaluation.",
+        "in a quarter of the available memory, else a memory-mapped file in the cache directory "
+        "($MBDL_CACHE) when its disk has room, else decode per image; disk: refused before "
+        "writing when the disk lacks the room (the message gives the size); off: decode every "
+        "image every epoch and evaluation. The choice and its reason are on the data line; a "
+        "cache whose source files changed (size or time) or written by another version is "
+        "rebuilt, never read.",
         choices=("auto", "memory", "disk", "off"),
     )
     skip_corrupt: bool = key(
@@ -352,6 +357,27 @@ class TrainConfig:
         "paper waits about 1000 iterations while the embedding still drifts fast.",
         minimum=0,
     )
+    ema: float | None = key(
+        None,
+        "Exponential moving average of the weights with this decay, in (0, 1) (e.g. 0.999): "
+        "after every optimiser step ema = decay x ema + (1 - decay) x weights; the average is "
+        "what is validated, selected into best.pt, tested and exported. null: off.",
+        above=0.0,
+    )
+    accumulate: int = key(
+        1,
+        "Gradient accumulation: micro-batches (each P x K) per optimiser step, each loss divided "
+        "by this number; train.max_steps_per_epoch and the schedule count optimiser steps. A "
+        "pair-based loss compares pairs within a micro-batch only (unless train.xbm_size adds "
+        "earlier embeddings); a loss that is a mean over samples (proxy and softmax losses) gets "
+        "the gradients of the large batch.",
+        minimum=1,
+    )
+    compile: bool = key(
+        False,
+        "torch.compile the model for training (the first steps compile; needs a C compiler on "
+        "CPU).",
+    )
     loggers: list[str] = key(
         [],
         "Experiment trackers that also receive log.jsonl's records, the config, the test metrics "
@@ -530,7 +556,7 @@ def _check_value(key: str, value: Any) -> Any:
     allowed = declared.choices
     if key == "data.augment" and isinstance(value, bool):
         value = "auto" if value else "none"
-    if key == "train.amp" and value is False:
+    if key in ("train.amp", "data.cache") and value is False:
         value = "off"  # YAML 1.1 reads a bare `off` as false
     if declared.type == "int | str" and isinstance(value, str):  # a count, or auto
         if value != "auto":
@@ -815,6 +841,8 @@ def _check_cross_keys(resolved: dict[str, Any]) -> None:
         raise ConfigError(
             f"train.select_metric={metric!r} is not allowed; choose one of {', '.join(allowed)}"
         )
+    if resolved["train.ema"] is not None and resolved["train.ema"] >= 1:
+        raise ConfigError(f"train.ema must be in (0, 1); got {resolved['train.ema']!r}")
     if resolved["eval.verify_far"] >= 1:
         raise ConfigError(f"eval.verify_far must be in (0, 1); got {resolved['eval.verify_far']!r}")
     if resolved["data.val_fraction"] >= 1:

@@ -32,11 +32,12 @@ import torch
 from torch import Tensor
 
 from mbdl.functional.checks import check_embeddings, check_labels
-from mbdl.functional.kmeans import DEFAULT_RESTARTS, kmeans_fit
+from mbdl.functional.kmeans import DEFAULT_RESTARTS, KMeansResult, kmeans_fit
 from mbdl.functional.knn import check_knn_options, knn
 from mbdl.functional.retrieval import neighbour_matches
 from mbdl.functional.verification import DEFAULT_FARS, DEFAULT_MAX_PAIRS, pair_distances
 from mbdl.metrics import NEEDS, Metric, registered_metrics
+from mbdl.runtime import torch_tuning
 
 #: A requested metric and, for a family (``recall@K``), the Ks asked for.
 Request = tuple[Metric, list[int]]
@@ -106,6 +107,7 @@ def evaluate(
     kmeans_restarts: int | str = DEFAULT_RESTARTS,
     verify_fars: Sequence[float] = DEFAULT_FARS,
     verify_max_pairs: int = DEFAULT_MAX_PAIRS,
+    kmeans: Callable[[Tensor, int], Any] | None = None,
 ) -> dict[str, float]:
     """The metric suite on ``embeddings`` (``N x d``) with integer ``labels`` (``N``).
 
@@ -121,6 +123,14 @@ def evaluate(
     units) or ``"cosine"`` (``1 - cos``). ``backend`` (``"auto"``, ``"torch"``, ``"faiss"``)
     picks the kNN search and k-means' Lloyd iterations; ``"auto"`` is torch for both, so the
     numbers never depend on whether faiss is installed. Returns a flat ``dict[str, float]``.
+
+    ``kmeans``: the clustering step, ``kmeans(embeddings, num_clusters)`` returning the
+    ``int64[N]`` assignment or a :class:`mbdl.functional.kmeans.KMeansResult` (as
+    pytorch-metric-learning's ``AccuracyCalculator(kmeans_func=...)``); None: mbdl's seeded
+    k-means (:func:`mbdl.functional.kmeans.kmeans_fit` with ``seed``, ``kmeans_restarts`` and
+    ``backend``, run inside :func:`mbdl.runtime.torch_tuning`). A callable's result is recorded
+    as ``kmeans/backend=<its name>`` without restarts or seed, unless it returns a
+    ``KMeansResult``.
     """
     check_knn_options(distance, backend)
     ks = list(ks)
@@ -170,19 +180,35 @@ def evaluate(
             )
         )
     if by_need["kmeans"]:
-        clustering = kmeans_fit(
-            gallery,
-            num_classes,
-            seed=seed,
-            backend="faiss" if backend == "faiss" else "torch",
-            memory_budget_bytes=memory_budget_bytes,
-            restarts=kmeans_restarts,
-        )
+        if kmeans is None:
+            with torch_tuning():
+                clustering: Any = kmeans_fit(
+                    gallery,
+                    num_classes,
+                    seed=seed,
+                    backend="faiss" if backend == "faiss" else "torch",
+                    memory_budget_bytes=memory_budget_bytes,
+                    restarts=kmeans_restarts,
+                )
+        else:
+            clustering = kmeans(gallery, num_classes)
+        if isinstance(clustering, KMeansResult):
+            assignment = clustering.assignment
+        else:
+            assignment = torch.as_tensor(clustering).reshape(-1).long().to(gallery_labels.device)
+            if assignment.numel() != gallery.shape[0]:
+                raise ValueError(
+                    f"kmeans returned {assignment.numel()} assignments for {gallery.shape[0]} rows"
+                )
         for metric, _ in by_need["kmeans"]:
-            results[metric.name] = float(metric.resolve()(gallery_labels, clustering.assignment))
-        results[f"kmeans/backend={clustering.backend}"] = 1.0
-        results["kmeans/restarts"] = float(clustering.restarts)
-        results["kmeans/seed"] = float(clustering.seed)
+            results[metric.name] = float(metric.resolve()(gallery_labels, assignment))
+        if isinstance(clustering, KMeansResult):
+            results[f"kmeans/backend={clustering.backend}"] = 1.0
+            results["kmeans/restarts"] = float(clustering.restarts)
+            results["kmeans/seed"] = float(clustering.seed)
+        else:
+            name = getattr(kmeans, "__name__", type(kmeans).__name__)
+            results[f"kmeans/backend={name}"] = 1.0
     if by_need["pairs"]:
         genuine, impostor, _ = pair_distances(
             gallery,
@@ -196,6 +222,47 @@ def evaluate(
         for metric, _ in by_need["pairs"]:
             results.update(metric.resolve()(genuine, impostor, tuple(verify_fars)))
     return results
+
+
+#: keys of :func:`evaluate`'s result that say how the metrics were computed, not how good the
+#: model is (the k-means backend is the key ``kmeans/backend=<name>``)
+META_KEYS = ("kmeans/restarts", "kmeans/seed", "genuine_pairs", "impostor_pairs")
+
+
+def split_metrics(results: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
+    """``(metrics, meta)`` of :func:`evaluate`'s flat result: the metric table, and the run
+    metadata (``kmeans/backend``: its name, ``kmeans/restarts``, ``kmeans/seed``,
+    ``genuine_pairs``, ``impostor_pairs``: integers)."""
+    metrics: dict[str, float] = {}
+    meta: dict[str, Any] = {}
+    for key, value in results.items():
+        if key.startswith("kmeans/backend="):
+            meta["kmeans/backend"] = key.partition("=")[2]
+        elif key == "kmeans/backend":
+            meta[key] = value
+        elif key in META_KEYS:
+            meta[key] = int(value)
+        else:
+            metrics[key] = value
+    return metrics, meta
+
+
+def metrics_document(metrics: dict[str, Any]) -> dict[str, Any]:
+    """What ``metrics.json`` holds for a run's ``{"validation": ..., "test": ..., ...}``: each
+    split's metric table (:func:`split_metrics`) under its old key, other blocks
+    (``verification``) as they are, and the run metadata per split in a ``meta`` block."""
+    document: dict[str, Any] = {}
+    meta: dict[str, Any] = dict(metrics.get("meta") or {})
+    for key, value in metrics.items():
+        if key in ("validation", "test") and isinstance(value, dict):
+            document[key], split_meta = split_metrics(value)
+            if split_meta:
+                meta[key] = {**meta.get(key, {}), **split_meta}
+        elif key != "meta":
+            document[key] = value
+    if meta:
+        document["meta"] = meta
+    return document
 
 
 def _retrieval(

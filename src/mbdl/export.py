@@ -37,18 +37,28 @@ from torch import Tensor, nn
 
 import mbdl
 from mbdl.fileio import atomic_write_text, default_file_mode
-from mbdl.model.preprocessing import (
-    preprocessing_spec,
-    stored_preprocessing,
-    transform_from_spec,
+from mbdl.model.checkpoint import model_from_state
+from mbdl.model.jsonfile import read_json_bounded
+from mbdl.model.loading import (
+    CARD_FILE,
+    CONFIG_FILE,
+    HUB_PREFIX,
+    MODEL_FORMAT,
+    MODEL_VERSION,
+    PREPROCESSING_FILE,
+    WEIGHTS_FILE,
+    MissingExtra,
+    _load_model_dir,  # noqa: F401 (re-exported for code written before it moved)
+    hub_download,
+    is_model_dir,
+    load_embedder,
+    load_state,
+    missing_extra,
+    state_preprocessing,
+    state_record,
 )
+from mbdl.model.preprocessing import preprocessing_spec, transform_from_spec
 
-MODEL_FORMAT = "mbdl-model"
-MODEL_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-PREPROCESSING_FILE = "preprocessing.json"
-CARD_FILE = "README.md"
 FORMATS = ("onnx", "torchscript", "safetensors")
 #: largest |exported - PyTorch| accepted on an L2-normalised embedding
 DEFAULT_TOLERANCE = 1e-4
@@ -56,88 +66,8 @@ DEFAULT_TOLERANCE = 1e-4
 Format = Literal["onnx", "torchscript", "safetensors"]
 
 
-class MissingExtra(ImportError, ValueError):
-    """An optional dependency is not installed (a user error: the CLI prints it in one line)."""
-
-
-def missing_extra(package: str, extra: str) -> MissingExtra:
-    """The one-line error for an optional dependency that is not installed."""
-    return MissingExtra(f"{package} is not installed; run: pip install 'mbdl[{extra}]'")
-
-
 # ---------------------------------------------------------------------------------------------
-# loading a run, a checkpoint or a model directory
-
-
-def is_model_dir(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a model directory (holds ``config.json`` and ``model.safetensors``)."""
-    target = Path(path)
-    return (target / CONFIG_FILE).is_file() and (target / WEIGHTS_FILE).is_file()
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"cannot read {str(path)!r}: {error}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{str(path)!r} is not a JSON object")
-    return value
-
-
-def _load_model_dir(directory: Path) -> dict[str, Any]:
-    try:
-        from safetensors.torch import load_file
-    except ImportError:
-        raise ImportError("safetensors is not installed; run: pip install safetensors") from None
-    info = _read_json(directory / CONFIG_FILE)
-    if info.get("format") != MODEL_FORMAT:
-        raise ValueError(f"{str(directory)!r} is not an mbdl model directory")
-    if int(info.get("version", 0)) > MODEL_VERSION:
-        raise ValueError(
-            f"{str(directory)!r} is model version {info['version']}; this mbdl reads up to "
-            f"{MODEL_VERSION}: upgrade mbdl"
-        )
-    try:
-        weights = load_file(str(directory / WEIGHTS_FILE))
-    except Exception as error:  # safetensors raises its own error types
-        raise ValueError(f"cannot read {str(directory / WEIGHTS_FILE)!r}: {error}") from None
-    state: dict[str, Any] = {
-        "model_args": info["model_args"],
-        "data_args": info.get("data_args", {}),
-        "model_state": weights,
-        "config": info.get("training_config", {}),
-        "validation": info.get("validation", {}),
-        "model_dir": info,
-    }
-    if info.get("verification") is not None:
-        state["verification"] = info["verification"]
-    return state
-
-
-HUB_PREFIX = "hf://"
-
-
-def hub_download(spec: str) -> Path:
-    """The local copy of the model directory ``hf://owner/name[@revision]`` on the Hugging Face
-    Hub (``huggingface_hub``'s cache; only the model directory's files are fetched)."""
-    repo, _, revision = spec.removeprefix(HUB_PREFIX).partition("@")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise missing_extra("huggingface_hub", "hub") from None
-    try:
-        folder = snapshot_download(
-            repo,
-            revision=revision or None,
-            allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, PREPROCESSING_FILE, CARD_FILE],
-            library_name="mbdl",
-            library_version=mbdl.__version__,
-        )
-    except Exception as error:  # network, authentication, missing repository
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ValueError(f"cannot download {spec} from the Hugging Face Hub: {first}") from None
-    return Path(folder)
+# the model directory
 
 
 def push_to_hub(
@@ -160,62 +90,6 @@ def push_to_hub(
     return str(api.upload_folder(folder_path=str(directory), repo_id=repo_id))
 
 
-def load_state(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """A checkpoint-like dict (``model_args``, ``data_args``, ``model_state``, ``config``, ...)
-    from a model directory (local, or ``hf://owner/name[@revision]`` on the Hugging Face Hub),
-    a run directory (its best checkpoint) or a checkpoint file."""
-    from mbdl.train.checkpoint import check_stored_plugins, load_checkpoint, resolve_checkpoint
-
-    if str(path).startswith(HUB_PREFIX):
-        path = hub_download(str(path))
-    target = Path(path)
-    if is_model_dir(target):
-        state = _load_model_dir(target)
-    elif target.is_dir() and (target / CONFIG_FILE).is_file():
-        raise ValueError(f"{str(target)!r} has {CONFIG_FILE} but no {WEIGHTS_FILE}")
-    else:
-        state = load_checkpoint(resolve_checkpoint(target))
-    from mbdl.config import nested_config_values
-
-    canonical = check_stored_plugins(state, str(target))
-    if state.get("config") is not None:
-        state["config"] = nested_config_values(canonical)  # one spelling for every reader
-    return state
-
-
-def state_preprocessing(state: dict[str, Any]) -> dict[str, Any]:
-    """The preprocessing of a loaded state (:func:`mbdl.model.preprocessing.stored_preprocessing`:
-    stored with it, derived for older checkpoints)."""
-    return stored_preprocessing(state)
-
-
-def load_embedder(
-    path: str | os.PathLike[str], device: str | torch.device = "cpu"
-) -> tuple[nn.Module, Callable[[Any], Tensor]]:
-    """The embedder stored at ``path`` and the transform its input images need.
-
-    Args:
-        path: a model directory (:func:`save_pretrained`), a run directory or a checkpoint.
-        device: where to put the model.
-
-    Returns:
-        ``(model, transform)``: an ``nn.Module`` in eval mode mapping ``[B, C, H, W]`` images to
-        ``[B, d]`` embeddings, and a PIL image -> ``[C, H, W]`` tensor transform.
-
-    Example:
-        >>> model, transform = load_embedder("my-model")  # doctest: +SKIP
-        >>> embeddings = model(torch.stack([transform(image) for image in images]))  # doctest: +SKIP
-    """
-    from mbdl.train.checkpoint import model_from_state
-
-    state = load_state(path)
-    return model_from_state(state, device), transform_from_spec(state_preprocessing(state))
-
-
-# ---------------------------------------------------------------------------------------------
-# the model directory
-
-
 def _reproducing_command(config: dict[str, Any]) -> str:
     """``mbdl train key=value ...`` with the keys of ``config`` that differ from the defaults."""
     from mbdl.config import _flatten, config_from_flat, config_to_flat, load_config
@@ -235,8 +109,16 @@ def _reproducing_command(config: dict[str, Any]) -> str:
 
 
 def _metrics_table(metrics: dict[str, Any]) -> list[str]:
+    """The metric table, then the run metadata (k-means settings, pair counts) as integers."""
+    from mbdl.evaluate import split_metrics
+
+    table, meta = split_metrics(
+        {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
+    )
     rows = ["| metric | value |", "|---|---|"]
-    rows += [f"| {k} | {v:.4f} |" for k, v in metrics.items() if isinstance(v, (int, float))]
+    rows += [f"| {k} | {v:.4f} |" for k, v in table.items() if isinstance(v, (int, float))]
+    if meta:
+        rows += ["", "(" + ", ".join(f"{k} {v}" for k, v in meta.items()) + ")"]
     return rows
 
 
@@ -262,11 +144,8 @@ def card_metadata(info: dict[str, Any]) -> dict[str, Any]:
     elif backbone.startswith("timm/") and model_config.get("pretrained") == "DEFAULT":
         meta["base_model"] = backbone
     root = str(data.get("root") or "")
-    if (
-        data.get("source") == "hf"
-        and re.fullmatch(r"[\w.-]+/[\w.-]+", root)
-        and not Path(root).exists()
-    ):
+    hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", root) is not None and not Path(root).exists()
+    if data.get("source") == "hf" and hub_id:
         meta["datasets"] = [root]
     results = []
     for split, title in (("test", "test classes"), ("validation", "validation classes")):
@@ -400,29 +279,29 @@ def save_pretrained(
         if not target.is_dir() or any(target.iterdir()):
             raise ValueError(f"{str(target)!r} exists and is not an mbdl model directory")
     state = load_state(source)
-    source_path = Path(source)
+    record = state_record(state, str(source))
+    stored = record.stored_fields()
     info: dict[str, Any] = {
         "format": MODEL_FORMAT,
         "version": MODEL_VERSION,
         "mbdl_version": mbdl.__version__,
         "name": name or target.name,
-        "model_args": dict(state["model_args"]),
-        "data_args": dict(state.get("data_args", {})),
-        "preprocessing": state_preprocessing(state),
-        "distance": ((state.get("config") or {}).get("eval") or {}).get("distance", "euclidean"),
-        "validation": dict(state.get("validation") or {}),
-        "test": {},
-        "verification": state.get("verification"),
-        "training_config": dict(state.get("config") or {}),
+        "model_args": stored["model_args"],
+        "data_args": stored["data_args"],
+        "preprocessing": stored["preprocessing"],
+        "distance": record.distance,
+        "validation": dict(record.provenance.validation),
+        "test": dict(record.provenance.test),  # a model directory's own, when re-saved
+        "verification": stored["verification"],
+        "training_config": dict(record.provenance.training_config),
     }
-    if "model_dir" in state:  # re-saving a model directory keeps what it recorded
-        for key in ("test", "command", "distance"):
-            if key in state["model_dir"]:
-                info[key] = state["model_dir"][key]
-    run_dir = _run_dir_of(source_path)
+    if record.provenance.command is not None:
+        info["command"] = record.provenance.command
+    run_dir = _run_dir_of(Path(source))
     if run_dir is not None and (run_dir / "metrics.json").is_file():
-        metrics = _read_json(run_dir / "metrics.json")
-        info["test"] = dict(metrics.get("test") or {})
+        metrics = read_json_bounded(run_dir / "metrics.json")
+        test = metrics.get("test") if isinstance(metrics, dict) else None
+        info["test"] = dict(test) if isinstance(test, dict) else {}
     info.setdefault("command", _reproducing_command(info["training_config"]))
     weights = {k: v.detach().cpu().contiguous().clone() for k, v in state["model_state"].items()}
 
@@ -555,13 +434,12 @@ def export_file(
 
     Returns ``{"format", "path", "export_s", "bytes", "max_abs_diff", "images"}``.
     """
-    from mbdl.train.checkpoint import model_from_state
-
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if images.ndim != 4 or images.shape[0] < 2:
         raise ValueError(f"need at least 2 check images [N, C, H, W], got {tuple(images.shape)}")
     state = load_state(source)
+    record = state_record(state, str(source))
     model = model_from_state(state, "cpu")
     with torch.inference_mode():
         expected = model(images).float()
@@ -621,11 +499,9 @@ def export_file(
             "input": "images",
             "output": "embeddings",
             "embedding_dim": int(expected.shape[1]),
-            "distance": ((state.get("config") or {}).get("eval") or {}).get(
-                "distance", "euclidean"
-            ),
-            "preprocessing": state_preprocessing(state),
-            "verification": state.get("verification"),
+            "distance": record.distance,
+            "preprocessing": dict(record.preprocessing),
+            "verification": record.stored_fields()["verification"],
             "check": {"max_abs_diff": diff, "tolerance": tolerance, "images": len(images)},
         }
         atomic_write_text(sidecar_path(target), json.dumps(sidecar, indent=2) + "\n")
@@ -640,23 +516,23 @@ def check_images(
 ) -> Tensor:
     """Preprocessed real images to check an export with: the given image files, else the first
     ``count`` images of the model's test split (its training data)."""
-    from PIL import Image, UnidentifiedImageError
+    from mbdl.data.files import ImageReadError, read_image
 
     state = state_or_path if isinstance(state_or_path, dict) else load_state(state_or_path)
-    transform = transform_from_spec(state_preprocessing(state))
+    record = state_record(state)
+    transform = transform_from_spec(dict(record.preprocessing))
     if paths:
         tensors = []
         for path in paths:
-            try:
-                with Image.open(path) as image:
-                    tensors.append(transform(image))
-            except (OSError, UnidentifiedImageError) as error:
-                raise ValueError(f"cannot read check image {str(path)!r}: {error}") from None
+            try:  # the one checked reader: 16-bit, alpha, size bounds, as every command
+                tensors.append(transform(read_image(Path(path), record.color_mode)))
+            except ImageReadError as error:
+                raise ValueError(f"cannot read check image: {error}") from None
     else:
         from mbdl.config import config_from_flat, stored_config_values
-        from mbdl.inference import load_data
+        from mbdl.runconfig import load_data
 
-        config = state.get("config") or {}
+        config = dict(record.provenance.training_config)
         if not config:
             raise ValueError("this model records no training data; give check images (--images)")
         flat = stored_config_values(config, "checkpoint config")
@@ -675,7 +551,14 @@ def check_images(
 
 
 __all__ = [
+    "CARD_FILE",
+    "CONFIG_FILE",
     "FORMATS",
+    "HUB_PREFIX",
+    "MODEL_FORMAT",
+    "MODEL_VERSION",
+    "PREPROCESSING_FILE",
+    "WEIGHTS_FILE",
     "MissingExtra",
     "check_images",
     "export_file",
@@ -683,11 +566,13 @@ __all__ = [
     "is_model_dir",
     "load_embedder",
     "load_state",
+    "missing_extra",
     "model_card",
     "onnx_runner",
     "preprocessing_spec",
     "push_to_hub",
     "save_pretrained",
+    "state_preprocessing",
     "torchscript_runner",
     "transform_from_spec",
 ]

@@ -1,217 +1,252 @@
-"""What the inference commands and the trainer share: a config's data, its device, and the
-embedding and evaluation of a model with the config's ``eval.*`` keys.
+"""The library under the inference commands: embed, verify and evaluate a trained model.
 
-``mbdl eval``, ``embed``, ``search``, ``index``, ``verify`` and ``export`` import this module,
-never the training code (:mod:`mbdl.train.trainer`, its optimiser, sampler or data loaders).
+Each function takes a model (a :class:`mbdl.model.LoadedModel`, or a path that
+:func:`mbdl.model.load_model` reads: a model directory, ``hf://owner/name``, a run directory or a
+checkpoint) and returns a dataclass; ``mbdl embed``, ``verify`` and ``eval`` parse their
+arguments, call one of these and format the result. Images are read through the one checked
+reader (:func:`mbdl.data.files.read_image`) and go through the model's recorded preprocessing;
+a split is always embedded with the evaluation transform, the training split included.
+
+This module imports no training code. The run-config glue it and the trainer share lives in
+:mod:`mbdl.runconfig` (its names are re-exported here for code written before it moved).
 """
 
 from __future__ import annotations
 
-import inspect
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor
 
-from mbdl.config import Config, ConfigError
-from mbdl.data.workers import loader_workers
+from mbdl.errors import UserError
+from mbdl.model.loading import LoadedModel, load_model
+from mbdl.runconfig import (
+    choose_verification_threshold,
+    embed_with_config,
+    evaluate_dataset,
+    evaluate_test,
+    evaluation_options,
+    format_metrics,
+    load_data,
+    model_config,
+    resolve_device,
+    source_options,
+    split_for_inference,
+    verification_at_threshold,
+)
 
-# ---------------------------------------------------------------------------------------------
-# data and device
-
-
-def source_options(config: Config) -> dict[str, Any]:
-    """Keyword options for the source's ``load_splits``, checked against what it accepts."""
-    from mbdl.data.sources import SOURCES
-
-    accepted = inspect.signature(SOURCES.get(config.data.source).function()).parameters
-    wanted: dict[str, tuple[Any, bool]] = {  # option -> (value, whether the user asked for it)
-        "augment": (config.data.augment, config.data.augment != "auto"),
-        "skip_corrupt": (config.data.skip_corrupt, config.data.skip_corrupt),
-        "bbox": (config.data.bbox, config.data.bbox),
-        "max_classes": (config.data.max_classes, config.data.max_classes is not None),
-        "allow_outside_root": (config.data.allow_outside_root, config.data.allow_outside_root),
-        "image_column": (config.data.image_column, config.data.image_column != "image"),
-        "label_column": (config.data.label_column, config.data.label_column != "label"),
-    }
-    if config.model.pretrained is not None:
-        wanted["imagenet_norm"] = (True, False)
-    options = {}
-    for name, (value, asked) in wanted.items():
-        if name in accepted:
-            options[name] = value
-        elif asked:
-            raise ConfigError(f"data.{name} does not apply to data.source={config.data.source}")
-    return options
+ModelLike = LoadedModel | str | os.PathLike[str]
+ImageLike = Any  # a path (str / PathLike) or a PIL image
 
 
-def load_data(config: Config) -> Any:
-    """The :class:`mbdl.data.Splits` of ``config.data``."""
-    from mbdl.data import load_splits
-    from mbdl.model.preprocessing import config_statistics
+def as_loaded_model(model: ModelLike, device: str | torch.device = "auto") -> LoadedModel:
+    """``model`` itself when loaded, else :func:`mbdl.model.load_model` of the path on
+    ``device`` (``auto``: cuda when available)."""
+    if isinstance(model, LoadedModel):
+        return model
+    target = resolve_device(device) if isinstance(device, str) else device
+    return load_model(model, target)
 
-    return load_splits(
-        config.data.source,
-        config.data.root,
-        image_size=config.data.image_size,
-        val_fraction=config.data.val_fraction,
-        seed=config.seed,
-        backbone=config.model.backbone,
-        statistics=config_statistics(config),
-        **source_options(config),
+
+def read_images(model: LoadedModel, images: Sequence[ImageLike]) -> list[Any]:
+    """PIL images in the model's colour mode: paths read by the one checked reader
+    (:func:`mbdl.data.files.read_image`: 16-bit scaled, alpha composited, size bounded), PIL
+    images converted the same way."""
+    from PIL import Image
+
+    from mbdl.data.files import read_image, to_mode
+
+    mode = model.record.color_mode
+    return [
+        to_mode(image, mode) if isinstance(image, Image.Image) else read_image(image, mode)
+        for image in images
+    ]
+
+
+def embed_images(
+    model: ModelLike, images: Sequence[ImageLike], *, device: str | torch.device = "auto"
+) -> Tensor:
+    """The ``[N, d]`` float32 CPU embeddings of image files or PIL images."""
+    loaded = as_loaded_model(model, device)
+    if not images:
+        return torch.empty(0, loaded.record.embedding_dim)
+    batch = torch.stack([loaded.transform(image) for image in read_images(loaded, images)])
+    with torch.inference_mode():
+        return loaded.module(batch.to(loaded.device)).float().cpu()
+
+
+@dataclass(frozen=True)
+class SplitEmbeddings:
+    """The embeddings of one split of a model's data, in order."""
+
+    split: str
+    embeddings: Tensor  # [N, d] float32
+    labels: Tensor  # [N] int64
+    class_names: list[str]
+    items: list[str]  # each item's path or readable name
+
+
+def embed(
+    model: ModelLike,
+    *,
+    split: str = "test",
+    overrides: Sequence[str] = (),
+    device: str | torch.device = "auto",
+) -> SplitEmbeddings:
+    """Embed the ``split`` of the model's training data (``overrides``: ``data.*`` / ``eval.*``
+    / ``seed`` changes to its stored config) with the evaluation transform."""
+    loaded = as_loaded_model(model, device)
+    config = model_config(loaded.record, overrides)
+    dataset = split_for_inference(load_data(config), split)
+    embeddings, labels = embed_with_config(loaded.module, dataset, config, loaded.device)
+    return SplitEmbeddings(
+        split=split,
+        embeddings=embeddings,
+        labels=labels,
+        class_names=list(dataset.class_names),
+        items=[dataset.describe(i) for i in range(len(dataset))],
     )
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is available; use train.device=cpu")
-    return torch.device(name)
+@dataclass(frozen=True)
+class Verification:
+    """The answer to "are these two images the same item?"."""
+
+    same: bool
+    distance: float
+    threshold: float
+    distance_kind: str  # the distance measured (the model's eval.distance)
+    threshold_source: str  # "given" or "validation classes"
+    far: float | None  # the false accept rate the threshold was chosen at, when stored
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "same": self.same,
+            "distance": self.distance,
+            "threshold": self.threshold,
+            "distance_kind": self.distance_kind,
+            "threshold_source": self.threshold_source,
+            "far": self.far,
+        }
 
 
-# ---------------------------------------------------------------------------------------------
-# evaluation
-
-
-def embed_with_config(
-    model: nn.Module, dataset: Any, config: Config, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`mbdl.evaluate.embed_dataset` with the config's batch size and loader workers."""
-    from mbdl.evaluate import embed_dataset
-
-    return embed_dataset(
-        model,
-        dataset,
-        batch_size=config.eval.batch_size,
-        device=str(device),
-        num_workers=loader_workers(config.data.num_workers, dataset, training=False),
-    )
-
-
-def evaluate_dataset(
-    model: nn.Module, dataset: Any, config: Config, device: torch.device
-) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
-    """Embed ``dataset`` and compute :func:`mbdl.evaluate.evaluate` (each item queries the rest)."""
-    from mbdl.evaluate import evaluate
-
-    embeddings, labels = embed_with_config(model, dataset, config, device)
-    metrics = evaluate(
-        embeddings,
-        labels,
-        ks=tuple(config.eval.ks),
-        distance=config.eval.distance,
-        seed=config.seed,
-        **evaluation_options(config),
-    )
-    return metrics, embeddings, labels
-
-
-def evaluation_options(config: Config) -> dict[str, Any]:
-    """The :func:`mbdl.evaluate.evaluate` options the ``eval.*`` keys set beyond ks and distance."""
-    from mbdl.functional.verification import DEFAULT_FARS
-
-    return {
-        "kmeans_restarts": config.eval.kmeans_restarts,
-        "verify_fars": tuple(sorted({*DEFAULT_FARS, config.eval.verify_far}, reverse=True)),
-        "verify_max_pairs": config.eval.verify_max_pairs,
-    }
-
-
-def evaluate_test(
-    model: nn.Module, splits: Any, config: Config, device: torch.device
-) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
-    """Test metrics: query vs gallery where the source defines them (In-Shop), else every test
-    image against the others. Returns the metrics and the test split's embeddings and labels."""
-    from mbdl.evaluate import evaluate
-
-    if splits.query is not None and splits.gallery is not None:
-        query, query_labels = embed_with_config(model, splits.query, config, device)
-        gallery, gallery_labels = embed_with_config(model, splits.gallery, config, device)
-        metrics = evaluate(
-            gallery,
-            gallery_labels,
-            query_embeddings=query,
-            query_labels=query_labels,
-            ks=tuple(config.eval.ks),
-            distance=config.eval.distance,
-            seed=config.seed,
-            **evaluation_options(config),
+def stored_threshold(model: LoadedModel, distance: str) -> float:
+    """The model's validated verification threshold in ``distance``; a :class:`UserError`
+    when it stores none."""
+    verification = model.record.verification
+    if verification is None:
+        raise UserError(
+            "this model has no verification threshold (it had no validation classes, or was "
+            "trained before mbdl stored one): give one with --threshold DISTANCE"
         )
-        test, test_labels = embed_with_config(model, splits.test, config, device)
-        return metrics, test, test_labels
-    return evaluate_dataset(model, splits.test, config, device)
+    return verification.threshold_for(distance)
 
 
-def choose_verification_threshold(
-    model: nn.Module, splits: Any, config: Config, device: torch.device
-) -> dict[str, Any] | None:
-    """The distance threshold at FAR ``eval.verify_far`` on the validation classes' pairs (never
-    the test classes'), with the validation TAR and FAR it reaches; None without validation
-    classes."""
-    from mbdl.functional.verification import rates_at_threshold, threshold_at_far
+def verify(
+    model: ModelLike,
+    image_a: ImageLike,
+    image_b: ImageLike,
+    *,
+    threshold: float | None = None,
+    device: str | torch.device = "auto",
+) -> Verification:
+    """Whether ``image_a`` and ``image_b`` show the same item: their distance (the model's, in
+    float64) against ``threshold``, or the one chosen on the validation classes when None."""
+    import math
 
-    if len(splits.val) == 0:
-        return None
-    embeddings, labels = embed_with_config(model, splits.val, config, device)
-    if torch.unique(labels).numel() < 2:
-        return None
-    genuine, impostor = _verification_pairs(embeddings, labels, config)
-    threshold = threshold_at_far(genuine, impostor, config.eval.verify_far)
-    tar, far = rates_at_threshold(genuine, impostor, threshold)
-    return {
-        "threshold": threshold,
-        "far": config.eval.verify_far,
-        "distance": config.eval.distance,
-        "chosen_on": "validation",
-        "validation_tar": tar,
-        "validation_far": far,
-        "validation_pairs": [int(genuine.numel()), int(impostor.numel())],
-    }
+    from mbdl.functional.verification import paired_distances
 
-
-def verification_at_threshold(
-    embeddings: torch.Tensor, labels: torch.Tensor, config: Config, threshold: float
-) -> dict[str, float]:
-    """TAR and FAR of the pairs of ``embeddings`` at a threshold chosen elsewhere."""
-    from mbdl.functional.verification import rates_at_threshold
-
-    tar, far = rates_at_threshold(*_verification_pairs(embeddings, labels, config), threshold)
-    return {"tar@threshold": tar, "far@threshold": far}
+    loaded = as_loaded_model(model, device)
+    distance_kind = loaded.record.distance
+    if threshold is None:
+        chosen = stored_threshold(loaded, distance_kind)
+        source = "validation classes"
+        far = loaded.record.verification.far if loaded.record.verification else None
+    else:
+        if not (math.isfinite(threshold) and threshold >= 0):
+            raise UserError(f"the threshold must be a finite distance >= 0; got {threshold}")
+        chosen, source, far = float(threshold), "given", None
+    embeddings = embed_images(loaded, [image_a, image_b])
+    # the pair's own distance, as the stored threshold was chosen (float64; not a GEMM
+    # expansion, whose rounding leaves two identical images about 3e-4 apart)
+    distance = float(paired_distances(embeddings[:1], embeddings[1:], distance_kind)[0])
+    return Verification(distance <= chosen, distance, chosen, distance_kind, source, far)
 
 
-def _verification_pairs(
-    embeddings: torch.Tensor, labels: torch.Tensor, config: Config
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Genuine and impostor pair distances of a split, as ``eval.*`` and the seed say."""
-    from mbdl.functional.verification import pair_distances
+@dataclass(frozen=True)
+class Evaluation:
+    """The metrics of a model on a split of its data (``metrics``: the table of
+    :func:`mbdl.evaluate.evaluate`, plus ``tar@threshold`` / ``far@threshold`` at the stored
+    threshold; ``meta``: how they were computed)."""
 
-    genuine, impostor, _ = pair_distances(
-        embeddings,
-        labels,
-        distance=config.eval.distance,
-        max_pairs=config.eval.verify_max_pairs,
-        seed=config.seed,
-    )
-    return genuine, impostor
+    split: str
+    metrics: dict[str, float]
+    meta: dict[str, Any] = field(default_factory=dict)
+    embeddings: Tensor | None = None
+    labels: Tensor | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """What ``mbdl eval --json`` prints: ``{"metrics": ..., "meta": ...}``."""
+        return {"metrics": dict(self.metrics), "meta": dict(self.meta)}
 
 
-def format_metrics(metrics: dict[str, float]) -> str:
-    """``name value`` lines, in the order of :func:`mbdl.evaluate.evaluate`."""
-    width = max((len(k) for k in metrics), default=0)
-    return "\n".join(f"{k:<{width}}  {v:.4f}" for k, v in metrics.items())
+def evaluate_model(
+    model: ModelLike,
+    *,
+    split: str = "test",
+    overrides: Sequence[str] = (),
+    device: str | torch.device = "auto",
+) -> Evaluation:
+    """Evaluate the model on the test (query vs gallery where the source has them) or the
+    validation classes of its data, and the TAR / FAR at its stored threshold."""
+    from mbdl.evaluate import split_metrics
+
+    if split not in ("test", "val"):
+        raise UserError(f"split must be test or val, got {split!r}")
+    loaded = as_loaded_model(model, device)
+    config = model_config(loaded.record, overrides)
+    splits = load_data(config)
+    if split == "test":
+        metrics, embeddings, labels = evaluate_test(loaded.module, splits, config, loaded.device)
+    else:
+        dataset = split_for_inference(splits, "val")
+        metrics, embeddings, labels = evaluate_dataset(
+            loaded.module, dataset, config, loaded.device
+        )
+    verification = loaded.record.verification
+    if (
+        verification is not None
+        and verification.distance == config.eval.distance
+        and torch.unique(labels).numel() >= 2
+    ):
+        metrics.update(
+            verification_at_threshold(embeddings, labels, config, verification.threshold)
+        )
+    table, meta = split_metrics(metrics)
+    return Evaluation(split, table, meta, embeddings, labels)
 
 
 __all__ = [
+    "Evaluation",
+    "SplitEmbeddings",
+    "Verification",
+    "as_loaded_model",
     "choose_verification_threshold",
+    "embed",
+    "embed_images",
     "embed_with_config",
     "evaluate_dataset",
+    "evaluate_model",
     "evaluate_test",
     "evaluation_options",
     "format_metrics",
     "load_data",
+    "read_images",
     "resolve_device",
     "source_options",
-    "verification_at_threshold",
+    "stored_threshold",
+    "verify",
 ]

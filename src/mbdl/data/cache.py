@@ -35,6 +35,7 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -51,7 +52,10 @@ from mbdl.data.splits import ArrayImageDataset
 from mbdl.data.transforms import NATURAL_IMAGE_MIN_SIZE
 
 #: bump when the decoding or resizing changes
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+
+#: what a disk cache leaves free on its file system besides itself (bytes)
+DISK_MARGIN = 256 * 2**20
 
 #: in memory when the decoded images take at most this fraction of the available memory
 MEMORY_FRACTION = 0.25
@@ -67,22 +71,69 @@ def cache_side(image_size: int) -> int:
 
 
 def decode_resized(image: Any, side: int, channels: int) -> np.ndarray:
-    """A PIL image as ``uint8 [side, side]`` (grey) or ``[side, side, 3]``: the shorter side
-    resized to ``side`` (bilinear, antialiased), then centre-cropped."""
+    """A PIL image or a ``uint8 [H, W, C]`` array as ``uint8 [side, side]`` (grey) or
+    ``[side, side, 3]``: the shorter side resized to ``side`` (bilinear, antialiased), then
+    centre-cropped. Below :data:`NATURAL_IMAGE_MIN_SIZE` with PIL (the per-image path's pixels
+    exactly), from there on with torch's ``uint8`` resize
+    (:func:`mbdl.data.fastpath.resize_crop_uint8`: a fifth of PIL's time, at most one grey level
+    apart)."""
     from torchvision.transforms import functional as F
 
-    image = image.convert("L" if channels == 1 else "RGB")
-    image = F.center_crop(F.resize(image, side), [side, side])
-    return np.asarray(image, dtype=np.uint8)
+    if isinstance(image, np.ndarray):
+        if image.shape[2] == channels and side >= NATURAL_IMAGE_MIN_SIZE:
+            array = image
+        else:
+            image = Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
+    if not isinstance(image, np.ndarray):
+        image = image.convert("L" if channels == 1 else "RGB")
+        if side < NATURAL_IMAGE_MIN_SIZE:
+            image = F.center_crop(F.resize(image, side), [side, side])
+            return np.asarray(image, dtype=np.uint8)
+        array = np.asarray(image, dtype=np.uint8)
+    from mbdl.data.fastpath import resize_crop_uint8
+
+    out = resize_crop_uint8(array, side, side)
+    return out[0].numpy() if channels == 1 else out.permute(1, 2, 0).numpy()
 
 
 #: a picklable ``PIL image -> uint8 array`` (run in worker processes)
 Prepare = Callable[[Image.Image], Any]
 
 
-def _decode_range(job: tuple[Any, range, Prepare]) -> np.ndarray:
-    dataset, indices, prepare = job
-    return np.stack([np.asarray(prepare(dataset.load_image(i)), dtype=np.uint8) for i in indices])
+def load_for_cache(dataset: Any, index: int, min_side: int | None) -> Any:
+    """Item ``index`` as the source loads it (a PIL image), or, for files without a bounding
+    box, as :func:`mbdl.data.decode.read_array` reads it (a ``uint8 [H, W, C]`` array; the same
+    checks; JPEGs with DCT scaling down to a shorter side of at least ``min_side``); an unreadable
+    file is left to the source's own handling (``skip_corrupt`` stand-ins or its error)."""
+    from mbdl.data.decode import read_array
+    from mbdl.data.files import FileImageDataset, ImageReadError
+
+    direct = (
+        isinstance(dataset, FileImageDataset)
+        and dataset.bbox is None
+        and index not in dataset._replacements
+    )
+    if direct:
+        try:
+            return read_array(dataset.full_path(index), dataset.mode, min_side)
+        except ImageReadError:
+            pass
+    return dataset.load_image(index)
+
+
+def _prepared(dataset: Any, index: int, prepare: Prepare, min_side: int | None) -> np.ndarray:
+    """``prepare`` of item ``index``: :func:`decode_resized` takes the decoded array as it is,
+    any other ``prepare`` (an evaluation transform's PIL steps) a PIL image of it."""
+    image = load_for_cache(dataset, index, min_side)
+    takes_arrays = isinstance(prepare, functools.partial) and prepare.func is decode_resized
+    if isinstance(image, np.ndarray) and not takes_arrays:
+        image = Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
+    return np.asarray(prepare(image), dtype=np.uint8)
+
+
+def _decode_range(job: tuple[Any, range, Prepare, int | None]) -> np.ndarray:
+    dataset, indices, prepare, min_side = job
+    return np.stack([_prepared(dataset, i, prepare, min_side) for i in indices])
 
 
 def available_memory() -> int:
@@ -119,8 +170,11 @@ def cache_key(dataset: Any, *params: Any) -> str:
     return digest.hexdigest()[:20]
 
 
-def decode_all(dataset: Any, prepare: Prepare, out: np.ndarray) -> None:
-    """``prepare(dataset.load_image(i))`` of every item into ``out`` (``[N, H, W(, 3)]``)."""
+def decode_all(
+    dataset: Any, prepare: Prepare, out: np.ndarray, min_side: int | None = None
+) -> None:
+    """``prepare(load_for_cache(dataset, i, min_side))`` of every item into ``out``
+    (``[N, H, W(, 3)]``)."""
     count = len(dataset)
     workers = decode_workers(count)
     # a few chunks per worker: each job carries the dataset (its file list) once
@@ -128,10 +182,10 @@ def decode_all(dataset: Any, prepare: Prepare, out: np.ndarray) -> None:
     ranges = [range(s, min(s + chunk, count)) for s in range(0, count, chunk)]
     if workers == 0:
         for r in ranges:
-            out[r.start : r.stop] = _decode_range((dataset, r, prepare))
+            out[r.start : r.stop] = _decode_range((dataset, r, prepare, min_side))
         return
     with ProcessPoolExecutor(workers) as pool:
-        jobs = [(dataset, r, prepare) for r in ranges]
+        jobs = [(dataset, r, prepare, min_side) for r in ranges]
         for r, block in zip(ranges, pool.map(_decode_range, jobs), strict=True):
             out[r.start : r.stop] = block
 
@@ -143,19 +197,37 @@ def decoded_training_split(
     *,
     mode: str = "auto",
     cache_dir: str | os.PathLike[str] | None = None,
+    notes: list[str] | None = None,
 ) -> Any:
     """``dataset`` decoded once (see the module docstring), or ``dataset`` itself when ``mode``
-    is ``off``, when it is already in memory, or when its transform is not one of
-    :func:`mbdl.data.build_transforms` (a custom transform must see the original image)."""
+    is ``off`` (or ``auto`` finds no room: :func:`plan_cache`), when it is already in memory,
+    or when its transform is not one of :func:`mbdl.data.build_transforms` (a custom transform
+    must see the original image). Where the images went and why is appended to ``notes``."""
     if mode not in CACHE_MODES:
         raise ValueError(f"cache mode must be one of {', '.join(CACHE_MODES)}; got {mode!r}")
     spec = getattr(dataset.transform, "spec", None)
-    if mode == "off" or isinstance(dataset, ArrayImageDataset) or not isinstance(spec, dict):
+    if isinstance(dataset, ArrayImageDataset):
+        if notes is not None:
+            notes.append("images in memory already")
+        return dataset
+    if mode == "off" or not isinstance(spec, dict):
+        if notes is not None:
+            notes.append(
+                "data.cache=off: decoded per image"
+                if mode == "off"
+                else "custom transform: decoded per image"
+            )
         return dataset
     side = cache_side(image_size)
     shape = (len(dataset), side, side) + (() if channels == 1 else (3,))
     prepare = functools.partial(decode_resized, side=side, channels=channels)
-    images = _decoded(dataset, prepare, shape, mode, cache_dir, [side, channels])
+    # photographs much larger than the cached square: JPEG DCT scaling while decoding
+    min_side = side if image_size >= NATURAL_IMAGE_MIN_SIZE else None
+    images = _decoded(
+        dataset, prepare, shape, mode, cache_dir, [side, channels], min_side=min_side, notes=notes
+    )
+    if images is None:
+        return dataset
     describe = [dataset.describe(i) for i in range(len(dataset))]
     return ArrayImageDataset(
         images, dataset.labels, dataset.class_names, describe, dataset.transform
@@ -221,19 +293,96 @@ def decoded_evaluation_split(
     first = np.asarray(image_steps(dataset.load_image(0)), dtype=np.uint8)
     shape = (len(dataset), *first.shape)
     images = _decoded(dataset, image_steps, shape, mode, cache_dir, ["eval", repr(image_steps)])
+    if images is None:
+        return dataset
     return DecodedEvaluationSplit(dataset, images, tensor_steps)
 
 
-def decode_splits(splits: Any, mode: str = "auto") -> None:
+def decode_splits(splits: Any, mode: str = "auto", num_workers: int | str = "auto") -> None:
     """Decode once, in place, what a run reads more than once: the training split
-    (:func:`decoded_training_split`) and the evaluation splits (:func:`decoded_evaluation_split`)."""
+    (:func:`decoded_training_split`) and the evaluation splits (:func:`decoded_evaluation_split`).
+    Where the images went and why, and the training loader's workers (``num_workers``, sized by
+    :func:`mbdl.data.workers.loader_workers_reason`), go to ``splits.info["data_path"]`` (the
+    data line)."""
+    from mbdl.data.batched import batched_training_data
+    from mbdl.data.workers import loader_workers_reason
+
+    notes: list[str] = []
     splits.train = decoded_training_split(
-        splits.train, splits.image_size, splits.channels, mode=mode
+        splits.train, splits.image_size, splits.channels, mode=mode, notes=notes
     )
     for name in ("val", "test", "query", "gallery"):
         dataset = getattr(splits, name, None)
         if dataset is not None:
             setattr(splits, name, decoded_evaluation_split(dataset, mode=mode))
+    batched = batched_training_data(splits.train)
+    workers, why = loader_workers_reason(
+        num_workers, batched if batched is not None else splits.train, training=True
+    )
+    notes.append(f"{workers} loader worker(s): {why}")
+    if splits.info is None:
+        splits.info = {}
+    splits.info["data_path"] = "; ".join(notes)
+
+
+def _gib(size: float) -> str:
+    return f"{size / 2**30:.2f} GiB"
+
+
+def disk_free(folder: Path) -> int:
+    """Free bytes on the file system of ``folder`` (or of its nearest existing parent)."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
+def plan_cache(mode: str, size: int, folder: Path, *, cached: bool = False) -> tuple[str, str]:
+    """``(where, reason)``: ``"memory"``, ``"disk"`` or ``"off"`` for ``size`` bytes of decoded
+    images under ``mode``, from the available memory and the free space of ``folder``
+    (``cached``: a matching cache file is there already). ``disk`` on a file system without
+    ``size`` + :data:`DISK_MARGIN` free is refused before anything is written (a
+    :class:`~mbdl.errors.UserError` with the size it needs); ``auto`` then decodes per image."""
+    from mbdl.errors import UserError, terminal_safe
+
+    if mode == "off":
+        return "off", "data.cache=off: decoded per image"
+    if mode == "memory":
+        return "memory", f"data.cache=memory: {_gib(size)} decoded in memory"
+    available = available_memory()
+    if mode == "auto" and size <= MEMORY_FRACTION * available:
+        return "memory", (
+            f"cache in memory: {_gib(size)} decoded fit in a quarter of {_gib(available)} available"
+        )
+    if cached:
+        return (
+            "disk",
+            f"cache on disk: {_gib(size)} mapped from {terminal_safe(folder)} (built before)",
+        )
+    free, needed = disk_free(folder), size + DISK_MARGIN
+    if free < needed:
+        if mode == "disk":
+            raise UserError(
+                f"the decoded-image cache needs {_gib(needed)} free in {terminal_safe(folder)} "
+                f"but only {_gib(free)} is free; free space, set MBDL_CACHE to a larger disk, or "
+                "set data.cache=off"
+            )
+        return "off", (
+            f"no cache: {_gib(size)} decoded exceed a quarter of {_gib(available)} available "
+            f"memory and the {_gib(free)} free in {terminal_safe(folder)}; decoded per image"
+        )
+    how = (
+        "data.cache=disk"
+        if mode == "disk"
+        else f"{_gib(size)} exceed a quarter of {_gib(available)} available memory"
+    )
+    return "disk", f"cache on disk ({how}): memory-mapped from {terminal_safe(folder)}"
+
+
+def _cache_folder(cache_dir: str | os.PathLike[str] | None) -> Path:
+    from mbdl.data.glyphs import default_cache_dir
+
+    return Path(cache_dir) if cache_dir is not None else default_cache_dir()
 
 
 def _decoded(
@@ -243,39 +392,95 @@ def _decoded(
     mode: str,
     cache_dir: str | os.PathLike[str] | None,
     key: list[Any],
-) -> np.ndarray:
-    """The ``uint8`` array of ``prepare`` over ``dataset``: in memory when ``mode`` says so (or,
-    for ``auto``, when it fits), else memory-mapped from the cache directory."""
+    *,
+    min_side: int | None = None,
+    notes: list[str] | None = None,
+) -> np.ndarray | None:
+    """The ``uint8`` array of ``prepare`` over ``dataset``: in memory or memory-mapped from the
+    cache directory as :func:`plan_cache` decides (its reason appended to ``notes``), or None
+    when it decides ``off``."""
     size = int(np.prod(shape))
-    if mode == "memory" or (mode == "auto" and size <= MEMORY_FRACTION * available_memory()):
+    folder = _cache_folder(cache_dir)
+    path = folder / f"decoded-{cache_key(dataset, *key, min_side)}.u8"
+    where, reason = plan_cache(mode, size, folder, cached=_valid_cache(path, shape))
+    if notes is not None:
+        notes.append(reason)
+    if where == "off":
+        return None
+    if where == "memory":
         images = np.empty(shape, dtype=np.uint8)
-        decode_all(dataset, prepare, images)
+        decode_all(dataset, prepare, images, min_side)
         return images
-    return _disk_cache(dataset, prepare, shape, cache_dir, key)
+    return _disk_cache(dataset, prepare, shape, path, min_side, [*key, min_side])
+
+
+def _sources_digest(dataset: Any, params: list[Any]) -> str:
+    """A hash of the items' names and the decoding ``params`` (not the files' sizes and times,
+    nor :data:`CACHE_VERSION`): a cache of the same files before they changed, or written by
+    another version, has the same."""
+    digest = hashlib.sha256(json.dumps(params).encode())
+    for i in range(len(dataset)):
+        digest.update(dataset.describe(i).encode("utf-8", "surrogateescape") + b"\0")
+    return digest.hexdigest()[:20]
+
+
+def _valid_cache(path: Path, shape: tuple[int, ...]) -> bool:
+    """``path`` and its ``.json`` record exist and agree: this version, this shape, its size."""
+    record = path.with_suffix(".json")
+    try:
+        meta = json.loads(record.read_text(encoding="utf-8"))
+        return (
+            isinstance(meta, dict)
+            and meta.get("version") == CACHE_VERSION
+            and meta.get("shape") == list(shape)
+            and path.stat().st_size == int(np.prod(shape))
+        )
+    except (OSError, ValueError):
+        return False
+
+
+def _remove_stale(folder: Path, sources: str, keep: Path) -> None:
+    """Delete the caches of the same files written before they changed (or by another version)."""
+    for record in folder.glob("decoded-*.json"):
+        if record.with_suffix(".u8") == keep:
+            continue
+        try:
+            meta = json.loads(record.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(meta, dict) and meta.get("sources") == sources:
+            record.with_suffix(".u8").unlink(missing_ok=True)
+            record.unlink(missing_ok=True)
 
 
 def _disk_cache(
     dataset: Any,
     prepare: Prepare,
     shape: tuple[int, ...],
-    cache_dir: str | os.PathLike[str] | None,
-    key: list[Any],
+    path: Path,
+    min_side: int | None,
+    params: list[Any],
 ) -> np.ndarray:
-    from mbdl.data.glyphs import default_cache_dir
+    """The memory map of ``path``, decoded into it first unless :func:`_valid_cache` (a file of
+    another version, shape or size, or without its record, is rebuilt, never read)."""
+    from mbdl.fileio import atomic_write_text
 
-    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    folder = path.parent
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"decoded-{cache_key(dataset, *key)}.u8"
-    size = int(np.prod(shape))
-    if not (path.is_file() and path.stat().st_size == size):
+    if not _valid_cache(path, shape):
+        sources = _sources_digest(dataset, params)
         handle, temp = tempfile.mkstemp(dir=folder, prefix=path.name, suffix=".tmp")
         os.close(handle)
         try:
             raw = np.memmap(temp, dtype=np.uint8, mode="w+", shape=shape)
-            decode_all(dataset, prepare, raw)
+            decode_all(dataset, prepare, raw, min_side)
             raw.flush()
             del raw
+            path.with_suffix(".json").unlink(missing_ok=True)
             os.replace(temp, path)
         finally:
             Path(temp).unlink(missing_ok=True)
+        record = {"version": CACHE_VERSION, "shape": list(shape), "sources": sources}
+        atomic_write_text(path.with_suffix(".json"), json.dumps(record) + "\n")
+        _remove_stale(folder, sources, path)
     return np.memmap(path, dtype=np.uint8, mode="r", shape=shape)

@@ -15,6 +15,10 @@ machine's other jobs left the step's threads idle in turns. Hence:
 - training image by image (PIL transforms, files decoded every epoch; ``data.cache=off`` or a
   custom transform): the work is per image and parallel, so one worker per CPU but one (the
   training step's), at most :data:`MAX_WORKERS` (by reasoning; not measured here);
+- with a CUDA device the step does not use the CPUs: batches from memory get
+  :data:`GPU_BATCH_WORKERS` workers (gathering a batch of 256-px squares and pinning it overlap
+  the step), images decoded one by one every CPU but one, at most :data:`MAX_GPU_WORKERS` (by
+  reasoning; ``benchmarks/gpu_check.sh`` measures both);
 - evaluation from memory (:class:`~mbdl.data.splits.ArrayImageDataset`, a decoded evaluation
   split of :mod:`mbdl.data.cache`): none (by reasoning, not measured: an item is a copy and a
   ``ToTensor``, while worker processes would start again at every evaluation); from files: as
@@ -29,6 +33,12 @@ from typing import Any
 #: the most worker processes ``auto`` starts
 MAX_WORKERS = 8
 
+#: with a CUDA device: the most worker processes for images decoded one by one
+MAX_GPU_WORKERS = 32
+
+#: with a CUDA device: worker processes for whole batches from memory
+GPU_BATCH_WORKERS = 2
+
 
 def cpu_count() -> int:
     """The CPUs this process may run on."""
@@ -40,17 +50,35 @@ def cpu_count() -> int:
 def loader_workers(requested: int | str, dataset: Any, *, training: bool) -> int:
     """``requested`` itself, or for ``"auto"`` the worker processes for loading ``dataset``
     (the module docstring): ``training`` is the training loader, else an embedding pass."""
+    return loader_workers_reason(requested, dataset, training=training)[0]
+
+
+def loader_workers_reason(
+    requested: int | str, dataset: Any, *, training: bool, gpu: bool | None = None
+) -> tuple[int, str]:
+    """:func:`loader_workers` and why (a few words for the data line); ``gpu``: whether a CUDA
+    device trains (default: whether one is available)."""
     if requested != "auto":
-        return int(requested)
+        return int(requested), "data.num_workers"
+    import torch
+
     from mbdl.data.batched import InMemoryBatches
     from mbdl.data.cache import DecodedEvaluationSplit
     from mbdl.data.splits import ArrayImageDataset
 
-    spare = cpu_count() - 1
+    cpus = cpu_count()
+    gpu = torch.cuda.is_available() if gpu is None else gpu
+    spare = cpus - 1
     if isinstance(dataset, InMemoryBatches):
-        import torch
-
-        return 1 if cpu_count() > torch.get_num_threads() else 0
+        if gpu:
+            count = min(GPU_BATCH_WORKERS, max(0, spare))
+            return count, f"auto: whole batches from memory, {cpus} CPUs, augmented on the GPU"
+        threads = torch.get_num_threads()
+        if cpus > threads:
+            return 1, f"auto: whole batches from memory, a CPU left by {threads} training threads"
+        return 0, f"auto: whole batches from memory, no CPU left by {threads} training threads"
     if not training and isinstance(dataset, (ArrayImageDataset, DecodedEvaluationSplit)):
-        return 0
-    return max(0, min(spare, MAX_WORKERS))
+        return 0, "auto: evaluation from memory"
+    cap = MAX_GPU_WORKERS if gpu else MAX_WORKERS
+    count = max(0, min(spare, cap))
+    return count, f"auto: images decoded one by one, {cpus} CPUs but one (at most {cap})"

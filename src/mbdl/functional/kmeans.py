@@ -19,16 +19,17 @@ The seeding is the same for both backends (torch, from one generator seeded by `
 they differ only by floating-point rounding in Lloyd's iterations. Rows are scaled by a power
 of two when their magnitude would overflow or underflow float32 squares; the clustering is
 invariant to that scaling.
+
+Nothing here changes torch's global state on its own: the per-operation thread counts and the
+bf16-rounded scoring products apply only inside the caller's :func:`mbdl.runtime.torch_tuning`
+(which :func:`mbdl.evaluate.evaluate` enters), and each is restored as its operation ends.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -40,6 +41,7 @@ from mbdl.functional.knn import (
     query_chunk_size,
     safe_scale,
 )
+from mbdl.runtime import reduced_precision_products, reduced_precision_switch, torch_threads
 
 KMEANS_BACKENDS: tuple[str, ...] = ("auto", "torch", "faiss")
 DEFAULT_RESTARTS: int | str = "auto"
@@ -187,59 +189,11 @@ def within_cluster_sum_of_squares(x: Tensor, assignment: Tensor) -> float:
 SEEDING_BUFFER_BYTES = 2**28
 
 
-@contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """Run torch's CPU operations on ``count`` threads, then restore the previous count.
-
-    Loops of many small operations run on one: each multi-threaded operation waits for all its
-    threads to be scheduled, which on a loaded machine costs a time slice per operation."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def seeding_pool_size(n: int, trials: int) -> int:
     """Proposals per pool of :func:`kmeans_plus_plus` for ``n`` rows: up to 1,024 (enough for
     an efficient GEMM) while the ``pool x n`` float32 distances fit in 256 MiB, never fewer
     than ``trials``. It depends on ``n`` alone, so the memory budget never changes the seeds."""
     return max(trials, min(1024, SEEDING_BUFFER_BYTES // (4 * max(n, 1))))
-
-
-def reduced_precision_switch(device: torch.device) -> tuple[Any, str] | None:
-    """The switch that lets float32 matrix products on ``device`` round their inputs to bf16
-    (still accumulating and returning float32) and that setting: oneDNN's ``"bf16"`` on a CPU
-    with bf16 matrix units; ``None`` elsewhere: other CPUs (emulated bf16 is slower), a torch
-    without the per-backend ``fp32_precision`` switch, and GPUs (CUDA's tf32 not taken: not
-    measured here, and float32 keeps a GPU's seeds those of the CPU)."""
-    if device.type != "cpu":
-        return None
-    from mbdl.train.precision import cpu_has_bf16_matrix_units
-
-    switch = getattr(torch.backends.mkldnn, "matmul", None)
-    if not cpu_has_bf16_matrix_units() or switch is None or not hasattr(switch, "fp32_precision"):
-        return None
-    return switch, "bf16"
-
-
-@contextmanager
-def reduced_precision_products(device: torch.device) -> Iterator[None]:
-    """Float32 matrix products on ``device`` may round their inputs to bf16 inside
-    (:func:`reduced_precision_switch`; nothing changes where it is ``None``); the previous
-    setting is restored on exit."""
-    found = reduced_precision_switch(device)
-    if found is None:
-        yield
-        return
-    switch, precision = found
-    previous = switch.fp32_precision
-    switch.fp32_precision = precision
-    try:
-        yield
-    finally:
-        switch.fp32_precision = previous
 
 
 def kmeans_plus_plus(

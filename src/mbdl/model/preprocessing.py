@@ -250,25 +250,6 @@ def transform_from_spec(spec: dict[str, Any]) -> Callable[[Any], Tensor]:
     )
 
 
-def stored_preprocessing(state: Mapping[str, Any]) -> dict[str, Any]:
-    """The preprocessing record of a loaded checkpoint or model directory: the one stored with
-    it (model directory, ``data_args["preprocessing"]``), else the one older versions implied
-    (ImageNet statistics when ``model.pretrained`` was set, bilinear, 224/256)."""
-    info = state.get("model_dir")
-    if isinstance(info, Mapping) and isinstance(info.get("preprocessing"), Mapping):
-        return check_spec(info["preprocessing"], "preprocessing.json")
-    data_args = state.get("data_args") or {}
-    if isinstance(data_args.get("preprocessing"), Mapping):
-        return check_spec(data_args["preprocessing"], "data_args.preprocessing")
-    model_args = state["model_args"]
-    pretrained = (state.get("config") or {}).get("model", {}).get("pretrained")
-    return preprocessing_spec(
-        int(data_args.get("image_size", 32)),
-        int(data_args.get("channels", model_args.get("in_channels", 3))),
-        imagenet_norm=pretrained is not None,
-    )
-
-
 def model_statistics(
     backbone: str,
     pretrained: str | None,

@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from mbdl.errors import UserError
-from mbdl.model.preprocessing import ImageStatistics, stored_preprocessing
+from mbdl.model.preprocessing import ImageStatistics
 
 #: model_args that must agree between the stored model and the new run
 MATCHING = ("backbone", "embedding_dim", "in_channels", "head_bn", "normalize")
@@ -26,7 +26,7 @@ class WarmStartError(UserError):
 
 
 def _load(path: str) -> dict[str, Any]:
-    from mbdl.export import load_state
+    from mbdl.model.loading import load_state
 
     try:
         return load_state(path)
@@ -39,7 +39,9 @@ def _load(path: str) -> dict[str, Any]:
 
 def init_statistics(path: str) -> ImageStatistics:
     """The preprocessing values the model at ``path`` was trained with."""
-    spec = stored_preprocessing(_load(path))
+    from mbdl.model.loading import state_preprocessing
+
+    spec = state_preprocessing(_load(path))
     return ImageStatistics(
         tuple(spec["mean"]),
         tuple(spec["std"]),

@@ -235,7 +235,8 @@ def render_report(
             '<div class="split">'
             + _metrics_table(metrics)
             + (_figure(recall_plot, "Recall@K against K", css="recall") if recall_plot else "")
-            + "</div>",
+            + "</div>"
+            + _meta_block(metrics),
             _metrics_note(metrics),
         ),
         _section(
@@ -321,37 +322,105 @@ def _summary_cards(
     return f'<section class="cards" aria-label="Key figures">{items}</section>'
 
 
+#: the groups of the metrics table, by what a metric needs (:data:`mbdl.metrics.NEEDS`)
+_GROUPS = (("knn", "Retrieval"), ("kmeans", "Clustering"), ("pairs", "Verification"))
+#: the splits the metrics table has a column for (metrics.json's other blocks are not splits)
+_NOT_SPLITS = frozenset({"meta", "verification"})
+
+
+def _metric_tables(
+    metrics: Mapping[str, Mapping[str, Any]],
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Per split, the metric table and the run metadata: ``metrics.json``'s ``meta`` block where
+    it has one, else separated from the split's flat metrics (:func:`mbdl.evaluate.split_metrics`)."""
+    from mbdl.evaluate import split_metrics
+
+    stored_meta = metrics.get("meta") if isinstance(metrics.get("meta"), Mapping) else {}
+    tables: dict[str, dict[str, Any]] = {}
+    metas: dict[str, dict[str, Any]] = {}
+    for split, values in metrics.items():
+        if split in _NOT_SPLITS or not _has_scalars(values):
+            continue
+        table, meta = split_metrics({k: v for k, v in values.items() if _is_scalar(v)})
+        tables[str(split)] = table
+        extra = stored_meta.get(split) if isinstance(stored_meta, Mapping) else None
+        metas[str(split)] = {**meta, **(dict(extra) if isinstance(extra, Mapping) else {})}
+    return tables, metas
+
+
+def _group_of(name: str, registry: Sequence[Any]) -> str:
+    metric = metric_of(name, registry)
+    if metric is not None:
+        return metric.needs
+    if name.startswith(("tar@", "far@", "threshold@", "eer")):
+        return "pairs"
+    return "other"
+
+
 def _metrics_table(metrics: Mapping[str, Mapping[str, Any]]) -> str:
-    splits = [s for s in metrics if _has_scalars(metrics[s])]
-    names = sorted_metric_keys(
-        {name for s in splits for name, v in metrics[s].items() if _is_scalar(v)}
-    )
+    tables, _ = _metric_tables(metrics)
+    splits = [s for s in tables if tables[s]]
+    names = sorted_metric_keys({name for s in splits for name in tables[s]})
     if not names:
         return '<p class="empty">No metrics were recorded.</p>'
     head = "".join(
         f'<th scope="col" class="num">{escape(str(s).capitalize())}</th>' for s in splits
     )
     registry = registered_metrics()
-    rows = []
+    grouped: dict[str, list[str]] = {}
     for name in names:
-        metric = metric_of(name, registry)
-        title = f' title="{escape(metric.description)}"' if metric and metric.description else ""
-        cells = "".join(
-            f'<td class="num">{escape(_format_value(metrics[s][name]))}</td>'
-            if name in metrics[s]
-            else '<td class="num missing">—</td>'
-            for s in splits
-        )
-        label = escape(metric_label(name, registry))
-        rows.append(f'<tr><th scope="row"{title}>{label}</th>{cells}</tr>')
+        grouped.setdefault(_group_of(name, registry), []).append(name)
+    bodies = []
+    for need, title in (*_GROUPS, ("other", "Other")):
+        if need not in grouped:
+            continue
+        rows = [
+            f'<tr class="group"><th scope="rowgroup" colspan="{len(splits) + 1}">'
+            f"{escape(title)}</th></tr>"
+        ]
+        for name in grouped[need]:
+            metric = metric_of(name, registry)
+            tip = f' title="{escape(metric.description)}"' if metric and metric.description else ""
+            cells = "".join(
+                f'<td class="num">{escape(_format_value(tables[s][name]))}</td>'
+                if name in tables[s]
+                else '<td class="num missing">—</td>'
+                for s in splits
+            )
+            label = escape(metric_label(name, registry))
+            rows.append(f'<tr><th scope="row"{tip}>{label}</th>{cells}</tr>')
+        bodies.append(f"<tbody>{''.join(rows)}</tbody>")
     return (
         '<table class="metrics"><thead><tr><th scope="col">Metric</th>'
-        f"{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+        f"{head}</tr></thead>{''.join(bodies)}</table>"
     )
 
 
+def _meta_block(metrics: Mapping[str, Mapping[str, Any]]) -> str:
+    """How the metrics were computed (k-means backend, restarts, seed; pair counts, as
+    integers) and the verification threshold, apart from the metrics."""
+    _, metas = _metric_tables(metrics)
+    items = []
+    for split, meta in metas.items():
+        if meta:
+            text = ", ".join(f"{key} {_format_value(value)}" for key, value in meta.items())
+            items.append(f"<li><strong>{escape(split.capitalize())}</strong>: {escape(text)}</li>")
+    chosen = metrics.get("verification")
+    if isinstance(chosen, Mapping) and _is_scalar(chosen.get("threshold")):
+        far = chosen.get("far")
+        text = f"{chosen.get('distance', '')} distance {_format_value(chosen['threshold'])}"
+        if _is_scalar(far):
+            text += (
+                f", chosen on the {chosen.get('chosen_on', 'validation')} classes at FAR {far:g}"
+            )
+        items.append(f"<li><strong>Verification threshold</strong>: {escape(text)}</li>")
+    if not items:
+        return ""
+    return f'<ul class="meta" aria-label="Run metadata">{"".join(items)}</ul>'
+
+
 def _metrics_note(metrics: Mapping[str, Mapping[str, Any]]) -> str:
-    splits = [str(s) for s in metrics if _has_scalars(metrics[s])]
+    splits = [str(s) for s in metrics if s not in _NOT_SPLITS and _has_scalars(metrics[s])]
     registry = registered_metrics()
     groups = [
         (source, [m.label for m in registry if m.needs == need])
@@ -574,6 +643,9 @@ tbody tr:nth-child(even) { background: #f9fafb; }
 .num { text-align: right; font-variant-numeric: tabular-nums; }
 .missing { color: var(--muted); }
 table.metrics { max-width: 460px; flex: 1 1 340px; }
+table.metrics tr.group th { text-align: left; font-size: 0.8rem; text-transform: uppercase;
+  letter-spacing: 0.04em; color: #6b7280; padding-top: 0.8rem; }
+ul.meta { font-size: 0.85rem; color: #4b5563; margin: 0.8rem 0 0; padding-left: 1.1rem; }
 .split { display: flex; flex-wrap: wrap; gap: 24px; align-items: flex-start; }
 .split .plot { flex: 1 1 380px; margin: 0; }
 .split .plot img { max-width: 500px; width: 100%; }

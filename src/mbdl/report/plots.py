@@ -140,7 +140,8 @@ def plot_training_curves(
             annotation_clip=False,
         )
     if shown:
-        val_ax.legend(fontsize=8, frameon=False, loc="best")
+        # beside the axes, never on the curves
+        val_ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     else:
         val_ax.text(0.5, 0.5, "no validation metrics recorded", ha="center", va="center")
     _style_axes(val_ax, "Validation metrics per epoch", "epoch", integer_x=True)
@@ -170,7 +171,7 @@ def plot_recall_curve(metrics: Mapping[str, Mapping[str, Any]]) -> str | None:
     ax.set_xticklabels([str(k) for k in sorted(all_k)])
     ax.minorticks_off()
     ax.set_ylim(top=1.0)
-    ax.legend(fontsize=9, frameon=False, loc="lower right")
+    ax.legend(fontsize=9, frameon=False, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     _style_axes(ax, "Recall@K", "K")
     ax.set_ylabel("recall")
     fig.tight_layout()

@@ -5,13 +5,7 @@ from __future__ import annotations
 import torch
 
 from mbdl.config import ConfigError
-
-
-def cpu_has_bf16_matrix_units() -> bool:
-    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX tiles), where
-    autocast to bf16 makes convolutions and matrix products faster than fp32."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+from mbdl.runtime import cpu_has_bf16_matrix_units
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:

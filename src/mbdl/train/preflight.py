@@ -80,8 +80,9 @@ def validate_before_training(config: Config, splits: Any) -> None:
 
 
 def describe_data(splits: Any) -> str:
-    """One line: images and classes of each split, the class sizes, what was skipped, and the
-    network's input size (and how it was picked)."""
+    """One line: images and classes of each split, the class sizes, what was skipped, the
+    network's input size (and how it was picked), and where the decoded images are held and how
+    many loader workers read them (and why)."""
     parts = []
     for name in ("train", "val", "test", "query", "gallery"):
         dataset = getattr(splits, name, None)
@@ -98,4 +99,6 @@ def describe_data(splits: Any) -> str:
     extra += f"; {duplicates} duplicate paths counted once" if duplicates else ""
     size = info.get("image_size") or f"{splits.image_size} px"
     extra += f"; input {size}, {splits.channels} channel(s)"
+    if info.get("data_path"):  # mbdl.data.cache.decode_splits: cache and loader workers, and why
+        extra += f"; {info['data_path']}"
     return f"data {splits.source}: " + ", ".join(parts) + extra

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from mbdl.config import Config, ConfigError, config_differences, config_to_flat, load_config
+from mbdl.distributed import DistributedInfo, broadcast_object
 from mbdl.train.checkpoint import load_checkpoint
 from mbdl.train.runlock import RUN_LOCK, acquire_run_lock, remove_debris
 
@@ -60,4 +61,26 @@ def prepare_run_dir(config: Config) -> tuple[Path, dict[str, Any] | None]:
     return out, state
 
 
-__all__ = ["prepare_run_dir"]
+def prepare_run_dir_on_ranks(
+    config: Config, dist: DistributedInfo
+) -> tuple[Path, dict[str, Any] | None]:
+    """:func:`prepare_run_dir` on rank 0; the other ranks get its directory and state."""
+    if not dist.enabled:
+        return prepare_run_dir(config)
+    outcome: tuple[str, Any, Any]
+    if dist.is_main:
+        try:
+            out, state = prepare_run_dir(config)
+            outcome = ("ok", str(out), state)
+        except ConfigError as error:
+            outcome = ("error", str(error), None)
+    else:
+        outcome = ("", None, None)
+    kind, value, state = broadcast_object(outcome)
+    if kind == "error":
+        raise ConfigError(value)
+    config.out = value
+    return Path(value), state
+
+
+__all__ = ["prepare_run_dir", "prepare_run_dir_on_ranks"]

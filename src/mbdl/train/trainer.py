@@ -47,99 +47,75 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
-from mbdl.config import Config, ConfigError, config_to_dict, config_to_yaml
-from mbdl.data.batched import batch_loader, batched_training_data
-from mbdl.data.cache import decode_splits
-from mbdl.data.workers import loader_workers
+from mbdl.config import Config, config_to_dict, config_to_yaml
 from mbdl.distributed import (
     DistributedInfo,
     GatheredLoss,
     average_gradients,
-    barrier,
     broadcast_object,
     init_distributed,
     replicas_differ,
 )
-from mbdl.errors import TrainingDiverged, UserError, terminal_safe
+from mbdl.errors import TrainingDiverged, UserError
 from mbdl.fileio import atomic_write_text
-from mbdl.inference import (
-    choose_verification_threshold,
-    evaluate_dataset,
-    evaluate_test,
-    format_metrics,
-    load_data,
-    resolve_device,
-    verification_at_threshold,
-)
-from mbdl.losses.xbm import CrossBatchMemory
-from mbdl.metrics import improves
-from mbdl.model.preprocessing import config_preprocessing
-from mbdl.models.depth import freeze_blocks
-from mbdl.models.warmstart import warm_start
+from mbdl.runconfig import evaluate_dataset, evaluate_test, format_metrics, resolve_device
 from mbdl.tracking import Sinks, check_sinks
-from mbdl.train.callbacks import (
-    Callback,
-    CallbackList,
-    ReportWriter,
-    TestResult,
-    TrackingSinks,
+from mbdl.train.build import (
+    build_loss_from_config,
+    build_model_from_config,
+    cross_batch_memory,
+    memory_format_of,
+    model_args,
 )
-from mbdl.train.checkpoint import (
-    check_state_matches,
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
+from mbdl.train.callbacks import Callback, CallbackList, ReportWriter, TestResult, TrackingSinks
+from mbdl.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from mbdl.train.data import training_loader, training_sampler, training_splits
 from mbdl.train.optim import build_optimizer, build_scheduler
+from mbdl.train.policies import builtin_callbacks
 from mbdl.train.precision import amp_dtype, amp_name
-from mbdl.train.preflight import describe_data, validate_before_training
-from mbdl.train.progress import Progress
-from mbdl.train.rundir import prepare_run_dir
+from mbdl.train.progress import Progress, announce, print_epoch, progress_bar
+from mbdl.train.rundir import prepare_run_dir_on_ranks
 from mbdl.train.runlock import release_run_lock
-from mbdl.train.seeding import SeededBatches, SeededDataset, seed_everything
+from mbdl.train.seeding import seed_everything
+from mbdl.train.state import checkpoint_state, restore
 
 # How long a rank waits in a collective while rank 0 validates, tests or writes checkpoints.
 COLLECTIVE_TIMEOUT = timedelta(hours=2)
 
-
-def _is_convolutional(model: nn.Module) -> bool:
-    """Whether ``model`` has 2-D convolutions (which the channels-last format speeds up)."""
-    return any(isinstance(module, nn.Conv2d) for module in model.modules())
-
-
-def _model_args(config: Config, channels: int) -> dict[str, Any]:
-    return {
-        "backbone": config.model.backbone,
-        "embedding_dim": config.model.embedding_dim,
-        "in_channels": channels,
-        "freeze_bn": config.model.freeze_bn,
-        "head_bn": config.model.head_bn,
-        "normalize": True,
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# the loop
+#: names of log.jsonl's epoch record that a callback's step logs may not take
+RECORD_KEYS = frozenset(
+    {"epoch", "step", "train_loss", "lr", "images_per_s", "elapsed_s", "world_size", "amp"}
+    | {"validation", "stopped_by", "loss"}
+)
 
 
 class Trainer:
-    """One training run of a validated :class:`Config` (see :func:`train`)."""
+    """One training run of a validated :class:`Config` (see :func:`train`).
 
-    def __init__(self, config: Config, callbacks: Sequence[Callback] = ()) -> None:
-        """Prepare the run: processes and device, the run directory (and the state to resume),
-        the data, the model, the loss, the optimiser and schedule, the training batches, and
-        the callbacks (the report, the trackers of ``train.loggers``, then ``callbacks``)."""
+    ``model``, ``loss``, ``optimizer``, ``scheduler`` (stepped once per optimiser step) and
+    ``data`` (a :class:`mbdl.data.Splits`: train, validation and test classes) are used when
+    given, else built from the config. ``callbacks`` follow the built-in ones.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        model: nn.Module | None = None,
+        loss: nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+        data: Any = None,
+        callbacks: Sequence[Callback] = (),
+    ) -> None:
         self.config = config
         check_sinks(config.train.loggers)  # a missing tracker package: before any file is written
         self.device = resolve_device(config.train.device)
@@ -148,175 +124,70 @@ class Trainer:
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
-        self.out, resume_state = self._prepare_run_dir()
+        self.out, resume_state = prepare_run_dir_on_ranks(config, self.dist)
+        self.checkpoints = self.out / "checkpoints"
         self.amp = amp_dtype(config.train.amp, self.device)
         if config.train.num_threads is not None:
             torch.set_num_threads(config.train.num_threads)
-        self.checkpoints = self.out / "checkpoints"
+        self.should_stop = False
 
-        self.splits = self._load_splits()
-        self.sampler, self.steps_per_epoch = self._build_sampler()
-
-        seed_everything(config.seed)  # model initialisation independent of data loading
-        self.model_args = _model_args(config, self.splits.channels)
-        self.model = self._build_model()
-        self.memory_format = (
-            torch.channels_last
-            if config.train.channels_last and _is_convolutional(self.model)
-            else torch.contiguous_format
+        self.splits = training_splits(config, self.dist, data)
+        self.sampler, self.steps_per_epoch = training_sampler(
+            config, self.splits.train.labels, self.dist
         )
+        seed_everything(config.seed)  # model initialisation independent of data loading
+        self.model_args = model_args(config, self.splits.channels)
+        if model is None:
+            model = build_model_from_config(config, self.model_args)
+        self.model = model.to(self.device)
+        self.memory_format = memory_format_of(config, self.model)
         self.model.to(memory_format=self.memory_format)
-        self.loss, self.memory = self._build_loss()
+        if loss is None:
+            loss = build_loss_from_config(config, self.splits.train.labels)
+        self.loss = loss.to(self.device)
+        self.memory = cross_batch_memory(config, self.loss)
+        if self.memory is not None:
+            self.memory.to(self.device)
         # gather every rank's batch first, then (optionally) the memory, then the loss
         self.criterion = GatheredLoss(self.memory if self.memory is not None else self.loss)
-        self.optimizer = build_optimizer(config, self.model, self.loss)
-        self.scheduler = build_scheduler(self.optimizer, config, self.steps_per_epoch)
+        if optimizer is None:
+            optimizer = build_optimizer(config, self.model, self.loss)
+        self.optimizer = optimizer
+        if scheduler is None:
+            scheduler = build_scheduler(optimizer, config, self.steps_per_epoch)
+        self.scheduler = scheduler
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=self.amp == torch.float16 and self.device.type == "cuda"
         )
+        self.network: nn.Module = self.model  # what the training step calls
+        self.ddp: nn.parallel.DistributedDataParallel | None = None
+        if self.dist.enabled:
+            self.ddp = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+            self.network = self.ddp
+        if config.train.compile:
+            self.network = torch.compile(self.network)  # type: ignore[assignment]
+        self.loader_generator = torch.Generator()
+        self.loader, self.batched = training_loader(
+            config, self.splits.train, self.sampler, self.device, self.loader_generator
+        )
 
+        # only rank 0 writes files: the other ranks call no callback
+        sinks = Sinks.open(config.train.loggers, self.out, enabled=self.dist.is_main)
+        everyone = [*builtin_callbacks(config), ReportWriter(), TrackingSinks(sinks), *callbacks]
+        self.callbacks = CallbackList(everyone if self.dist.is_main else [])
         self.progress = Progress()
         self.config_dict = config_to_dict(config)
-        if resume_state is not None:
-            self._restore(resume_state)
-        elif self.dist.is_main:
-            atomic_write_text(self.out / "config.yaml", config_to_yaml(config))
-        self.network: nn.Module = self.model  # what the training step calls
-        if self.dist.enabled:
-            self.network = nn.parallel.DistributedDataParallel(
-                self.model,
-                device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            )
-        self.loader_generator = torch.Generator()
-        self.batched = batched_training_data(self.splits.train)
-        if self.batched is not None:  # on a CPU, loader workers overlap the augmentation
-            self.batched.augment_in_loader = self.device.type == "cpu"
-        self.loader = self._build_loader()
-
-        sinks = Sinks.open(config.train.loggers, self.out, enabled=self.dist.is_main)
-        # only rank 0 writes files: the other ranks call no callback
-        everyone = [ReportWriter(), TrackingSinks(sinks), *callbacks]
-        self.callbacks = CallbackList(everyone if self.dist.is_main else [])
         try:
+            if resume_state is not None:
+                restore(self, resume_state)
+            elif self.dist.is_main:
+                atomic_write_text(self.out / "config.yaml", config_to_yaml(config))
             self.callbacks.on_train_start(self)
         except BaseException:
             self.callbacks.on_close(self)  # train() releases the run directory
             raise
-
-    # -- building ----------------------------------------------------------------------------
-
-    def _load_splits(self) -> Any:
-        """The config's splits (rank 0 first: it may build caches or download), the training
-        and evaluation splits decoded once (:mod:`mbdl.data.cache`), checked against the config up front."""
-        config = self.config
-        seed_everything(config.seed)
-        if not self.dist.is_main:
-            barrier()  # rank 0 builds caches or downloads first
-        splits = load_data(config)
-        decode_splits(splits, config.data.cache)  # training and evaluation splits, once
-        if self.dist.is_main:
-            barrier()
-        validate_before_training(config, splits)  # every check the data allows, up front
-        if config.train.progress and self.dist.is_main:
-            print(terminal_safe(describe_data(splits)), file=sys.stderr, flush=True)
-        return splits
-
-    def _build_sampler(self) -> tuple[Any, int]:
-        """The class-balanced batch sampler of this rank and the steps of an epoch."""
-        from mbdl.data import ClassBalancedBatchSampler
-
-        config = self.config
-        sampler = ClassBalancedBatchSampler(
-            self.splits.train.labels,
-            config.train.batch_classes,
-            config.train.batch_per_class,
-            seed=config.seed,
-            num_replicas=self.dist.world_size,
-            rank=self.dist.rank,
-        )
-        steps_per_epoch = len(sampler)
-        if config.train.max_steps_per_epoch is not None:
-            steps_per_epoch = min(steps_per_epoch, config.train.max_steps_per_epoch)
-        return sampler, steps_per_epoch
-
-    def _build_model(self) -> nn.Module:
-        from mbdl.models import build_model
-
-        args = dict(self.model_args)
-        model = build_model(
-            args.pop("backbone"),
-            args.pop("embedding_dim"),
-            pretrained=self.config.model.pretrained,
-            **args,
-        )
-        if self.config.model.init is not None:
-            warm_start(model, self.config.model.init)
-        freeze_blocks(model.backbone, self.config.model.freeze_blocks)
-        return model.to(self.device)
-
-    def _build_loss(self) -> tuple[nn.Module, CrossBatchMemory | None]:
-        """The loss (given what it ``needs``) and the cross-batch memory around it, if any."""
-        from mbdl.losses import build_loss, loss_class
-
-        config = self.config
-        num_classes = len(np.unique(self.splits.train.labels))
-        extra: dict[str, Any] = {}
-        needs = getattr(loss_class(config.loss.name), "needs", ())
-        if "num_classes" in needs:
-            extra["num_classes"] = num_classes
-        if "embedding_dim" in needs:
-            extra["embedding_dim"] = config.model.embedding_dim
-        loss = build_loss(config.loss.name, **config.loss.params, **extra).to(self.device)
-        memory: CrossBatchMemory | None = None
-        if config.train.xbm_size > 0:
-            memory = CrossBatchMemory(
-                loss,
-                config.train.xbm_size,
-                config.model.embedding_dim,
-                config.train.xbm_warmup_steps,
-            ).to(self.device)
-        return loss, memory
-
-    def _build_loader(self) -> Iterable[Any]:
-        """The training batches, seeded per item (:mod:`mbdl.train.seeding`)."""
-        config = self.config
-        loaded = self.batched if self.batched is not None else SeededDataset(self.splits.train)
-        workers = loader_workers(config.data.num_workers, loaded, training=True)
-        if self.batched is not None:  # in memory: whole batches, augmented on self.device
-            return batch_loader(
-                self.batched,
-                SeededBatches(self.sampler, config.seed),
-                workers=workers,
-                pin_memory=self.device.type == "cuda",
-                generator=self.loader_generator,
-            )
-        return DataLoader(
-            loaded,
-            batch_sampler=SeededBatches(self.sampler, config.seed),
-            num_workers=workers,
-            persistent_workers=workers > 0,  # not started again every epoch
-            pin_memory=self.device.type == "cuda",
-            generator=self.loader_generator,
-        )
-
-    def _prepare_run_dir(self) -> tuple[Path, dict[str, Any] | None]:
-        """:func:`prepare_run_dir` on rank 0; the other ranks get its directory and state."""
-        if not self.dist.enabled:
-            return prepare_run_dir(self.config)
-        outcome: tuple[str, Any, Any]
-        if self.dist.is_main:
-            try:
-                out, state = prepare_run_dir(self.config)
-                outcome = ("ok", str(out), state)
-            except ConfigError as error:
-                outcome = ("error", str(error), None)
-        else:
-            outcome = ("", None, None)
-        kind, value, state = broadcast_object(outcome)
-        if kind == "error":
-            raise ConfigError(value)
-        self.config.out = value
-        return Path(value), state
 
     def close(self) -> None:
         """Release the run directory; destroy the process group if this trainer created it."""
@@ -328,105 +199,213 @@ class Trainer:
         if self.dist.enabled and self.owns_process_group and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
+    # -- the loop ------------------------------------------------------------------------------
+
+    def fit(self) -> None:
+        """Train until ``train.epochs`` or a stop (continuing a resumed position)."""
+        p = self.progress
+        if self.config.train.progress and self.dist.is_main:
+            announce(self.out, p, self.config.train.epochs)
+        wall: list[float] = []  # seconds per epoch run here, validation included (for the ETA)
+        while p.epoch < self.config.train.epochs and not self.should_stop:
+            start = time.perf_counter()
+            self._run_epoch(p.epoch)  # optimiser steps; on_step_end after each
+            with self.callbacks.evaluation_weights(self):  # e.g. the EMA weights
+                validation = self._validate(p.epoch)  # None when this epoch does not validate
+                if validation is not None:
+                    self.callbacks.on_validation(self, p.epoch + 1, validation)
+                    self.callbacks.on_validation_end(self, p.epoch + 1, validation)  # best.pt
+            self._sync_stop()
+            self._end_epoch(validation)  # log.jsonl, on_epoch_end, last.pt
+            wall.append(time.perf_counter() - start)
+            remaining = (self.config.train.epochs - p.epoch) * sum(wall) / len(wall)
+            if self.config.train.progress and self.dist.is_main:
+                eta = 0.0 if self.should_stop else remaining
+                print_epoch(p.history[-1], self.config, self.dist.world_size, eta)
+        with self.callbacks.evaluation_weights(self):
+            self.callbacks.on_fit_end(self)  # the final choice when nothing validated
+
+    def _run_epoch(self, epoch: int) -> None:
+        p, accumulate = self.progress, self.config.train.accumulate
+        every = self.config.train.checkpoint_every_steps
+        self.sampler.set_epoch(epoch, p.step_in_epoch * accumulate)
+        self.loader_generator.manual_seed(self.config.seed * 1_000_003 + epoch)
+        self.model.train()
+        self.criterion.train()
+        shown = self.config.train.progress and sys.stderr.isatty() and self.dist.is_main
+        bar = progress_bar(self.steps_per_epoch, p.step_in_epoch, epoch, self.config, shown)
+        try:
+            batches = iter(self.loader)
+            while p.step_in_epoch < self.steps_per_epoch and not self.should_stop:
+                start = time.perf_counter()
+                micro = [self._augmented(next(batches)) for _ in range(accumulate)]
+                images, labels = [m[0] for m in micro], [m[1] for m in micro]
+                value = self._train_step(images, labels)
+                seen = sum(int(part.shape[0]) for part in labels) * self.dist.world_size
+                p.advance(value, seen, time.perf_counter() - start)
+                self._step_end(value)
+                rate = p.epoch_images / p.epoch_seconds if p.epoch_seconds > 0 else 0.0
+                bar.set_postfix(loss=f"{value:.4f}", img_s=f"{rate:.0f}", refresh=False)
+                bar.update(1)
+                more = p.step_in_epoch < self.steps_per_epoch and not self.should_stop
+                if every is not None and p.global_step % every == 0 and more:
+                    self.save("last")
+        finally:
+            bar.close()
+
+    def _train_step(self, images: Sequence[torch.Tensor], labels: Sequence[torch.Tensor]) -> float:
+        """One optimiser step on the gradients of the micro-batches ``images[i], labels[i]``
+        (``train.accumulate`` of them, each loss divided by their number); returns the mean of
+        their losses."""
+        self.optimizer.zero_grad(set_to_none=True)
+        total, count = 0.0, len(images)
+        for number, (micro_images, micro_labels) in enumerate(zip(images, labels, strict=True)):
+            last = number == count - 1
+            sync = self.ddp.no_sync() if self.ddp is not None and not last else None
+            with sync or contextlib.nullcontext():
+                loss = self._loss(micro_images, micro_labels)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise TrainingDiverged(f"the loss is {value} {self._where()}. {self._advice()}")
+                self.scaler.scale(loss / count).backward()
+            total += value
+        average_gradients(self.loss.parameters())  # DDP averages the model's only
+        if self.config.train.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            norm = torch.nn.utils.clip_grad_norm_(params, self.config.train.grad_clip)
+            if not self.scaler.is_enabled() and not math.isfinite(float(norm)):
+                raise TrainingDiverged(
+                    f"the gradient norm is {float(norm)} {self._where()}. {self._advice()}"
+                )
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return total / count
+
+    def _loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
+        images = images.contiguous(memory_format=self.memory_format)
+        labels = labels.to(self.device, non_blocking=True)
+        autocast = (
+            torch.autocast(self.device.type, dtype=self.amp)
+            if self.amp is not None
+            else contextlib.nullcontext()
+        )
+        with autocast:
+            embeddings = self.network(images)
+        return self.criterion(embeddings.float(), labels)
+
+    def _step_end(self, loss: float) -> None:
+        """``on_step_end``; the values callbacks added to the step's logs are kept for the epoch's
+        record; a stop asked on rank 0 reaches every rank."""
+        logs = {"loss": loss, "lr": float(self.optimizer.param_groups[0]["lr"])}
+        self.callbacks.on_step_end(self, self.progress.global_step, logs)
+        added = {k: v for k, v in logs.items() if k not in ("loss", "lr")}
+        clash = sorted(set(added) & RECORD_KEYS)
+        if clash:
+            raise UserError(f"a callback logged {clash[0]!r}, a name log.jsonl already uses")
+        self.progress.add_step_logs(added)
+        self._sync_stop()
+
+    def _sync_stop(self) -> None:
+        if self.dist.enabled:
+            self.should_stop = bool(broadcast_object(self.should_stop))
+
+    def _validate(self, epoch: int) -> dict[str, float] | None:
+        """Validation metrics after ``epoch`` (0-based) when it is a validation epoch (every
+        ``train.val_every``, the last one, and the one a stop ends)."""
+        config = self.config
+        last_epoch = epoch + 1 == config.train.epochs or self.should_stop
+        if len(self.splits.val) == 0:
+            return None
+        if (epoch + 1) % config.train.val_every != 0 and not last_epoch:
+            return None
+        metrics = None
+        if self.dist.is_main:  # the other ranks wait for the result
+            # evaluation draws from the global RNGs (DataLoader seeds): keep the training streams
+            # as they were, so that every rank draws the same numbers in a loss that samples
+            # (margin's negatives) and validating does not change the training
+            saved = rng_state()
+            try:
+                with self._contiguous_model():
+                    metrics, _, _ = evaluate_dataset(
+                        self.model, self.splits.val, config, self.device
+                    )
+            finally:
+                set_rng_state(saved)
+            self.model.train()
+        return broadcast_object(metrics)
+
+    def _end_epoch(self, validation: dict[str, float] | None) -> None:
+        """Append the epoch's record to log.jsonl, tell the callbacks, write last.pt."""
+        p = self.progress
+        record: dict[str, Any] = {
+            "epoch": p.epoch + 1,
+            "step": p.global_step,
+            "train_loss": p.epoch_loss_sum / max(1, p.epoch_batches),
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "images_per_s": p.epoch_images / p.epoch_seconds if p.epoch_seconds > 0 else None,
+            "elapsed_s": p.elapsed_s,
+            "world_size": self.dist.world_size,
+            "amp": amp_name(self.amp),
+        }
+        record.update({k: total / max(1, n) for k, (total, n) in p.step_logs.items()})
+        if validation is not None:
+            record["validation"] = validation
+        if self.should_stop:
+            record["stopped_by"] = self.callbacks.stopped_by or "trainer.should_stop"
+        p.history.append(record)
+        self._check_replicas()
+        if self.dist.is_main:
+            with open(self.out / "log.jsonl", "a", encoding="utf-8") as log:
+                log.write(json.dumps(record) + "\n")
+            self.callbacks.on_epoch_end(self, record)
+        p.next_epoch()
+        p.stopped_early = self.should_stop
+        self.save("last")
+
+    def test(self) -> dict[str, Any]:
+        """Evaluate the chosen checkpoint on the test classes once; write metrics.json and the
+        report (on rank 0; the other ranks receive its metrics). Returns ``{"validation": ...,
+        "test": ...}`` (and ``verification``, ``stopped`` when they apply)."""
+        if not self.dist.is_main:
+            return broadcast_object(None)
+        best = load_checkpoint(self.checkpoints / "best.pt")
+        self.model.load_state_dict(best["model_state"])
+        self.model.eval()
+        with self._contiguous_model():
+            test_metrics, embeddings, labels = evaluate_test(
+                self.model, self.splits, self.config, self.device
+            )
+            metrics = {"validation": dict(best.get("validation", {})), "test": test_metrics}
+            result = TestResult(metrics, embeddings, labels)
+            self.callbacks.on_test(self, result)  # the verification threshold
+        stopped = [r for r in self.progress.history if "stopped_by" in r]
+        if stopped:
+            by, epoch = stopped[-1]["stopped_by"], stopped[-1]["epoch"]
+            metrics["stopped"] = {"epoch": epoch, "step": stopped[-1]["step"], "by": by}
+        atomic_write_text(self.out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        self.callbacks.on_train_end(self, result)
+        return broadcast_object(metrics)
+
     # -- checkpoints -----------------------------------------------------------------------
 
-    def _data_args(self) -> dict[str, Any]:
-        return {
-            "source": self.config.data.source,
-            "root": self.config.data.root,
-            "image_size": int(self.splits.image_size),
-            "channels": int(self.splits.channels),
-            "preprocessing": config_preprocessing(self.config, self.splits),
-        }
-
-    def _check_finite_weights(self) -> None:
+    def save(self, kind: Literal["last", "best"], **fields: Any) -> None:
+        """Write ``checkpoints/<kind>.pt`` (rank 0), refusing non-finite weights."""
         for name, param in self.model.named_parameters():
             if not bool(torch.isfinite(param.detach()).all()):
                 raise TrainingDiverged(
                     f"parameter {name} became NaN or Inf {self._where()}; not checkpointed. "
                     f"{self._advice()}"
                 )
-
-    def checkpoint_state(self, kind: Literal["last", "best"], **fields: Any) -> dict[str, Any]:
-        """The one checkpoint layout (:mod:`mbdl.train.checkpoint`): what rebuilds the model
-        (config, model and data arguments, weights, loss parameters); for ``last`` also what
-        resumes the run exactly (optimiser, scheduler, GradScaler, RNG states, progress, number
-        of processes, cross-batch memory); then ``fields`` (``best``: epoch and validation)."""
-        state: dict[str, Any] = {
-            "kind": kind,
-            "config": self.config_dict,
-            "model_args": self.model_args,
-            "data_args": self._data_args(),
-            "model_state": self.model.state_dict(),
-            "loss_state": self.loss.state_dict(),
-        }
-        if kind == "last":
-            state.update(
-                optimizer=self.optimizer.state_dict(),
-                scheduler=self.scheduler.state_dict(),
-                scaler=self.scaler.state_dict(),
-                rng=rng_state(),
-                progress=self.progress.to_state(),
-                world_size=self.dist.world_size,
-            )
-            if self.memory is not None:
-                state["xbm_state"] = self.memory.state_dict()
-        return {**state, **fields}
-
-    def _save(self, kind: Literal["last", "best"], **fields: Any) -> None:
-        """Write ``checkpoints/<kind>.pt`` (rank 0), refusing non-finite weights."""
-        self._check_finite_weights()
         if not self.dist.is_main:
             return
         path = self.checkpoints / f"{kind}.pt"
-        save_checkpoint(path, self.checkpoint_state(kind, **fields))
+        save_checkpoint(path, checkpoint_state(self, kind, **fields))
         self.callbacks.on_checkpoint(self, path)
 
-    def _save_last(self) -> None:
-        self._save("last")
-
-    def _save_best(self, epoch: int, validation: dict[str, float]) -> None:
-        self._save("best", epoch=epoch, validation=dict(validation))
-
-    def _restore(self, state: dict[str, Any]) -> None:
-        saved_world = int(state.get("world_size", 1))
-        if saved_world != self.dist.world_size:
-            raise ConfigError(
-                f"{self.checkpoints / 'last.pt'} was written by {saved_world} process(es); resume "
-                f"it with the same number (torchrun --nproc_per_node ...), not "
-                f"{self.dist.world_size}"
-            )
-        if (self.memory is not None) != ("xbm_state" in state):
-            raise ConfigError(f"{self.checkpoints / 'last.pt'} does not match train.xbm_size")
-        last = self.checkpoints / "last.pt"
-        try:  # every field checked against this run before anything is restored
-            check_state_matches(self.model.state_dict(), state["model_state"], f"{last} model")
-            check_state_matches(self.loss.state_dict(), state["loss_state"], f"{last} loss")
-            if self.memory is not None:
-                check_state_matches(self.memory.state_dict(), state["xbm_state"], f"{last} xbm")
-            self.model.load_state_dict(state["model_state"])
-            self.loss.load_state_dict(state["loss_state"])
-            if self.memory is not None:
-                self.memory.load_state_dict(state["xbm_state"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            self.scaler.load_state_dict(state["scaler"])
-            self.progress = Progress.from_state(state["progress"])
-            set_rng_state(state["rng"])
-        except UserError:
-            raise
-        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as error:
-            raise ConfigError(
-                f"{last} does not match this run ({type(error).__name__}: "
-                f"{str(error).splitlines()[0] if str(error) else ''}); it is damaged or from "
-                "another version: start a new run with another out="
-            ) from None
-        if self.dist.is_main:
-            # log.jsonl may hold records written after this checkpoint: rewrite it from the history
-            lines = "".join(json.dumps(r) + "\n" for r in self.progress.history)
-            atomic_write_text(self.out / "log.jsonl", lines)
-
-    # -- training ----------------------------------------------------------------------------
+    # -- small parts ---------------------------------------------------------------------------
 
     def _where(self) -> str:
         p = self.progress
@@ -463,149 +442,6 @@ class Trainer:
         images = images.to(self.device, non_blocking=True)
         return self.batched.finish(images, params), labels
 
-    def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
-        images = images.to(self.device, non_blocking=True)
-        images = images.contiguous(memory_format=self.memory_format)
-        labels = labels.to(self.device, non_blocking=True)
-        self.optimizer.zero_grad(set_to_none=True)
-        autocast = (
-            torch.autocast(self.device.type, dtype=self.amp)
-            if self.amp is not None
-            else contextlib.nullcontext()
-        )
-        with autocast:
-            embeddings = self.network(images)
-        loss = self.criterion(embeddings.float(), labels)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise TrainingDiverged(f"the loss is {value} {self._where()}. {self._advice()}")
-        self.scaler.scale(loss).backward()
-        average_gradients(self.loss.parameters())  # DDP averages the model's only
-        if self.config.train.grad_clip is not None:
-            self.scaler.unscale_(self.optimizer)
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            norm = torch.nn.utils.clip_grad_norm_(params, self.config.train.grad_clip)
-            if not self.scaler.is_enabled() and not math.isfinite(float(norm)):
-                raise TrainingDiverged(
-                    f"the gradient norm is {float(norm)} {self._where()}. {self._advice()}"
-                )
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        return value
-
-    def _progress_bar(self, epoch: int) -> Any:
-        from tqdm.auto import tqdm
-
-        enabled = self.config.train.progress and sys.stderr.isatty() and self.dist.is_main
-        return tqdm(
-            total=self.steps_per_epoch,
-            initial=self.progress.step_in_epoch,
-            desc=f"epoch {epoch + 1}/{self.config.train.epochs}",
-            unit="batch",
-            disable=not enabled,
-            leave=False,
-            dynamic_ncols=True,
-        )
-
-    def _run_epoch(self, epoch: int) -> None:
-        p = self.progress
-        every = self.config.train.checkpoint_every_steps
-        self.sampler.set_epoch(epoch, p.step_in_epoch)
-        self.loader_generator.manual_seed(self.config.seed * 1_000_003 + epoch)
-        self.model.train()
-        self.criterion.train()
-        bar = self._progress_bar(epoch)
-        try:
-            batches = iter(self.loader)
-            while p.step_in_epoch < self.steps_per_epoch:
-                start = time.perf_counter()
-                images, labels = self._augmented(next(batches))
-                value = self._train_step(images, labels)
-                seconds = time.perf_counter() - start
-                p.step_in_epoch += 1
-                p.global_step += 1
-                p.epoch_loss_sum += value
-                p.epoch_batches += 1
-                p.epoch_images += int(labels.shape[0]) * self.dist.world_size  # global
-                p.epoch_seconds += seconds
-                p.elapsed_s += seconds
-                rate = p.epoch_images / p.epoch_seconds if p.epoch_seconds > 0 else 0.0
-                bar.set_postfix(loss=f"{value:.4f}", img_s=f"{rate:.0f}", refresh=False)
-                bar.update(1)
-                if every is not None and p.global_step % every == 0:
-                    if p.step_in_epoch < self.steps_per_epoch:
-                        self._save_last()
-        finally:
-            bar.close()
-
-    def _validate(self, epoch: int) -> dict[str, float] | None:
-        """Validation metrics after ``epoch`` (0-based) when it is a validation epoch."""
-        config = self.config
-        last_epoch = epoch + 1 == config.train.epochs
-        if len(self.splits.val) == 0:
-            return None
-        if (epoch + 1) % config.train.val_every != 0 and not last_epoch:
-            return None
-        metrics = None
-        if self.dist.is_main:  # the other ranks wait for the result
-            # evaluation draws from the global RNGs (DataLoader seeds): keep the training streams
-            # as they were, so that every rank draws the same numbers in a loss that samples
-            # (margin's negatives) and validating does not change the training
-            saved = rng_state()
-            try:
-                with self._contiguous_model():
-                    metrics, _, _ = evaluate_dataset(
-                        self.model, self.splits.val, config, self.device
-                    )
-            finally:
-                set_rng_state(saved)
-            self.model.train()
-        return broadcast_object(metrics)
-
-    def _end_epoch(self, epoch: int, validation: dict[str, float] | None) -> bool:
-        """Log the epoch, update the best checkpoint and patience; True to stop early."""
-        p = self.progress
-        config = self.config
-        stop = False
-        record: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "step": p.global_step,
-            "train_loss": p.epoch_loss_sum / max(1, p.epoch_batches),
-            "lr": float(self.optimizer.param_groups[0]["lr"]),
-            "images_per_s": p.epoch_images / p.epoch_seconds if p.epoch_seconds > 0 else None,
-            "elapsed_s": p.elapsed_s,
-            "world_size": self.dist.world_size,
-            "amp": amp_name(self.amp),
-        }
-        if validation is not None:
-            record["validation"] = validation
-            value = float(validation[config.train.select_metric])
-            if improves(config.train.select_metric, value, p.best_value):
-                p.best_value, p.best_epoch = value, epoch + 1
-                p.best_validation = dict(validation)
-                p.bad_validations = 0
-                self._save_best(epoch + 1, validation)
-            else:
-                p.bad_validations += 1
-                if config.train.patience is not None and p.bad_validations >= config.train.patience:
-                    stop = True
-        p.history.append(record)
-        self._check_replicas()
-        if self.dist.is_main:
-            with open(self.out / "log.jsonl", "a", encoding="utf-8") as log:
-                log.write(json.dumps(record) + "\n")
-            self.callbacks.on_epoch_end(self, record)
-        p.epoch += 1
-        p.step_in_epoch = 0
-        p.epoch_loss_sum, p.epoch_batches, p.epoch_images, p.epoch_seconds = 0.0, 0, 0, 0.0
-        p.stopped_early = stop
-        if stop or p.epoch == config.train.epochs:
-            if p.best_value is None:  # no validation classes: the final model is the choice
-                self._save_best(p.epoch, {})
-        self._save_last()
-        return stop
-
     def _check_replicas(self) -> None:
         """Under torchrun: every rank must hold the same parameters (and memory)."""
         if not self.dist.enabled:
@@ -620,93 +456,18 @@ class Trainer:
                 f"the ranks' copies diverged {self._where()}: {', '.join(differ[:3])} differ"
             )
 
-    def fit(self) -> None:
-        """Train until ``train.epochs`` or early stopping (continuing a resumed position)."""
-        p = self.progress
-        shown = self.config.train.progress and self.dist.is_main
-        if shown and p.epoch < self.config.train.epochs:
-            where = f" from epoch {p.epoch + 1}, step {p.step_in_epoch}" if p.global_step else ""
-            print(f"training into {self.out}{where}", file=sys.stderr, flush=True)
-        wall: list[float] = []  # seconds per epoch run here, validation included (for the ETA)
-        while p.epoch < self.config.train.epochs and not p.stopped_early:
-            epoch = p.epoch
-            start = time.perf_counter()
-            self._run_epoch(epoch)
-            validation = self._validate(epoch)
-            if validation is not None:
-                self.callbacks.on_validation(self, epoch + 1, validation)
-            self._end_epoch(epoch, validation)
-            wall.append(time.perf_counter() - start)
-            remaining = (self.config.train.epochs - p.epoch) * sum(wall) / len(wall)
-            self._print_epoch(p.history[-1], remaining if not p.stopped_early else 0.0)
 
-    def _print_epoch(self, record: dict[str, Any], eta_s: float) -> None:
-        if not self.config.train.progress or not self.dist.is_main:
-            return
-        parts = [
-            f"epoch {record['epoch']}/{self.config.train.epochs}",
-            f"loss {record['train_loss']:.4f}",
-        ]
-        if record.get("images_per_s"):
-            world = f" ({self.dist.world_size} processes)" if self.dist.enabled else ""
-            parts.append(f"{record['images_per_s']:.0f} img/s{world}")
-        validation = record.get("validation")
-        if validation:
-            metric = self.config.train.select_metric
-            parts.append(f"val {metric} {validation[metric]:.4f}")
-        if eta_s > 0:
-            parts.append(f"ETA {timedelta(seconds=round(eta_s))}")
-        print("  ".join(parts), file=sys.stderr, flush=True)
-
-    def test(self) -> dict[str, Any]:
-        """Evaluate the chosen checkpoint on the test classes once; write metrics.json and the
-        report (on rank 0; the other ranks receive its metrics). Returns ``{"validation": ...,
-        "test": ...}``."""
-        if not self.dist.is_main:
-            return broadcast_object(None)
-        best = load_checkpoint(self.checkpoints / "best.pt")
-        self.model.load_state_dict(best["model_state"])
-        self.model.eval()
-        with self._contiguous_model():
-            test_metrics, embeddings, labels = evaluate_test(
-                self.model, self.splits, self.config, self.device
-            )
-            metrics: dict[str, Any] = {
-                "validation": dict(best.get("validation", {})),
-                "test": test_metrics,
-            }
-            verification = self._verification(best, embeddings, labels)
-        if verification is not None:
-            metrics["test"].update(verification.pop("test"))
-            metrics["verification"] = verification
-        atomic_write_text(self.out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-        self.callbacks.on_train_end(self, TestResult(metrics, embeddings, labels))
-        return broadcast_object(metrics)
-
-    def _verification(
-        self, best: dict[str, Any], embeddings: torch.Tensor, labels: torch.Tensor
-    ) -> dict[str, Any] | None:
-        """Choose the verification threshold on the validation classes with the chosen model,
-        store it in best.pt, and measure the test classes' TAR and FAR at it."""
-        chosen = choose_verification_threshold(self.model, self.splits, self.config, self.device)
-        if chosen is None or torch.unique(labels).numel() < 2:
-            return None
-        save_checkpoint(self.checkpoints / "best.pt", {**best, "verification": dict(chosen)})
-        self.callbacks.on_checkpoint(self, self.checkpoints / "best.pt")
-        test = verification_at_threshold(embeddings, labels, self.config, chosen["threshold"])
-        return {**chosen, "test": test}
-
-
-def train(config: Config, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+def train(config: Config, callbacks: Sequence[Callback] = (), **given: Any) -> dict[str, Any]:
     """Train, select on validation classes, test the chosen checkpoint once, write the report.
 
     Returns ``{"validation": {...}, "test": {...}}`` (the keys of :func:`mbdl.evaluate.evaluate`).
     Raises :class:`~mbdl.config.ConfigError` for a bad configuration or run directory and
     :class:`TrainingDiverged` when the loss becomes NaN or Inf. ``callbacks``
-    (:class:`mbdl.train.callbacks.Callback`) follow the run after the report and the trackers.
+    (:class:`mbdl.train.callbacks.Callback`) follow the run after the built-in ones; ``given``
+    (``model=``, ``loss=``, ``optimizer=``, ``scheduler=``, ``data=``) go to :class:`Trainer`.
     """
     try:
-        trainer = Trainer(config, callbacks)
+        trainer = Trainer(config, callbacks=callbacks, **given)
     except BaseException:
         if config.out is not None:
             release_run_lock(Path(config.out))
