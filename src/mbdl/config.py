@@ -198,9 +198,8 @@ class DataConfig:
     crop_fraction: float | None = key(
         None,
         "Evaluation centre crop side / resized shorter side (timm's crop_pct); null: what the "
-        "backbone's weights expect, else 224/256 from 64 px up and 1 below.",
+        "backbone's weights expect, else 224/256 from 64 px up and 1 below; in (0, 1].",
         above=0.0,
-        maximum=1.0,
     )
     allow_outside_root: bool = key(
         False,
@@ -271,9 +270,8 @@ class TrainConfig:
         None,
         "Layer-wise learning-rate decay: a backbone parameter at depth d of L blocks learns at "
         "lr x layer_decay^(L + 1 - d) (stem 0, blocks 1..L, final norm L + 1); null: off. "
-        "Typical for ViTs: 0.65-0.75.",
+        "Typical for ViTs: 0.65-0.75; in (0, 1].",
         above=0.0,
-        maximum=1.0,
     )
     head_lr_mult: float = key(1.0, "Learning rate of the embedding head = lr x this.", minimum=0.0)
     loss_lr: float | None = key(
@@ -877,6 +875,9 @@ def _check_statistics(resolved: dict[str, Any]) -> None:
         )
     if std is not None and any(v <= 0 for v in std):
         raise ConfigError(f"data.std must be > 0 for every channel; got {std!r}")
+    for key in ("data.crop_fraction", "train.layer_decay"):  # fractions: (0, 1]
+        if resolved[key] is not None and resolved[key] > 1:
+            raise ConfigError(f"{key} must be <= 1; got {resolved[key]!r}")
 
 
 def _source_needs_root(name: str) -> bool:
