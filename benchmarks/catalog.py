@@ -37,6 +37,7 @@ import torch
 from benchmarks.common import machine, write_results
 
 DIM, QUERIES, K = 128, 1000, 10
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def clustered(count: int, seed: int) -> np.ndarray:
@@ -186,73 +187,140 @@ def image_rows(count: int, folder: Path) -> list[dict[str, Any]]:
             for batch in batches:
                 network(batch)
             network_s = time.perf_counter() - start
-        start = time.perf_counter()
-        report = build_catalog(model, folder / "img.index", images=images, progress=False)
-        build_s = time.perf_counter() - start
-        row = {
-            "model": f"{backbone} {size}px, 128-d",
-            "images": count,
-            "network_alone_images_per_s": count / network_s,
-            "build_images_per_s": count / build_s,
-            "ratio": network_s / build_s,
-            "embed_phase_images_per_s": count / report.embed_seconds,
-        }
-        print(row, flush=True)
-        rows.append(row)
+        for workers in (0, 1):
+            start = time.perf_counter()
+            report = build_catalog(
+                model,
+                folder / f"img{workers}.index",
+                images=images,
+                progress=False,
+                workers=workers,
+            )
+            build_s = time.perf_counter() - start
+            row = {
+                "model": f"{backbone} {size}px, 128-d",
+                "images": count,
+                "workers": workers,
+                "network_alone_images_per_s": count / network_s,
+                "build_images_per_s": count / build_s,
+                "ratio": network_s / build_s,
+                "embed_phase_images_per_s": count / report.embed_seconds,
+            }
+            print(row, flush=True)
+            rows.append(row)
     return rows
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    vectors, images, info, count = (
+        payload["vectors"],
+        payload["images"],
+        payload["machine"],
+        payload["count"],
+    )
+    lines = [
+        "## catalog: the catalog index against bare faiss, and index build against the network",
+        "",
+        f"`python benchmarks/catalog.py --count {count} --images {payload['image_count']}` "
+        f"(100,000 vectors, not 1,000,000: the shared 2-core machine ran at a load average of "
+        f"{info['load_average']:.1f}, and an HNSW32 build of 1M vectors would have taken most "
+        f"of an hour, twice). Synthetic catalog of {count:,} x {DIM} float32 L2-normalised "
+        f"vectors around 2,000 centres; {QUERIES} held-out queries in one batch, k = {K}; faiss "
+        f"with {vectors[0]['threads']} thread(s), both sides of each ratio in the same process, "
+        "the searches interleaved (median of 5). Bare faiss: index_factory, train on the same "
+        "sample size, add, write_index. mbdl: `build_catalog(embeddings=X.npy)`, which also "
+        "writes the SQLite metadata (one row per item) and the exact vectors and measures the "
+        "recall on 1,000 held-out items; its search re-ranks faiss's hits by their exact stored "
+        "vectors (its distances are exact, also for PQ).",
+        "",
+        "| factory | build s faiss | build s mbdl | ratio | of which faiss train+add | recall "
+        "measurement s | bytes/vector (faiss file) | bytes/vector (all mbdl files) | queries/s "
+        "faiss | queries/s mbdl | query time ratio | recall@10 faiss | recall@10 mbdl |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in vectors:
+        steps = r["mbdl_steps_s"]
+        lines.append(
+            f"| {r['factory']} | {r['build_s_faiss']:.2f} | {r['build_s_mbdl']:.2f} | "
+            f"{r['build_ratio']:.2f}x | {steps['faiss_train_add']:.2f} s "
+            f"({r['mbdl_faiss_step_ratio']:.2f}x) | {steps['recall']:.2f} | "
+            f"{r['bytes_per_vector_faiss_file']:.1f} | {r['bytes_per_vector_all_mbdl_files']:.1f}"
+            f" | {r['qps_faiss']:.3g} | {r['qps_mbdl']:.3g} | {r['query_time_ratio']:.2f}x | "
+            f"{r['recall@10_faiss']:.3f} | {r['recall@10_mbdl']:.3f} |"
+        )
+    lines += [
+        "",
+        "Reading it: the faiss step inside mbdl's build and mbdl's queries cost what bare faiss "
+        "costs, within this machine's noise (the columns in parentheses and the query time "
+        "ratio); the whole build meets the 1.1x target only where faiss's own work is large "
+        "(IVF-PQ). The rest of a build is linear bookkeeping faiss does not do "
+        "(a stat and SHA-256 per file, one SQLite row per item, the exact float32 vectors: "
+        "about 600 bytes per item on top of the faiss file) plus the recall measurement. That "
+        "bookkeeping dominates only where faiss itself does nearly nothing (Flat, a copy). "
+        "On paper for 1,000,000 and 10,000,000 items, the faiss file is the bytes per vector "
+        "above times N (Flat 520 B, HNSW32 ~790 B, IVF-PQ32 ~40 B plus the lists), and mbdl "
+        "adds 512 B of exact vectors (memory-mapped, not loaded) and ~100 B of SQLite per item; "
+        "opening reads neither.",
+        "",
+        "`index build --images` (generated 72 x 72 PNG files, batch 256) "
+        "against the same network's forward pass alone on the same images decoded and "
+        "preprocessed in memory (the build also decodes, hashes, stores and indexes):",
+        "",
+        "| model | images | loader workers | network alone img/s | build img/s | ratio | "
+        "embedding phase img/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in images:
+        lines.append(
+            f"| {r['model']} | {r['images']} | {r.get('workers', 0)} | "
+            f"{r['network_alone_images_per_s']:.3g} | "
+            f"{r['build_images_per_s']:.3g} | {r['ratio']:.2f}x | "
+            f"{r['embed_phase_images_per_s']:.3g} |"
+        )
+    for r in payload.get("earlier_image_runs", []):
+        lines.append(
+            f"\nAn earlier run of the images part ({r['note']}) measured {r['ratio']:.2f}x "
+            f"({r['build_images_per_s']:.3g} against {r['network_alone_images_per_s']:.3g} img/s, "
+            f"{r['workers']} workers): on this shared machine the ratio moves by +-0.1 between "
+            "runs, so the 0.85x target is met in one run and missed in the other."
+        )
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=100_000)
     parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument(
+        "--from-json", action="store_true", help="rewrite the docs section from the results"
+    )
+    parser.add_argument(
+        "--images-only", action="store_true", help="rerun only the images part, keep the rest"
+    )
     args = parser.parse_args()
+    if args.from_json or args.images_only:
+        payload = json.loads((ROOT / "benchmarks" / "results" / "catalog.json").read_text())
+        if args.images_only:
+            with tempfile.TemporaryDirectory() as temp:
+                payload["images"] = image_rows(args.images, Path(temp))
+            payload["image_count"] = args.images
+            payload["images_load_average"] = os.getloadavg()[0]
+        write_results("catalog", payload, markdown(payload))
+        return
     info = {**machine(), "load_average": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory() as temp:
         folder = Path(temp)
         model = model_dir(folder, "smallcnn", DIM, 32, 1)
         vectors = vector_rows(args.count, folder, model)
         images = image_rows(args.images, folder)
-    payload = {"machine": info, "vectors": vectors, "images": images, "count": args.count}
-    lines = [
-        "## catalog: the catalog index against bare faiss, and index build against the network",
-        "",
-        f"`python benchmarks/catalog.py --count {args.count} --images {args.images}`. Synthetic "
-        f"catalog of {args.count:,} x {DIM} float32 L2-normalised vectors around 2,000 centres, "
-        f"{QUERIES} held-out queries in batches of {QUERIES}, k = {K}; faiss with "
-        f"{vectors[0]['threads']} thread(s). Load average at the start: "
-        f"{info['load_average']:.1f} on {info['cpus']} cores (a shared machine). mbdl's build also writes the SQLite "
-        "metadata and the exact vectors and measures recall on 1,000 held-out items; its search "
-        "re-ranks the hits by their exact stored vectors (so its distances are exact).",
-        "",
-        "| factory | build s faiss | build s mbdl | ratio | bytes/vector (faiss file) | "
-        "bytes/vector (all mbdl files) | queries/s faiss | queries/s mbdl | query time ratio | "
-        "recall@10 faiss | recall@10 mbdl |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in vectors:
-        lines.append(
-            f"| {r['factory']} | {r['build_s_faiss']:.2f} | {r['build_s_mbdl']:.2f} | "
-            f"{r['build_ratio']:.2f}x | {r['bytes_per_vector_faiss_file']:.1f} | "
-            f"{r['bytes_per_vector_all_mbdl_files']:.1f} | {r['qps_faiss']:.3g} | "
-            f"{r['qps_mbdl']:.3g} | {r['query_time_ratio']:.2f}x | {r['recall@10_faiss']:.3f} | "
-            f"{r['recall@10_mbdl']:.3f} |"
-        )
-    lines += [
-        "",
-        "`index build --images` (generated 72 x 72 PNG files, batch 256, no loader workers) "
-        "against the same network's forward pass alone on the same images decoded and "
-        "preprocessed in memory:",
-        "",
-        "| model | images | network alone img/s | build img/s | ratio |",
-        "|---|---|---|---|---|",
-    ]
-    for r in images:
-        lines.append(
-            f"| {r['model']} | {r['images']} | {r['network_alone_images_per_s']:.3g} | "
-            f"{r['build_images_per_s']:.3g} | {r['ratio']:.2f}x |"
-        )
-    write_results("catalog", payload, "\n".join(lines))
+    payload = {
+        "machine": info,
+        "vectors": vectors,
+        "images": images,
+        "count": args.count,
+        "image_count": args.images,
+    }
+    write_results("catalog", payload, markdown(payload))
 
 
 if __name__ == "__main__":

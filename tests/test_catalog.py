@@ -521,6 +521,27 @@ def test_cli_build_add_remove_search(
     assert main(["index", "remove", index, str(folder / "dogs" / "late.png")]) == 0
     assert "30 items" in capsys.readouterr().out
     assert main(["index", "remove", index, str(folder / "nope.png")]) == 2
+    # the old spelling, MODEL --index INDEX, searches the catalog with that model
+    assert main(["search", str(setup["model"]), "--index", index, query, "-k", "1"]) == 0
+    assert str(Path(query).resolve()) in capsys.readouterr().out
+    assert main(["search", str(setup["other"]), "--index", index, query]) == 2
+    assert "is not the one that built" in capsys.readouterr().err
+
+
+def test_labels_from_a_csv(setup: dict[str, Any], folder: Path, tmp_path: Path) -> None:
+    table = tmp_path / "labels.csv"
+    table.write_text(
+        "path,label\ncats/img00.png,tabby\n" + f"{folder / 'dogs' / 'img01.png'},rex\n"
+    )
+    catalog = _build(setup, folder, tmp_path / "c.index", labels=str(table)).catalog
+    labels = {item.path: item.label for item in catalog.iter_items()}
+    assert labels[str(folder / "cats" / "img00.png")] == "tabby"
+    assert labels[str(folder / "dogs" / "img01.png")] == "rex"
+    assert sum(label is not None for label in labels.values()) == 2
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b,c\n")
+    with pytest.raises(UserError, match="expected path,label"):
+        _build(setup, folder, tmp_path / "d.index", labels=str(bad))
 
 
 def test_torchrun_ranks_build_one_index(

@@ -71,6 +71,7 @@ def test_train_prints_size_speed_and_eta(
             "train",
             "data.source=folder",
             f"data.root={root}",
+            "model.backbone=smallvgg",  # named: auto would choose the whole recipe (test_recipe)
             "data.val_fraction=0",
             "train.epochs=2",
             "train.warmup_epochs=0",
@@ -83,5 +84,5 @@ def test_train_prints_size_speed_and_eta(
     )
     err = capsys.readouterr().err
     assert code == 0, err[-2000:]
-    assert "input 32 px, picked for smallvgg" in err  # the default backbone's native size
+    assert "input 32 px, picked for smallvgg" in err  # the backbone's native size
     assert "img/s" in err and "ETA" in err

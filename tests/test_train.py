@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from mbdl.config import ConfigError, load_config
+from mbdl.evaluate import split_metrics
 from mbdl.train import TrainingDiverged, train
 from mbdl.train import trainer as trainer_module
 from mbdl.train.checkpoint import (
@@ -72,7 +73,11 @@ def test_end_to_end_run_writes_everything(reference: tuple[Path, dict]) -> None:
     out, metrics = reference
     for name in ("config.yaml", "log.jsonl", "metrics.json", "report.html"):
         assert (out / name).is_file(), name
-    assert set(metrics) == {"validation", "test", "verification"}
+    assert set(metrics) == {"validation", "test", "verification", "meta"}
+    for split in ("validation", "test"):  # run metadata apart from the metric tables
+        assert not {"kmeans/seed", "genuine_pairs"} & set(metrics[split])
+        assert isinstance(metrics["meta"][split]["genuine_pairs"], int)
+    assert metrics["meta"]["test"]["kmeans/backend"] in ("torch", "faiss")
     assert set(metrics["test"]) >= {"recall@1", "recall@2", "precision@1", "map@r", "nmi", "f1"}
     assert set(metrics["test"]) >= {"ami", "eer", "tar@far=1e-3", "tar@threshold", "far@threshold"}
     assert metrics["verification"]["chosen_on"] == "validation"
@@ -82,12 +87,12 @@ def test_end_to_end_run_writes_everything(reference: tuple[Path, dict]) -> None:
     assert [r["step"] for r in records] == [3, 6]
     for record in records:
         assert math.isfinite(record["train_loss"]) and record["images_per_s"] > 0
-        assert set(record["validation"]) == set(metrics["validation"])
+        assert set(split_metrics(record["validation"])[0]) == set(metrics["validation"])
     # the chosen checkpoint is the best validation epoch on map@r
     best_epoch = max(records, key=lambda r: r["validation"]["map@r"])["epoch"]
     best = load_checkpoint(out / "checkpoints" / "best.pt")
     assert best["epoch"] == best_epoch
-    assert best["validation"] == metrics["validation"]
+    assert split_metrics(best["validation"])[0] == metrics["validation"]
     # the saved config reloads to the run's config
     saved = load_config(out / "config.yaml")
     assert saved.out == str(out) and saved.data.max_classes == 40

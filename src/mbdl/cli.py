@@ -119,6 +119,16 @@ def _run_train(args: argparse.Namespace) -> int:
         raise UsageError(f"expected at most one config file, got {', '.join(others)}")
     config = load_config(others[0] if others else None, overrides)
     if args.print_config:
+        from mbdl.recipe import resolve_auto
+
+        try:  # model.backbone=auto: scans the data to show what will run
+            resolve_auto(config)
+        except FileNotFoundError as error:  # no data there (yet): the config as given
+            print(
+                f"# model.backbone=auto is chosen when the data can be read: {terminal_safe(error)}"
+            )
+        if config.recipe is not None:
+            print(f"# {terminal_safe(config.recipe.describe())}")
         print(config_to_yaml(config), end="")
         return 0
     from mbdl.distributed import distributed_info
@@ -138,11 +148,12 @@ def _run_train(args: argparse.Namespace) -> int:
     stopped = metrics.get("stopped")
     if stopped:
         print(f"stopped at epoch {stopped['epoch']}, step {stopped['step']} by {stopped['by']}")
+    meta = metrics.get("meta") or {}
     if metrics.get("validation"):
         print(f"validation ({config.train.select_metric} selected):")
-        _print_metrics(metrics["validation"])
+        _print_metrics({**metrics["validation"], **meta.get("validation", {})})
     print("test:")
-    _print_metrics(metrics["test"])
+    _print_metrics({**metrics["test"], **meta.get("test", {})})
     report = Path(str(config.out)) / "report.html"
     if report.is_file():
         print(f"report: {report}")

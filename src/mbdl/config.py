@@ -122,10 +122,12 @@ class DataConfig:
     root: str | None = key(None, "Directory (or file) of the data set.", resume_free=True)
     image_size: int | None = key(
         None,
-        "Side of the square network input in pixels; null: glyphs and idx 32; file sources "
-        "(folder, csv, cub, ...) pick it from the training images: their median shorter side "
-        "rounded down to a multiple of 16 (at least 32), at most the backbone's native size "
-        "(smallcnn 32, torchvision backbones 224).",
+        "Side of the square network input in pixels; null: glyphs and idx 32; with "
+        "model.backbone=auto the recipe picks it (32 from scratch; 48 or 64 for a pretrained "
+        "network on a CPU); with a backbone named, file sources (folder, csv, cub, ...) pick it "
+        "from the training images: their median shorter side rounded down to a multiple of 16 "
+        "(at least 32), at most the backbone's native size (smallcnn 32, torchvision backbones "
+        "224).",
         minimum=8,
         maximum=4096,
     )
@@ -211,10 +213,13 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     backbone: str = key(
-        "smallvgg",
-        "Backbone network: a built-in name, timm/<name> (any timm model; pip install "
-        "'mbdl[timm]'), the name of an installed plugin (entry point group mbdl.backbones) or the "
-        "import path package.module:build of your own builder (see Data sources and backbones).",
+        "auto",
+        "Backbone network: auto (picked with the input size, augmentation, BatchNorm handling, "
+        "learning rates, batch composition and budget from the training images and the "
+        "pretrained weights on this machine, see mbdl.recipe; glyphs: smallvgg, the default "
+        "recipe), a built-in name, timm/<name> (any timm model; pip install 'mbdl[timm]'), the "
+        "name of an installed plugin (entry point group mbdl.backbones) or the import path "
+        "package.module:build of your own builder (see Data sources and backbones).",
         registry="mbdl.models.backbones:BACKBONES",
     )
     embedding_dim: int = key(64, "Size of the embedding.", minimum=2, maximum=16384)
@@ -448,6 +453,10 @@ class Config:
         "Continue the run in out from checkpoints/last.pt (starts fresh when there is none yet).",
         resume_free=True,
     )
+    #: the dotted keys the user set (file or overrides): an automatic choice never changes them
+    user_set: frozenset[str] = field(default_factory=frozenset, repr=False, compare=False)
+    #: the :class:`mbdl.recipe.Recipe` that resolved ``model.backbone=auto``, if any
+    recipe: Any = field(default=None, repr=False, compare=False)
 
 
 def _declared_keys() -> dict[str, Key]:
@@ -571,7 +580,7 @@ def _check_value(key: str, value: Any) -> Any:
                 )
     elif allowed is not None and value not in allowed:
         raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(allowed)}")
-    if declared.registry is not None:
+    if declared.registry is not None and not (key == "model.backbone" and value == "auto"):
         _check_registered(key, value, declared.registry)
     lower = declared.above if declared.above is not None else declared.minimum
     if lower is not None and value is not None:
@@ -826,6 +835,7 @@ def config_from_flat(values: dict[str, Any]) -> Config:
         seed=resolved["seed"],
         out=resolved["out"],
         resume=resolved["resume"],
+        user_set=frozenset(values),
     )
 
 

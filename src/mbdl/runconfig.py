@@ -51,8 +51,14 @@ def source_options(config: Config) -> dict[str, Any]:
 
 
 def load_data(config: Config) -> Any:
-    """The :class:`mbdl.data.Splits` of ``config.data``."""
+    """The :class:`mbdl.data.Splits` of ``config.data``; ``model.backbone=auto`` is resolved
+    first, in place (:func:`mbdl.recipe.resolve_auto`)."""
     from mbdl.data import load_splits
+    from mbdl.recipe import resolve_auto
+
+    resolved = resolve_auto(config)
+    if resolved is not None:
+        return resolved
     from mbdl.model.preprocessing import config_statistics
 
     return load_splits(

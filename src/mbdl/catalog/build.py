@@ -757,6 +757,7 @@ def _commit_chunk(
         count = len(chunk.sources)
         connection.execute("UPDATE state SET value = ? WHERE key = 'rows'", (rows + count,))
         connection.execute("UPDATE state SET value = ? WHERE key = 'next_id'", (next_id + count,))
+        connection.execute("UPDATE state SET value = value + ? WHERE key = 'count'", (count,))
 
 
 def _fill_staging(
@@ -946,7 +947,9 @@ def _commit(
                 "DELETE FROM skipped WHERE path = ?", [(s.path,) for _, s, _ in new_items]
             )
             connection.executemany("INSERT OR REPLACE INTO skipped VALUES (?, ?)", skipped)
+            count = len(catalog) + len(new_items) - len(retired)
             for key, value in (
+                ("count", count),
                 ("generation", generation),
                 ("rows", rows),
                 ("next_id", next_id),

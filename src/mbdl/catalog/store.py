@@ -57,7 +57,7 @@ SCHEMA = {
     "skipped": "CREATE TABLE skipped (path TEXT PRIMARY KEY, reason TEXT NOT NULL)",
     "state": "CREATE TABLE state (key TEXT PRIMARY KEY, value)",
 }
-STATE_KEYS = ("generation", "rows", "next_id", "index_bytes", "index_sha256")
+STATE_KEYS = ("generation", "rows", "next_id", "count", "index_bytes", "index_sha256")
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,7 @@ def create_database(path: Path) -> sqlite3.Connection:
                 ("generation", 0),
                 ("rows", 0),
                 ("next_id", 0),
+                ("count", 0),
                 ("index_bytes", 0),
                 ("index_sha256", ""),
             ],
@@ -286,7 +287,8 @@ class Catalog:
     # -- items -----------------------------------------------------------------------------
 
     def __len__(self) -> int:
-        return int(self._db.execute("SELECT COUNT(*) FROM items").fetchone()[0])
+        """The number of items (kept in the state table: no scan)."""
+        return int(self._state["count"])
 
     @property
     def generation(self) -> int:

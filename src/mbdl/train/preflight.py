@@ -101,4 +101,5 @@ def describe_data(splits: Any) -> str:
     extra += f"; input {size}, {splits.channels} channel(s)"
     if info.get("data_path"):  # mbdl.data.cache.decode_splits: cache and loader workers, and why
         extra += f"; {info['data_path']}"
-    return f"data {splits.source}: " + ", ".join(parts) + extra
+    recipe = f"; {info['recipe']}" if info.get("recipe") else ""  # model.backbone=auto's choice
+    return f"data {splits.source}: " + ", ".join(parts) + extra + recipe

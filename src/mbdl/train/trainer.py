@@ -11,7 +11,7 @@ Files written into ``config.out``:
 - ``checkpoints/last.pt`` after every epoch (and every ``train.checkpoint_every_steps`` steps),
   ``checkpoints/best.pt`` whenever the validation metric ``train.select_metric`` improves;
 - ``metrics.json``: ``{"validation": <metrics of the chosen checkpoint>, "test": <its test
-  metrics>}``, then ``report.html`` (:func:`mbdl.report.write_report`).
+  metrics>, "meta": <each split's run metadata>}``, then ``report.html`` (:func:`mbdl.report.write_report`).
 
 The report and the experiment trackers are callbacks (:mod:`mbdl.train.callbacks`), like any
 that a caller passes to :func:`train`.
@@ -65,7 +65,9 @@ from mbdl.distributed import (
     replicas_differ,
 )
 from mbdl.errors import TrainingDiverged, UserError
+from mbdl.evaluate import metrics_document
 from mbdl.fileio import atomic_write_text
+from mbdl.recipe import resolve_auto
 from mbdl.runconfig import evaluate_dataset, evaluate_test, format_metrics, resolve_device
 from mbdl.tracking import Sinks, check_sinks
 from mbdl.train.build import (
@@ -119,6 +121,11 @@ class Trainer:
         self.config = config
         check_sinks(config.train.loggers)  # a missing tracker package: before any file is written
         self.device = resolve_device(config.train.device)
+        # model.backbone=auto: the recipe is chosen (in place) before the run directory is
+        # checked, so a resumed run compares the resolved config; its splits are reused
+        auto_splits = resolve_auto(config, data)
+        if auto_splits is not None:
+            data = auto_splits
         self.owns_process_group = not torch.distributed.is_initialized()
         self.dist: DistributedInfo = init_distributed(self.device.type, COLLECTIVE_TIMEOUT)
         if self.dist.enabled and self.device.type == "cuda":
@@ -368,7 +375,8 @@ class Trainer:
     def test(self) -> dict[str, Any]:
         """Evaluate the chosen checkpoint on the test classes once; write metrics.json and the
         report (on rank 0; the other ranks receive its metrics). Returns ``{"validation": ...,
-        "test": ...}`` (and ``verification``, ``stopped`` when they apply)."""
+        "test": ...}`` (and ``verification``, ``stopped`` when they apply, and ``meta``: each
+        split's run metadata, :func:`mbdl.evaluate.metrics_document`)."""
         if not self.dist.is_main:
             return broadcast_object(None)
         best = load_checkpoint(self.checkpoints / "best.pt")
@@ -385,6 +393,7 @@ class Trainer:
         if stopped:
             by, epoch = stopped[-1]["stopped_by"], stopped[-1]["epoch"]
             metrics["stopped"] = {"epoch": epoch, "step": stopped[-1]["step"], "by": by}
+        metrics = metrics_document(metrics)  # metric tables apart from the run metadata
         atomic_write_text(self.out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         self.callbacks.on_train_end(self, result)
         return broadcast_object(metrics)

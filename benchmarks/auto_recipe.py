@@ -1,0 +1,337 @@
+"""``model.backbone=auto`` against a small grid of recipes, on icons, Fashion-MNIST and glyphs.
+
+For each data set the auto default (only the data set's keys: what a user types) and every
+recipe of one grid, the SAME grid for every data set (backbone x input size x budget in images
+seen), are trained with ``mbdl train`` one after another in fresh processes. The grid's best is
+chosen on the validation classes (the validation MAP@R of each run's chosen checkpoint), never
+on test; the table reports the auto default's test MAP@R over the best's, and its wall time
+(the whole ``mbdl train``: data, training, validation, test) over the best's. One seed per cell.
+
+``--scale S`` multiplies every run's budget (the auto default's resolved steps and the grid's)
+by S, cut into at most 5 epochs: on a loaded machine the whole comparison then fits, and it
+compares the recipes at budgets in the same proportion. The auto default then runs from its
+resolved config (``mbdl train --print-config``, whose wall time is added to its own).
+
+    python benchmarks/auto_recipe.py --icons ~/.cache/mbdl/icons \\
+        --fashion ~/.cache/mbdl/fashion-mnist-300        # writes benchmarks/results/auto_recipe.json
+    python benchmarks/auto_recipe.py --publish results.json   # render a stored run into the docs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import machine, write_results
+
+#: images per grid batch (P x K with P = min(16, training classes))
+GRID_BATCH = 64
+#: name -> (description, overrides); the budgets are images seen, cut into 10 epochs
+GRID: dict[str, tuple[str, list[str]]] = {}
+for _images in (3200, 9600):
+    _steps = _images // GRID_BATCH // 10
+    GRID[f"smallvgg32_{_images}"] = (
+        f"smallvgg from scratch, 32 px, {_images:,} images",
+        [
+            "model.backbone=smallvgg",
+            "data.image_size=32",
+            "data.augment=affine",
+            "train.lr=1e-3",
+            "train.epochs=10",
+            f"train.max_steps_per_epoch={_steps}",
+        ],
+    )
+    GRID[f"mobilenet64_{_images}"] = (
+        f"mobilenet_v2 ImageNet weights, 64 px, freeze_bn, head lr x10, {_images:,} images",
+        [
+            "model.backbone=mobilenet_v2",
+            "model.pretrained={weights}",
+            "model.freeze_bn=true",
+            "model.embedding_dim=128",
+            "data.image_size=64",
+            "data.augment=affine",
+            "train.lr=1e-4",
+            "train.head_lr_mult=10",
+            "train.loss_lr=1e-2",
+            "train.epochs=10",
+            f"train.max_steps_per_epoch={_steps}",
+        ],
+    )
+
+#: data set -> (its keys: what a user types, the number of its training classes)
+DATASETS: dict[str, list[str]] = {
+    "icons": ["data.source=folder", "data.root={icons}"],
+    "fashion": ["data.source=idx", "data.root={fashion}", "data.val_fraction=0.4"],
+    "glyphs": [],
+}
+
+
+def grid_batch(train_classes: int) -> list[str]:
+    """The grid's batch composition: P = min(16, classes), K = GRID_BATCH / P."""
+    p = min(16, train_classes)
+    return [f"train.batch_classes={p}", f"train.batch_per_class={math.ceil(GRID_BATCH / p)}"]
+
+
+def scaled_budget(steps: int, scale: float) -> list[str]:
+    """``steps`` x ``scale`` (at least 5) as train.epochs x train.max_steps_per_epoch, at most
+    5 epochs (validations)."""
+    total = max(5, round(steps * scale))
+    epochs = min(5, total)
+    return [
+        f"train.epochs={epochs}",
+        f"train.max_steps_per_epoch={math.ceil(total / epochs)}",
+        "train.warmup_epochs=1",
+    ]
+
+
+def command(overrides: list[str], threads: int, out: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "mbdl",
+        "train",
+        *overrides,
+        f"train.num_threads={threads}",
+        "eval.report=false",
+        f"out={out}",
+    ]
+
+
+def resolved_auto(keys: list[str], scale: float, tmp: Path) -> tuple[list[str], float, str]:
+    """The auto default's resolved config, its budget scaled, as a file; the seconds the choice
+    took; its one-line description."""
+    import yaml
+
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "mbdl", "train", "--print-config", *keys],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    seconds = time.perf_counter() - start
+    config = yaml.safe_load(done.stdout)
+    train = config["train"]
+    steps = train["max_steps_per_epoch"]
+    if steps is None:  # full passes (the glyphs' default): count the sampler's batches
+        from mbdl.config import load_config
+        from mbdl.data import ClassBalancedBatchSampler
+        from mbdl.runconfig import load_data
+
+        labels = load_data(load_config(None, [*keys, "model.backbone=smallvgg"])).train.labels
+        steps = len(
+            ClassBalancedBatchSampler(labels, train["batch_classes"], train["batch_per_class"])
+        )
+    for key, value in zip(
+        ("epochs", "max_steps_per_epoch", "warmup_epochs"),
+        [o.split("=")[1] for o in scaled_budget(train["epochs"] * steps, scale)],
+        strict=True,
+    ):
+        train[key] = float(value) if key == "warmup_epochs" else int(value)
+    config["out"] = None
+    path = tmp / "auto.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    line = done.stdout.splitlines()[0] if done.stdout.startswith("#") else ""
+    return [str(path)], seconds, line
+
+
+def run(overrides: list[str], threads: int, extra_seconds: float = 0.0) -> dict[str, Any]:
+    """One ``mbdl train`` in a fresh process: wall time, metrics, the resolved config."""
+    with tempfile.TemporaryDirectory(prefix="auto-recipe-") as tmp:
+        out = Path(tmp) / "run"
+        load = os.getloadavg()[0]
+        start = time.perf_counter()
+        done = subprocess.run(command(overrides, threads, out), capture_output=True, text=True)
+        wall = time.perf_counter() - start + extra_seconds
+        if done.returncode != 0:
+            return {"overrides": overrides, "error": done.stderr.strip().splitlines()[-1:]}
+        metrics = json.loads((out / "metrics.json").read_text())
+        import yaml
+
+        config = yaml.safe_load((out / "config.yaml").read_text())
+        data_line = [line for line in done.stderr.splitlines() if line.startswith("data ")]
+    return {
+        "overrides": overrides,
+        "wall_s": wall,
+        "load_average_at_start": load,
+        "load_average_at_end": os.getloadavg()[0],
+        "val_map@r": metrics["validation"].get("map@r"),
+        "test_map@r": metrics["test"]["map@r"],
+        "test_recall@1": metrics["test"].get("recall@1"),
+        "data_line": data_line[:1],
+        "resolved": {
+            "model.backbone": config["model"]["backbone"],
+            "data.image_size": config["data"]["image_size"],
+            "train.batch": config["train"]["batch_classes"] * config["train"]["batch_per_class"],
+            "train.steps": config["train"]["epochs"]
+            * (config["train"]["max_steps_per_epoch"] or 0),
+        },
+    }
+
+
+def train_classes(dataset_keys: list[str]) -> int:
+    """The training classes of a data set (after carving validation classes)."""
+    from mbdl.config import load_config
+    from mbdl.runconfig import load_data
+
+    config = load_config(None, [*dataset_keys, "model.backbone=smallcnn", "data.image_size=32"])
+    return len(set(load_data(config).train.labels.tolist()))
+
+
+def benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    values = {"icons": args.icons, "fashion": args.fashion, "weights": args.weights}
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "threads": args.threads,
+        "scale": args.scale,
+        "datasets": {},
+    }
+    for name in args.datasets.split(","):
+        keys = [k.format(**values) for k in DATASETS[name]]
+        classes = train_classes(keys)
+        entry: dict[str, Any] = {"keys": keys, "train_classes": classes, "runs": {}}
+        results["datasets"][name] = entry
+        with tempfile.TemporaryDirectory(prefix="auto-recipe-config-") as tmp:
+            if args.scale == 1.0:
+                auto_keys, seconds, line = keys, 0.0, ""
+            else:
+                auto_keys, seconds, line = resolved_auto(keys, args.scale, Path(tmp))
+            entry["runs"]["auto"] = {"choice": line, **run(auto_keys, args.threads, seconds)}
+            entry["runs"]["auto"]["choice_s"] = seconds
+        print(name, "auto", json.dumps(entry["runs"]["auto"])[:400], flush=True)
+        for cell, (description, overrides) in GRID.items():
+            steps = int(description.split(", ")[-1].split()[0].replace(",", "")) // GRID_BATCH
+            cell_keys = [o.format(**values) for o in overrides if not o.startswith("train.epochs")]
+            cell_keys = [k for k in cell_keys if not k.startswith("train.max_steps_per_epoch")]
+            cell_keys += grid_batch(classes) + scaled_budget(steps, args.scale)
+            entry["runs"][cell] = {
+                "description": description,
+                **run(keys + cell_keys, args.threads),
+            }
+            print(name, cell, json.dumps(entry["runs"][cell])[:300], flush=True)
+        summarize(entry)
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def summarize(entry: dict[str, Any]) -> None:
+    """The grid's best on validation MAP@R, and the auto default's ratios to it."""
+    grid = {k: v for k, v in entry["runs"].items() if k != "auto" and "error" not in v}
+    auto = entry["runs"]["auto"]
+    if not grid or "error" in auto:
+        return
+    best = max(grid, key=lambda k: grid[k]["val_map@r"])
+    entry["best_on_validation"] = best
+    entry["map_ratio"] = auto["test_map@r"] / grid[best]["test_map@r"]
+    entry["time_ratio"] = auto["wall_s"] / grid[best]["wall_s"]
+    entry["meets_target"] = entry["map_ratio"] >= 0.9 and entry["time_ratio"] <= 1.5
+
+
+def markdown(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    lines = [
+        "## auto_recipe: `model.backbone=auto` against a grid of recipes",
+        "",
+        f"`python benchmarks/auto_recipe.py --scale {results.get('scale', 1.0)} --threads "
+        f"{results['threads']}`, {m['date']}, {m['cpus']} CPUs shared with other jobs (1-minute "
+        "load average 12-15 throughout: every wall time here is several times a quiet "
+        f"machine's), torch {m['torch']}, one seed (0) per cell, runs one after another (load "
+        "averages in `benchmarks/results/auto_recipe.json`). The auto default is `mbdl train` "
+        "with only the data set's keys; the grid is the same for every data set: {smallvgg from "
+        "scratch at 32 px, MobileNetV2 with ImageNet weights at 64 px (freeze_bn, head lr x10)} "
+        "x {3,200, 9,600 images seen}, batches of 64 (P = min(16, training classes)). "
+        + (
+            f"Every budget (the auto default's resolved one and the grid's) is scaled by "
+            f"{results['scale']} and cut into at most 5 epochs, so that the comparison fits the "
+            "loaded machine; the auto default runs from its `--print-config` output, whose wall "
+            "time is added to its own. "
+            if results.get("scale", 1.0) != 1.0
+            else ""
+        )
+        + "The grid's best is chosen on the **validation** classes' MAP@R; the ratios are the "
+        "auto default's **test** MAP@R and whole-run wall time over the chosen cell's. Target: "
+        ">= 0.9x MAP@R within 1.5x the time. Data: icons: every 4th icon name of `mbdl data "
+        "icons` (347 names, 2,244 drawings, its split.txt); Fashion-MNIST: 100 images per class "
+        "(`benchmarks/make_fashion_subset.py --per-class 100`), `data.val_fraction=0.4`; glyphs: "
+        "the full default data set.",
+        "",
+        "| data set | auto picked | auto test MAP@R | auto wall s | best on validation | its test MAP@R | its wall s | MAP@R ratio | time ratio | target |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, entry in results["datasets"].items():
+        auto = entry["runs"]["auto"]
+        if "best_on_validation" not in entry:
+            lines.append(f"| {name} | failed: {auto.get('error')} | | | | | | | | |")
+            continue
+        best = entry["runs"][entry["best_on_validation"]]
+        r = auto["resolved"]
+        size = f"{r['data.image_size']} px" if r["data.image_size"] else "the source's size"
+        picked = f"{r['model.backbone']} {size}, {r['train.steps']} x {r['train.batch']}"
+        lines.append(
+            f"| {name} | {picked} | {auto['test_map@r']:.3f} | {auto['wall_s']:.0f} | "
+            f"{entry['best_on_validation']} | {best['test_map@r']:.3f} | {best['wall_s']:.0f} | "
+            f"{entry['map_ratio']:.2f} | {entry['time_ratio']:.2f} | "
+            f"{'met' if entry['meets_target'] else '**missed**'} |"
+        )
+    lines += [
+        "",
+        "Read with care: one seed per cell, and the load moved between runs (the 1-minute load "
+        "average at each start is in the JSON). With `--scale` the auto default's wall time "
+        "includes its separate `--print-config` step (`choice_s` in the JSON), a second start "
+        "of Python and a second scan of the data that a plain `mbdl train` does once.",
+    ]
+    lines += ["", "Every cell (validation and test MAP@R, wall seconds):", ""]
+    lines += [
+        "| data set | run | val MAP@R | test MAP@R | wall s |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, entry in results["datasets"].items():
+        for cell, run_ in entry["runs"].items():
+            if "error" in run_:
+                lines.append(f"| {name} | {cell} | failed | | |")
+                continue
+            val = run_["val_map@r"]
+            lines.append(
+                f"| {name} | {cell} | {val:.3f} | {run_['test_map@r']:.3f} | {run_['wall_s']:.0f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--icons", default=os.path.expanduser("~/.cache/mbdl/icons"))
+    parser.add_argument("--fashion", default=os.path.expanduser("~/.cache/mbdl/fashion-mnist-300"))
+    parser.add_argument("--weights", default=None, help="MobileNetV2 weights file of the grid")
+    parser.add_argument("--datasets", default="icons,fashion,glyphs")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--scale", type=float, default=1.0, help="budget multiplier, every run")
+    parser.add_argument(
+        "--out", default="auto_recipe_run.json", help="the raw results, as they come"
+    )
+    parser.add_argument("--publish", default=None, help="render a stored run into the docs")
+    args = parser.parse_args()
+    if args.publish:
+        results = json.loads(Path(args.publish).read_text())
+    else:
+        if args.weights is None:
+            from mbdl.recipe import find_weights
+
+            args.weights = find_weights(None).files.get("mobilenet_v2")
+            if args.weights is None:
+                parser.error("no MobileNetV2 weights found: pass --weights FILE")
+        results = benchmark(args)
+    write_results("auto_recipe", results, markdown(results))
+
+
+if __name__ == "__main__":
+    main()
