@@ -56,10 +56,18 @@ def load_data(config: Config) -> Any:
     from mbdl.data import load_splits
     from mbdl.recipe import resolve_auto
 
-    resolved = resolve_auto(config)
-    if resolved is not None:
-        return resolved
     from mbdl.model.preprocessing import config_statistics
+
+    resolved = resolve_auto(config)
+    if resolved is not None:  # the picked backbone's statistics, as for a named one
+        from mbdl.data.sources import SOURCES
+        from mbdl.data.splits import attach_transforms
+
+        if SOURCES.get(config.data.source).accepts("imagenet_norm"):
+            attach_transforms(
+                resolved, augment=config.data.augment, statistics=config_statistics(config)
+            )
+        return resolved
 
     return load_splits(
         config.data.source,

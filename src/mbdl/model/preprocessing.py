@@ -264,7 +264,8 @@ def model_statistics(
     record), else none for random weights, then the user's overrides."""
     from mbdl.models.backbones import weights_statistics
 
-    found = weights_statistics(backbone, pretrained)
+    # model.backbone=auto before mbdl.recipe resolves it: no weights chosen yet
+    found = None if backbone == "auto" else weights_statistics(backbone, pretrained)
     return apply_overrides(
         found if found is not None else UNIT_RANGE,
         mean=mean,
