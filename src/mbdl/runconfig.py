@@ -54,9 +54,8 @@ def load_data(config: Config) -> Any:
     """The :class:`mbdl.data.Splits` of ``config.data``; ``model.backbone=auto`` is resolved
     first, in place (:func:`mbdl.recipe.resolve_auto`)."""
     from mbdl.data import load_splits
-    from mbdl.recipe import resolve_auto
-
     from mbdl.model.preprocessing import config_statistics
+    from mbdl.recipe import resolve_auto
 
     resolved = resolve_auto(config)
     if resolved is not None:  # the picked backbone's statistics, as for a named one
