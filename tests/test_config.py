@@ -55,6 +55,7 @@ def test_schema_is_plain_data() -> None:
             "float",
             "bool",
             "list[int]",
+            "list[float]",
             "list[str]",
         }
         assert isinstance(declared.help, str) and declared.help
@@ -93,7 +94,7 @@ def test_each_key_is_declared_once_as_a_dataclass_field() -> None:
         ("data.image_size=7", "data.image_size must be >= 8; got 7"),
         ("eval.verify_far=0", "eval.verify_far must be > 0; got 0.0"),
         ("train.grad_clip=0", "train.grad_clip must be > 0"),
-        ("train.loggers=[wandb]", "train.loggers: 'wandb' is not allowed; choose from tensorboard"),
+        ("train.loggers=[comet]", "train.loggers: 'comet' is not allowed; choose from tensorboard"),
     ],
 )
 def test_bounds_and_choices_from_the_declaration(override: str, expected: str) -> None:

@@ -1050,6 +1050,15 @@ def _configure_export(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_TOLERANCE,
         help=f"largest accepted |export - PyTorch| (default: {DEFAULT_TOLERANCE:g})",
     )
+    parser.add_argument(
+        "--push-to-hub",
+        metavar="REPO",
+        help="safetensors only: upload the model directory to the Hugging Face Hub repository "
+        "REPO (owner/name; created when missing; the token of huggingface-cli login or HF_TOKEN)",
+    )
+    parser.add_argument(
+        "--private", action="store_true", help="with --push-to-hub: create a private repository"
+    )
 
 
 @command(
@@ -1063,6 +1072,12 @@ def _run_export(args: argparse.Namespace) -> int:
 
     if not args.tolerance >= 0:
         raise UsageError(f"--tolerance must be >= 0, got {args.tolerance}")
+    if args.push_to_hub is not None and args.format != "safetensors":
+        raise UsageError(
+            "--push-to-hub uploads a model directory: use it with --format safetensors"
+        )
+    if args.private and args.push_to_hub is None:
+        raise UsageError("--private applies to --push-to-hub only")
     images = check_images(load_state(args.checkpoint), args.images)
     result = export_file(
         args.checkpoint, args.output, args.format, images, tolerance=args.tolerance
@@ -1072,6 +1087,11 @@ def _run_export(args: argparse.Namespace) -> int:
         f"{result['export_s']:.2f} s; max |export - PyTorch| {result['max_abs_diff']:.2e} on "
         f"{result['images']} images"
     )
+    if args.push_to_hub is not None:
+        from mbdl.export import push_to_hub
+
+        url = push_to_hub(result["path"], args.push_to_hub, private=args.private)
+        print(f"pushed to https://huggingface.co/{args.push_to_hub} ({url})")
     return 0
 
 

@@ -276,6 +276,36 @@ class DataConfig:
         "false = none.",
         choices=("auto", "crop", "affine", "none"),
     )
+    image_column: str = key(
+        "image", "hf source: the column holding the images (a datasets Image or image bytes)."
+    )
+    label_column: str = key(
+        "label", "hf source: the column holding the class labels (ClassLabel, ints or strings)."
+    )
+    mean: list[float] | None = key(
+        None,
+        "Per-channel mean subtracted from images in [0, 1] (3 values, or 1 for grey data); "
+        "null: what the backbone's weights expect (torchvision weights' transforms, timm's "
+        "pretrained_cfg, the Hugging Face image processor, open_clip's preprocess_cfg), none "
+        "for random weights. Training, evaluation and every saved model use it.",
+    )
+    std: list[float] | None = key(
+        None,
+        "Per-channel standard deviation images are divided by (each > 0); null: what the "
+        "backbone's weights expect (see data.mean).",
+    )
+    interpolation: str = key(
+        "auto",
+        "Resize filter for training and evaluation; auto: what the backbone's weights expect "
+        "(bilinear by default).",
+        choices=("auto", "nearest", "bilinear", "bicubic", "box", "hamming", "lanczos"),
+    )
+    crop_fraction: float | None = key(
+        None,
+        "Evaluation centre crop side / resized shorter side (timm's crop_pct); null: what the "
+        "backbone's weights expect, else 224/256 from 64 px up and 1 below; in (0, 1].",
+        above=0.0,
+    )
     allow_outside_root: bool = key(
         False,
         "Folder source: accept images and class folders whose resolved path (through symbolic "
@@ -301,7 +331,20 @@ class ModelConfig:
         "torchvision weight name (IMAGENET1K_V1, DEFAULT) or a local weights file; null: random "
         "init.",
     )
+    init: str | None = key(
+        None,
+        "Start from a trained mbdl embedder (backbone and head): a run directory, a model "
+        "directory or hf://owner/name; its architecture must match the model.* keys, and its "
+        "preprocessing is used unless data.mean/std/interpolation/crop_fraction say otherwise.",
+    )
     freeze_bn: bool = key(False, "Freeze the backbone's BatchNorm statistics and affine.")
+    freeze_blocks: int = key(
+        0,
+        "Freeze the stem and the first N blocks of the backbone (no gradients, BatchNorm "
+        "statistics fixed); blocks are timm/HF blocks.N, stages.N, layer.N, torchvision "
+        "features.N and ResNet layerN.",
+        minimum=0,
+    )
     head_bn: bool = key(False, "BatchNorm in the embedding head.")
 
 
@@ -329,6 +372,13 @@ class TrainConfig:
         "Learning rate of the backbone (peak, after warm-up), for the global batch: under torchrun"
         " with W processes a step sees P x K x W images and the same gradients as one process on "
         "them, so lr is not scaled with W.",
+        above=0.0,
+    )
+    layer_decay: float | None = key(
+        None,
+        "Layer-wise learning-rate decay: a backbone parameter at depth d of L blocks learns at "
+        "lr x layer_decay^(L + 1 - d) (stem 0, blocks 1..L, final norm L + 1); null: off. "
+        "Typical for ViTs: 0.65-0.75; in (0, 1].",
         above=0.0,
     )
     head_lr_mult: float = key(1.0, "Learning rate of the embedding head = lr x this.", minimum=0.0)
@@ -438,8 +488,10 @@ class TrainConfig:
         [],
         "Experiment trackers that also receive log.jsonl's records, the config, the test metrics "
         "and the report's figures: tensorboard (OUT/tensorboard), mlflow ($MLFLOW_TRACKING_URI, "
-        "else OUT/mlruns); each needs its extra (pip install 'mbdl[tensorboard]').",
-        choices=("tensorboard", "mlflow"),
+        "else OUT/mlruns), wandb ($WANDB_PROJECT, default mbdl; files in OUT/wandb; "
+        "WANDB_MODE=offline keeps them local); each needs its extra (pip install "
+        "'mbdl[tensorboard]').",
+        choices=("tensorboard", "mlflow", "wandb"),
         resume_free=True,
     )
 
@@ -589,6 +641,15 @@ def _coerce(key: str, value: Any, type_name: str) -> Any:
             isinstance(v, int) and not isinstance(v, bool) for v in value
         ):
             return list(value)
+    elif base == "list[float]":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if isinstance(value, list) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+        ):
+            if not all(math.isfinite(float(v)) for v in value):
+                raise ConfigError(f"{key} must hold finite numbers; got {value!r}")
+            return [float(v) for v in value]
     elif base == "list[str]":
         if isinstance(value, str):
             value = [value]
@@ -915,11 +976,31 @@ def _check_cross_keys(resolved: dict[str, Any]) -> None:
         )
     if resolved["data.max_classes"] is not None and resolved["data.source"] != "glyphs":
         raise ConfigError("data.max_classes applies to data.source=glyphs only")
+    _check_statistics(resolved)
     if resolved["train.warmup_epochs"] > resolved["train.epochs"]:
         raise ConfigError(
             f"train.warmup_epochs={resolved['train.warmup_epochs']:g} exceeds "
             f"train.epochs={resolved['train.epochs']}"
         )
+
+
+def _check_statistics(resolved: dict[str, Any]) -> None:
+    """data.mean and data.std: one value per channel (1 or 3, the same count), std > 0."""
+    mean, std = resolved["data.mean"], resolved["data.std"]
+    for name, values in (("data.mean", mean), ("data.std", std)):
+        if values is not None and len(values) not in (1, 3):
+            raise ConfigError(
+                f"{name} needs one value per channel (3, or 1 for grey data); got {values!r}"
+            )
+    if mean is not None and std is not None and len(mean) != len(std):
+        raise ConfigError(
+            f"data.mean has {len(mean)} values but data.std {len(std)}; give one per channel"
+        )
+    if std is not None and any(v <= 0 for v in std):
+        raise ConfigError(f"data.std must be > 0 for every channel; got {std!r}")
+    for key in ("data.crop_fraction", "train.layer_decay"):  # fractions: (0, 1]
+        if resolved[key] is not None and resolved[key] > 1:
+            raise ConfigError(f"{key} must be <= 1; got {resolved[key]!r}")
 
 
 def _source_needs_root(name: str) -> bool:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shlex
 import time
 import warnings
@@ -127,8 +128,62 @@ def _metrics_table(metrics: dict[str, Any]) -> list[str]:
     return rows
 
 
+def card_metadata(info: dict[str, Any]) -> dict[str, Any]:
+    """The Hub metadata of a model card (its YAML front matter): ``library_name``, ``tags``,
+    ``pipeline_tag: image-feature-extraction``, ``license`` (``info["license"]``, else
+    ``other``), ``base_model`` (the Hub model the backbone's weights came from: ``hf/<id>``,
+    or ``timm/<name>`` with timm's own weights), ``datasets`` (a Hub data set id, for
+    ``data.source=hf`` with a root of that form) and the test and validation metrics as a
+    ``model-index``."""
+    config = info.get("training_config") or {}
+    data = config.get("data", {})
+    model_config = config.get("model", {})
+    backbone = str(info["model_args"].get("backbone", ""))
+    meta: dict[str, Any] = {
+        "library_name": "mbdl",
+        "tags": ["metric-learning", "image-retrieval", "embeddings"],
+        "pipeline_tag": "image-feature-extraction",
+        "license": str(info.get("license") or "other"),
+    }
+    if backbone.startswith("hf/") and not Path(backbone[3:]).expanduser().exists():
+        meta["base_model"] = backbone[3:]
+    elif backbone.startswith("timm/") and model_config.get("pretrained") == "DEFAULT":
+        meta["base_model"] = backbone
+    root = str(data.get("root") or "")
+    hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", root) is not None and not Path(root).exists()
+    if data.get("source") == "hf" and hub_id:
+        meta["datasets"] = [root]
+    results = []
+    for split, title in (("test", "test classes"), ("validation", "validation classes")):
+        metrics = {
+            k: float(v)
+            for k, v in (info.get(split) or {}).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        if metrics:
+            results.append(
+                {
+                    "task": {"type": "image-feature-extraction", "name": "Image retrieval"},
+                    "dataset": {
+                        "name": f"{data.get('source', 'unknown')} ({title})",
+                        "type": str(data.get("source", "unknown")),
+                    },
+                    "metrics": [
+                        {"type": k, "value": round(v, 6), "name": f"{k} ({title})"}
+                        for k, v in metrics.items()
+                    ],
+                }
+            )
+    if results:
+        meta["model-index"] = [{"name": info.get("name") or "mbdl embedder", "results": results}]
+    return meta
+
+
 def model_card(info: dict[str, Any]) -> str:
-    """The ``README.md`` of a model directory, from its ``config.json`` values."""
+    """The ``README.md`` of a model directory, from its ``config.json`` values: the Hub
+    metadata (:func:`card_metadata`) as YAML front matter, then the description."""
+    import yaml
+
     config = info.get("training_config") or {}
     data = config.get("data", {})
     loss = config.get("loss", {})
@@ -136,8 +191,7 @@ def model_card(info: dict[str, Any]) -> str:
     pre = info["preprocessing"]
     lines = [
         "---",
-        "library_name: mbdl",
-        "tags: [metric-learning, image-retrieval, embeddings]",
+        yaml.safe_dump(card_metadata(info), sort_keys=False).rstrip(),
         "---",
         "",
         f"# {info.get('name') or 'mbdl embedder'}",

@@ -45,9 +45,15 @@ def check_stored_name(name: object, *, key: str, where: str) -> None:
         )
 
 
+#: prefixes of names that look up a class of one installed library (never an arbitrary import):
+#: ``pml:<LossClass>`` is a class of pytorch_metric_learning.losses
+LIBRARY_PREFIXES = ("pml:",)
+
+
 def is_import_path(name: str) -> bool:
-    """Whether ``name`` is a ``package.module:Name`` import path rather than a registered name."""
-    return ":" in name
+    """Whether ``name`` is a ``package.module:Name`` import path rather than a registered name
+    (or a library class, :data:`LIBRARY_PREFIXES`)."""
+    return ":" in name and not name.startswith(LIBRARY_PREFIXES)
 
 
 def import_object(path: str, *, kind: str) -> Any:

@@ -36,6 +36,8 @@ def source_options(config: Config) -> dict[str, Any]:
         "bbox": (config.data.bbox, config.data.bbox),
         "max_classes": (config.data.max_classes, config.data.max_classes is not None),
         "allow_outside_root": (config.data.allow_outside_root, config.data.allow_outside_root),
+        "image_column": (config.data.image_column, config.data.image_column != "image"),
+        "label_column": (config.data.label_column, config.data.label_column != "label"),
     }
     if imagenet_normalised(config.model.pretrained):
         wanted["imagenet_norm"] = (True, False)
@@ -52,10 +54,18 @@ def load_data(config: Config) -> Any:
     """The :class:`mbdl.data.Splits` of ``config.data``; ``model.backbone=auto`` is resolved
     first, in place (:func:`mbdl.recipe.resolve_auto`)."""
     from mbdl.data import load_splits
+    from mbdl.model.preprocessing import config_statistics
     from mbdl.recipe import resolve_auto
 
     resolved = resolve_auto(config)
-    if resolved is not None:
+    if resolved is not None:  # the picked backbone's statistics, as for a named one
+        from mbdl.data.sources import SOURCES
+        from mbdl.data.splits import attach_transforms
+
+        if SOURCES.get(config.data.source).accepts("imagenet_norm"):
+            attach_transforms(
+                resolved, augment=config.data.augment, statistics=config_statistics(config)
+            )
         return resolved
 
     return load_splits(
@@ -65,6 +75,7 @@ def load_data(config: Config) -> Any:
         val_fraction=config.data.val_fraction,
         seed=config.seed,
         backbone=config.model.backbone,
+        statistics=config_statistics(config),
         **source_options(config),
     )
 

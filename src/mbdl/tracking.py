@@ -1,5 +1,5 @@
-"""Experiment-tracker sinks: what ``log.jsonl`` and ``metrics.json`` get, sent to TensorBoard or
-MLflow too (``train.loggers=[tensorboard, mlflow]``).
+"""Experiment-tracker sinks: what ``log.jsonl`` and ``metrics.json`` get, sent to TensorBoard,
+MLflow or Weights & Biases too (``train.loggers=[tensorboard, mlflow, wandb]``).
 
 A sink receives the resolved config as hyper-parameters once, each epoch's ``log.jsonl`` record
 (``train_loss``, ``lr``, ``images_per_s``, ``validation/<metric>`` at step = epoch), the final
@@ -9,7 +9,10 @@ written. Only rank 0 logs.
 - ``tensorboard``: event files in ``OUT/tensorboard`` (``tensorboard --logdir OUT/tensorboard``);
 - ``mlflow``: a run in experiment ``mbdl`` of ``$MLFLOW_TRACKING_URI``, else of the file store
   ``OUT/mlruns`` (``mlflow ui --backend-store-uri OUT/mlruns``); a resumed training run continues
-  its MLflow run (its id is kept in ``OUT/mlflow_run_id``).
+  its MLflow run (its id is kept in ``OUT/mlflow_run_id``);
+- ``wandb``: a run of project ``$WANDB_PROJECT`` (default ``mbdl``), files in ``OUT/wandb``
+  (``WANDB_MODE=offline``: on disk only, ``wandb sync`` later); resumed like MLflow's
+  (``OUT/wandb_run_id``).
 
 Add a sink: a class with the methods of :class:`Sink`, registered in :data:`SINKS` with the
 package it needs and the extra that installs it.
@@ -24,6 +27,7 @@ import io
 import os
 import re
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -181,10 +185,62 @@ class MLflowSink:
         self.client.set_terminated(self.run_id)
 
 
+class WandbSink:
+    """A Weights & Biases run in project ``$WANDB_PROJECT`` (default ``mbdl``), its files in
+    ``OUT/wandb``; ``WANDB_MODE=offline`` keeps it on disk (``wandb sync`` uploads it later). A
+    resumed training run continues its W&B run (its id is kept in ``OUT/wandb_run_id``)."""
+
+    def __init__(self, out: Path) -> None:
+        import wandb
+
+        id_file = out / "wandb_run_id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "mbdl"),
+            dir=str(out),
+            id=run_id,
+            resume="allow",
+            name=out.name,
+        )
+        if not id_file.is_file():
+            from mbdl.fileio import atomic_write_text
+
+            atomic_write_text(id_file, run_id + "\n")
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        self.run.config.update(
+            {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in params.items()},
+            allow_val_change=True,
+        )
+
+    def log_epoch(self, record: Mapping[str, Any]) -> None:
+        self.run.log(epoch_scalars(record), step=int(record["epoch"]))
+
+    def log_test(self, metrics: Mapping[str, Any], step: int) -> None:
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.run.summary[f"test/{key}"] = float(value)
+
+    def log_figures(self, figures: Mapping[str, bytes], step: int) -> None:
+        import wandb
+        from PIL import Image
+
+        images = {
+            f"report/{name}": wandb.Image(Image.open(io.BytesIO(png)))
+            for name, png in figures.items()
+        }
+        if images:
+            self.run.log(images)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
 #: name -> (factory, the module it needs, the extra that installs it)
 SINKS: dict[str, tuple[Callable[[Path], Sink], str, str]] = {
     "tensorboard": (TensorBoardSink, "tensorboard", "tensorboard"),
     "mlflow": (MLflowSink, "mlflow", "mlflow"),
+    "wandb": (WandbSink, "wandb", "wandb"),
 }
 
 

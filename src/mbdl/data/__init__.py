@@ -16,6 +16,7 @@ import numpy as np
 from mbdl.data.base import ImageDataset, Splits
 from mbdl.data.sources import SOURCES, Source, check_splits
 from mbdl.data.transforms import build_transforms
+from mbdl.model.preprocessing import ImageStatistics
 
 #: how many training images :func:`typical_image_side` reads the header of
 SIDE_SAMPLE = 256
@@ -59,6 +60,7 @@ def load_splits(
     val_fraction: float = 0.15,
     seed: int = 0,
     backbone: str | None = None,
+    statistics: ImageStatistics | None = None,
     **options: Any,
 ) -> Splits:
     """Load ``source``'s class-disjoint train / validation / test splits (and query / gallery
@@ -70,7 +72,10 @@ def load_splits(
     (:func:`auto_image_size` of :func:`typical_image_side`) and ``info["image_size"]`` says how;
     validation
     classes are carved from the training classes with ``val_fraction`` and ``seed``; ``options``
-    go to the source's own ``load_splits``.
+    go to the source's own ``load_splits``. ``statistics`` (what the model's weights expect:
+    mean, std, interpolation, crop fraction) replace the default transforms' normalisation of a
+    source that takes ``imagenet_norm`` (one that attaches :func:`build_transforms`); their
+    mean and std must fit the data's channels.
     """
     if source not in SOURCES:
         raise ValueError(
@@ -87,17 +92,34 @@ def load_splits(
         root, image_size=image_size, val_fraction=val_fraction, seed=seed, **options
     )
     splits = check_splits(splits, source)
+    takes_statistics = statistics is not None and declared.accepts("imagenet_norm")
+    if takes_statistics and statistics is not None:
+        from mbdl.model.preprocessing import check_values
+
+        check_values(
+            statistics.mean,
+            statistics.std,
+            statistics.interpolation,
+            statistics.crop_fraction,
+            where=f"preprocessing ({statistics.origin})",
+            channels=splits.channels if len(statistics.mean) != 3 else None,
+        )
+    reattach = {
+        "augment": options.get("augment", True),
+        "imagenet_norm": options.get("imagenet_norm", False),
+        "statistics": statistics if takes_statistics else None,
+    }
+    if takes_statistics:
+        from mbdl.data.splits import attach_transforms
+
+        attach_transforms(splits, **reattach)
     if pick_size and backbone is not None:
         side = typical_image_side(splits.train, seed=seed)
         if side is not None:
             from mbdl.data.splits import attach_transforms
 
             splits.image_size = auto_image_size(side, backbone)
-            attach_transforms(
-                splits,
-                augment=options.get("augment", True),
-                imagenet_norm=options.get("imagenet_norm", False),
-            )
+            attach_transforms(splits, **reattach)
             splits.info = {
                 **(splits.info or {}),
                 "image_size": f"{splits.image_size} px, picked for {backbone} from the training "

@@ -54,6 +54,8 @@ class BatchAugment:
     image_size: int
     channels: int
     imagenet_norm: bool = False
+    mean: tuple[float, ...] | None = None  # with std: replaces imagenet_norm's statistics
+    std: tuple[float, ...] | None = None
 
     def draw(self, seeds: np.ndarray, height: int, width: int) -> Tensor:
         """The per-image parameters (``float64 [B, P]``): row ``i`` a pure function of ``seeds[i]``
@@ -90,18 +92,21 @@ class BatchAugment:
         return images
 
     def scale(self, images: Tensor) -> Tensor:
-        """:meth:`geometry`'s output as float in ``[0, 1]``, ImageNet-normalised if asked."""
+        """:meth:`geometry`'s output as float in ``[0, 1]``, normalised with ``mean`` and
+        ``std`` (or ImageNet's, if ``imagenet_norm``) when given."""
         out = images.float().div_(255) if images.dtype == torch.uint8 else images
-        if self.imagenet_norm:
-            mean: tuple[float, ...] = IMAGENET_MEAN
-            std: tuple[float, ...] = IMAGENET_STD
+        if self.mean is not None and self.std is not None:
+            mean, std = self.mean, self.std
+        elif self.imagenet_norm:
+            mean, std = IMAGENET_MEAN, IMAGENET_STD
             if self.channels == 1:
                 mean, std = (sum(mean) / 3,), (sum(std) / 3,)
-            shape = (1, self.channels, 1, 1)
-            out = (out - torch.tensor(mean, device=out.device).view(shape)) / torch.tensor(
-                std, device=out.device
-            ).view(shape)
-        return out
+        else:
+            return out
+        shape = (1, self.channels, 1, 1)
+        return (out - torch.tensor(mean, device=out.device).view(shape)) / torch.tensor(
+            std, device=out.device
+        ).view(shape)
 
 
 def item_uniforms(seeds: np.ndarray, count: int) -> np.ndarray:
@@ -333,5 +338,17 @@ def batched_training_data(dataset: Any) -> InMemoryBatches | None:
     height, width = dataset.images.shape[1:3]
     if kind in ("affine", "none") and not (height == width == size < NATURAL_IMAGE_MIN_SIZE):
         return None
-    augment = BatchAugment(kind, size, channels, imagenet_norm=bool(spec["imagenet_norm"]))
+    if kind == "crop" and spec.get("interpolation", "bilinear") != "bilinear":
+        return None  # the batched crop resizes bilinearly only
+    if kind in ("affine", "none") and spec.get("crop_fraction") not in (None, 1, 1.0):
+        return None  # the batched path assumes images already at the input size
+    mean, std = spec.get("mean"), spec.get("std")
+    augment = BatchAugment(
+        kind,
+        size,
+        channels,
+        imagenet_norm=bool(spec["imagenet_norm"]),
+        mean=tuple(mean) if mean is not None else None,
+        std=tuple(std) if std is not None else None,
+    )
     return InMemoryBatches(dataset, augment)

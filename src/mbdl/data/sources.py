@@ -72,6 +72,7 @@ BUILTIN_SOURCES: dict[str, Source] = {
     "cars": Source("mbdl.data.cars:load_splits"),
     "sop": Source("mbdl.data.sop:load_splits"),
     "inshop": Source("mbdl.data.inshop:load_splits"),
+    "hf": Source("mbdl.data.hf:load_splits", fixed_size=True),
 }
 
 

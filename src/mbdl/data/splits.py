@@ -26,12 +26,15 @@ except ``glyphs``.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
 from mbdl.data.base import ImageDataset, Splits
+
+if TYPE_CHECKING:
+    from mbdl.model.preprocessing import ImageStatistics
 
 
 def relabel_contiguous(labels: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -190,16 +193,22 @@ def carve_validation(
 
 
 def attach_transforms(
-    splits: Splits, *, augment: bool | str = True, imagenet_norm: bool = False
+    splits: Splits,
+    *,
+    augment: bool | str = True,
+    imagenet_norm: bool = False,
+    statistics: ImageStatistics | None = None,
 ) -> Splits:
-    """Set ``build_transforms`` on every split: train augmented (``augment``), the rest not."""
+    """Set ``build_transforms`` on every split: train augmented (``augment``), the rest not;
+    both with the same ``statistics`` (mean, std, interpolation; else ``imagenet_norm``)."""
     from mbdl.data.transforms import build_transforms
 
+    size, channels = splits.image_size, splits.channels
     train_tf = build_transforms(
-        True, splits.image_size, splits.channels, augment=augment, imagenet_norm=imagenet_norm
+        True, size, channels, augment=augment, imagenet_norm=imagenet_norm, statistics=statistics
     )
     eval_tf = build_transforms(
-        False, splits.image_size, splits.channels, augment=False, imagenet_norm=imagenet_norm
+        False, size, channels, augment=False, imagenet_norm=imagenet_norm, statistics=statistics
     )
     splits.train.transform = train_tf
     for dataset in (splits.val, splits.test, splits.query, splits.gallery):

@@ -14,8 +14,11 @@ Evaluation resizes the shorter side to ``round(image_size * 256 / 224)`` and cen
 ``image_size`` when ``image_size >= 64`` (the ImageNet convention); small images are resized to
 ``image_size`` and centre-cropped. Grey images are repeated to 3 channels when ``channels == 3``
 (torchvision backbones); colour images are converted to grey when ``channels == 1``. Values are in
-``[0, 1]``, or ImageNet-normalised (mean 0.485, 0.456, 0.406; std 0.229, 0.224, 0.225; for one
-channel their averages 0.449 and 0.226) when ``imagenet_norm`` (pretrained backbones).
+``[0, 1]``, or normalised with the statistics the backbone's weights expect
+(:class:`mbdl.model.preprocessing.ImageStatistics`: mean, std, resize interpolation and
+evaluation crop fraction; ``imagenet_norm``: ImageNet's, mean 0.485, 0.456, 0.406 and std
+0.229, 0.224, 0.225, for one channel their averages 0.449 and 0.226). Training and evaluation use
+the same statistics and interpolation.
 """
 
 from __future__ import annotations
@@ -26,12 +29,33 @@ from PIL import Image
 from torch import Tensor
 from torchvision import transforms as T
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from mbdl.model.preprocessing import (
+    IMAGENET,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    NATURAL_IMAGE_MIN_SIZE,
+    UNIT_RANGE,
+    ImageStatistics,
+    eval_resize,
+    for_channels,
+)
+
 AUGMENTATIONS = ("auto", "crop", "affine", "none")
 
-#: below this size, "auto" augmentation means "affine" and evaluation resizes without a margin
-NATURAL_IMAGE_MIN_SIZE = 64
+__all__ = [
+    "AUGMENTATIONS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "NATURAL_IMAGE_MIN_SIZE",
+    "build_transforms",
+    "interpolation_mode",
+    "resolve_augment",
+]
+
+
+def interpolation_mode(name: str) -> T.InterpolationMode:
+    """torchvision's ``InterpolationMode`` of a record's interpolation name (``"bicubic"``)."""
+    return T.InterpolationMode(name)
 
 
 def resolve_augment(augment: bool | str, image_size: int) -> str:
@@ -65,35 +89,46 @@ def build_transforms(
     *,
     augment: bool | str = True,
     imagenet_norm: bool = False,
+    statistics: ImageStatistics | None = None,
 ) -> Callable[[Image.Image], Tensor]:
-    """The transform for a split: ``train`` applies ``augment`` (see the module docstring)."""
+    """The transform for a split: ``train`` applies ``augment`` (see the module docstring);
+    ``statistics`` (mean, std, interpolation, crop fraction) replace ``imagenet_norm``."""
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     if not isinstance(image_size, int) or image_size < 8:
         raise ValueError(f"image_size must be an integer >= 8, got {image_size!r}")
+    if statistics is None:
+        statistics = IMAGENET if imagenet_norm else UNIT_RANGE
+    mean = for_channels(statistics.mean, channels)
+    std = for_channels(statistics.std, channels)
+    normalise = any(m != 0 for m in mean) or any(s != 1 for s in std)
+    interpolation = interpolation_mode(statistics.interpolation)
     kind = resolve_augment(augment, image_size) if train else "none"
     steps: list[Callable] = [_ToMode("L" if channels == 1 else "RGB")]
     if kind == "crop":
-        steps += [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()]
+        steps += [
+            T.RandomResizedCrop(image_size, interpolation=interpolation),
+            T.RandomHorizontalFlip(),
+        ]
     else:
-        natural = image_size >= NATURAL_IMAGE_MIN_SIZE
-        resize = round(image_size * 256 / 224) if natural else image_size
-        steps += [T.Resize(resize), T.CenterCrop(image_size)]
+        resize = eval_resize(image_size, statistics.crop_fraction)
+        steps += [T.Resize(resize, interpolation=interpolation), T.CenterCrop(image_size)]
         if kind == "affine":
             shift = max(1, round(image_size / 16)) / image_size
             steps.append(T.RandomAffine(degrees=5, translate=(shift, shift), scale=(0.9, 1.1)))
     steps.append(T.ToTensor())
-    if imagenet_norm:
-        if channels == 3:
-            steps.append(T.Normalize(IMAGENET_MEAN, IMAGENET_STD))
-        else:
-            steps.append(T.Normalize((sum(IMAGENET_MEAN) / 3,), (sum(IMAGENET_STD) / 3,)))
+    if normalise:
+        steps.append(T.Normalize(mean, std))
     composed = T.Compose(steps)
     # what this transform does, for the batched in-memory path (mbdl.data.batched)
     composed.spec = {
         "kind": kind,
         "image_size": image_size,
         "channels": channels,
-        "imagenet_norm": imagenet_norm,
+        "imagenet_norm": normalise,
+        "mean": mean if normalise else None,
+        "std": std if normalise else None,
+        "interpolation": statistics.interpolation,
+        "crop_fraction": statistics.crop_fraction,
     }
     return composed

@@ -5,8 +5,9 @@ Every loss is called as ``loss(embeddings, labels, ref_emb=None, ref_labels=None
 The registry :data:`LOSSES` finds the built-in losses itself: every class of a module of this
 package that declares a ``name`` (see :class:`~mbdl.losses.base.MetricLoss`) is registered under
 it, so a new loss is its file and nothing else. ``loss.name`` also takes an import path
-``my_package.my_module:MyLoss`` or the name an installed package declares in the entry-point
-group ``mbdl.losses`` (see :mod:`mbdl.plugins`).
+``my_package.my_module:MyLoss``, the name an installed package declares in the entry-point
+group ``mbdl.losses`` (see :mod:`mbdl.plugins`) or ``pml:<LossClass>``, any loss of
+pytorch-metric-learning (:mod:`mbdl.losses.pml`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from mbdl.losses.base import (
     check_declaration,
 )
 from mbdl.plugins import PluginError, Registry
+
+#: the ``loss.name`` prefix of pytorch-metric-learning's losses (``pml:ContrastiveLoss``)
+PML_PREFIX = "pml:"
 
 __all__ = [
     "LOSSES",
@@ -132,10 +136,26 @@ def check_loss_class(found: Any, name: str) -> type[nn.Module]:
     return found
 
 
+class LossRegistry(Registry[type[nn.Module]]):
+    """The :class:`mbdl.plugins.Registry` of losses, which also wraps pytorch-metric-learning's
+    losses, ``pml:<LossClass>`` (:mod:`mbdl.losses.pml`)."""
+
+    def __contains__(self, name: object) -> bool:
+        return (isinstance(name, str) and name.startswith(PML_PREFIX)) or super().__contains__(name)
+
+    def get(self, name: str) -> type[nn.Module]:
+        if name.startswith(PML_PREFIX):
+            from mbdl.losses.pml import pml_loss_class
+
+            return pml_loss_class(name)
+        return super().get(name)
+
+
 _BUILTIN = _BuiltinLosses()
 
-#: Every loss by config name: the built-ins (discovered), import paths, installed plugins.
-LOSSES: Registry[type[nn.Module]] = Registry("loss", "mbdl.losses", _BUILTIN, check_loss_class)
+#: Every loss by config name: the built-ins (discovered), ``pml:<LossClass>``, import paths,
+#: installed plugins.
+LOSSES: Registry[type[nn.Module]] = LossRegistry("loss", "mbdl.losses", _BUILTIN, check_loss_class)
 
 
 def builtin_losses() -> dict[str, type[MetricLoss]]:

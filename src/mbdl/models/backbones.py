@@ -6,10 +6,17 @@ which layer is its classifier (replaced by ``nn.Identity``; what comes before it
 ConvNeXt's LayerNorm), where its first convolution is (rebuilt for ``in_channels != 3``; when
 weights were loaded, a grey input's filters are the sum of the RGB filters, the usual way to keep
 a pretrained network's response to grey images) and its native input size. Besides the table,
-``model.backbone`` takes ``timm/<name>`` (any timm model, ``pip install 'mbdl[timm]'``), the name
-an installed package declares in the entry-point group ``mbdl.backbones`` and an import path
-``package.module:build`` of a function ``build(pretrained, in_channels) -> (nn.Module,
-feature_dim)``, whose output is checked on a small input.
+``model.backbone`` takes ``timm/<name>`` (any timm model, ``pip install 'mbdl[timm]'``),
+``hf/<model id or local directory>`` (a Hugging Face ``transformers`` vision encoder,
+``pip install 'mbdl[hf]'``), ``open_clip/<architecture>`` (an open_clip image tower,
+``pip install 'mbdl[open_clip]'``), the name an installed package declares in the entry-point
+group ``mbdl.backbones`` and an import path ``package.module:build`` of a function
+``build(pretrained, in_channels) -> (nn.Module, feature_dim)``, whose output is checked on a
+small input.
+
+Every declaration also says what its weights expect of an image (:meth:`statistics`: mean, std,
+interpolation, crop fraction, as :class:`mbdl.model.preprocessing.ImageStatistics`), read from
+where the weights come from; random weights expect nothing (None).
 
 Pretrained weights of a built-in torchvision backbone are a torchvision weight name
 (``"DEFAULT"``, ``"IMAGENET1K_V1"``; fetched through ``torch.hub`` into its cache) or a local
@@ -34,6 +41,7 @@ import torchvision
 from torch import Tensor, nn
 
 from mbdl.errors import UserError
+from mbdl.model.preprocessing import IMAGENET, ImageStatistics
 from mbdl.models.smallcnn import SMALL_CNNS, SmallCNN
 from mbdl.plugins import PluginError, Registry
 
@@ -70,6 +78,25 @@ class Backbone:
     def input_channels(self) -> tuple[int, ...]:
         """The input channel counts its network is built with (others: first conv rebuilt)."""
         return (3,) if self.first_conv is not None else (1, 3)
+
+    def statistics(self, backbone: str, pretrained: str | None) -> ImageStatistics | None:
+        """A torchvision weight name: its ``transforms()`` (mean, std, interpolation,
+        ``crop_size / resize_size``); a local weights file: ImageNet's; none: None."""
+        if pretrained is None:
+            return None
+        if self.hub_weights and is_weight_name(str(pretrained)):
+            weights = resolve_weights(backbone, str(pretrained))
+            preset = weights.transforms()
+            crop, resize = preset.crop_size[0], preset.resize_size[0]
+            return ImageStatistics(
+                tuple(preset.mean),
+                tuple(preset.std),
+                interpolation=preset.interpolation.value,
+                crop_fraction=crop / resize,
+                input_size=int(crop),
+                origin=f"torchvision {weights}",
+            )
+        return IMAGENET
 
 
 def _small_cnn(name: str) -> Callable[[int, bool], nn.Module]:
@@ -380,23 +407,76 @@ class PluginBackbone:
             )
         return check_features(*result, in_channels=in_channels, size=self.native_size, name=name)
 
+    def statistics(self, backbone: str, pretrained: str | None) -> ImageStatistics | None:
+        """The builder's ``statistics`` attribute (an :class:`ImageStatistics`) when it has one,
+        else ImageNet's when weights are given."""
+        if pretrained is None:
+            return None
+        declared = getattr(self.function, "statistics", None)
+        return declared if isinstance(declared, ImageStatistics) else IMAGENET
+
+
+def missing_package(package: str, extra: str, what: str) -> PluginError:
+    """The one-line error for a backbone family whose package is not installed."""
+    return PluginError(f"{what} need the {package} package: pip install 'mbdl[{extra}]'")
+
 
 def _timm() -> Any:
     try:
         import timm
     except ImportError:
-        raise PluginError(
-            "timm backbones need the timm package: pip install 'mbdl[timm]'"
-        ) from None
+        raise missing_package("timm", "timm", "timm backbones") from None
     return timm
+
+
+#: ``model.pretrained`` values that mean "the library's own published weights" (a download)
+HUB_WEIGHTS = ("DEFAULT",)
+
+#: the weight files of timm's (and Hugging Face's) hub layout, in the order they are looked for
+HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).splitlines() or [type(error).__name__])[0]
+
+
+def _statistics_from_timm(config: Mapping[str, Any], origin: str) -> ImageStatistics:
+    """timm's resolved data config (``timm.data.resolve_data_config``) of a ``pretrained_cfg``."""
+    resolved = _timm().data.resolve_data_config(pretrained_cfg=dict(config))
+    size = resolved.get("input_size")
+    return ImageStatistics(
+        tuple(float(v) for v in resolved["mean"]),
+        tuple(float(v) for v in resolved["std"]),
+        interpolation=str(resolved.get("interpolation", "bilinear")),
+        crop_fraction=float(resolved.get("crop_pct", 224 / 256)),
+        input_size=int(size[-1]) if size else None,
+        origin=origin,
+    )
+
+
+def _read_json(file: Path, what: str) -> dict[str, Any]:
+    import json
+
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise PretrainedWeightsError(f"cannot read {what} {file}: {_first_line(error)}") from None
+    if not isinstance(data, dict):
+        raise PretrainedWeightsError(f"{what} {file} does not hold a JSON object")
+    return data
 
 
 @dataclass(frozen=True)
 class TimmBackbone:
     """``timm/<name>``: ``timm.create_model(name, num_classes=0, in_chans=...)`` (timm removes
     the classifier, keeps what comes before it and adapts the first convolution itself).
-    ``pretrained`` is a local weights file of that timm model (timm's hub downloads need a
-    network)."""
+
+    ``pretrained``: ``DEFAULT`` (timm's own download of the model's default weights from the
+    Hugging Face Hub, cached), a directory in timm's hub layout (``config.json`` with
+    ``architecture`` and ``pretrained_cfg``, and ``model.safetensors`` or ``pytorch_model.bin``),
+    or a weights file of that model (a ``state_dict``, ``.safetensors`` or ``.pth``). The
+    statistics are timm's resolved data config of the directory's ``pretrained_cfg``, else of the
+    model's registered one."""
 
     model: str
 
@@ -406,29 +486,67 @@ class TimmBackbone:
         size = getattr(config, "input_size", None) if config is not None else None
         return int(size[-1]) if size else 224
 
+    def _local(self, name: str, pretrained: str) -> Path:
+        path = Path(os.path.expanduser(pretrained))
+        if not path.exists():
+            raise PretrainedWeightsError(
+                f"{name}: model.pretrained={pretrained!r} is neither DEFAULT (timm's download, "
+                "which needs a network) nor a local file or directory; download the weights of "
+                f"{self.model} (e.g. from huggingface.co/timm) and pass model.pretrained=PATH"
+            )
+        if path.is_dir():
+            config = path / "config.json"
+            if not config.is_file() or not any((path / f).is_file() for f in HUB_WEIGHT_FILES):
+                raise PretrainedWeightsError(
+                    f"{name}: {path} is not a timm model directory (config.json and "
+                    f"{' or '.join(HUB_WEIGHT_FILES)})"
+                )
+            architecture = _read_json(config, "timm config").get("architecture")
+            base = self.model.split(".")[0]
+            if architecture != base:
+                raise PretrainedWeightsError(
+                    f"{name}: {path} holds weights of {architecture!r}, not {base!r}; set "
+                    f"model.backbone=timm/{architecture}"
+                )
+        return path
+
+    def statistics(self, backbone: str, pretrained: str | None) -> ImageStatistics | None:
+        if pretrained is None:
+            return None
+        if pretrained not in HUB_WEIGHTS:
+            path = self._local(backbone, pretrained)
+            config = path / "config.json" if path.is_dir() else path.parent / "config.json"
+            if config.is_file():
+                stored = _read_json(config, "timm config").get("pretrained_cfg")
+                if isinstance(stored, dict) and "mean" in stored:
+                    return _statistics_from_timm(stored, f"timm pretrained_cfg of {config}")
+        registered = _timm().models.get_pretrained_cfg(self.model)
+        if registered is None:
+            return IMAGENET
+        return _statistics_from_timm(registered.to_dict(), f"timm pretrained_cfg of {self.model}")
+
     def build(
         self, name: str, pretrained: str | os.PathLike[str] | None, in_channels: int
     ) -> tuple[nn.Module, int]:
         timm = _timm()
         options: dict[str, Any] = {"num_classes": 0, "in_chans": in_channels}
-        if pretrained is not None:
-            file = Path(os.path.expanduser(str(pretrained)))
-            if not file.is_file():
-                raise PretrainedWeightsError(
-                    f"{name}: model.pretrained={str(pretrained)!r} is not a local file; timm's "
-                    f"hub downloads need a network, so download the weights of {self.model} "
-                    "elsewhere (e.g. huggingface.co/timm) and pass model.pretrained=PATH"
-                )
-            options |= {"pretrained": True, "pretrained_cfg_overlay": {"file": str(file)}}
+        hub = pretrained is not None and str(pretrained) in HUB_WEIGHTS
         try:
-            module = timm.create_model(self.model, **options)
-        except Exception as error:  # torch.load and load_state_dict raise many types
-            if pretrained is None:
+            # DEFAULT: timm's own download (Hugging Face Hub), cached
+            module = timm.create_model(self.model, pretrained=hub, **options)
+        except Exception as error:  # a download raises many types
+            if not hub:
                 raise
-            first = (str(error).splitlines() or [type(error).__name__])[0]
             raise PretrainedWeightsError(
-                f"cannot load pretrained weights {pretrained} into {name}: {first}"
+                f"cannot load timm's weights of {name} (a download, which needs a network): "
+                f"{_first_line(error)}; download them elsewhere (huggingface.co/timm) and pass "
+                "model.pretrained=PATH"
             ) from None
+        if pretrained is not None and not hub:
+            path = self._local(name, str(pretrained))
+            if path.is_dir():
+                path = next(path / f for f in HUB_WEIGHT_FILES if (path / f).is_file())
+            load_timm_weights(module, _weights_file(path), in_channels, f"{path} into {name}")
         return check_features(
             module,
             int(module.num_features),
@@ -438,10 +556,296 @@ class TimmBackbone:
         )
 
 
-def check_backbone(found: object, name: str) -> Backbone | PluginBackbone | TimmBackbone:
+def _weights_file(path: Path) -> Mapping[str, Tensor]:
+    """A state_dict from a ``.safetensors`` file or a torch file (:func:`file_state_dict`)."""
+    if path.suffix != ".safetensors":
+        return file_state_dict(path)
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise PretrainedWeightsError(
+            f"cannot load pretrained weights {path}: {_first_line(error)}"
+        ) from None
+
+
+def load_timm_weights(
+    module: nn.Module, state: Mapping[str, Tensor], in_channels: int, where: str
+) -> None:
+    """Load ``state`` into a timm model built with ``num_classes=0``: strictly, the classifier's
+    keys ignored, the first convolution adapted to ``in_channels`` as timm does."""
+    config = getattr(module, "pretrained_cfg", {}) or {}
+    classifiers = config.get("classifier") or ()
+    classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
+    own = module.state_dict()
+    kept = {
+        k: v
+        for k, v in state.items()
+        if not (k.startswith(tuple(c + "." for c in classifiers)) and k not in own)
+    }
+    first_conv = config.get("first_conv")
+    if in_channels != 3 and isinstance(first_conv, str) and f"{first_conv}.weight" in kept:
+        from timm.models import adapt_input_conv
+
+        key = f"{first_conv}.weight"
+        kept[key] = adapt_input_conv(in_channels, kept[key])
+    missing = [k for k in own if k not in kept]
+    unexpected = [k for k in kept if k not in own]
+    wrong = [k for k in kept if k in own and own[k].shape != kept[k].shape]
+    if missing or unexpected or wrong:
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+        if wrong:
+            key = wrong[0]
+            problems.append(
+                f"shape mismatch for {key}: {tuple(kept[key].shape)} vs {tuple(own[key].shape)}"
+            )
+        raise PretrainedWeightsError(
+            f"cannot load pretrained weights {where}: {'; '.join(problems)}"
+        )
+    module.load_state_dict(kept, strict=True)
+
+
+class GreyToRGB(nn.Module):
+    """Repeats a one-channel image to the three channels a network was built for."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, images: Tensor) -> Tensor:
+        if images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1)
+        return cast(Tensor, self.network(images))
+
+
+#: the prefix of ``model.backbone`` values built by Hugging Face ``transformers``
+HF_PREFIX = "hf/"
+
+#: PIL's resampling filter numbers (what an image processor's ``resample`` holds)
+PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+def _side(size: object) -> Any:
+    """The side an image processor's ``size`` / ``crop_size`` names (``shortest_edge``,
+    ``height`` or a bare number)."""
+    if isinstance(size, dict):
+        return size.get("shortest_edge") or size.get("height")
+    return size
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError:
+        raise missing_package("transformers", "hf", "hf/ backbones") from None
+    return transformers
+
+
+class HfFeatures(nn.Module):
+    """A ``transformers`` vision encoder as ``images -> features``: its ``pooler_output`` when
+    the model has one (ViT's pooler, DINOv2's and CLIP's normalised CLS token, ConvNeXt's pooled
+    map), else the first (CLS) token of ``last_hidden_state``, or its spatial mean for a
+    ``[B, C, H, W]`` feature map."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, images: Tensor) -> Tensor:
+        if images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1)
+        output = self.encoder(pixel_values=images)
+        pooled = getattr(output, "pooler_output", None)
+        if pooled is not None:
+            return cast(Tensor, pooled.flatten(1))
+        hidden = cast(Tensor, output.last_hidden_state)
+        return hidden[:, 0] if hidden.dim() == 3 else hidden.mean(dim=(2, 3))
+
+
+@dataclass(frozen=True)
+class HfBackbone:
+    """``hf/<model id or local directory>``: ``transformers.AutoModel`` (the vision tower of a
+    CLIP-style model) as :class:`HfFeatures`. ``pretrained``: ``DEFAULT`` loads the weights the
+    id or directory holds (``from_pretrained``; a hub id is downloaded once, then cached); None
+    builds the architecture from its ``config.json`` with random weights. The statistics are
+    the image processor's (``preprocessor_config.json``: ``image_mean``, ``image_std``,
+    ``resample``, ``crop_size`` / ``size``)."""
+
+    model: str
+
+    def _config(self) -> Any:
+        transformers = _transformers()
+        try:
+            return transformers.AutoConfig.from_pretrained(self.model)
+        except (OSError, ValueError, KeyError) as error:
+            raise PretrainedWeightsError(
+                f"hf/{self.model}: not a transformers model id or directory ({_first_line(error)})"
+            ) from None
+
+    @property
+    def native_size(self) -> int:
+        config = self._config()
+        config = getattr(config, "vision_config", config)
+        size = getattr(config, "image_size", 224)
+        return int(size[-1] if isinstance(size, (list, tuple)) else size)
+
+    def processor_config(self) -> dict[str, Any] | None:
+        """The image processor's settings (``preprocessor_config.json``), None if it has none."""
+        local = Path(os.path.expanduser(self.model))
+        if local.is_dir():
+            file = local / "preprocessor_config.json"
+            return _read_json(file, "image processor config") if file.is_file() else None
+        try:
+            processor = _transformers().AutoImageProcessor.from_pretrained(self.model)
+        except (OSError, ValueError, KeyError):
+            return None
+        return dict(processor.to_dict())
+
+    def statistics(self, backbone: str, pretrained: str | None) -> ImageStatistics | None:
+        if pretrained is None:
+            return None
+        config = self.processor_config()
+        if config is None:
+            return IMAGENET
+        origin = f"image processor of {self.model}"
+        if config.get("do_normalize", True) is False:
+            mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+        else:
+            mean = tuple(config.get("image_mean") or IMAGENET.mean)
+            std = tuple(config.get("image_std") or IMAGENET.std)
+        resample = config.get("resample", 2)
+        interpolation = PIL_RESAMPLE.get(int(resample), "bilinear")
+        size, crop = config.get("size"), config.get("crop_size")
+        crop_fraction = 1.0
+        if config.get("do_center_crop") and _side(crop) and _side(size):
+            crop_fraction = min(1.0, float(_side(crop)) / float(_side(size)))
+        input_size = _side(crop) if config.get("do_center_crop") else _side(size)
+        return ImageStatistics(
+            tuple(float(v) for v in mean),
+            tuple(float(v) for v in std),
+            interpolation=interpolation,
+            crop_fraction=crop_fraction,
+            input_size=int(input_size) if isinstance(input_size, int) else None,
+            origin=origin,
+        )
+
+    def build(
+        self, name: str, pretrained: str | os.PathLike[str] | None, in_channels: int
+    ) -> tuple[nn.Module, int]:
+        transformers = _transformers()
+        if pretrained is not None and str(pretrained) not in HUB_WEIGHTS:
+            raise PretrainedWeightsError(
+                f"{name}: the weights are those of {self.model}; set model.pretrained=DEFAULT "
+                "(or null for random weights), not a file"
+            )
+        try:
+            if pretrained is None:
+                encoder = transformers.AutoModel.from_config(self._config())
+            else:
+                encoder = transformers.AutoModel.from_pretrained(self.model)
+        except (OSError, ValueError, KeyError, RuntimeError) as error:
+            raise PretrainedWeightsError(f"cannot load {name}: {_first_line(error)}") from None
+        encoder = getattr(encoder, "vision_model", encoder)  # CLIP-style: the image tower
+        module = HfFeatures(encoder)
+        size = self.native_size
+        module.eval()
+        with torch.no_grad():
+            dim = int(module(torch.zeros(1, 3, size, size)).shape[-1])
+        return check_features(module, dim, in_channels=in_channels, size=size, name=name)
+
+
+#: the prefix of ``model.backbone`` values built by open_clip
+OPEN_CLIP_PREFIX = "open_clip/"
+
+
+def _open_clip() -> Any:
+    try:
+        import open_clip
+    except ImportError:
+        raise missing_package("open-clip-torch", "open_clip", "open_clip/ backbones") from None
+    return open_clip
+
+
+@dataclass(frozen=True)
+class OpenClipBackbone:
+    """``open_clip/<architecture>``: the image tower (``.visual``) of
+    ``open_clip.create_model(architecture, pretrained=...)``; its features are the projected
+    image embedding. ``pretrained``: a local weights file or an open_clip pretrained tag
+    (downloaded, cached). The statistics are the architecture's ``preprocess_cfg`` (OpenAI's
+    mean and std, bicubic, by default); open_clip resizes the shorter side to the input size,
+    so the crop fraction is 1."""
+
+    model: str
+
+    def _config(self) -> dict[str, Any]:
+        config = _open_clip().get_model_config(self.model)
+        if config is None:
+            raise PluginError(f"unknown open_clip architecture {self.model!r}")
+        return dict(config)
+
+    @property
+    def native_size(self) -> int:
+        size = self._config().get("vision_cfg", {}).get("image_size", 224)
+        return int(size[-1] if isinstance(size, (list, tuple)) else size)
+
+    def statistics(self, backbone: str, pretrained: str | None) -> ImageStatistics | None:
+        if pretrained is None:
+            return None
+        open_clip = _open_clip()
+        config = self._config().get("preprocess_cfg", {})
+        mean = config.get("mean", open_clip.OPENAI_DATASET_MEAN)
+        std = config.get("std", open_clip.OPENAI_DATASET_STD)
+        return ImageStatistics(
+            tuple(float(v) for v in mean),
+            tuple(float(v) for v in std),
+            interpolation=str(config.get("interpolation", "bicubic")),
+            crop_fraction=1.0,
+            input_size=self.native_size,
+            origin=f"open_clip preprocess_cfg of {self.model}",
+        )
+
+    def build(
+        self, name: str, pretrained: str | os.PathLike[str] | None, in_channels: int
+    ) -> tuple[nn.Module, int]:
+        open_clip = _open_clip()
+        weights = None if pretrained is None else os.path.expanduser(str(pretrained))
+        try:
+            model = open_clip.create_model(self.model, pretrained=weights)
+        except Exception as error:  # open_clip raises many types for a bad file or tag
+            if pretrained is None:
+                raise
+            raise PretrainedWeightsError(
+                f"cannot load pretrained weights {pretrained} into {name}: {_first_line(error)}"
+            ) from None
+        visual = model.visual
+        module = GreyToRGB(visual)
+        dim = int(getattr(visual, "output_dim", 0) or self._config()["embed_dim"])
+        return check_features(
+            module, dim, in_channels=in_channels, size=self.native_size, name=name
+        )
+
+
+#: a backbone declaration of any family
+AnyBackbone = Backbone | PluginBackbone | TimmBackbone | HfBackbone | OpenClipBackbone
+
+#: ``model.backbone`` prefixes of the library families and their declarations
+FAMILIES: dict[str, type[TimmBackbone] | type[HfBackbone] | type[OpenClipBackbone]] = {
+    TIMM_PREFIX: TimmBackbone,
+    HF_PREFIX: HfBackbone,
+    OPEN_CLIP_PREFIX: OpenClipBackbone,
+}
+
+
+def check_backbone(found: object, name: str) -> AnyBackbone:
     """A registry entry as a buildable declaration: a :class:`Backbone` table entry as it is, a
     builder function wrapped in a :class:`PluginBackbone` (its signature checked)."""
-    if isinstance(found, (Backbone, PluginBackbone, TimmBackbone)):
+    if isinstance(found, (Backbone, PluginBackbone, TimmBackbone, HfBackbone, OpenClipBackbone)):
         return found
     if not callable(found):
         raise PluginError(
@@ -463,15 +867,16 @@ def check_backbone(found: object, name: str) -> Backbone | PluginBackbone | Timm
     return PluginBackbone(found, native)
 
 
-class BackboneRegistry(Registry[Backbone | PluginBackbone | TimmBackbone]):
-    """The :class:`mbdl.plugins.Registry` of backbones, which also builds ``timm/<name>``."""
+class BackboneRegistry(Registry[AnyBackbone]):
+    """The :class:`mbdl.plugins.Registry` of backbones, which also builds ``timm/<name>``,
+    ``hf/<id or directory>`` and ``open_clip/<architecture>``."""
 
     def __contains__(self, name: object) -> bool:
-        return (isinstance(name, str) and name.startswith(TIMM_PREFIX)) or super().__contains__(
+        return (isinstance(name, str) and name.startswith(tuple(FAMILIES))) or super().__contains__(
             name
         )
 
-    def get(self, name: str) -> Backbone | PluginBackbone | TimmBackbone:
+    def get(self, name: str) -> AnyBackbone:
         if name.startswith(TIMM_PREFIX):
             model = name.removeprefix(TIMM_PREFIX)
             if not _timm().is_model(model):
@@ -479,12 +884,21 @@ class BackboneRegistry(Registry[Backbone | PluginBackbone | TimmBackbone]):
                     f"unknown timm model {model!r}; timm.list_models() lists its names"
                 )
             return TimmBackbone(model)
+        if name.startswith(HF_PREFIX):
+            hf = HfBackbone(name.removeprefix(HF_PREFIX))
+            hf._config()  # not a model id or directory: refused here
+            return hf
+        if name.startswith(OPEN_CLIP_PREFIX):
+            backbone = OpenClipBackbone(name.removeprefix(OPEN_CLIP_PREFIX))
+            backbone._config()  # an unknown architecture: refused here
+            return backbone
         return super().get(name)
 
     def describe_choices(self) -> str:
         return (
-            f"{', '.join(self.names())}, timm/<name> (pip install 'mbdl[timm]') or an import "
-            "path package.module:build"
+            f"{', '.join(self.names())}, timm/<name> (pip install 'mbdl[timm]'), hf/<model id or "
+            "directory> (pip install 'mbdl[hf]'), open_clip/<architecture> (pip install "
+            "'mbdl[open_clip]') or an import path package.module:build"
         )
 
 
@@ -500,6 +914,15 @@ BACKBONES = BackboneRegistry(
     {name: _declared(entry) for name, entry in BUILTIN_BACKBONES.items()},
     check_backbone,
 )
+
+
+def weights_statistics(backbone: str, pretrained: str | None) -> ImageStatistics | None:
+    """What ``backbone``'s weights ``pretrained`` expect of an image (mean, std,
+    interpolation, crop fraction), as the library they come from states it; None for random
+    weights."""
+    return BACKBONES.get(backbone).statistics(
+        backbone, None if pretrained is None else str(pretrained)
+    )
 
 
 def native_input_size(backbone: str) -> int:

@@ -27,13 +27,20 @@ def model_args(config: Config, channels: int) -> dict[str, Any]:
 
 
 def build_model_from_config(config: Config, args: dict[str, Any]) -> nn.Module:
-    """The embedding model of ``args`` (:func:`model_args`) with ``model.pretrained`` weights."""
+    """The embedding model of ``args`` (:func:`model_args`) with ``model.pretrained`` weights,
+    or ``model.init``'s trained embedder, its first ``model.freeze_blocks`` blocks frozen."""
     from mbdl.models import build_model
+    from mbdl.models.depth import freeze_blocks
+    from mbdl.models.warmstart import warm_start
 
     args = dict(args)
-    return build_model(
+    model = build_model(
         args.pop("backbone"), args.pop("embedding_dim"), pretrained=config.model.pretrained, **args
     )
+    if config.model.init is not None:  # a trained embedder's backbone and head
+        warm_start(model, config.model.init)
+    freeze_blocks(model.backbone, config.model.freeze_blocks)
+    return model
 
 
 def build_loss_from_config(config: Config, train_labels: np.ndarray) -> nn.Module:

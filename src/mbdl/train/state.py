@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from mbdl.config import ConfigError
 from mbdl.errors import UserError
 from mbdl.fileio import atomic_write_text
+from mbdl.model.preprocessing import config_preprocessing
 from mbdl.train.checkpoint import check_state_matches, rng_state, set_rng_state
 from mbdl.train.policies import v1_callback_states, v1_progress_fields
 from mbdl.train.progress import Progress
@@ -37,6 +38,7 @@ def checkpoint_state(
             "image_size": int(trainer.splits.image_size),
             "channels": int(trainer.splits.channels),
         },
+        "preprocessing": config_preprocessing(trainer.config, trainer.splits),
         "model_state": trainer.model.state_dict(),
         "loss_state": trainer.loss.state_dict(),
     }
