@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import copy
 import json
 import math
 import statistics
@@ -55,6 +56,7 @@ from mbdl.config import (
 )
 from mbdl.fileio import atomic_write_bytes, atomic_write_text
 from mbdl.metrics import improves, metric_label, summary_keys_in
+from mbdl.recipe import resolve_auto
 
 
 class _SearchGrids(Mapping[str, tuple[str, tuple[float, ...]]]):
@@ -200,7 +202,9 @@ def finished_metrics(config: Config) -> dict[str, Any] | None:
     if not (metrics_file.is_file() and config_file.is_file()):
         return None
     saved = load_config(config_file)
-    if config_differences(config_to_flat(saved), config_to_flat(config)):
+    resolved = copy.deepcopy(config)
+    resolve_auto(resolved)  # the run's config.yaml records what model.backbone=auto chose
+    if config_differences(config_to_flat(saved), config_to_flat(resolved)):
         return None  # let the trainer refuse it with its own message
     metrics: dict[str, Any] = json.loads(metrics_file.read_text(encoding="utf-8"))
     return metrics

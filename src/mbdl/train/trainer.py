@@ -395,6 +395,7 @@ class Trainer:
             by, epoch = stopped[-1]["stopped_by"], stopped[-1]["epoch"]
             metrics["stopped"] = {"epoch": epoch, "step": stopped[-1]["step"], "by": by}
         metrics = metrics_document(metrics)  # metric tables apart from the run metadata
+        result = TestResult(metrics, result.embeddings, result.labels)
         atomic_write_text(self.out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         self.callbacks.on_train_end(self, result)
         return broadcast_object(metrics)
