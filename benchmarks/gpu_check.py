@@ -149,7 +149,9 @@ def in_memory_splits(spec: dict[str, Any]) -> Splits:
     return attach_transforms(splits, augment="auto")
 
 
-def build_trainer(spec: dict[str, Any], device: str, out: Path, extra: list[str]) -> Any:
+def build_trainer(
+    spec: dict[str, Any], device: str, out: Path, extra: list[str], data: Any = None
+) -> Any:
     workers = 0 if spec is SMOKE else "auto"
     config = load_config(
         None,
@@ -171,7 +173,7 @@ def build_trainer(spec: dict[str, Any], device: str, out: Path, extra: list[str]
             *extra,
         ],
     )
-    return trainer_module.Trainer(config)
+    return trainer_module.Trainer(config, data=data)  # data=None: the config's
 
 
 def time_trainer(trainer: Any, spec: dict[str, Any], decode_on_gpu: bool) -> dict[str, Any]:
@@ -186,7 +188,7 @@ def time_trainer(trainer: Any, spec: dict[str, Any], decode_on_gpu: bool) -> dic
 
     def network() -> None:
         for _ in range(steps):
-            trainer._train_step(*fixed)
+            trainer._train_step([fixed[0]], [fixed[1]])
 
     def run_trainer() -> None:
         trainer.progress.step_in_epoch = 0
@@ -252,7 +254,7 @@ def gpu_decode_loop(trainer: Any, spec: dict[str, Any]) -> Callable[[], None]:
                     crop = F.horizontal_flip(crop)
                 crops.append(crop)
             images = torch.stack(crops).to(device).float().div_(255)
-            trainer._train_step(images, labels_all[batch].to(device))
+            trainer._train_step([images], [labels_all[batch].to(device)])
 
     return step_batches
 
@@ -556,12 +558,9 @@ def run(spec: dict[str, Any], out: Path, tests: str | None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         root = Path(tmp)
         os.environ.setdefault("MBDL_CACHE", str(root / "cache"))
-        original = trainer_module.load_data
-        trainer_module.load_data = lambda config: in_memory_splits(spec)
-        try:
-            trainer = build_trainer(spec, device.type, root / "run-memory", [])
-        finally:
-            trainer_module.load_data = original
+        trainer = build_trainer(
+            spec, device.type, root / "run-memory", [], data=in_memory_splits(spec)
+        )
         try:
             payload["trainer_vs_network"]["in_memory"] = time_trainer(trainer, spec, False)
         finally:

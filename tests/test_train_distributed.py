@@ -133,7 +133,8 @@ def test_torchrun_training_interrupted_and_resumed(tmp_path: Path) -> None:
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert resumed.stdout.count("test:") == 1  # only rank 0 prints the results
     metrics = json.loads((run / "metrics.json").read_text())
-    assert set(metrics) == {"validation", "test", "verification"} and "map@r" in metrics["test"]
+    assert set(metrics) == {"validation", "test", "verification", "meta"}
+    assert "map@r" in metrics["test"]
     records = log_records(run)
     assert [r["epoch"] for r in records] == [1, 2]  # one writer: no duplicated records
     assert [r["step"] for r in records] == [2, 4]
