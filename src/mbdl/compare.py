@@ -31,8 +31,8 @@ evaluation); and per seed the first epoch whose validation value reaches 95% of 
 from __future__ import annotations
 
 import argparse
-import html
 import copy
+import html
 import json
 import math
 import statistics
