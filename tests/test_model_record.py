@@ -196,10 +196,10 @@ MODEL_DIR_CASES: dict[str, tuple[Callable[[dict[str, Any]], Any], str]] = {
     "negative-threshold": (_set("verification", "threshold", -0.5), r"threshold must be >= 0"),
     "unknown-distance": (_set(None, "distance", "manhattan"), r"distance must be one of"),
     "grey-record-of-colour-weights": (_grey_record, r"model_state does not match the model"),
-    "deep-nesting": (lambda info: "[" * 100_000 + "]" * 100_000, r"nested deeper than"),
+    "deep-nesting": (lambda info: "[" * 100_000 + "]" * 100_000, r"nests deeper than"),
     "deep-nesting-in-a-field": (
         _set(None, "training_config", json.loads("[" * 50 + "]" * 50)),
-        r"nested deeper than|training_config must be",
+        r"nests deeper than|training_config must be",
     ),
 }
 
@@ -248,19 +248,22 @@ def test_a_malformed_checkpoint_field_is_one_line(
 
 
 def test_json_is_read_within_bounds(tmp_path: Path) -> None:
-    from mbdl.model.jsonfile import read_json_bounded
+    from mbdl.fileio import read_json_bounded
 
     path = tmp_path / "x.json"
     path.write_text(json.dumps({"a": list(range(100))}))
     assert read_json_bounded(path)["a"][-1] == 99
     with pytest.raises(ValueError, match="larger than 100 bytes"):
         read_json_bounded(path, max_bytes=100)
-    with pytest.raises(ValueError, match="more than 50 JSON values"):
+    with pytest.raises(ValueError, match="holds more than 50 values"):
         read_json_bounded(path, max_items=50)
     path.write_text("[" * 40 + "]" * 40)
-    with pytest.raises(ValueError, match="nested deeper than 32 levels"):
+    with pytest.raises(ValueError, match="nests deeper than 32 levels"):
         read_json_bounded(path)
     path.write_bytes(b"\xff\xfe")
+    with pytest.raises(ValueError, match="not UTF-8 text"):
+        read_json_bounded(path)
+    path.write_text('{"a": [1, 2')
     with pytest.raises(ValueError, match="not valid JSON"):
         read_json_bounded(path)
 

@@ -40,11 +40,11 @@ from mbdl.fileio import (
     atomic_write_text,
     default_file_mode,
     naming,
+    read_json_bounded,
     remove_stale_temps,
     temp_sibling,
 )
 from mbdl.model.checkpoint import model_from_state
-from mbdl.model.jsonfile import read_json_bounded
 from mbdl.model.loading import (
     CARD_FILE,
     CONFIG_FILE,

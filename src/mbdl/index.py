@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from mbdl.errors import UserError, terminal_safe
+from mbdl.fileio import read_json_bounded
 
 KINDS = ("flat", "ivf", "hnsw")
 FORMAT_VERSION = 1
@@ -338,12 +339,8 @@ def bounded_address_space(extra_bytes: int) -> Iterator[None]:
 
 def _read_meta(file: Path) -> dict[str, Any]:
     """meta.json, size-limited, with every field type-checked."""
-    if file.stat().st_size > MAX_META_BYTES:
-        raise UserError(f"{terminal_safe(file)} is larger than {MAX_META_BYTES} bytes; refused")
-    try:
-        meta = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"{terminal_safe(file)} is not valid JSON: {error}") from None
+    # it lists every gallery item's path: up to one value per two bytes
+    meta = read_json_bounded(file, max_bytes=MAX_META_BYTES, max_items=MAX_META_BYTES // 2)
     if not isinstance(meta, dict) or not {"model_id", "distance", "kind"} <= set(meta):
         raise UserError(f"{terminal_safe(file)} lacks model_id, distance or kind")
     if meta.get("format_version") != FORMAT_VERSION:

@@ -45,6 +45,7 @@ from mbdl.catalog.store import (
     writer_lock,
 )
 from mbdl.errors import UserError, terminal_safe
+from mbdl.fileio import read_json_bounded
 
 #: items embedded between two commits of a build
 COMMIT_EVERY = 2048
@@ -690,7 +691,7 @@ def _embedding_sources(
     try:
         vectors = np.load(files["embeddings"], mmap_mode="r", allow_pickle=False)
         label_ids = np.load(files["labels"], allow_pickle=False)
-        info = json.loads(files["info"].read_text(encoding="utf-8")[: 1 << 24])
+        info = read_json_bounded(files["info"])
     except (ValueError, OSError) as error:
         raise UserError(f"--embeddings {terminal_safe(embeddings)}: unreadable ({error})") from None
     paths = files["paths"].read_text(encoding="utf-8").splitlines()

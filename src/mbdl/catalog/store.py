@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import os
 import sqlite3
@@ -42,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from mbdl.errors import UserError, terminal_safe
+from mbdl.fileio import read_json_bounded
 
 FORMAT = "mbdl-catalog"
 VERSION = 1
@@ -164,12 +164,7 @@ def _check_schema(folder: Path, connection: sqlite3.Connection) -> None:
 
 def _read_manifest(folder: Path) -> dict[str, Any]:
     file = folder / MANIFEST
-    if file.stat().st_size > MAX_MANIFEST_BYTES:
-        raise _bad(folder, f"{MANIFEST} is larger than {MAX_MANIFEST_BYTES} bytes")
-    try:
-        manifest = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise _bad(folder, f"{MANIFEST} is not valid JSON ({error})") from None
+    manifest = read_json_bounded(file, max_bytes=MAX_MANIFEST_BYTES)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise _bad(folder, f"{MANIFEST} is not an mbdl catalog manifest")
     if manifest.get("version") != VERSION:

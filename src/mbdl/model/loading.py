@@ -24,13 +24,13 @@ from torch import Tensor, nn
 
 import mbdl
 from mbdl.errors import UserError, terminal_safe
+from mbdl.fileio import read_json_bounded
 from mbdl.model.checkpoint import (
     check_stored_plugins,
     load_checkpoint,
     model_from_state,
     resolve_checkpoint,
 )
-from mbdl.model.jsonfile import read_json_bounded
 from mbdl.model.preprocessing import transform_from_spec
 from mbdl.model.record import ModelRecord, record_from_fields
 
