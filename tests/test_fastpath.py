@@ -112,6 +112,12 @@ def test_batches_are_the_evaluation_transform_bit_for_bit(images: dict[str, Path
         transform_from_spec(grey)(read_image(paths[0], "L")),
     )
 
+    bicubic = {**SPEC, "interpolation": "bicubic"}  # weights trained with another resize
+    for exact in (True, False):  # the fast bilinear resize never stands in for it
+        cubic = EvaluationImages(paths, bicubic, exact=exact)
+        for i, path in enumerate(paths):
+            assert torch.equal(cubic.normalised(i), transform_from_spec(bicubic)(read_image(path)))
+
 
 def test_inexact_batches_are_within_a_level_unscaled_and_close_scaled(
     images: dict[str, Path],

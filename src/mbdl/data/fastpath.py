@@ -62,6 +62,8 @@ class EvaluationImages(Dataset[tuple[Tensor, int]]):
     ) -> None:
         from torchvision import transforms as T
 
+        from mbdl.data.transforms import interpolation_mode
+
         self.paths = [str(p) for p in paths]
         self.labels = (
             np.zeros(len(self.paths), dtype=np.int64)
@@ -73,8 +75,12 @@ class EvaluationImages(Dataset[tuple[Tensor, int]]):
         self.mode = str(spec["color_mode"])
         self.resize, self.crop = int(spec["resize"]), int(spec["crop"])
         self.mean, self.std = list(spec["mean"]), list(spec["std"])
-        self.exact = exact
-        self.steps = T.Compose([T.Resize(self.resize), T.CenterCrop(self.crop)])
+        name = str(spec.get("interpolation", "bilinear"))
+        interpolation = interpolation_mode(name)
+        self.exact = exact or name != "bilinear"  # the fast resize is bilinear only
+        self.steps = T.Compose(
+            [T.Resize(self.resize, interpolation=interpolation), T.CenterCrop(self.crop)]
+        )
 
     def __len__(self) -> int:
         return len(self.paths)
