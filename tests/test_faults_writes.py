@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -22,7 +23,15 @@ from PIL import Image
 from mbdl.embedstore import ImageFiles, embed_to_files, load_embeddings, output_paths
 from mbdl.errors import UserError, one_line
 from mbdl.export import save_pretrained
-from mbdl.fileio import atomic_directory, atomic_write, atomic_write_bytes, read_json_bounded
+from mbdl.fileio import (
+    atomic_directory,
+    atomic_write,
+    atomic_write_bytes,
+    commit_files,
+    finish_commit,
+    journal_path,
+    read_json_bounded,
+)
 from mbdl.models import build_model
 from mbdl.train.checkpoint import atomic_torch_save, save_checkpoint
 
@@ -348,3 +357,21 @@ def test_a_model_directory_killed_at_its_swap_is_whole(
     assert debris(tmp_path) != []  # the dead writer's staging directory
     save_pretrained(model_dir, target, name="again")  # the re-run cleans it up
     assert load_state(target)["model_dir"]["name"] == "again" and debris(tmp_path) == []
+
+
+def test_a_commit_journal_names_only_files_beside_its_anchor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Relative paths (as a command line gives them) commit, and a journal that would move a
+    file from or to another folder is refused."""
+    monkeypatch.chdir(tmp_path)
+    Path("a.tmp").write_text("new")
+    commit_files({Path("a.tmp"): Path("a.txt")}, Path("a.txt"))
+    assert Path("a.txt").read_text() == "new" and not journal_path(Path("a.txt")).exists()
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret").write_text("keep")
+    for temp, final in (("../outside/secret", "b.txt"), ("b.tmp", "../outside/secret")):
+        journal_path(Path("b.txt")).write_text(json.dumps({"moves": [[temp, final]]}))
+        with pytest.raises(UserError, match="outside its folder"):
+            finish_commit(Path("b.txt"))
+    assert (tmp_path / "outside" / "secret").read_text() == "keep"

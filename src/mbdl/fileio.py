@@ -213,7 +213,12 @@ def commit_files(moves: Mapping[Path, Path], anchor: Path) -> None:
     :func:`finish_commit` if this process dies before the journal is removed.
     """
     journal = journal_path(anchor)
-    entries = [[str(temp), str(final)] for temp, final in moves.items()]
+    folder = Path(anchor).resolve().parent
+    for temp, final in moves.items():
+        if Path(temp).resolve().parent != folder or Path(final).resolve().parent != folder:
+            raise ValueError(f"commit_files: {temp} and {final} must sit beside {anchor}")
+    # names only: the journal stays valid whatever the working directory of the reader
+    entries = [[Path(temp).name, Path(final).name] for temp, final in moves.items()]
     try:
         for temp, _ in moves.items():
             os.chmod(temp, default_file_mode())
@@ -233,15 +238,16 @@ def finish_commit(anchor: Path) -> bool:
     try:
         text = journal.read_text(encoding="utf-8")[: 1 << 16]
         moves = json.loads(text)["moves"]
-        pairs = [(Path(temp), Path(final)) for temp, final in moves]
+        names = [(str(temp), str(final)) for temp, final in moves]
     except (ValueError, KeyError, TypeError) as error:
         raise UserError(
             f"{terminal_safe(journal)} is not a valid commit journal ({type(error).__name__}); "
             "remove it and write the output again"
         ) from None
-    for temp, final in pairs:
-        if temp.parent != anchor.parent or final.parent != anchor.parent:
+    for temp, final in names:
+        if any(name != Path(name).name or name in ("", ".", "..") for name in (temp, final)):
             raise UserError(f"{terminal_safe(journal)} names files outside its folder; remove it")
+    pairs = [(anchor.parent / temp, anchor.parent / final) for temp, final in names]
     try:
         for temp, final in pairs:
             if temp.exists():
