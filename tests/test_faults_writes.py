@@ -366,7 +366,7 @@ def test_a_commit_journal_names_only_files_beside_its_anchor(
     file from or to another folder is refused."""
     monkeypatch.chdir(tmp_path)
     Path("a.tmp").write_text("new")
-    commit_files({Path("a.tmp"): Path("a.txt")}, Path("a.txt"))
+    commit_files({tmp_path / "a.tmp": Path("a.txt")}, Path("a.txt"))  # temporaries: absolute
     assert Path("a.txt").read_text() == "new" and not journal_path(Path("a.txt")).exists()
     (tmp_path / "outside").mkdir()
     (tmp_path / "outside" / "secret").write_text("keep")
