@@ -244,14 +244,13 @@ def finish_commit(anchor: Path) -> bool:
             f"{terminal_safe(journal)} is not a valid commit journal ({type(error).__name__}); "
             "remove it and write the output again"
         ) from None
-    for temp, final in names:
-        if any(name != Path(name).name or name in ("", ".", "..") for name in (temp, final)):
+    for pair in names:
+        if any(name != Path(name).name or name in ("", ".", "..") for name in pair):
             raise UserError(f"{terminal_safe(journal)} names files outside its folder; remove it")
-    pairs = [(anchor.parent / temp, anchor.parent / final) for temp, final in names]
     try:
-        for temp, final in pairs:
-            if temp.exists():
-                os.replace(temp, final)
+        for temp_name, final_name in names:
+            if (anchor.parent / temp_name).exists():
+                os.replace(anchor.parent / temp_name, anchor.parent / final_name)
         _sync_directory(anchor.parent)
         journal.unlink()
     except BaseException as error:
