@@ -206,3 +206,19 @@ def make_idx(
         all_labels.append(labels)
         offset += len(labels)
     return np.concatenate(all_images), np.concatenate(all_labels).astype(np.int64)
+
+
+#: the smallest training run on glyphs: one step of a tiny model, no report
+TINY_GLYPH_RUN = [
+    "data.max_classes=24",
+    "model.embedding_dim=8",
+    "train.epochs=1",
+    "train.batch_classes=4",
+    "train.batch_per_class=2",
+    "train.max_steps_per_epoch=1",
+    "train.device=cpu",
+    "train.num_threads=1",
+    "train.progress=false",
+    "eval.ks=[1]",
+    "eval.report=false",
+]

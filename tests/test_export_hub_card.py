@@ -8,22 +8,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fixtures_data import TINY_GLYPH_RUN
 from mbdl.cli import main
 from mbdl.export import card_metadata
 
-SMALL = [
-    "data.max_classes=24",
-    "model.embedding_dim=8",
-    "train.epochs=1",
-    "train.batch_classes=4",
-    "train.batch_per_class=2",
-    "train.max_steps_per_epoch=1",
-    "train.device=cpu",
-    "train.num_threads=1",
-    "train.progress=false",
-    "eval.ks=[1]",
-    "eval.report=false",
-]
+SMALL = TINY_GLYPH_RUN
 
 
 @pytest.fixture(scope="module")
