@@ -222,3 +222,23 @@ TINY_GLYPH_RUN = [
     "eval.ks=[1]",
     "eval.report=false",
 ]
+
+
+def make_small_model_dir(folder: Path) -> Path:
+    """An untrained smallcnn model directory (8-d, 16 px colour) written through a checkpoint."""
+    import torch
+
+    from mbdl.export import save_pretrained
+    from mbdl.models import build_model
+    from mbdl.train.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model("smallcnn", 8, in_channels=3)
+    state = {
+        "config": {},
+        "model_args": dict(model.build_args),
+        "data_args": {"image_size": 16, "channels": 3},
+        "model_state": model.state_dict(),
+    }
+    save_checkpoint(folder / "model.pt", state)
+    return save_pretrained(folder / "model.pt", folder / "model")

@@ -14,13 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
+from fixtures_data import make_small_model_dir
 from mbdl.data.files import MAX_PIXELS, ImageReadError, inspect_image, read_image
-from mbdl.export import save_pretrained
-from mbdl.models import build_model
-from mbdl.train.checkpoint import save_checkpoint
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -64,17 +61,7 @@ def png_declaring(path: Path, width: int, height: int) -> Path:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("images-model")
-    torch.manual_seed(0)
-    model = build_model("smallcnn", 8, in_channels=3)
-    state = {
-        "config": {},
-        "model_args": dict(model.build_args),
-        "data_args": {"image_size": 16, "channels": 3},
-        "model_state": model.state_dict(),
-    }
-    save_checkpoint(folder / "model.pt", state)
-    return save_pretrained(folder / "model.pt", folder / "model")
+    return make_small_model_dir(tmp_path_factory.mktemp("images-model"))
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+from fixtures_data import make_small_model_dir
 from mbdl.embedstore import ImageFiles, embed_to_files, load_embeddings, output_paths
 from mbdl.errors import UserError, one_line
 from mbdl.export import save_pretrained
@@ -32,8 +33,7 @@ from mbdl.fileio import (
     journal_path,
     read_json_bounded,
 )
-from mbdl.models import build_model
-from mbdl.train.checkpoint import atomic_torch_save, save_checkpoint
+from mbdl.train.checkpoint import atomic_torch_save
 
 SLOW_ONLY = [
     pytest.mark.slow,
@@ -64,17 +64,7 @@ def debris(folder: Path) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("writes")
-    torch.manual_seed(0)
-    model = build_model("smallcnn", 8, in_channels=3)
-    state = {
-        "config": {},
-        "model_args": dict(model.build_args),
-        "data_args": {"image_size": 16, "channels": 3},
-        "model_state": model.state_dict(),
-    }
-    save_checkpoint(folder / "model.pt", state)
-    return save_pretrained(folder / "model.pt", folder / "model")
+    return make_small_model_dir(tmp_path_factory.mktemp("writes"))
 
 
 @pytest.fixture(scope="module")
