@@ -345,7 +345,7 @@ def _embed_streaming(args: argparse.Namespace, overrides: list[str]) -> int:
 
     from mbdl.data.workers import loader_workers
     from mbdl.distributed import init_distributed
-    from mbdl.embedstore import ImageFiles, embed_to_files, model_dim, output_paths
+    from mbdl.embedstore import FolderImages, embed_to_files, model_dim, output_paths
     from mbdl.inference import as_loaded_model
     from mbdl.model.loading import model_from_loaded_state
 
@@ -359,7 +359,8 @@ def _embed_streaming(args: argparse.Namespace, overrides: list[str]) -> int:
             if overrides:
                 raise UsageError(f"{overrides[0]!r}: overrides do not apply with --images")
             loaded = as_loaded_model(args.checkpoint, device)
-            dataset = ImageFiles(args.images, loaded.transform, loaded.record.color_mode)
+            dataset = FolderImages(args.images, dict(loaded.record.preprocessing))
+            example = dataset.normalised(0)
             batch_size, workers = args.batch_size or 256, args.workers or 0
             class_names, what = dataset.class_names, f"images below {args.images}"
         else:
@@ -373,12 +374,13 @@ def _embed_streaming(args: argparse.Namespace, overrides: list[str]) -> int:
                 else args.workers
             )
             class_names, what = list(dataset.class_names), f"{args.split} split"
+            example = dataset[0][0]
         model = loaded.module
         files = embed_to_files(
             model,
             dataset,
             args.output,
-            dim=model_dim(model, dataset[0][0]),
+            dim=model_dim(model, example.to(device)),
             batch_size=batch_size,
             device=device,
             num_workers=workers,

@@ -19,7 +19,9 @@
   ``torchvision.io.decode_jpeg`` (libjpeg-turbo, the same pixels as PIL's decoder bit for bit,
   EXIF orientation applied the same way) after the same checks: it takes about two thirds of
   the CPU time of PIL's reader, whose mode conversions and EXIF handling cost extra
-  (``benchmarks/jpeg_path.py``). Every other file goes through the reader.
+  (``benchmarks/jpeg_path.py``). Every other file goes through the reader, and so does a JPEG
+  that torchvision's decoder refuses (truncated, corrupt): the reader refuses it with its own
+  message, the one every other path gives.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFile
 
 from mbdl.data import files
 from mbdl.errors import terminal_safe
@@ -117,43 +119,32 @@ def read_array(path: str | Path, mode: str = "RGB", min_side: int | None = None)
     import torch
 
     decoder = _torchvision_decoder()
-    fast = False
-    try:
-        info = os.stat(path)
-        if not stat.S_ISREG(info.st_mode):
-            raise files.ImageReadError(
-                f"cannot read image {terminal_safe(path)}: not a regular file"
-            )
-        with Image.open(path) as image:
-            files._check_header(image)
-            reducible = min_side is not None and (
-                jpeg_reduction(image.width, image.height, min_side) > 1
-            )
-            # EXIF orientation tag (0x0112): torchvision applies it only when asked (a cost)
-            rotated = image.getexif().get(0x0112, 1) != 1
-            fast = (
-                decoder is not None
-                and image.format == "JPEG"
-                and not reducible
-                and (image.mode, mode) in TORCHVISION_JPEG_MODES
-            )
-        if fast and decoder is not None:
-            decode_jpeg, modes = decoder
-            data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
-            wanted = modes.RGB if mode == "RGB" else modes.GRAY
-            decoded = decode_jpeg(data, mode=wanted, apply_exif_orientation=rotated)
-            return decoded.permute(1, 2, 0).numpy()
-    except FileNotFoundError:
-        raise files.ImageReadError(f"image file not found: {terminal_safe(path)}") from None
-    except RuntimeError as error:  # torchvision's decoder: "<file.cpp>:<line>, <reason>"
-        reason = str(error).split(", ", 1)[-1].strip() or "does not decode"
-        raise files.ImageReadError(f"cannot read image {terminal_safe(path)}: {reason}") from None
-    except files._PIL_ERRORS as error:
-        if isinstance(error, files.ImageReadError):
-            raise
-        raise files.ImageReadError(
-            f"cannot read image {terminal_safe(path)}: {files._reason(error, path)}"
-        ) from None
+    if decoder is not None:
+        try:
+            with files.open_image_file(path) as image:  # a regular file, not blocking
+                files._check_header(image)
+                reducible = min_side is not None and (
+                    jpeg_reduction(image.width, image.height, min_side) > 1
+                )
+                # EXIF orientation tag (0x0112): torchvision applies it only when asked (a cost)
+                rotated = image.getexif().get(0x0112, 1) != 1
+                source = image.fp if isinstance(image, ImageFile.ImageFile) else None
+                fast = (
+                    image.format == "JPEG"
+                    and not reducible
+                    and (image.mode, mode) in TORCHVISION_JPEG_MODES
+                    and source is not None
+                )
+                if fast and source is not None:
+                    source.seek(0)  # the file checked, read once more from its start
+                    data = torch.frombuffer(bytearray(source.read()), dtype=torch.uint8)
+            if fast:
+                decode_jpeg, modes = decoder
+                wanted = modes.RGB if mode == "RGB" else modes.GRAY
+                decoded = decode_jpeg(data, mode=wanted, apply_exif_orientation=rotated)
+                return decoded.permute(1, 2, 0).numpy()
+        except (RuntimeError, *files._PIL_ERRORS):
+            pass  # the reader below refuses it in its own words: the message every path gives
     array = np.asarray(read_image_reduced(path, mode, min_side), dtype=np.uint8)
     return array[:, :, None] if array.ndim == 2 else array
 
