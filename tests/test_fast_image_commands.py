@@ -22,6 +22,8 @@ from mbdl.data.files import ImageReadError, read_image
 from mbdl.embedstore import FolderImages, ImageFiles, embed_to_files, list_images
 from mbdl.export import load_state, state_preprocessing, transform_from_spec
 
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
 
 def _photo(width: int, height: int, seed: int) -> np.ndarray:
     """Smooth colour gradients with a little noise (JPEG-like content), ``uint8 [H, W, 3]``."""
@@ -136,7 +138,7 @@ def test_embed_images_equals_the_per_image_path(
 ) -> None:
     out = tmp_path / "g.npy"
     command = ["embed", str(model_dir), "--images", str(images), "-o", str(out)]
-    assert main([*command, "--batch-size", "4", "--no-progress"]) == 0
+    assert main([*command, "--batch-size", "4", "--device", "cpu", "--no-progress"]) == 0
     paths = [images / line for line in (tmp_path / "g.paths.txt").read_text().splitlines()]
     expected = _per_image_embeddings(model_dir, paths)
     embedded = np.load(out)
@@ -202,7 +204,8 @@ def test_embed_images_refuses_a_bad_file_as_before(
     root, truncated, garbage = with_bad
     garbage.unlink()
     out = tmp_path / "g.npy"
-    code = main(["embed", str(model_dir), "--images", str(root), "-o", str(out), "--no-progress"])
+    command = ["embed", str(model_dir), "--images", str(root), "-o", str(out), "--device", "cpu"]
+    code = main([*command, "--no-progress"])
     error = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in error
     assert _reader_reason(truncated) in error and "truncated" in error
@@ -222,3 +225,28 @@ def test_index_build_skips_or_refuses_bad_files_as_before(
         where = str(path.resolve())
         expected = _reader_reason(Path(where)).replace(f" {where}", "").replace(where, "")
         assert reasons[where] == " ".join(expected.split())[:200]
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_embed_and_index_on_a_gpu_equal_the_per_image_path_on_the_cpu(
+    model_dir: Path, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """uint8 batches from pinned memory, normalised and made channels-last on the GPU, loader
+    workers: the per-image PIL path's embeddings on the CPU, to float32 rounding (TF32 off)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    out = tmp_path / "g.npy"
+    command = ["embed", str(model_dir), "--images", str(images), "-o", str(out)]
+    assert main([*command, "--device", "cuda", "--workers", "2", "--no-progress"]) == 0
+    paths = [images / line for line in (tmp_path / "g.paths.txt").read_text().splitlines()]
+    expected = _per_image_embeddings(model_dir, paths)
+    np.testing.assert_allclose(np.load(out), expected, rtol=0, atol=1e-4)
+    report = build_catalog(
+        model_dir, tmp_path / "catalog", images=images, device="cuda", workers=2, progress=False
+    )
+    ids = report.catalog.ids()
+    indexed = [Path(item.path) for item in report.catalog.items(ids.tolist())]
+    np.testing.assert_allclose(
+        report.catalog.vectors(ids), _per_image_embeddings(model_dir, indexed), rtol=0, atol=1e-4
+    )

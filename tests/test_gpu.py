@@ -312,8 +312,12 @@ def test_batched_gpu_jpeg_decoding_matches_the_cpu_reader(tmp_path: Path) -> Non
 
 @pytest.mark.gpu
 @needs_gpu
-def test_fast_embedding_on_gpu_equals_the_cpu(tmp_path: Path) -> None:
+def test_fast_embedding_on_gpu_equals_the_cpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from mbdl.data.fastpath import EvaluationImages, embed_images
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # float32 on both sides
 
     spec = {"color_mode": "RGB", "resize": 73, "crop": 64, "mean": [0.5] * 3, "std": [0.25] * 3}
     paths = _write_photos(tmp_path, 10, (200, 150))

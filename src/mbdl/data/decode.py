@@ -12,7 +12,8 @@
 - :func:`decode_jpeg_batch`: the bytes of many JPEG files decoded in one call on a CUDA device
   (``torchvision.io.decode_jpeg(list, device="cuda")``, nvJPEG); files checked first by
   :func:`mbdl.data.files.inspect_image` when the caller has not (datasets check every file when
-  they are built).
+  they are built); the EXIF orientation is applied as on the CPU (:func:`orient`: torchvision's
+  GPU decoder ignores it).
 
 - :func:`read_array`: the same as a ``uint8`` array ``[H, W, C]``; JPEGs stored as colour or
   grey and read as colour (or grey as grey) that need no reduction are decoded by
@@ -165,4 +166,39 @@ def decode_jpeg_batch(
                 raise files.ImageReadError(f"cannot read image {terminal_safe(path)}: {reason}")
     data = [torch.frombuffer(bytearray(Path(p).read_bytes()), dtype=torch.uint8) for p in paths]
     decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
-    return list(decoded)
+    if torch.device(device).type != "cuda":
+        return list(decoded)
+    # torchvision's GPU decoder ignores apply_exif_orientation: applied here, as on the CPU
+    return [
+        orient(image, exif_orientation(path)) for image, path in zip(decoded, paths, strict=True)
+    ]
+
+
+def exif_orientation(path: str | Path) -> int:
+    """The EXIF orientation (tag 0x0112, 1 to 8) of the image file ``path``; 1 when it has none."""
+    with Image.open(path) as image:
+        value = image.getexif().get(0x0112, 1)
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def orient(image: Any, orientation: int) -> Any:
+    """``[..., H, W]`` tensor shown as EXIF ``orientation`` asks: what PIL's
+    ``ImageOps.exif_transpose`` does to the image (2 mirror, 3 half turn, 4 flip, 5 transpose,
+    6 quarter turn clockwise, 7 transverse, 8 quarter turn anticlockwise)."""
+    import torch
+
+    if orientation == 2:
+        return image.flip(-1)
+    if orientation == 3:
+        return image.flip(-2, -1)
+    if orientation == 4:
+        return image.flip(-2)
+    if orientation == 5:
+        return image.transpose(-2, -1)
+    if orientation == 6:
+        return torch.rot90(image, -1, dims=(-2, -1))
+    if orientation == 7:
+        return image.transpose(-2, -1).flip(-2, -1)
+    if orientation == 8:
+        return torch.rot90(image, 1, dims=(-2, -1))
+    return image
