@@ -24,6 +24,7 @@ the same run. On a CPU the run uses one thread and ``--workers`` loader processe
     python benchmarks/image_commands.py                 # CPU: smallcnn, 400 JPEGs; writes results
     python benchmarks/image_commands.py --smoke         # tiny, prints only
     python benchmarks/image_commands.py --backbone resnet50 --images 2000 --workers 15 --out DIR
+    python benchmarks/image_commands.py --publish DIR/image_commands.json   # results + docs
 """
 
 from __future__ import annotations
@@ -267,7 +268,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=None, help="write DIR/image_commands.json, .md")
+    parser.add_argument(
+        "--publish", type=Path, default=None, help="an image_commands.json to publish"
+    )
     args = parser.parse_args()
+    if args.publish is not None:
+        from benchmarks.common import write_results
+
+        payload = json.loads(args.publish.read_text())
+        write_results("image_commands", payload, markdown(payload))
+        print(markdown(payload))
+        return
     if args.smoke:
         args.images, args.image_size, args.jpeg_size, args.repeats = 24, 32, (48, 40), 1
         args.batch_size = 8

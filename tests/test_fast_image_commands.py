@@ -250,3 +250,34 @@ def test_embed_and_index_on_a_gpu_equal_the_per_image_path_on_the_cpu(
     np.testing.assert_allclose(
         report.catalog.vectors(ids), _per_image_embeddings(model_dir, indexed), rtol=0, atol=1e-4
     )
+
+
+def test_the_commands_benchmark_runs_both_paths_to_the_same_embeddings(tmp_path: Path) -> None:
+    """benchmarks/image_commands.py --smoke (what gpu_check.sh --smoke runs): every variant
+    measured, and the per-image PIL path (put back by the benchmark) gives the same vectors."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    script = str(root / "benchmarks" / "image_commands.py")
+    done = subprocess.run(
+        [sys.executable, script, "--smoke", "--device", "cpu", "--out", str(tmp_path)],
+        env={**os.environ, "PYTHONPATH": str(root / "src"), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    payload = json.loads((tmp_path / "image_commands.json").read_text())
+    assert payload["images"] == 24 and payload["smoke"] is True
+    assert set(payload["images_per_s"]) == {
+        "network",
+        "embed_pil",
+        "embed_fast",
+        "index_pil",
+        "index_fast",
+    }
+    assert all(rate > 0 for rate in payload["images_per_s"].values())
+    assert payload["max_abs_difference"] == {"embed": 0.0, "index": 0.0}
