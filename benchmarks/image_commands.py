@@ -288,7 +288,8 @@ def markdown(payload: dict[str, Any]) -> str:
         "fast path",
         "",
         f"`python benchmarks/image_commands.py --backbone {payload['backbone']} --images "
-        f"{payload['images']} --workers {payload['workers']}`, {payload['date']}, {where}, "
+        f"{payload['images']} --workers {payload['workers']} --repeats {payload['repeats']}`, "
+        f"{payload['date']}, {where}, "
         f"torch {payload['torch']}, {payload['cpus']} CPUs (shared). {payload['images']} JPEGs "
         f"of {payload['jpeg_size'][0]} x {payload['jpeg_size'][1]}, {payload['backbone']} "
         f"(random weights) at {payload['image_size']} px, batch {payload['batch_size']}, "
