@@ -173,14 +173,14 @@ def test_stream_batches_are_p_by_k_of_training_classes(shards: Path) -> None:
         counts = Counter(labels.tolist())
         assert len(counts) == 3 and set(counts.values()) == {2}
         assert set(counts) <= set(range(len(splits.train.class_names)))
-        taken.append(labels)
+        taken.append((images, labels))
         if number == 2 * len(batches):  # the stream goes on past one pass
             break
     # the same seed and epoch give the same batches; a resumed epoch skips its first batches
     again = StreamBatches(splits.train, 3, 2, seed=0)
     again.set_epoch(0, start_batch=2)
     resumed = next(iter(again))
-    assert torch.equal(resumed[1], taken[2])
+    assert torch.equal(resumed[0], taken[2][0]) and torch.equal(resumed[1], taken[2][1])
 
 
 def test_training_on_shards_trains_and_evaluates(shards: Path, tmp_path: Path) -> None:
@@ -284,3 +284,23 @@ def test_a_shard_cut_anywhere_is_refused(tmp_path: Path) -> None:
         shard.write_bytes(data[:cut])
         with pytest.raises(WebDatasetError, match=r"shard-000\.tar"):
             index_shard(shard, names)
+
+
+def test_stream_batches_through_loader_workers(shards: Path) -> None:
+    """Two loader workers: every batch P x K of training classes; a resumed epoch starts at the
+    same batch with the same number of workers."""
+    splits = load_splits("webdataset", shards, image_size=16, val_fraction=0.25)
+    batches = StreamBatches(splits.train, 2, 2, seed=3)
+    loader = DataLoader(batches, batch_size=None, num_workers=2)
+    taken = []
+    for number, (images, labels) in enumerate(loader):
+        counts = Counter(labels.tolist())
+        assert len(counts) == 2 and set(counts.values()) == {2}
+        taken.append((images, labels))
+        if number == 4:
+            break
+    for start, expected in ((4, 4), (3, 2)):  # resumed at a multiple of the worker count
+        batches.set_epoch(0, start_batch=start)
+        resumed = next(iter(DataLoader(batches, batch_size=None, num_workers=2)))
+        assert torch.equal(resumed[0], taken[expected][0])
+        assert torch.equal(resumed[1], taken[expected][1])

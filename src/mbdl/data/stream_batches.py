@@ -181,8 +181,10 @@ class StreamBatches(IterableDataset[tuple[torch.Tensor, torch.Tensor]]):
     Item ``i`` of a worker's batch ``n`` is transformed with torch's generator seeded by
     ``SeedSequence([seed, epoch, part, n])``, so a run does not depend on process timing;
     ``set_epoch(epoch, start_batch)`` skips this rank's first ``start_batch`` batches without
-    decoding them (exact for the same number of loader workers, whose batches the DataLoader
-    takes in turn).
+    decoding them. The DataLoader takes batch ``n * workers + w`` from worker ``w`` and starts at
+    worker 0, so with the same number of loader workers this is exact when ``start_batch`` is a
+    multiple of it (always with 0 or 1 worker); otherwise the epoch resumes at the multiple
+    below (fewer than ``workers`` batches seen again).
     """
 
     def __init__(
@@ -255,7 +257,8 @@ class StreamBatches(IterableDataset[tuple[torch.Tensor, torch.Tensor]]):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        skip = max(0, -(-(self.start_batch - worker) // workers))  # this worker's share
+        # the DataLoader takes batch n * workers + w from worker w, starting again at worker 0
+        skip = self.start_batch // workers
         part = self.rank * workers + worker
         for number, batch in enumerate(self.raw_batches(worker, workers)):
             if number < skip:

@@ -13,15 +13,17 @@ Splits are class-disjoint and come from the label list alone: the last half of t
 classes are the test classes, validation classes are carved from the others with
 ``data.val_fraction`` and the seed (:func:`mbdl.data.splits.carve_validation_classes`). The
 training split is a stream (:class:`ShardStream`, an ``IterableDataset``: shards split between
-ranks and loader workers, shuffled through a buffer), never held in memory; the validation and
-test splits are map-style views (:class:`ShardImageDataset`) that read each image at its offset in
-its shard.
+ranks and loader workers, read forward, shuffled through a buffer), its images never held in
+memory; the validation and test splits are map-style views (:class:`ShardImageDataset`). Both
+read each image at the byte offset the header pass found, so only one tar parser (Python's
+``tarfile``) decides what a sample is; the ``webdataset`` package is needed only to expand brace
+patterns (its ``braceexpand``) and to write shards.
 
 Checked up front (:func:`index_shards`): every shard's tar headers (a corrupt or truncated shard
 is refused), every sample's members (one image and one label) and every label (read from the
 small ``.cls`` / ``.json`` members, never from decoding an image): in the range of the label list
 or a name it holds, and every listed class with a sample. Image bytes are decoded when used: an
-undecodable image stops training with its shard and key.
+undecodable image stops training with its shard and byte offset.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "pgm", "tif", "t
 MAX_LABEL_BYTES = 1 << 20
 #: samples held by the training stream's shuffle buffer (undecoded bytes)
 SHUFFLE_BUFFER = 1000
-#: training samples whose places the stream keeps for previews (``ShardStream.load_image``)
+#: training samples that ``ShardStream.load_image`` previews
 PREVIEW_SAMPLES = 256
 
 
@@ -61,14 +63,15 @@ class WebDatasetError(UserError):
     """Shards or a label list that cannot be used (corrupt shard, sample without label, ...)."""
 
 
-def _webdataset() -> Any:
+def _braceexpand() -> Any:
     try:
-        import webdataset
+        from braceexpand import braceexpand
     except ImportError:
         raise WebDatasetError(
-            "data.source=webdataset needs the webdataset package: pip install 'mbdl[webdataset]'"
+            "a shard pattern with braces needs the braceexpand package (webdataset's): "
+            "pip install 'mbdl[webdataset]'"
         ) from None
-    return webdataset
+    return braceexpand
 
 
 def shard_paths(root: str | os.PathLike[str]) -> tuple[list[Path], Path]:
@@ -76,9 +79,7 @@ def shard_paths(root: str | os.PathLike[str]) -> tuple[list[Path], Path]:
     sorted), one ``.tar`` file, or a brace pattern of files."""
     text = os.path.expanduser(str(root))
     if "{" in text:
-        from braceexpand import braceexpand
-
-        shards = [Path(p) for p in braceexpand(text)]
+        shards = [Path(p) for p in _braceexpand()(text)]
         missing = [p for p in shards if not p.is_file()]
         if missing:
             raise WebDatasetError(
@@ -357,83 +358,84 @@ def pass_assignment(
 
 
 class ShardStream(IterableDataset[tuple[torch.Tensor, int]]):
-    """The training split as a stream: one pass over this rank's and worker's share of the shards
-    (:func:`pass_assignment`), in a seeded order, through a shuffle buffer of undecoded samples,
-    keeping the classes ``classes`` (indices into the label list; their labels become
-    ``0..len(classes)-1``). Iterating yields ``(transformed image, label)``; :meth:`raw_samples`
-    yields the undecoded ``(bytes, label, where)`` that the P x K batcher holds.
+    """The training split as a stream: one pass over this rank's and worker's share of the
+    training samples (:func:`pass_assignment`), shard after shard in a seeded order, each image's
+    bytes read at its offset (forward through each shard, found by the header pass: the other
+    classes' samples are not read), through a shuffle buffer of undecoded samples. Iterating
+    yields ``(transformed image, label)``; :meth:`raw_samples` yields the undecoded ``(bytes,
+    label, where)`` that the P x K batcher holds.
 
-    ``labels`` are the split's labels in class order (a stream has no item order), from the
-    header pass: ``len()`` and the per-class counts the preflight checks read. A stream has no
-    random access: ``load_image(i)`` / ``describe(i)`` read ``preview[i % len(preview)]``, one
-    of up to :data:`PREVIEW_SAMPLES` training samples spread over the shards (``(shard, offset,
-    size, key)``), for what looks at a few images (image size and colour of ``model.backbone=auto``).
+    Held in memory: per training sample its shard, byte offset, size and label (24 bytes), never
+    an image. ``labels`` are the split's labels in class order (a stream has no item order):
+    ``len()`` and the per-class counts the preflight checks read. A stream has no random access:
+    ``load_image(i)`` / ``describe(i)`` read sample ``preview[i % len(preview)]``, one of up to
+    :data:`PREVIEW_SAMPLES` training samples spread over the shards, for what looks at a few
+    images (the image size and colour of ``model.backbone=auto``).
     """
 
     def __init__(
         self,
         shards: Sequence[Path],
-        shard_sizes: Sequence[int],
-        classes: np.ndarray,
+        shard_of: np.ndarray,
+        offsets: np.ndarray,
+        sizes: np.ndarray,
+        labels: np.ndarray,
         class_names: Sequence[str],
-        class_counts: np.ndarray,
         mode: str,
-        field: str,
-        names: Sequence[str],
         *,
         seed: int = 0,
         shuffle_buffer: int = SHUFFLE_BUFFER,
-        preview: Sequence[tuple[int, int, int, str]] = (),
     ) -> None:
+        order = np.argsort(shard_of, kind="stable")  # shard after shard, in file order
         self.shards = list(shards)
-        self.preview = list(preview)
-        self.shard_sizes = [int(n) for n in shard_sizes]
+        self.shard_of = np.asarray(shard_of, dtype=np.int32)[order]
+        self.offsets = np.asarray(offsets, dtype=np.int64)[order]
+        self.sizes = np.asarray(sizes, dtype=np.int32)[order]
+        self.sample_labels = np.asarray(labels, dtype=np.int32)[order]
         self.class_names = list(class_names)
-        self.class_counts = np.asarray(class_counts, dtype=np.int64)
         self.mode = mode
-        self.field = field
-        self.names = list(names)
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
         self.rank, self.world_size = 0, 1
         self.epoch = 0
         self.transform: Any = None
-        self._label_of = np.full(len(names), -1, dtype=np.int64)
-        self._label_of[np.asarray(classes, dtype=np.int64)] = np.arange(len(classes))
+        counts = np.bincount(self.shard_of, minlength=len(self.shards))
+        self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        count = min(PREVIEW_SAMPLES, len(self.offsets))
+        self.preview = np.linspace(0, len(self.offsets) - 1, count).astype(np.int64)
 
     @property
     def labels(self) -> np.ndarray:
-        return np.repeat(np.arange(len(self.class_counts), dtype=np.int64), self.class_counts)
+        counts = np.bincount(self.sample_labels, minlength=len(self.class_names))
+        return np.repeat(np.arange(len(self.class_names), dtype=np.int64), counts)
 
     def __len__(self) -> int:
-        return int(self.class_counts.sum())
+        return len(self.offsets)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def _where(self, row: int) -> str:
+        return f"{self.shards[int(self.shard_of[row])]} at byte {int(self.offsets[row])}"
+
     def load_image(self, index: int) -> Image.Image:
         """A preview image (see the class docstring), untransformed."""
-        if not self.preview:
-            raise ValueError("this stream keeps no preview samples")
-        shard, offset, size, _ = self.preview[int(index) % len(self.preview)]
-        with open(self.shards[shard], "rb") as file:
-            file.seek(offset)
-            data = file.read(size)
-        return decode_image(data, self.mode, self.describe(index))
+        row = int(self.preview[int(index) % len(self.preview)])
+        with open(self.shards[int(self.shard_of[row])], "rb") as file:
+            file.seek(int(self.offsets[row]))
+            data = file.read(int(self.sizes[row]))
+        return decode_image(data, self.mode, self._where(row))
 
     def describe(self, index: int) -> str:
-        if not self.preview:
-            return f"{self.shards[0].parent} (stream)"
-        shard, _, _, key = self.preview[int(index) % len(self.preview)]
-        return f"{self.shards[shard]}:{key}"
+        return self._where(int(self.preview[int(index) % len(self.preview)]))
 
     def raw_samples(
         self, pass_number: int, part: int, parts: int
     ) -> Iterator[tuple[bytes, int, str]]:
-        """One pass of part ``part`` of ``parts``: ``(image bytes, label, shard:key)`` of the
-        training classes, shuffled by shard order and a buffer (seeded by the pass)."""
+        """One pass of part ``part`` of ``parts``: ``(image bytes, label, where)`` of the training
+        samples, shuffled by shard order and a buffer (seeded by the pass)."""
         rng = np.random.default_rng([self.seed, pass_number])
-        assignment = pass_assignment(self.shard_sizes, part, parts, rng)
+        assignment = pass_assignment(np.diff(self._starts).tolist(), part, parts, rng)
         buffer: list[tuple[bytes, int, str]] = []
         shuffle = np.random.default_rng([self.seed, pass_number, part])
         for sample in self._read(assignment):
@@ -443,36 +445,25 @@ class ShardStream(IterableDataset[tuple[torch.Tensor, int]]):
             slot = int(shuffle.integers(len(buffer)))
             buffer[slot], sample = sample, buffer[slot]
             yield sample
-        order = shuffle.permutation(len(buffer))
-        for slot in order:
+        for slot in shuffle.permutation(len(buffer)):
             yield buffer[int(slot)]
 
     def _read(self, assignment: list[tuple[int, int, int]]) -> Iterator[tuple[bytes, int, str]]:
-        from webdataset.tariterators import group_by_keys, tar_file_iterator
-
-        lookup = {n: i for i, n in enumerate(self.names)}
         for shard, first, step in assignment:
+            rows = range(int(self._starts[shard]) + first, int(self._starts[shard + 1]), step)
+            if not rows:
+                continue
             path = self.shards[shard]
-            with open(path, "rb") as file:
-                members = (
-                    {**m, "__url__": str(path)} for m in tar_file_iterator(file, skip_meta=r"__")
-                )
-                for number, sample in enumerate(group_by_keys(members)):
-                    if number < first or (number - first) % step:
-                        continue
-                    where = f"{path}:{sample['__key__']}"
-                    label_ext = "cls" if "cls" in sample else "json"
-                    try:
-                        value = parse_label(
-                            sample[label_ext], label_ext, self.names, lookup, self.field
-                        )
-                    except (ValueError, KeyError) as error:
-                        raise WebDatasetError(f"{where}: {error}") from None
-                    label = int(self._label_of[value])
-                    if label < 0:
-                        continue  # a validation or test class
-                    image = next(sample[e] for e in IMAGE_EXTENSIONS if e in sample)
-                    yield image, label, where
+            try:
+                with open(path, "rb") as file:
+                    for row in rows:
+                        file.seek(int(self.offsets[row]))
+                        data = file.read(int(self.sizes[row]))
+                        if len(data) != int(self.sizes[row]):
+                            raise WebDatasetError(f"{self._where(row)}: the shard changed")
+                        yield data, int(self.sample_labels[row]), self._where(row)
+            except OSError as error:
+                raise WebDatasetError(f"cannot read shard {path}: {error}") from None
 
     def load(self, data: bytes, where: str) -> Any:
         """The transformed image of one sample's bytes."""
@@ -498,7 +489,6 @@ def load_splits(
     imagenet_norm: bool = False,
 ) -> Splits:
     """The class-disjoint splits of WebDataset shards (see the module docstring)."""
-    _webdataset()
     if root is None:
         raise WebDatasetError(
             "data.source=webdataset needs data.root (a shard directory or pattern)"
@@ -512,27 +502,22 @@ def load_splits(
     train_classes, val_classes = pool[train_pos], pool[val_pos]
     mode = "L" if channels == 1 else "RGB"
     labels = np.concatenate([s.labels for s in index])
-    counts = np.bincount(labels, minlength=len(names))
     shard_of = np.concatenate([np.full(len(s), i, dtype=np.int64) for i, s in enumerate(index)])
     offsets = np.concatenate([s.offsets for s in index])
     sizes = np.concatenate([s.sizes for s in index])
     keys = [k for s in index for k in s.keys]
     trained = np.flatnonzero(np.isin(labels, train_classes))
-    picked = trained[
-        np.linspace(0, len(trained) - 1, min(PREVIEW_SAMPLES, len(trained))).astype(int)
-    ]
-    preview = [(int(shard_of[i]), int(offsets[i]), int(sizes[i]), keys[int(i)]) for i in picked]
+    label_of = np.full(len(names), -1, dtype=np.int64)
+    label_of[train_classes] = np.arange(len(train_classes))
     stream = ShardStream(
         shards,
-        [len(s) for s in index],
-        train_classes,
+        shard_of[trained],
+        offsets[trained],
+        sizes[trained],
+        label_of[labels[trained]],
         [names[int(c)] for c in train_classes],
-        counts[train_classes],
         mode,
-        label_column,
-        names,
         seed=seed,
-        preview=preview,
     )
     held_out = np.flatnonzero(np.isin(labels, val_classes) | (labels >= len(names) - num_test))
     evaluated = ShardImageDataset(  # only the validation and test samples
