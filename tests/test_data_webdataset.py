@@ -304,3 +304,37 @@ def test_stream_batches_through_loader_workers(shards: Path) -> None:
         resumed = next(iter(DataLoader(batches, batch_size=None, num_workers=2)))
         assert torch.equal(resumed[0], taken[expected][0])
         assert torch.equal(resumed[1], taken[expected][1])
+
+
+def test_ranks_read_disjoint_samples(shards: Path) -> None:
+    splits = load_splits("webdataset", shards, image_size=16, val_fraction=0.25)
+    firsts = []
+    for rank in (0, 1):
+        batches = StreamBatches(splits.train, 2, 2, seed=0, num_replicas=2, rank=rank)
+        raw = batches.raw_batches(0, 1)
+        firsts.append({where for batch in (next(raw), next(raw)) for (_, where), _ in batch})
+    assert len(firsts[0]) == len(firsts[1]) == 8 and firsts[0].isdisjoint(firsts[1])
+
+
+@pytest.mark.slow
+def test_torchrun_on_shards(shards: Path, tmp_path: Path) -> None:
+    """Two processes with a loader worker each read the stream in four parts, take the same
+    number of steps and train and evaluate."""
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc_per_node", "2", "-m", "mbdl", "train", "data.source=webdataset"]
+    command += [f"data.root={shards}", "data.image_size=16", "data.val_fraction=0.34"]
+    command += ["data.num_workers=1", "model.backbone=smallcnn", "model.embedding_dim=8"]
+    command += ["train.epochs=2", "train.batch_classes=2", "train.batch_per_class=2"]
+    command += ["train.device=cpu", "train.num_threads=1", "train.progress=false"]
+    command += ["eval.ks=[1]", "eval.report=false", f"out={run}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert "test" in json.loads((run / "metrics.json").read_text())
