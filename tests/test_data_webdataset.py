@@ -5,6 +5,7 @@ over the stream, bad shards refused in one line before training."""
 from __future__ import annotations
 
 import io
+import itertools
 import json
 from collections import Counter
 from pathlib import Path
@@ -338,3 +339,14 @@ def test_torchrun_on_shards(shards: Path, tmp_path: Path) -> None:
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
     assert "test" in json.loads((run / "metrics.json").read_text())
+
+
+def test_an_undecodable_training_image_names_its_shard(tmp_path: Path) -> None:
+    root = write_shards(tmp_path / "badimage", shards=1)
+    with wds.TarWriter(str(root / "shard-001.tar")) as writer:
+        for number in range(8):  # class 0 is a training class at val_fraction=0
+            writer.write({"__key__": f"x{number}", "png": b"not an image", "cls": 0})
+    splits = load_splits("webdataset", root, image_size=16, val_fraction=0)
+    with pytest.raises(WebDatasetError, match=r"shard-001\.tar at byte \d+: not a readable image"):
+        for _ in itertools.islice(StreamBatches(splits.train, 2, 2), 100):  # about 4 passes
+            pass

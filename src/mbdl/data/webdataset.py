@@ -32,6 +32,7 @@ import io
 import json
 import os
 import tarfile
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,10 +118,9 @@ def read_label_list(path: Path) -> list[str]:
     for number, name in enumerate(names):
         if not name:
             raise WebDatasetError(f"{terminal_safe(path)} line {number + 1} is empty")
-    if len(set(names)) != len(names):
-        seen: set[str] = set()
-        twice = next(n for n in names if n in seen or seen.add(n))  # type: ignore[func-returns-value]
-        raise WebDatasetError(f"{terminal_safe(path)} lists {terminal_safe(twice)!r} twice")
+    twice = [name for name, count in Counter(names).items() if count > 1]
+    if twice:
+        raise WebDatasetError(f"{terminal_safe(path)} lists {terminal_safe(twice[0])!r} twice")
     if len(names) < 2:
         raise WebDatasetError(f"{terminal_safe(path)} lists {len(names)} class(es); need 2+")
     return names
