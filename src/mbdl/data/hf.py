@@ -24,7 +24,7 @@ from PIL import Image
 
 from mbdl.data.base import ImageDataset, Splits
 from mbdl.data.files import to_mode
-from mbdl.data.splits import SubsetImageDataset, attach_transforms, carve_validation_classes
+from mbdl.data.splits import SubsetImageDataset, carve_validation_classes
 from mbdl.errors import UserError
 
 
@@ -136,8 +136,6 @@ def load_splits(
     label_column: str = "label",
     test_fraction: float = 0.5,
     channels: int = 3,
-    augment: bool | str = True,
-    imagenet_norm: bool = False,
 ) -> Splits:
     """The class-disjoint splits of a Hugging Face dataset (see the module docstring)."""
     if root is None:
@@ -177,4 +175,4 @@ def load_splits(
             "split": f"last {num_test} of {len(names)} sorted class names for test",
         },
     )
-    return attach_transforms(splits, augment=augment, imagenet_norm=imagenet_norm)
+    return splits
