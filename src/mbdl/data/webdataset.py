@@ -45,7 +45,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from mbdl.data.base import ImageDataset, Splits
 from mbdl.data.files import _PIL_ERRORS, _check_header, to_mode
-from mbdl.data.splits import SubsetImageDataset, attach_transforms, carve_validation_classes
+from mbdl.data.splits import SubsetImageDataset, carve_validation_classes
 from mbdl.errors import UserError, terminal_safe
 
 #: the label list's file name, in the shards' directory
@@ -485,10 +485,9 @@ def load_splits(
     label_column: str = "label",
     test_fraction: float = 0.5,
     channels: int = 3,
-    augment: bool | str = True,
-    imagenet_norm: bool = False,
 ) -> Splits:
-    """The class-disjoint splits of WebDataset shards (see the module docstring)."""
+    """The class-disjoint splits of WebDataset shards, without transforms (``mbdl.data.load_splits``
+    attaches them; see the module docstring)."""
     if root is None:
         raise WebDatasetError(
             "data.source=webdataset needs data.root (a shard directory or pattern)"
@@ -544,7 +543,7 @@ def load_splits(
             "split": f"last {num_test} of the {len(names)} listed classes for test",
         },
     )
-    return attach_transforms(splits, augment=augment, imagenet_norm=imagenet_norm)
+    return splits
 
 
 __all__ = [
