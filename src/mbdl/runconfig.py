@@ -58,26 +58,38 @@ def load_data(config: Config) -> Any:
     from mbdl.recipe import resolve_auto
 
     resolved = resolve_auto(config)
+    statistics = config_statistics(config)
     if resolved is not None:  # the picked backbone's statistics, as for a named one
         from mbdl.data.sources import SOURCES
         from mbdl.data.splits import attach_transforms
 
         if SOURCES.get(config.data.source).accepts("imagenet_norm"):
-            attach_transforms(
-                resolved, augment=config.data.augment, statistics=config_statistics(config)
-            )
-        return resolved
+            attach_transforms(resolved, augment=config.data.augment, statistics=statistics)
+        return _checked_preprocessing(config, resolved, statistics)
 
-    return load_splits(
+    splits = load_splits(
         config.data.source,
         config.data.root,
         image_size=config.data.image_size,
         val_fraction=config.data.val_fraction,
         seed=config.seed,
         backbone=config.model.backbone,
-        statistics=config_statistics(config),
+        statistics=statistics,
         **source_options(config),
     )
+    return _checked_preprocessing(config, splits, statistics)
+
+
+def _checked_preprocessing(config: Config, splits: Any, statistics: Any) -> Any:
+    """``splits`` once ``data.mean`` / ``data.std`` fit their channels, with the data line's
+    note of where the preprocessing comes from and what the data keys override."""
+    from mbdl.model.preprocessing import check_data_channels, describe_statistics
+
+    check_data_channels(config, int(splits.channels))
+    note = describe_statistics(statistics, int(splits.image_size))
+    if note is not None:
+        splits.info = {**(splits.info or {}), "preprocessing": note}
+    return splits
 
 
 def resolve_device(name: str) -> torch.device:
