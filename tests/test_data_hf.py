@@ -181,6 +181,7 @@ def test_scan_names_every_unreadable_row_and_refuses(damaged: Path) -> None:
         f"{damaged}[5]",
         f"{damaged}[30]",
     ]
+    assert unreadable[0].endswith("[5] (cannot identify image file)")  # no object address
     assert "skipped 2 unreadable" in lines[0]
     assert lines[0].startswith("data hf: train 15 images / 4 classes, 3-4 per class")
     code, lines, err = _scan(damaged, "data.skip_corrupt=true")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -108,7 +109,7 @@ class HfImageDataset(ImageDataset):
                 image.load()
                 return to_mode(image, self.mode)
         except _PIL_ERRORS as error:
-            reason = _reason(error, "")
+            reason = _bytes_reason(error)
             raise HfDataError(f"{self.describe(index)}: not a readable image ({reason})") from None
 
     def describe(self, index: int) -> str:
@@ -146,8 +147,16 @@ def inspect_cell(value: object) -> str | None:
                 image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))
             image.load()
     except _PIL_ERRORS as error:
-        return _reason(error, "")
+        return _bytes_reason(error)
     return None
+
+
+_BUFFER = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>")
+
+
+def _bytes_reason(error: BaseException) -> str:
+    """PIL's message without the in-memory file object it names."""
+    return _BUFFER.sub("", _reason(error, "")) or type(error).__name__
 
 
 def inspect_rows(table: Any, image_column: str, batch_size: int = 256) -> list[str | None]:
