@@ -29,7 +29,7 @@ from PIL import Image
 
 from mbdl.data.base import ImageDataset, Splits
 from mbdl.data.files import _PIL_ERRORS, _check_header, _reason, inspect_image, read_image, to_mode
-from mbdl.data.splits import SubsetImageDataset, attach_transforms, carve_validation_classes
+from mbdl.data.splits import SubsetImageDataset, carve_validation_classes
 from mbdl.errors import UserError
 
 
@@ -248,8 +248,6 @@ def load_splits(
     skip_corrupt: bool = False,
     test_fraction: float = 0.5,
     channels: int = 3,
-    augment: bool | str = True,
-    imagenet_norm: bool = False,
 ) -> Splits:
     """The class-disjoint splits of a Hugging Face dataset (see the module docstring)."""
     if root is None:
@@ -283,13 +281,13 @@ def load_splits(
         source="hf",
         info={
             "root": str(base),
-            "rows": len(table),
+            "rows": len(rows) + len(skipped_files),
             "skipped": len(skipped_files),
             "skipped_files": skipped_files,
             "split": f"last {num_test} of {len(names)} sorted class names for test",
         },
     )
-    return attach_transforms(splits, augment=augment, imagenet_norm=imagenet_norm)
+    return splits
 
 
 def readable_rows(
