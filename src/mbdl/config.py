@@ -280,7 +280,9 @@ class DataConfig:
         "image", "hf source: the column holding the images (a datasets Image or image bytes)."
     )
     label_column: str = key(
-        "label", "hf source: the column holding the class labels (ClassLabel, ints or strings)."
+        "label",
+        "hf source: the column holding the class labels (ClassLabel, ints or strings); "
+        "webdataset: the field of a sample's .json holding its label (an index or a name).",
     )
     mean: list[float] | None = key(
         None,

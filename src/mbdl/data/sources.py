@@ -80,6 +80,7 @@ BUILTIN_SOURCES: dict[str, Source] = {
     "sop": Source("mbdl.data.sop:load_splits"),
     "inshop": Source("mbdl.data.inshop:load_splits"),
     "hf": Source("mbdl.data.hf:load_splits", fixed_size=True),
+    "webdataset": Source("mbdl.data.webdataset:load_splits", fixed_size=True),
 }
 
 

@@ -140,9 +140,7 @@ class Trainer:
         self.should_stop = False
 
         self.splits = training_splits(config, self.dist, data)
-        self.sampler, self.steps_per_epoch = training_sampler(
-            config, self.splits.train.labels, self.dist
-        )
+        self.sampler, self.steps_per_epoch = training_sampler(config, self.splits.train, self.dist)
         seed_everything(config.seed)  # model initialisation independent of data loading
         self.model_args = model_args(config, self.splits.channels)
         if model is None:
