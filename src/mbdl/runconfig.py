@@ -67,21 +67,36 @@ def load_data(config: Config) -> Any:
     ``model.backbone=auto`` the recipe is resolved first, in place, from the data
     (:func:`mbdl.recipe.resolve_auto`, which returns the splits it loaded)."""
     from mbdl.data import load_splits
+    from mbdl.model.preprocessing import config_statistics
     from mbdl.recipe import resolve_auto
 
     resolved = resolve_auto(config)
     if resolved is not None:
-        return resolved
-    return load_splits(
+        return _checked_preprocessing(config, resolved, config_statistics(config))
+    transforms = transform_options(config)
+    splits = load_splits(
         config.data.source,
         config.data.root,
         image_size=config.data.image_size,
         val_fraction=config.data.val_fraction,
         seed=config.seed,
         backbone=config.model.backbone,
-        **transform_options(config),
+        **transforms,
         **source_options(config),
     )
+    return _checked_preprocessing(config, splits, transforms["statistics"])
+
+
+def _checked_preprocessing(config: Config, splits: Any, statistics: Any) -> Any:
+    """``splits`` once ``data.mean`` / ``data.std`` fit their channels, with the data line's
+    note of where the preprocessing comes from and what the data keys override."""
+    from mbdl.model.preprocessing import check_data_channels, describe_statistics
+
+    check_data_channels(config, int(splits.channels))
+    note = describe_statistics(statistics, int(splits.image_size))
+    if note is not None:
+        splits.info = {**(splits.info or {}), "preprocessing": note}
+    return splits
 
 
 def resolve_device(name: str) -> torch.device:
