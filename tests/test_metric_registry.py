@@ -207,8 +207,9 @@ def test_a_squared_threshold_applies_to_a_euclidean_index() -> None:
     the euclidean threshold sqrt(t) there (the same accept/reject decisions)."""
     from mbdl.cli import _match_threshold
     from mbdl.errors import UserError
+    from mbdl.model.record import VerificationRecord
 
-    state = {"verification": {"threshold": 0.49, "distance": "squared_euclidean"}}
+    state = VerificationRecord(threshold=0.49, distance="squared_euclidean", far=None)
     assert _match_threshold("checkpoint", state, "squared_euclidean") == 0.49
     assert _match_threshold("checkpoint", state, "euclidean") == pytest.approx(0.7)
     with pytest.raises(UserError, match="stored threshold is a squared_euclidean distance"):
