@@ -9,11 +9,22 @@ on test; the table reports the auto default's test MAP@R over the best's, and it
 
 ``--scale S`` multiplies every run's budget (the auto default's resolved steps and the grid's)
 by S, cut into at most 5 epochs: on a loaded machine the whole comparison then fits, and it
-compares the recipes at budgets in the same proportion. The auto default then runs from its
-resolved config (``mbdl train --print-config``, whose wall time is added to its own).
+compares the recipes at budgets in the same proportion. The auto default is then one ``mbdl
+train`` with the data set's keys and its scaled ``train.epochs`` / ``train.max_steps_per_epoch``
+(which change only the budget of the choice); the benchmark resolves the choice in its own
+process first, untimed, to know the steps to scale (a user pays only the ``mbdl train``).
 
-    python benchmarks/auto_recipe.py --icons ~/.cache/mbdl/icons \\
-        --fashion ~/.cache/mbdl/fashion-mnist-300        # writes benchmarks/results/auto_recipe.json
+The data sets are built by the script, deterministically: icons: every 4th class name (sorted)
+of an ``mbdl data icons`` folder (``--icons``), with its ``split.txt``; Fashion-MNIST: 100
+images per class drawn with seed 0 (``benchmarks/make_fashion_subset.py``) from Debian's
+``dataset-fashion-mnist`` (``--fashion-full``); glyphs: the default data set.
+
+The ETA: each run's data line of the auto default says ``ETA ~...`` (its training images over
+the speed table of :func:`mbdl.recipe.images_per_second`); it is recorded beside the run's
+measured training seconds (log.jsonl) and whole wall time. The glyphs keep the default recipe,
+whose data line prints no ETA: the script computes the same estimate for them.
+
+    python benchmarks/auto_recipe.py --scale 0.25 --threads 1   # -> benchmarks/results/auto_recipe.json
     python benchmarks/auto_recipe.py --publish results.json   # render a stored run into the docs
 """
 
@@ -68,12 +79,71 @@ for _images in (3200, 9600):
         ],
     )
 
-#: data set -> (its keys: what a user types, the number of its training classes)
+#: the icons subset: every ICONS_EVERY-th class name, sorted
+ICONS_EVERY = 4
+#: the Fashion-MNIST subset: images per class, drawn with seed 0
+FASHION_PER_CLASS = 100
+
+#: data set -> its keys: what a user types
 DATASETS: dict[str, list[str]] = {
     "icons": ["data.source=folder", "data.root={icons}"],
     "fashion": ["data.source=idx", "data.root={fashion}", "data.val_fraction=0.4"],
     "glyphs": [],
 }
+
+
+def icons_subset(full: Path, out: Path, every: int = ICONS_EVERY) -> dict[str, Any]:
+    """Copy every ``every``-th class folder (sorted by name) of an ``mbdl data icons`` folder
+    into ``out``, with the lines of its ``split.txt`` for those classes; return a description
+    (classes, images, a SHA-256 of the sorted relative file names) for the results."""
+    import hashlib
+    import shutil
+
+    from mbdl.data.folder import read_split_file
+
+    split_file = full / "split.txt"
+    if not split_file.is_file():
+        raise SystemExit(f"{full} is not an `mbdl data icons` folder (no split.txt)")
+    classes = sorted(d.name for d in full.iterdir() if d.is_dir())[::every]
+    out.mkdir(parents=True)
+    for name in classes:
+        shutil.copytree(full / name, out / name)
+    assignment = read_split_file(split_file)
+    lines = [f"{name} {assignment[name]}" for name in classes if name in assignment]
+    (out / "split.txt").write_text("\n".join(lines) + "\n")
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    digest = hashlib.sha256("\n".join(files).encode()).hexdigest()
+    images = sum(1 for f in files if f != "split.txt")
+    return {
+        "from": str(full),
+        "every": every,
+        "classes": len(classes),
+        "images": images,
+        "files_sha256": digest,
+    }
+
+
+def fashion_subset(full: Path, out: Path) -> dict[str, Any]:
+    """``benchmarks/make_fashion_subset.py --per-class FASHION_PER_CLASS --seed 0`` into ``out``."""
+    script = Path(__file__).resolve().parent / "make_fashion_subset.py"
+    subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--root",
+            str(full),
+            "--per-class",
+            str(FASHION_PER_CLASS),
+            "--seed",
+            "0",
+            "--out",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return {"from": str(full), "per_class": FASHION_PER_CLASS, "seed": 0}
 
 
 def grid_batch(train_classes: int) -> list[str]:
@@ -107,52 +177,59 @@ def command(overrides: list[str], threads: int, out: Path) -> list[str]:
     ]
 
 
-def resolved_auto(keys: list[str], scale: float, tmp: Path) -> tuple[list[str], float, str]:
-    """The auto default's resolved config, its budget scaled, as a file; the seconds the choice
-    took; its one-line description."""
-    import yaml
+def auto_steps(keys: list[str]) -> tuple[int, str]:
+    """The auto default's resolved optimiser steps for ``keys`` and its one-line description,
+    from the library in this process (what ``mbdl train`` resolves; untimed)."""
+    from mbdl.config import load_config
+    from mbdl.data import ClassBalancedBatchSampler
+    from mbdl.recipe import resolve_auto
+    from mbdl.runconfig import load_data
 
-    start = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-m", "mbdl", "train", "--print-config", *keys],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    seconds = time.perf_counter() - start
-    config = yaml.safe_load(done.stdout)
-    train = config["train"]
-    steps = train["max_steps_per_epoch"]
+    config = load_config(None, keys)
+    resolve_auto(config)
+    line = config.recipe.describe() if config.recipe is not None else ""
+    train = config.train
+    steps = train.max_steps_per_epoch
     if steps is None:  # full passes (the glyphs' default): count the sampler's batches
-        from mbdl.config import load_config
-        from mbdl.data import ClassBalancedBatchSampler
-        from mbdl.runconfig import load_data
-
-        labels = load_data(load_config(None, [*keys, "model.backbone=smallvgg"])).train.labels
-        steps = len(
-            ClassBalancedBatchSampler(labels, train["batch_classes"], train["batch_per_class"])
-        )
-    for key, value in zip(
-        ("epochs", "max_steps_per_epoch", "warmup_epochs"),
-        [o.split("=")[1] for o in scaled_budget(train["epochs"] * steps, scale)],
-        strict=True,
-    ):
-        train[key] = float(value) if key == "warmup_epochs" else int(value)
-    config["out"] = None
-    path = tmp / "auto.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    line = done.stdout.splitlines()[0] if done.stdout.startswith("#") else ""
-    return [str(path)], seconds, line
+        labels = load_data(config).train.labels
+        steps = len(ClassBalancedBatchSampler(labels, train.batch_classes, train.batch_per_class))
+    return int(train.epochs) * int(steps), line
 
 
-def run(overrides: list[str], threads: int, extra_seconds: float = 0.0) -> dict[str, Any]:
+ETA_UNITS = {"s": 1.0, "min": 60.0, "h": 3600.0}
+
+
+def data_line_eta(line: str) -> float | None:
+    """The seconds of ``ETA ~1.2 min`` in a data line (None: no ETA)."""
+    import re
+
+    found = re.search(r"ETA ~([0-9.]+) (s|min|h)\b", line)
+    return float(found.group(1)) * ETA_UNITS[found.group(2)] if found else None
+
+
+def training_seconds(log: Path, batch: int) -> float | None:
+    """Seconds of the training steps alone: each epoch's images over its images/s (log.jsonl)."""
+    if not log.is_file():
+        return None
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    total, step = 0.0, 0
+    for record in records:
+        rate = record.get("images_per_s")
+        if not rate:
+            return None
+        total += (record["step"] - step) * batch / rate
+        step = record["step"]
+    return total
+
+
+def run(overrides: list[str], threads: int) -> dict[str, Any]:
     """One ``mbdl train`` in a fresh process: wall time, metrics, the resolved config."""
     with tempfile.TemporaryDirectory(prefix="auto-recipe-") as tmp:
         out = Path(tmp) / "run"
         load = os.getloadavg()[0]
         start = time.perf_counter()
         done = subprocess.run(command(overrides, threads, out), capture_output=True, text=True)
-        wall = time.perf_counter() - start + extra_seconds
+        wall = time.perf_counter() - start
         if done.returncode != 0:
             return {"overrides": overrides, "error": done.stderr.strip().splitlines()[-1:]}
         metrics = json.loads((out / "metrics.json").read_text())
@@ -160,6 +237,8 @@ def run(overrides: list[str], threads: int, extra_seconds: float = 0.0) -> dict[
 
         config = yaml.safe_load((out / "config.yaml").read_text())
         data_line = [line for line in done.stderr.splitlines() if line.startswith("data ")]
+        batch = config["train"]["batch_classes"] * config["train"]["batch_per_class"]
+        train_s = training_seconds(out / "log.jsonl", batch)
     return {
         "overrides": overrides,
         "wall_s": wall,
@@ -169,6 +248,8 @@ def run(overrides: list[str], threads: int, extra_seconds: float = 0.0) -> dict[
         "test_map@r": metrics["test"]["map@r"],
         "test_recall@1": metrics["test"].get("recall@1"),
         "data_line": data_line[:1],
+        "eta_s": data_line_eta(data_line[0]) if data_line else None,
+        "train_s": train_s,
         "resolved": {
             "model.backbone": config["model"]["backbone"],
             "data.image_size": config["data"]["image_size"],
@@ -188,32 +269,57 @@ def train_classes(dataset_keys: list[str]) -> int:
     return len(set(load_data(config).train.labels.tolist()))
 
 
-def benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    values = {"icons": args.icons, "fashion": args.fashion, "weights": args.weights}
+def build_data(args: argparse.Namespace, tmp: Path, results: dict[str, Any]) -> dict[str, str]:
+    """The data sets' folders (built into ``tmp``) for the keys' placeholders."""
+    values = {"weights": args.weights}
+    names = args.datasets.split(",")
+    built = results.setdefault("data", {})
+    if "icons" in names:
+        values["icons"] = str(tmp / "icons")
+        built["icons"] = icons_subset(Path(os.path.expanduser(args.icons)), tmp / "icons")
+    if "fashion" in names:
+        values["fashion"] = str(tmp / "fashion-100")
+        built["fashion"] = fashion_subset(Path(args.fashion_full), tmp / "fashion-100")
+    return values
+
+
+def glyphs_eta(keys: list[str], steps: int) -> float | None:
+    """The estimate the data line would print for the glyphs' default recipe (it prints none)."""
+    from mbdl.config import load_config
+    from mbdl.recipe import images_per_second
+
+    config = load_config(None, keys)
+    speed = images_per_second("smallvgg", int(config.data.image_size or 32))
+    batch = config.train.batch_classes * config.train.batch_per_class
+    return None if speed is None else steps * batch / speed
+
+
+def benchmark(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     results: dict[str, Any] = {
         "machine": machine(),
         "threads": args.threads,
         "scale": args.scale,
         "datasets": {},
     }
+    values = build_data(args, tmp, results)
     for name in args.datasets.split(","):
         keys = [k.format(**values) for k in DATASETS[name]]
         classes = train_classes(keys)
         entry: dict[str, Any] = {"keys": keys, "train_classes": classes, "runs": {}}
         results["datasets"][name] = entry
-        with tempfile.TemporaryDirectory(prefix="auto-recipe-config-") as tmp:
-            if args.scale == 1.0:
-                auto_keys, seconds, line = keys, 0.0, ""
-            else:
-                auto_keys, seconds, line = resolved_auto(keys, args.scale, Path(tmp))
-            entry["runs"]["auto"] = {"choice": line, **run(auto_keys, args.threads, seconds)}
-            entry["runs"]["auto"]["choice_s"] = seconds
-        print(name, "auto", json.dumps(entry["runs"]["auto"])[:400], flush=True)
+        steps, line = auto_steps(keys)
+        auto_keys = keys if args.scale == 1.0 else keys + scaled_budget(steps, args.scale)
+        auto = {"choice": line, "resolved_steps_unscaled": steps, **run(auto_keys, args.threads)}
+        if name == "glyphs" and "resolved" in auto:
+            auto["eta_s"] = glyphs_eta(auto_keys, auto["resolved"]["train.steps"])
+            auto["eta_from"] = "computed by the benchmark (the default recipe prints no ETA)"
+        entry["runs"]["auto"] = auto
+        print(name, "auto", json.dumps(auto)[:400], flush=True)
         for cell, (description, overrides) in GRID.items():
-            steps = int(description.split(", ")[-1].split()[0].replace(",", "")) // GRID_BATCH
+            cell_steps = int(description.split(", ")[-1].split()[0].replace(",", "")) // GRID_BATCH
             cell_keys = [o.format(**values) for o in overrides if not o.startswith("train.epochs")]
             cell_keys = [k for k in cell_keys if not k.startswith("train.max_steps_per_epoch")]
-            cell_keys += grid_batch(classes) + scaled_budget(steps, args.scale)
+            cell_keys += grid_batch(classes) + scaled_budget(cell_steps, args.scale)
             entry["runs"][cell] = {
                 "description": description,
                 **run(keys + cell_keys, args.threads),
@@ -309,8 +415,14 @@ def markdown(results: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--icons", default=os.path.expanduser("~/.cache/mbdl/icons"))
-    parser.add_argument("--fashion", default=os.path.expanduser("~/.cache/mbdl/fashion-mnist-300"))
+    parser.add_argument(
+        "--icons", default="~/.cache/mbdl/icons", help="an `mbdl data icons` output folder"
+    )
+    parser.add_argument(
+        "--fashion-full",
+        default="/usr/share/datasets/fashion-mnist",
+        help="the full Fashion-MNIST IDX files (Debian's dataset-fashion-mnist)",
+    )
     parser.add_argument("--weights", default=None, help="MobileNetV2 weights file of the grid")
     parser.add_argument("--datasets", default="icons,fashion,glyphs")
     parser.add_argument("--threads", type=int, default=1)
@@ -329,7 +441,8 @@ def main() -> None:
             args.weights = find_weights(None).files.get("mobilenet_v2")
             if args.weights is None:
                 parser.error("no MobileNetV2 weights found: pass --weights FILE")
-        results = benchmark(args)
+        with tempfile.TemporaryDirectory(prefix="auto-recipe-data-") as tmp:
+            results = benchmark(args, Path(tmp))
     write_results("auto_recipe", results, markdown(results))
 
 
