@@ -146,17 +146,18 @@ def fashion_subset(full: Path, out: Path) -> dict[str, Any]:
     return {"from": str(full), "per_class": FASHION_PER_CLASS, "seed": 0}
 
 
-def grid_batch(train_classes: int) -> list[str]:
+def grid_batch(train_classes: int) -> tuple[int, int]:
     """The grid's batch composition: P = min(16, classes), K = GRID_BATCH / P."""
     p = min(16, train_classes)
-    return [f"train.batch_classes={p}", f"train.batch_per_class={math.ceil(GRID_BATCH / p)}"]
+    return p, math.ceil(GRID_BATCH / p)
 
 
-def scaled_budget(steps: int, scale: float) -> list[str]:
-    """``steps`` x ``scale`` (at least 5) as train.epochs x train.max_steps_per_epoch, at most
-    5 epochs (validations)."""
+def scaled_budget(steps: int, scale: float, pass_steps: int) -> list[str]:
+    """``steps`` x ``scale`` (at least 5) as train.epochs x train.max_steps_per_epoch: 5 epochs
+    (validations), more where an epoch would be longer than one pass of the sampler
+    (``pass_steps`` batches: an epoch never is)."""
     total = max(5, round(steps * scale))
-    epochs = min(5, total)
+    epochs = max(min(5, total), math.ceil(total / max(1, pass_steps)))
     return [
         f"train.epochs={epochs}",
         f"train.max_steps_per_epoch={math.ceil(total / epochs)}",
@@ -177,9 +178,10 @@ def command(overrides: list[str], threads: int, out: Path) -> list[str]:
     ]
 
 
-def auto_steps(keys: list[str]) -> tuple[int, str]:
-    """The auto default's resolved optimiser steps for ``keys`` and its one-line description,
-    from the library in this process (what ``mbdl train`` resolves; untimed)."""
+def auto_steps(keys: list[str], labels: Any) -> tuple[int, int, str]:
+    """The auto default's resolved optimiser steps for ``keys``, the steps of one pass of its
+    batches over the training ``labels`` and its one-line description, from the library in this
+    process (what ``mbdl train`` resolves; untimed)."""
     from mbdl.config import load_config
     from mbdl.data import ClassBalancedBatchSampler
     from mbdl.recipe import resolve_auto
@@ -189,11 +191,9 @@ def auto_steps(keys: list[str]) -> tuple[int, str]:
     resolve_auto(config)
     line = config.recipe.describe() if config.recipe is not None else ""
     train = config.train
-    steps = train.max_steps_per_epoch
-    if steps is None:  # full passes (the glyphs' default): count the sampler's batches
-        labels = load_data(config).train.labels
-        steps = len(ClassBalancedBatchSampler(labels, train.batch_classes, train.batch_per_class))
-    return int(train.epochs) * int(steps), line
+    one_pass = pass_steps(labels, train.batch_classes, train.batch_per_class)
+    steps = min(train.max_steps_per_epoch or one_pass, one_pass)
+    return int(train.epochs) * int(steps), one_pass, line
 
 
 ETA_UNITS = {"s": 1.0, "min": 60.0, "h": 3600.0}
@@ -205,6 +205,14 @@ def data_line_eta(line: str) -> float | None:
 
     found = re.search(r"ETA ~([0-9.]+) (s|min|h)\b", line)
     return float(found.group(1)) * ETA_UNITS[found.group(2)] if found else None
+
+
+def steps_run(log: Path) -> int | None:
+    """The optimiser steps the run took (the last record of log.jsonl)."""
+    if not log.is_file():
+        return None
+    lines = [line for line in log.read_text().splitlines() if line.strip()]
+    return int(json.loads(lines[-1])["step"]) if lines else None
 
 
 def training_seconds(log: Path, batch: int) -> float | None:
@@ -239,6 +247,7 @@ def run(overrides: list[str], threads: int) -> dict[str, Any]:
         data_line = [line for line in done.stderr.splitlines() if line.startswith("data ")]
         batch = config["train"]["batch_classes"] * config["train"]["batch_per_class"]
         train_s = training_seconds(out / "log.jsonl", batch)
+        steps = steps_run(out / "log.jsonl")
     return {
         "overrides": overrides,
         "wall_s": wall,
@@ -254,19 +263,25 @@ def run(overrides: list[str], threads: int) -> dict[str, Any]:
             "model.backbone": config["model"]["backbone"],
             "data.image_size": config["data"]["image_size"],
             "train.batch": config["train"]["batch_classes"] * config["train"]["batch_per_class"],
-            "train.steps": config["train"]["epochs"]
-            * (config["train"]["max_steps_per_epoch"] or 0),
+            "train.steps": steps,
         },
     }
 
 
-def train_classes(dataset_keys: list[str]) -> int:
-    """The training classes of a data set (after carving validation classes)."""
+def train_labels(dataset_keys: list[str]) -> Any:
+    """The training labels of a data set (after carving validation classes)."""
     from mbdl.config import load_config
     from mbdl.runconfig import load_data
 
     config = load_config(None, [*dataset_keys, "model.backbone=smallcnn", "data.image_size=32"])
-    return len(set(load_data(config).train.labels.tolist()))
+    return load_data(config).train.labels
+
+
+def pass_steps(labels: Any, batch_classes: int, batch_per_class: int) -> int:
+    """The batches of one pass of the trainer's sampler over ``labels`` (an epoch's most)."""
+    from mbdl.data import ClassBalancedBatchSampler
+
+    return len(ClassBalancedBatchSampler(labels, batch_classes, batch_per_class))
 
 
 def build_data(args: argparse.Namespace, tmp: Path, results: dict[str, Any]) -> dict[str, str]:
@@ -304,11 +319,14 @@ def benchmark(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     values = build_data(args, tmp, results)
     for name in args.datasets.split(","):
         keys = [k.format(**values) for k in DATASETS[name]]
-        classes = train_classes(keys)
+        labels = train_labels(keys)
+        classes = len(set(labels.tolist()))
         entry: dict[str, Any] = {"keys": keys, "train_classes": classes, "runs": {}}
         results["datasets"][name] = entry
-        steps, line = auto_steps(keys)
-        auto_keys = keys if args.scale == 1.0 else keys + scaled_budget(steps, args.scale)
+        steps, one_pass, line = auto_steps(keys, labels)
+        auto_keys = keys
+        if args.scale != 1.0:
+            auto_keys = keys + scaled_budget(steps, args.scale, one_pass)
         auto = {"choice": line, "resolved_steps_unscaled": steps, **run(auto_keys, args.threads)}
         if name == "glyphs" and "resolved" in auto:
             auto["eta_s"] = glyphs_eta(auto_keys, auto["resolved"]["train.steps"])
@@ -319,7 +337,10 @@ def benchmark(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             cell_steps = int(description.split(", ")[-1].split()[0].replace(",", "")) // GRID_BATCH
             cell_keys = [o.format(**values) for o in overrides if not o.startswith("train.epochs")]
             cell_keys = [k for k in cell_keys if not k.startswith("train.max_steps_per_epoch")]
-            cell_keys += grid_batch(classes) + scaled_budget(cell_steps, args.scale)
+            p, k = grid_batch(classes)
+            cell_pass = pass_steps(labels, p, k)
+            cell_keys += [f"train.batch_classes={p}", f"train.batch_per_class={k}"]
+            cell_keys += scaled_budget(cell_steps, args.scale, cell_pass)
             entry["runs"][cell] = {
                 "description": description,
                 **run(keys + cell_keys, args.threads),
@@ -343,35 +364,57 @@ def summarize(entry: dict[str, Any]) -> None:
     entry["meets_target"] = entry["map_ratio"] >= 0.9 and entry["time_ratio"] <= 1.5
 
 
+def _load_range(results: dict[str, Any]) -> str:
+    """The 1-minute load averages seen at the runs' starts and ends, as ``low-high``."""
+    loads = [
+        run_[key]
+        for entry in results["datasets"].values()
+        for run_ in entry["runs"].values()
+        for key in ("load_average_at_start", "load_average_at_end")
+        if key in run_
+    ]
+    return f"{min(loads):.1f}-{max(loads):.1f}" if loads else "unknown"
+
+
+def _seconds(value: float | None) -> str:
+    return "" if value is None else f"{value:.0f}"
+
+
 def markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
+    scale = results.get("scale", 1.0)
+    data = results.get("data", {})
+    icons = data.get("icons", {})
     lines = [
         "## auto_recipe: `model.backbone=auto` against a grid of recipes",
         "",
-        f"`python benchmarks/auto_recipe.py --scale {results.get('scale', 1.0)} --threads "
-        f"{results['threads']}`, {m['date']}, {m['cpus']} CPUs shared with other jobs (1-minute "
-        "load average 12-15 throughout: every wall time here is several times a quiet "
-        f"machine's), torch {m['torch']}, one seed (0) per cell, runs one after another (load "
-        "averages in `benchmarks/results/auto_recipe.json`). The auto default is `mbdl train` "
-        "with only the data set's keys; the grid is the same for every data set: {smallvgg from "
-        "scratch at 32 px, MobileNetV2 with ImageNet weights at 64 px (freeze_bn, head lr x10)} "
-        "x {3,200, 9,600 images seen}, batches of 64 (P = min(16, training classes)). "
+        f"`python benchmarks/auto_recipe.py --scale {scale} --threads {results['threads']}`, "
+        f"{m['date']}, {m['cpus']} CPUs shared with other jobs (1-minute load average "
+        f"{_load_range(results)} at the runs' starts and ends), torch {m['torch']}, one seed (0) "
+        "per cell, runs one after another in fresh processes. The auto default is one `mbdl "
+        "train` with only the data set's keys; the grid is the same for every data set: "
+        "{smallvgg from scratch at 32 px, MobileNetV2 with ImageNet weights at 64 px (freeze_bn, "
+        "head lr x10)} x {3,200, 9,600 images seen}, batches of 64 (P = min(16, training "
+        "classes)). "
         + (
-            f"Every budget (the auto default's resolved one and the grid's) is scaled by "
-            f"{results['scale']} and cut into at most 5 epochs, so that the comparison fits the "
-            "loaded machine; the auto default runs from its `--print-config` output, whose wall "
-            "time is added to its own. "
-            if results.get("scale", 1.0) != 1.0
+            f"Every budget (the auto default's resolved one and the grid's) is scaled by {scale} "
+            "and cut into at most 5 epochs, so that the comparison fits the shared machine; the "
+            "auto default's scaled budget is given as `train.epochs` / "
+            "`train.max_steps_per_epoch`, which change only the budget of its choice. "
+            if scale != 1.0
             else ""
         )
         + "The grid's best is chosen on the **validation** classes' MAP@R; the ratios are the "
         "auto default's **test** MAP@R and whole-run wall time over the chosen cell's. Target: "
-        ">= 0.9x MAP@R within 1.5x the time. Data: icons: every 4th icon name of `mbdl data "
-        "icons` (347 names, 2,244 drawings, its split.txt); Fashion-MNIST: 100 images per class "
-        "(`benchmarks/make_fashion_subset.py --per-class 100`), `data.val_fraction=0.4`; glyphs: "
-        "the full default data set.",
+        ">= 0.9x MAP@R within 1.5x the time. The script builds its data: icons: every "
+        f"{icons.get('every', ICONS_EVERY)}th class name (sorted) of an `mbdl data icons` folder "
+        f"({icons.get('classes', '?')} names, {icons.get('images', '?')} drawings, its "
+        "split.txt; the file list's SHA-256 is in the JSON); Fashion-MNIST: "
+        f"{FASHION_PER_CLASS} images per class, seed 0 (`benchmarks/make_fashion_subset.py`), "
+        "`data.val_fraction=0.4`; glyphs: the full default data set.",
         "",
-        "| data set | auto picked | auto test MAP@R | auto wall s | best on validation | its test MAP@R | its wall s | MAP@R ratio | time ratio | target |",
+        "| data set | auto picked | auto test MAP@R | auto wall s | best on validation | its "
+        "test MAP@R | its wall s | MAP@R ratio | time ratio | target |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, entry in results["datasets"].items():
@@ -391,13 +434,35 @@ def markdown(results: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "Read with care: one seed per cell, and the load moved between runs (the 1-minute load "
-        "average at each start is in the JSON). With `--scale` the auto default's wall time "
-        "includes its separate `--print-config` step (`choice_s` in the JSON), a second start "
-        "of Python and a second scan of the data that a plain `mbdl train` does once.",
+        "The ETA: what the auto default's data line printed (`ETA ~...`: its training images "
+        "over `mbdl.recipe.images_per_second`, a table measured with 2 threads on a quiet "
+        "machine) against the same run's measured training seconds (the steps alone, from "
+        "`log.jsonl`) and its whole wall time (start, data, validations and the test "
+        "evaluation included). The glyphs keep the default recipe, whose data line prints no "
+        "ETA: their estimate is the same formula computed by the benchmark.",
+        "",
+        "| data set | ETA printed | training s | wall s | training / ETA | wall / ETA |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
-    lines += ["", "Every cell (validation and test MAP@R, wall seconds):", ""]
+    for name, entry in results["datasets"].items():
+        auto = entry["runs"]["auto"]
+        eta, train_s, wall = auto.get("eta_s"), auto.get("train_s"), auto.get("wall_s")
+        if not eta or wall is None:
+            lines.append(f"| {name} | none | {_seconds(train_s)} | {_seconds(wall)} | | |")
+            continue
+        computed = " (computed)" if "eta_from" in auto else ""
+        ratio = f"{train_s / eta:.1f}" if train_s else ""
+        lines.append(
+            f"| {name} | {eta:.0f} s{computed} | {_seconds(train_s)} | {wall:.0f} | {ratio} | "
+            f"{wall / eta:.1f} |"
+        )
     lines += [
+        "",
+        "Read with care: one seed per cell, and the load moved between runs (the 1-minute load "
+        "average at each start and end is in the JSON).",
+        "",
+        "Every cell (validation and test MAP@R, wall seconds):",
+        "",
         "| data set | run | val MAP@R | test MAP@R | wall s |",
         "| --- | --- | --- | --- | --- |",
     ]
