@@ -275,6 +275,24 @@ def test_glyphs_resolve_to_exactly_the_default_recipe() -> None:
     assert config_to_flat(auto) == config_to_flat(named)
 
 
+def test_a_fixed_size_grey_source_is_resolved_and_loaded_at_64_px(
+    tmp_path: Path, weights_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fixtures_data import make_idx
+
+    from mbdl.recipe import resolve_auto
+
+    monkeypatch.setattr("mbdl.recipe.weight_folders", lambda: [weights_dir])
+    make_idx(tmp_path / "fashion", per_class=(4, 2))
+    config = load_config(None, ["data.source=idx", f"data.root={tmp_path / 'fashion'}"])
+    splits = resolve_auto(config)
+    assert config.model.backbone == "mobilenet_v2" and config.data.image_size == 64
+    assert splits is not None and splits.image_size == 64 and splits.channels == 1
+    image, _ = splits.train[0]
+    assert tuple(image.shape) == (1, 64, 64)  # 28 px upscaled by the attached transform
+    assert "grey images (RGB filters summed) of 28 px, upscaled to 64 px" in splits.info["recipe"]
+
+
 def test_print_config_shows_the_resolved_recipe(
     tmp_path: Path,
     weights_dir: Path,
