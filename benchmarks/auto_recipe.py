@@ -183,9 +183,7 @@ def auto_steps(keys: list[str], labels: Any) -> tuple[int, int, str]:
     batches over the training ``labels`` and its one-line description, from the library in this
     process (what ``mbdl train`` resolves; untimed)."""
     from mbdl.config import load_config
-    from mbdl.data import ClassBalancedBatchSampler
     from mbdl.recipe import resolve_auto
-    from mbdl.runconfig import load_data
 
     config = load_config(None, keys)
     resolve_auto(config)

@@ -279,7 +279,6 @@ def test_a_fixed_size_grey_source_is_resolved_and_loaded_at_64_px(
     tmp_path: Path, weights_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from fixtures_data import make_idx
-
     from mbdl.recipe import resolve_auto
 
     monkeypatch.setattr("mbdl.recipe.weight_folders", lambda: [weights_dir])
