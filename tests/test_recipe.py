@@ -186,7 +186,7 @@ def test_a_large_folder_is_capped_in_time_and_the_eta_says_so() -> None:
     speed = images_per_second("mobilenet_v2", 64)
     assert speed is not None and recipe.estimated_seconds is not None
     assert images_seen(recipe.values) / speed <= MAX_SECONDS * 1.1
-    assert "capped" in recipe.describe() and "ETA ~" in recipe.describe()
+    assert "capped" in recipe.describe() and "training ETA ~" in recipe.describe()
 
 
 def test_few_images_per_class_limit_k_and_few_classes_raise_k() -> None:

@@ -172,7 +172,7 @@ class Recipe:
             steps = v["train.epochs"] * v["train.max_steps_per_epoch"]
             parts.append(f"{steps} steps x {batch} = {steps * batch:,} images")
         if self.estimated_seconds is not None:
-            parts.append(f"ETA ~{format_duration(self.estimated_seconds)}")
+            parts.append(f"training ETA ~{format_duration(self.estimated_seconds)}")
         return f"auto: {', '.join(parts)} ({'; '.join(self.reasons)})"
 
 
