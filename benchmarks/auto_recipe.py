@@ -8,7 +8,7 @@ on test; the table reports the auto default's test MAP@R over the best's, and it
 (the whole ``mbdl train``: data, training, validation, test) over the best's. One seed per cell.
 
 ``--scale S`` multiplies every run's budget (the auto default's resolved steps and the grid's)
-by S, cut into at most 5 epochs: on a loaded machine the whole comparison then fits, and it
+by S, cut into 5 epochs (more where an epoch would exceed one pass): on a loaded machine the whole comparison then fits, and it
 compares the recipes at budgets in the same proportion. The auto default is then one ``mbdl
 train`` with the data set's keys and its scaled ``train.epochs`` / ``train.max_steps_per_epoch``
 (which change only the budget of the choice); the benchmark resolves the choice in its own
@@ -396,7 +396,8 @@ def markdown(results: dict[str, Any]) -> str:
         "classes)). "
         + (
             f"Every budget (the auto default's resolved one and the grid's) is scaled by {scale} "
-            "and cut into at most 5 epochs, so that the comparison fits the shared machine; the "
+            "and cut into 5 epochs (more where an epoch would be longer than one pass over the training "
+            "images), so that the comparison fits the shared machine; the "
             "auto default's scaled budget is given as `train.epochs` / "
             "`train.max_steps_per_epoch`, which change only the budget of its choice. "
             if scale != 1.0
@@ -432,7 +433,8 @@ def markdown(results: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "The ETA: what the auto default's data line printed (`ETA ~...`: its training images "
+        "The ETA: what the auto default's data line printed (`training ETA ~...`, `ETA ~...` "
+        "before the wording changed: its training images "
         "over `mbdl.recipe.images_per_second`, a table measured with 2 threads on a quiet "
         "machine) against the same run's measured training seconds (the steps alone, from "
         "`log.jsonl`) and its whole wall time (start, data, validations and the test "
@@ -458,6 +460,7 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "Read with care: one seed per cell, and the load moved between runs (the 1-minute load "
         "average at each start and end is in the JSON).",
+        *[f"\n{note}" for note in results.get("notes", [])],
         "",
         "Every cell (validation and test MAP@R, wall seconds):",
         "",
