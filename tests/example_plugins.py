@@ -16,7 +16,7 @@ import numpy as np
 from torch import nn
 
 from mbdl.data import Splits
-from mbdl.data.splits import ArrayImageDataset, attach_transforms, carve_validation_classes
+from mbdl.data.splits import ArrayImageDataset, carve_validation_classes
 
 CLASSES = 10
 TEST_CLASSES = range(6, 10)
@@ -40,8 +40,6 @@ def load_splits(
     val_fraction: float = 0.15,
     seed: int = 0,
     per_class: int = 8,
-    augment: bool | str = True,
-    imagenet_norm: bool = False,
 ) -> Splits:
     """Stripes: 10 classes of ``per_class`` grey images (``root`` is not used)."""
     rng = np.random.default_rng(1234)  # the images are fixed; ``seed`` picks validation classes
@@ -59,7 +57,7 @@ def load_splits(
         image_size=image_size,
         source="stripes",
     )
-    return attach_transforms(splits, augment=augment, imagenet_norm=imagenet_norm)
+    return splits  # no transforms: mbdl.data.load_splits attaches them
 
 
 def build(pretrained: str | None, in_channels: int) -> tuple[nn.Module, int]:

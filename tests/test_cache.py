@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -322,5 +323,79 @@ def test_train_refuses_a_disk_too_small_in_one_line_exit_2(
         assert main(argv) == 2
     lines = err.getvalue().strip().splitlines()
     assert len(lines) == 1 and "the decoded-image cache needs" in lines[0], lines
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not list((tmp_path / "cache").glob("decoded-*"))
+
+
+def test_a_source_changed_in_mtime_or_size_alone_is_never_read_stale(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    splits = load_splits("folder", write_folder(tmp_path / "data"), image_size=64, seed=0)
+    store = tmp_path / "cache"
+    first = decoded_training_split(splits.train, 64, 3, mode="disk", cache_dir=store)
+    expected = np.array(first.images)
+    decoded: list[int] = []
+    decode_all = cache_module.decode_all
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        decoded.append(1)
+        return decode_all(*args, **kwargs)
+
+    monkeypatch.setattr(cache_module, "decode_all", counting)
+    source = Path(splits.train.describe(0))
+    before = source.stat()
+    # other pixels of another size, the mtime put back as it was: decoded again, the new pixels
+    Image.new("RGB", (50, 40), (0, 0, 255)).save(source)
+    assert source.stat().st_size != before.st_size
+    os.utime(source, ns=(before.st_atime_ns, before.st_mtime_ns))
+    second = decoded_training_split(splits.train, 64, 3, mode="disk", cache_dir=store)
+    assert decoded == [1] and (np.asarray(second.images[0]) == [0, 0, 255]).all()
+    assert np.array_equal(np.asarray(second.images[1:]), expected[1:])
+    # then the mtime alone (the same bytes): decoded again, not trusted
+    os.utime(source, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    third = decoded_training_split(splits.train, 64, 3, mode="disk", cache_dir=store)
+    assert decoded == [1, 1] and np.array_equal(np.asarray(third.images), np.asarray(second.images))
+    assert len(list(store.glob("decoded-*.u8"))) == 1  # the stale caches removed
+
+
+def test_train_names_a_corrupt_jpeg_among_thousands_before_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import contextlib
+    import io
+
+    from mbdl.cli import main
+
+    root = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for c in range(40):
+        (root / f"c{c:02d}").mkdir(parents=True)
+        for i in range(30):
+            pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / f"c{c:02d}" / f"{i:02d}.jpg", quality=90)
+    corrupt = root / "c23" / "17.jpg"
+    corrupt.write_bytes(corrupt.read_bytes()[:-60])  # the header whole, the pixels cut short
+    monkeypatch.setenv("MBDL_CACHE", str(tmp_path / "cache"))
+    argv = [
+        "train",
+        "data.source=folder",
+        f"data.root={root}",
+        "data.image_size=8",
+        "data.val_fraction=0",
+        "data.cache=disk",
+        "model.backbone=smallcnn",
+        "model.embedding_dim=8",
+        "train.epochs=1",
+        "train.max_steps_per_epoch=1",
+        "train.num_threads=1",
+        "train.progress=false",
+        "train.device=cpu",
+        f"out={tmp_path / 'run'}",
+    ]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(argv) == 2
+    lines = err.getvalue().strip().splitlines()
+    assert len(lines) == 1 and str(corrupt) in lines[0] and "1200" in lines[0], lines
     assert not (tmp_path / "run" / "checkpoints").exists()
     assert not list((tmp_path / "cache").glob("decoded-*"))

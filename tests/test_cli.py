@@ -14,6 +14,7 @@ from PIL import Image
 
 import mbdl
 from mbdl.cli import COMMANDS, main, split_overrides
+from mbdl.errors import UserError
 
 SMALL = [
     "data.max_classes=40",
@@ -185,6 +186,58 @@ def test_search_prints_top_k(
     assert "cannot read image" in capsys.readouterr().err
 
 
+def ycbcr_query(folder: Path) -> Path:
+    """A colour TIFF stored as YCbCr: its grey reading (the Y plane) and its RGB reading
+    converted to grey differ by one level on about 40% of the pixels."""
+    pixels = np.random.default_rng(3).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    path = folder / "query.tif"
+    Image.fromarray(pixels).convert("YCbCr").save(path, "TIFF")
+    return path
+
+
+def grey_query_distances(out: Path, cache: str, query: Path, mode: str) -> Any:
+    """The float64 distances from ``query`` (read in ``mode``) to the glyph test split, by hand:
+    the split's evaluation transform and the model, as the record and the data say."""
+    import torch
+
+    from mbdl.data import load_splits
+    from mbdl.data.files import read_image
+    from mbdl.evaluate import embed_dataset
+    from mbdl.functional.distances import pairwise_distance
+    from mbdl.model import load_model
+
+    loaded = load_model(out)
+    assert loaded.record.color_mode == "L"  # a grey model
+    test = load_splits("glyphs", cache, max_classes=40).test
+    gallery, _ = embed_dataset(loaded.module, test)
+    with torch.inference_mode():
+        query_embedding = loaded.module(test.transform(read_image(query, mode)).unsqueeze(0))
+    return pairwise_distance(query_embedding.double(), gallery.double(), "euclidean")[0]
+
+
+def test_search_split_reads_queries_in_the_models_colour_mode(
+    trained_run: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    from mbdl.inference import search_split
+
+    out, cache = trained_run
+    query = ycbcr_query(tmp_path)
+    grey = grey_query_distances(out, cache, query, "L")
+    via_rgb = grey_query_distances(out, cache, query, "RGB")
+    assert not torch.equal(grey, via_rgb)  # the two readings give other embeddings
+    result = search_split(out, [query], k=4, device="cpu")
+    assert result.queries == [str(query)] and result.split == "test"
+    expected, order = torch.topk(grey, 4, largest=False)
+    found = result.neighbours[0]
+    assert [n.index for n in found] == order.tolist()
+    assert [n.distance for n in found] == expected.tolist()
+    assert main(["search", str(out), str(query), "-k", "4"]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()[1:]
+    assert [row.split()[1] for row in rows] == [f"{d:.4f}" for d in expected.tolist()]
+
+
 def test_data_glyphs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["data", "glyphs", "--cache-dir", str(tmp_path)]) == 0
     assert "classes" in capsys.readouterr().out
@@ -292,14 +345,17 @@ def test_search_threshold_marks_matches(
 
 def test_threshold_option_needs_a_stored_threshold_or_a_number() -> None:
     from mbdl.cli import UsageError, _match_threshold
+    from mbdl.model.record import VerificationRecord
 
-    assert _match_threshold(None, {}, "euclidean") is None
-    assert _match_threshold("0.5", {}, "euclidean") == 0.5
-    stored = {"verification": {"threshold": 0.25, "distance": "euclidean", "far": 1e-3}}
+    assert _match_threshold(None, None, "euclidean") is None
+    assert _match_threshold("0.5", None, "euclidean") == 0.5
+    stored = VerificationRecord(threshold=0.25, distance="euclidean", far=1e-3)
     assert _match_threshold("checkpoint", stored, "euclidean") == 0.25
+    squared = VerificationRecord(threshold=0.25, distance="squared_euclidean", far=1e-3)
+    assert _match_threshold("checkpoint", squared, "euclidean") == 0.5
     with pytest.raises(UsageError, match="no verification threshold"):
-        _match_threshold("checkpoint", {}, "euclidean")
-    with pytest.raises(UsageError, match=r"euclidean distance but eval\.distance is cosine"):
+        _match_threshold("checkpoint", None, "euclidean")
+    with pytest.raises(UserError, match=r"euclidean distance but the distance used is cosine"):
         _match_threshold("checkpoint", stored, "cosine")
     with pytest.raises(UsageError, match="finite"):
-        _match_threshold("nan", {}, "euclidean")
+        _match_threshold("nan", None, "euclidean")

@@ -190,3 +190,22 @@ def test_read_array_gives_the_readers_pixels(
     broken.write_bytes(images["small_jpeg"].read_bytes()[:-400])
     with pytest.raises(ImageReadError, match=r"broken\.jpg"):
         decode.read_array(broken)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_orient_shows_the_image_as_the_reader_does(tmp_path: Path, orientation: int) -> None:
+    """The EXIF orientation the GPU decoding applies itself (torchvision's GPU decoder does not):
+    the stored pixels turned by :func:`orient` are the checked reader's, bit for bit."""
+    from mbdl.data.decode import _torchvision_decoder, exif_orientation, orient
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "rotated.jpg"
+    photo(40, 24, orientation).save(path, quality=95, exif=exif.tobytes())
+    assert exif_orientation(path) == orientation
+    data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+    decoder = _torchvision_decoder()
+    assert decoder is not None
+    stored = decoder[0](data, mode=decoder[1].RGB, apply_exif_orientation=False)
+    shown = orient(stored, orientation).permute(1, 2, 0).numpy()
+    assert np.array_equal(shown, np.asarray(read_image(path)))

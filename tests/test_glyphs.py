@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import mbdl.data.builders.glyphs as renderer_module
 import mbdl.data.glyphs as glyphs_module
 from mbdl.data import load_splits
 from mbdl.data.glyphs import (
@@ -79,7 +80,7 @@ def test_cache_is_reused_and_rebuilt_on_parameter_change(
         size = params["size"]
         return np.full((2, 16, size, size), 7, np.uint8), np.array([65, 66])
 
-    monkeypatch.setattr(glyphs_module, "build_glyphs", fake_build)
+    monkeypatch.setattr(renderer_module, "build_glyphs", fake_build)
     again = load_glyphs(cache_dir=cache_dir)
     assert not rendered and again.path == glyphs.path
     assert np.array_equal(again.images, glyphs.images)

@@ -291,15 +291,22 @@ def _write_photos(root: Path, count: int, size: tuple[int, int]) -> list[Path]:
 @needs_gpu
 def test_batched_gpu_jpeg_decoding_matches_the_cpu_reader(tmp_path: Path) -> None:
     import numpy as np
+    from PIL import Image
 
     from mbdl.data.decode import decode_jpeg_batch
     from mbdl.data.files import ImageReadError, read_image
 
     paths = _write_photos(tmp_path, 6, (160, 120))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned a quarter clockwise: torchvision's GPU decoder ignores it
+    with Image.open(paths[5]) as image:
+        pixels = image.copy()
+    pixels.save(paths[5], quality=90, exif=exif.tobytes())
     decoded = decode_jpeg_batch(paths, "cuda", checked=False)
     assert len(decoded) == 6
     for path, image in zip(paths, decoded, strict=True):
-        assert image.device.type == "cuda" and image.shape == (3, 120, 160)
+        shape = (3, 160, 120) if path == paths[5] else (3, 120, 160)
+        assert image.device.type == "cuda" and image.shape == shape
         expected = torch.from_numpy(np.asarray(read_image(path))).permute(2, 0, 1)
         # nvJPEG's IDCT and upsampling differ from libjpeg-turbo's by a few levels
         difference = (image.cpu().float() - expected.float()).abs()
@@ -312,8 +319,12 @@ def test_batched_gpu_jpeg_decoding_matches_the_cpu_reader(tmp_path: Path) -> Non
 
 @pytest.mark.gpu
 @needs_gpu
-def test_fast_embedding_on_gpu_equals_the_cpu(tmp_path: Path) -> None:
+def test_fast_embedding_on_gpu_equals_the_cpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from mbdl.data.fastpath import EvaluationImages, embed_images
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # float32 on both sides
 
     spec = {"color_mode": "RGB", "resize": 73, "crop": 64, "mean": [0.5] * 3, "std": [0.25] * 3}
     paths = _write_photos(tmp_path, 10, (200, 150))

@@ -1,4 +1,4 @@
-"""The icons data set builder (mbdl.data.icons) on small icon themes written in the freedesktop
+"""The icons data set builder (mbdl.data.builders.icons) on small icon themes written in the freedesktop
 layout: families, aliases, generic fallbacks, symbolic icons, duplicates, corrupt files, the
 fixed split, the manifest and the refusals."""
 
@@ -18,7 +18,7 @@ pytest.importorskip("cairosvg")
 
 from mbdl.cli import main
 from mbdl.data import load_splits
-from mbdl.data.icons import (
+from mbdl.data.builders.icons import (
     GENERIC_PICTURE_NAMES,
     IconsError,
     build_icons,

@@ -73,8 +73,9 @@ def test_inference_commands_import_no_training_code(tmp_path: Path) -> None:
     checkpoint, root = _untrained_checkpoint(tmp_path)
     image = str(root / "class_0" / "0.png")
     other = str(root / "class_1" / "0.png")
-    # the inference commands this module owns import nothing at all from mbdl.train; search and
-    # index (being rewritten as the catalog) at least none of the training loop's modules
+    # the inference commands (search over a split included) import nothing at all from
+    # mbdl.train; index (being rewritten as the catalog) at least none of the training loop's
+    # modules
     strict = {
         "eval": ["eval", str(checkpoint), "--device", "cpu"],
         "embed": ["embed", str(checkpoint), "-o", str(tmp_path / "x.npz"), "--device", "cpu"],
@@ -90,9 +91,9 @@ def test_inference_commands_import_no_training_code(tmp_path: Path) -> None:
         "verify": ["verify", str(checkpoint), image, other, "--threshold", "0.5"],
         "export": ["export", str(checkpoint), "--format", "safetensors", "-o", str(tmp_path / "m")],
         "eval-model-dir": ["eval", str(tmp_path / "m"), "--device", "cpu"],
+        "search": ["search", str(checkpoint), image, "-k", "2", "--device", "cpu"],
     }
     loose = {
-        "search": ["search", str(checkpoint), image, "-k", "2", "--device", "cpu"],
         "index": ["index", "build", str(checkpoint), "-o", str(tmp_path / "index")],
     }
     script = textwrap.dedent(

@@ -4,8 +4,8 @@ The library under the commands is imported on first use (``import mbdl`` stays l
 
 - :func:`load_model` (a :class:`mbdl.model.LoadedModel`: module, record, transform),
   :func:`read_record` (the :class:`mbdl.model.ModelRecord`), :func:`load_embedder`;
-- :func:`embed`, :func:`embed_images`, :func:`verify`, :func:`evaluate_model`
-  (:mod:`mbdl.inference`), each returning a dataclass.
+- :func:`embed`, :func:`embed_images`, :func:`verify`, :func:`evaluate_model`,
+  :func:`search_split` (:mod:`mbdl.inference`), each returning a dataclass.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ _LAZY = {
     "embed_images": "mbdl.inference",
     "verify": "mbdl.inference",
     "evaluate_model": "mbdl.inference",
+    "search_split": "mbdl.inference",
     "Searcher": "mbdl.catalog",
     "search": "mbdl.catalog",
 }

@@ -21,7 +21,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import mbdl
 from mbdl.errors import (
@@ -32,6 +32,9 @@ from mbdl.errors import (
     one_line,
     terminal_safe,
 )
+
+if TYPE_CHECKING:
+    from mbdl.model.record import VerificationRecord
 
 #: exceptions reported as one line with exit code 2 (UserError is a ValueError)
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, MemoryError)
@@ -345,7 +348,7 @@ def _embed_streaming(args: argparse.Namespace, overrides: list[str]) -> int:
 
     from mbdl.data.workers import loader_workers
     from mbdl.distributed import init_distributed
-    from mbdl.embedstore import ImageFiles, embed_to_files, model_dim, output_paths
+    from mbdl.embedstore import FolderImages, embed_to_files, model_dim, output_paths
     from mbdl.inference import as_loaded_model
     from mbdl.model.loading import model_from_loaded_state
 
@@ -359,7 +362,8 @@ def _embed_streaming(args: argparse.Namespace, overrides: list[str]) -> int:
             if overrides:
                 raise UsageError(f"{overrides[0]!r}: overrides do not apply with --images")
             loaded = as_loaded_model(args.checkpoint, device)
-            dataset = ImageFiles(args.images, loaded.transform, loaded.record.color_mode)
+            dataset = FolderImages(args.images, dict(loaded.record.preprocessing))
+            example = dataset.normalised(0)
             batch_size, workers = args.batch_size or 256, args.workers or 0
             class_names, what = dataset.class_names, f"images below {args.images}"
         else:
@@ -373,12 +377,13 @@ def _embed_streaming(args: argparse.Namespace, overrides: list[str]) -> int:
                 else args.workers
             )
             class_names, what = list(dataset.class_names), f"{args.split} split"
+            example = dataset[0][0]
         model = loaded.module
         files = embed_to_files(
             model,
             dataset,
             args.output,
-            dim=model_dim(model, dataset[0][0]),
+            dim=model_dim(model, example.to(device)),
             batch_size=batch_size,
             device=device,
             num_workers=workers,
@@ -496,7 +501,7 @@ def _search_catalog(args: argparse.Namespace, index: str, model: str | None) -> 
     if args.threshold == "checkpoint":
         threshold = "model"
     elif args.threshold is not None:
-        threshold = _match_threshold(args.threshold, {}, "euclidean")
+        threshold = _distance_threshold(args.threshold, "--threshold")
     searcher = Searcher.open(index, model=model, device=str(_device(args.device)))
     if args.engine is not None:
         from mbdl.catalog.engines import search_engine
@@ -527,12 +532,7 @@ def _search_catalog(args: argparse.Namespace, index: str, model: str | None) -> 
 
 @command("search", "find the nearest gallery images of query images", _configure_search)
 def _run_search(args: argparse.Namespace) -> int:
-    import torch
-
-    from mbdl.data.files import read_image
-    from mbdl.functional.distances import pairwise_distance
-    from mbdl.inference import embed_with_config, load_data
-    from mbdl.train.checkpoint import model_from_state
+    from mbdl.inference import search_split
 
     if _is_catalog(args.checkpoint):
         if args.index is not None:
@@ -555,68 +555,47 @@ def _run_search(args: argparse.Namespace) -> int:
         raise UsageError("give at least one query IMAGE")
     if args.k < 1:
         raise UsageError(f"-k must be at least 1, got {args.k}")
-    # decoded by the data sets' table (16-bit, alpha, EXIF...), size-checked before decoding
-    queries = [read_image(path, "RGB") for path in images]
+    threshold: float | str | None = None
+    if args.threshold == "checkpoint":
+        threshold = "model"
+    elif args.threshold is not None:
+        threshold = _distance_threshold(args.threshold, "--threshold")
     if args.index is not None:
-        return _search_index(args, images, queries, overrides)
-    config, state = _checkpoint_config(args.checkpoint, overrides)
-    threshold = _match_threshold(args.threshold, state, config.eval.distance)
-    device = _device(args.device)
-    model = model_from_state(state, device)
-    gallery = _split_dataset(load_data(config), args.gallery_split)
-    gallery_embeddings, gallery_labels = embed_with_config(model, gallery, config, device)
-    transform = gallery.transform  # the split's evaluation transform
-    with torch.inference_mode():
-        batch = torch.stack([transform(image) for image in queries]).to(device)
-        query_embeddings = model(batch).float().cpu()
-    # float64, as `mbdl verify` measures a pair: in float32 the expansion |q|^2 + |g|^2 - 2 q.g
-    # cancels near 0, so an image searched against itself read 0.0005 instead of 1e-7
-    distances = pairwise_distance(
-        query_embeddings.double(), gallery_embeddings.double(), config.eval.distance
+        return _search_index(args, images, overrides, threshold)
+    result = search_split(
+        args.checkpoint,
+        images,
+        split=args.gallery_split,
+        k=args.k,
+        overrides=overrides,
+        threshold=threshold,
+        device=_device(args.device),
     )
-    k = min(args.k, len(gallery))
-    values, indices = torch.topk(distances, k, dim=1, largest=False)
-    for path, row_values, row_indices in zip(images, values, indices, strict=True):
-        print(f"query {terminal_safe(path)}")
-        for rank, (distance, index) in enumerate(
-            zip(row_values.tolist(), row_indices.tolist(), strict=True), start=1
-        ):
-            label = int(gallery_labels[index])
-            name = gallery.class_names[label]
-            mark = _match_mark(distance, threshold)
+    for query, neighbours in zip(result.queries, result.neighbours, strict=True):
+        print(f"query {terminal_safe(query)}")
+        for n in neighbours:
+            mark = "" if n.match is None else ("  match" if n.match else "       ")
             print(
-                f"  {rank:>3}  {distance:.4f}{mark}  {terminal_safe(repr(name)):<12}  "
-                f"{terminal_safe(gallery.describe(index))}"
+                f"  {n.rank:>3}  {n.distance:.4f}{mark}  {terminal_safe(repr(n.label)):<12}  "
+                f"{terminal_safe(n.item)}"
             )
     return 0
 
 
-def _stored_verification(state: dict[str, Any]) -> dict[str, Any]:
-    verification = state.get("verification")
-    if not isinstance(verification, dict) or "threshold" not in verification:
-        raise UsageError(
-            "this checkpoint has no verification threshold (it had no validation classes, or "
-            "was trained before mbdl stored one): give one with --threshold DISTANCE"
-        )
-    return verification
-
-
-def _match_threshold(value: str | None, state: dict[str, Any], distance: str) -> float | None:
-    """The ``--threshold`` of search and verify: a number, or the checkpoint's stored one."""
+def _match_threshold(
+    value: str | None, verification: VerificationRecord | None, distance: str
+) -> float | None:
+    """The ``--threshold`` of search: a number, or (``"checkpoint"``) the model's validated one
+    (:attr:`mbdl.model.ModelRecord.verification`) in ``distance``."""
     if value is None:
         return None
     if value == "checkpoint":
-        stored = _stored_verification(state)
-        if stored.get("distance") == "squared_euclidean" and distance == "euclidean":
-            return math.sqrt(
-                max(_distance_threshold(stored["threshold"], "the stored threshold"), 0.0)
-            )
-        if stored.get("distance", distance) != distance:
+        if verification is None:
             raise UsageError(
-                f"the stored threshold is a {stored['distance']} distance but eval.distance is "
-                f"{distance}: drop the eval.distance override or give --threshold DISTANCE"
+                "this checkpoint has no verification threshold (it had no validation classes, "
+                "or was trained before mbdl stored one): give one with --threshold DISTANCE"
             )
-        return _distance_threshold(stored["threshold"], "the stored threshold")
+        return verification.threshold_for(distance)
     return _distance_threshold(value, "--threshold")
 
 
@@ -639,47 +618,50 @@ def _match_mark(distance: float, threshold: float | None) -> str:
 
 
 def _search_index(
-    args: argparse.Namespace, images: list[str], queries: list[Any], overrides: list[str]
+    args: argparse.Namespace,
+    images: list[str],
+    overrides: list[str],
+    threshold: float | str | None,
 ) -> int:
     """``mbdl search --index INDEX CHECKPOINT IMAGE...``: embed the queries, search the index."""
     import torch
 
     from mbdl.data import build_transforms
-    from mbdl.export import load_state
     from mbdl.index import GalleryIndex, model_fingerprint
-    from mbdl.train.checkpoint import model_from_state
+    from mbdl.inference import read_images
+    from mbdl.model.loading import load_model
 
     if overrides:
         raise UsageError(
             f"{overrides[0]!r}: overrides do not apply with --index (the index is the gallery)"
         )
     index = GalleryIndex.load(args.index)
-    state = load_state(args.checkpoint)
-    device = _device(args.device)
-    model = model_from_state(state, device)
-    threshold = _match_threshold(
-        args.threshold, state, "cosine" if index.distance == "cosine" else "euclidean"
-    )
-    model_id = model_fingerprint(model.state_dict())
+    loaded = load_model(args.checkpoint, _device(args.device))
+    record = loaded.record
+    queries = read_images(loaded, images)  # in the model's colour mode, by the checked reader
+    distance = "cosine" if index.distance == "cosine" else "euclidean"
+    if threshold == "model":
+        threshold = _match_threshold("checkpoint", record.verification, distance)
+    model_id = model_fingerprint(loaded.module.state_dict())
     if model_id != index.model_id:
         raise ValueError(
             f"checkpoint {args.checkpoint} (model {model_id}) is not the model index {args.index} "
             f"was built with ({index.model_id}); use that checkpoint or rebuild the index"
         )
-    data_args = state.get("data_args", {})
     transform = build_transforms(
         False,
-        int(index.info.get("image_size", data_args.get("image_size", 32))),
-        int(index.info.get("channels", data_args.get("channels", 3))),
+        int(index.info.get("image_size", record.data_args.get("image_size", 32))),
+        int(index.info.get("channels", record.data_args.get("channels", 3))),
         imagenet_norm=bool(index.info.get("imagenet_norm", False)),
     )
     with torch.inference_mode():
-        batch = torch.stack([transform(image) for image in queries]).to(device)
-        query_embeddings = model(batch).float().cpu()
+        batch = torch.stack([transform(image) for image in queries]).to(loaded.device)
+        query_embeddings = loaded.module(batch).float().cpu()
     distances, indices = index.search(query_embeddings, min(args.k, len(index)), model_id=model_id)
+    limit = threshold if isinstance(threshold, float) else None
     for path, row_values, row_indices in zip(images, distances, indices, strict=True):
         print(f"query {terminal_safe(path)}")
-        for rank, (distance, item) in enumerate(
+        for rank, (distance_value, item) in enumerate(
             zip(row_values.tolist(), row_indices.tolist(), strict=True), start=1
         ):
             if item < 0:  # an approximate index found fewer than k items
@@ -687,9 +669,9 @@ def _search_index(
             label = int(index.labels[item])
             name = index.class_names[label] if label < len(index.class_names) else str(label)
             where = index.paths[item] if item < len(index.paths) else f"#{item}"
-            mark = _match_mark(distance, threshold)
+            mark = _match_mark(distance_value, limit)
             print(
-                f"  {rank:>3}  {distance:.4f}{mark}  {terminal_safe(repr(name)):<12}  "
+                f"  {rank:>3}  {distance_value:.4f}{mark}  {terminal_safe(repr(name)):<12}  "
                 f"{terminal_safe(where)}"
             )
     return 0
@@ -1132,7 +1114,7 @@ def _configure_data(parser: argparse.ArgumentParser) -> None:
 @command("data", "build and describe a local data set (glyphs, icons)", _configure_data)
 def _run_data(args: argparse.Namespace) -> int:
     if args.source == "icons":
-        from mbdl.data.icons import build_icons, describe_icons
+        from mbdl.data.builders.icons import build_icons, describe_icons
 
         if args.out is None:
             raise UsageError("mbdl data icons needs --out DIR (the folder to create)")

@@ -280,7 +280,9 @@ class DataConfig:
         "image", "hf source: the column holding the images (a datasets Image or image bytes)."
     )
     label_column: str = key(
-        "label", "hf source: the column holding the class labels (ClassLabel, ints or strings)."
+        "label",
+        "hf source: the column holding the class labels (ClassLabel, ints or strings); "
+        "webdataset: the field of a sample's .json holding its label (an index or a name).",
     )
     mean: list[float] | None = key(
         None,
@@ -998,6 +1000,19 @@ def _check_statistics(resolved: dict[str, Any]) -> None:
         )
     if std is not None and any(v <= 0 for v in std):
         raise ConfigError(f"data.std must be > 0 for every channel; got {std!r}")
+    # images are scaled to [0, 1] before normalising: 0-255 values (mmcv's, detectron2's) would
+    # wash every image out to a constant
+    for name, values, fits in (
+        ("data.mean", mean, lambda v: 0 <= v <= 1),
+        ("data.std", std, lambda v: v <= 1),
+    ):
+        if values is not None and not all(fits(v) for v in values):
+            scaled = ", ".join(f"{v / 255:.4g}" for v in values)
+            hint = f"; on the 0-255 scale, divide by 255: {name}=[{scaled}]"
+            raise ConfigError(
+                f"{name}={list(values)!r} does not fit images scaled to [0, 1]"
+                + (hint if max(values) > 1 and min(values) >= 0 else "")
+            )
     for key in ("data.crop_fraction", "train.layer_decay"):  # fractions: (0, 1]
         if resolved[key] is not None and resolved[key] > 1:
             raise ConfigError(f"{key} must be <= 1; got {resolved[key]!r}")

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from mbdl.data.fastpath import EvaluationImages
 from mbdl.data.files import IMAGE_EXTENSIONS, read_image
 from mbdl.distributed import (
     DistributedInfo,
@@ -105,6 +106,23 @@ class ImageFiles(Dataset[tuple[Tensor, int]]):
         return self.paths[index]
 
 
+class FolderImages(EvaluationImages):
+    """The images below ``root`` (:func:`list_images`: labels from first-level folders) through
+    the evaluation transform of ``spec`` by the fast path
+    (:class:`mbdl.data.fastpath.EvaluationImages`): ``dataset[i] = (uint8 [C, crop, crop],
+    label i)``, turned into the model's input on the device by :meth:`model_input`; the same
+    input as :class:`ImageFiles` with ``transform_from_spec(spec)``, bit for bit."""
+
+    def __init__(self, root: str | os.PathLike[str], spec: dict[str, Any]) -> None:
+        self.root = Path(root)
+        relative, labels, self.class_names = list_images(root)
+        super().__init__([self.root / path for path in relative], spec, labels)
+        self.relative = relative
+
+    def describe(self, index: int) -> str:
+        return self.relative[index]
+
+
 def output_paths(path: str | os.PathLike[str]) -> dict[str, Path]:
     """The files of an embedding output ``path`` (``X.npy``): embeddings, labels, paths, info."""
     target = Path(path)
@@ -148,8 +166,11 @@ def embed_to_files(
 ) -> dict[str, Path]:
     """Embed ``dataset`` (``(image, label)`` items) into ``output`` and its side files.
 
-    Under an initialised process group every rank calls this with the same arguments and
-    embeds its :func:`shard`. ``dim`` is the embedding dimension; ``info`` is stored in the
+    A dataset with a ``model_input(batch, device)`` method
+    (:class:`mbdl.data.fastpath.EvaluationImages`, :class:`FolderImages`) gives ``uint8``
+    batches (pinned on a GPU) that this method turns into the model's input on the device;
+    other datasets' batches are the model's input. Under an initialised process group every
+    rank calls this with the same arguments and embeds its :func:`shard`. ``dim`` is the embedding dimension; ``info`` is stored in the
     ``.json`` file; ``describe(i)`` gives item ``i``'s line in ``.paths.txt`` (default: the
     dataset's ``describe``). Returns the written paths.
     """
@@ -189,8 +210,13 @@ def embed_to_files(
     embeddings = np.load(temps["embeddings"], mmap_mode="r+")
     labels = np.load(temps["labels"], mmap_mode="r+")
     mine = shard(count, dist.rank, dist.world_size)
+    prepare = getattr(dataset, "model_input", None)
     loader = DataLoader(
-        Subset(dataset, list(mine)), batch_size=batch_size, shuffle=False, num_workers=num_workers
+        Subset(dataset, list(mine)),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=prepare is not None and torch.device(device).type == "cuda",
     )
     from tqdm.auto import tqdm
 
@@ -208,7 +234,8 @@ def embed_to_files(
     try:
         with torch.inference_mode():
             for images, batch_labels in loader:
-                output_rows = model(images.to(device)).float().cpu().numpy()
+                inputs = images.to(device) if prepare is None else prepare(images, device)
+                output_rows = model(inputs).float().cpu().numpy()
                 if output_rows.shape[1] != dim:
                     raise ValueError(
                         f"the model gives {output_rows.shape[1]} dimensions, not {dim}"
@@ -319,6 +346,7 @@ def model_dim(model: nn.Module, example: Tensor) -> int:
 
 
 __all__: Sequence[str] = [
+    "FolderImages",
     "ImageFiles",
     "embed_to_files",
     "list_images",

@@ -2,8 +2,8 @@
 
 Each function takes a model (a :class:`mbdl.model.LoadedModel`, or a path that
 :func:`mbdl.model.load_model` reads: a model directory, ``hf://owner/name``, a run directory or a
-checkpoint) and returns a dataclass; ``mbdl embed``, ``verify`` and ``eval`` parse their
-arguments, call one of these and format the result. Images are read through the one checked
+checkpoint) and returns a dataclass; ``mbdl embed``, ``verify``, ``eval`` and ``search`` over a
+split (:func:`search_split`) parse their arguments, call one of these and format the result. Images are read through the one checked
 reader (:func:`mbdl.data.files.read_image`) and go through the model's recorded preprocessing;
 a split is always embedded with the evaluation transform, the training split included.
 
@@ -177,6 +177,94 @@ def verify(
 
 
 @dataclass(frozen=True)
+class SplitNeighbour:
+    """One item of a split found for a query."""
+
+    rank: int  # 1-based
+    index: int  # the item's position in the split
+    item: str  # its path or readable name
+    label: str  # its class name
+    distance: float  # the model's distance (eval.distance), in float64
+    match: bool | None  # distance <= threshold when a threshold applies, else None
+
+
+@dataclass(frozen=True)
+class SplitSearch:
+    """The nearest items of a split of the model's data, per query (in the queries' order)."""
+
+    split: str
+    distance_kind: str
+    threshold: float | None
+    queries: list[str]
+    neighbours: list[list[SplitNeighbour]]
+
+
+def search_split(
+    model: ModelLike,
+    queries: Sequence[ImageLike],
+    *,
+    split: str = "test",
+    k: int = 5,
+    overrides: Sequence[str] = (),
+    threshold: float | str | None = None,
+    device: str | torch.device = "auto",
+) -> SplitSearch:
+    """The ``k`` nearest items of the ``split`` of the model's data (``overrides``: ``data.*`` /
+    ``eval.*`` / ``seed`` changes to its stored config) for each query image (paths or PIL
+    images, read in the model's colour mode by :func:`read_images`; both sides through the
+    split's evaluation transform), by the model's distance computed in float64 (near 0 the
+    float32 expansion ``|q|^2 + |g|^2 - 2 q.g`` cancels). ``threshold``: None (no match flags),
+    a distance, or ``"model"`` (the threshold chosen on the validation classes)."""
+    import math
+
+    from mbdl.functional.distances import pairwise_distance
+
+    if k < 1:
+        raise UserError(f"k must be at least 1, got {k}")
+    if not queries:
+        raise UserError("give at least one query image")
+    loaded = as_loaded_model(model, device)
+    config = model_config(loaded.record, overrides)
+    distance_kind = config.eval.distance
+    if threshold == "model":
+        chosen: float | None = stored_threshold(loaded, distance_kind)
+    elif threshold is None:
+        chosen = None
+    else:
+        chosen = float(threshold)
+        if not (math.isfinite(chosen) and chosen >= 0):
+            raise UserError(f"the threshold must be a finite distance >= 0; got {threshold}")
+    images = read_images(loaded, queries)  # a bad query is refused before the data loads
+    dataset = split_for_inference(load_data(config), split)
+    gallery, labels = embed_with_config(loaded.module, dataset, config, loaded.device)
+    batch = torch.stack([dataset.transform(image) for image in images])
+    with torch.inference_mode():
+        embedded = loaded.module(batch.to(loaded.device)).float().cpu()
+    distances = pairwise_distance(embedded.double(), gallery.double(), distance_kind)
+    values, indices = torch.topk(distances, min(k, len(dataset)), dim=1, largest=False)
+    neighbours = [
+        [
+            SplitNeighbour(
+                rank,
+                index,
+                dataset.describe(index),
+                dataset.class_names[int(labels[index])],
+                distance,
+                None if chosen is None else distance <= chosen,
+            )
+            for rank, (distance, index) in enumerate(
+                zip(row_values.tolist(), row_indices.tolist(), strict=True), start=1
+            )
+        ]
+        for row_values, row_indices in zip(values, indices, strict=True)
+    ]
+    names = [
+        q if isinstance(q, (str, os.PathLike)) else f"image[{i}]" for i, q in enumerate(queries)
+    ]
+    return SplitSearch(split, distance_kind, chosen, [str(n) for n in names], neighbours)
+
+
+@dataclass(frozen=True)
 class Evaluation:
     """The metrics of a model on a split of its data (``metrics``: the table of
     :func:`mbdl.evaluate.evaluate`, plus ``tar@threshold`` / ``far@threshold`` at the stored
@@ -232,6 +320,8 @@ def evaluate_model(
 __all__ = [
     "Evaluation",
     "SplitEmbeddings",
+    "SplitNeighbour",
+    "SplitSearch",
     "Verification",
     "as_loaded_model",
     "choose_verification_threshold",
@@ -246,6 +336,7 @@ __all__ = [
     "load_data",
     "read_images",
     "resolve_device",
+    "search_split",
     "source_options",
     "stored_threshold",
     "verify",

@@ -503,17 +503,17 @@ def _section_set(config: Any, key: str, value: Any) -> None:
 
 def resolve_auto(config: Any, splits: Any = None) -> Any:
     """Apply the auto recipe to ``config`` in place when ``model.backbone`` is auto; returns the
-    splits it loaded (transforms attached for the chosen size), or None when there was nothing
+    splits it loaded (transforms attached for the chosen size and weights:
+    :func:`mbdl.data.attach_default_transforms`), or None when there was nothing
     to resolve or the source keeps its default recipe (glyphs: load it as usual). ``splits``
     given (a :class:`mbdl.data.Splits`) are summarised instead of the config's data. ``config.recipe`` records the :class:`Recipe`. Raises
     :class:`mbdl.config.ConfigError` (one line) when the data or the weights named cannot do."""
     if config.model.backbone != AUTO:  # before any import: inference commands stay light
         return None
     from mbdl.config import ConfigError, config_from_flat, config_to_flat
-    from mbdl.data import load_splits
+    from mbdl.data import attach_default_transforms, load_source
     from mbdl.data.sources import SOURCES
-    from mbdl.data.splits import attach_transforms
-    from mbdl.runconfig import resolve_device, source_options
+    from mbdl.runconfig import resolve_device, source_options, transform_options
     from mbdl.train.seeding import seed_everything
 
     user_keys = set(getattr(config, "user_set", ()))
@@ -527,7 +527,7 @@ def resolve_auto(config: Any, splits: Any = None) -> Any:
             recipe = choose_recipe(summary, WeightsFound(), user)
         else:
             seed_everything(config.seed)
-            splits = given or load_splits(
+            splits = given or load_source(  # no transforms yet: the size is not chosen
                 config.data.source,
                 config.data.root,
                 image_size=config.data.image_size,
@@ -551,12 +551,8 @@ def resolve_auto(config: Any, splits: Any = None) -> Any:
         return None
     if config.data.image_size is not None:  # the chosen size (a fixed-size source upscaled)
         splits.image_size = int(config.data.image_size)
-    options = source_options(config)
-    attach_transforms(
-        splits,
-        augment=options.get("augment", True),
-        imagenet_norm=options.get("imagenet_norm", False),
-    )
+    # the chosen size and the chosen weights' statistics (a plugin's own transforms replaced)
+    attach_default_transforms(splits, **transform_options(config), replace=True)
     splits.info = {**(splits.info or {}), "recipe": recipe.describe()}
     if "data.image_size" in recipe.values:
         splits.info["image_size"] = f"{splits.image_size} px"

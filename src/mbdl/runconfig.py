@@ -26,12 +26,13 @@ from mbdl.model.record import ModelRecord, imagenet_normalised
 
 
 def source_options(config: Config) -> dict[str, Any]:
-    """Keyword options for the source's ``load_splits``, checked against what it accepts."""
+    """Keyword options for the source's ``load_splits``, checked against what it accepts (the
+    transforms' settings, ``data.augment`` and the statistics, go to :func:`mbdl.data.load_splits`
+    itself: :func:`transform_options`)."""
     from mbdl.data.sources import SOURCES
 
     accepted = inspect.signature(SOURCES.get(config.data.source).function()).parameters
     wanted: dict[str, tuple[Any, bool]] = {  # option -> (value, whether the user asked for it)
-        "augment": (config.data.augment, config.data.augment != "auto"),
         "skip_corrupt": (config.data.skip_corrupt, config.data.skip_corrupt),
         "bbox": (config.data.bbox, config.data.bbox),
         "max_classes": (config.data.max_classes, config.data.max_classes is not None),
@@ -39,8 +40,6 @@ def source_options(config: Config) -> dict[str, Any]:
         "image_column": (config.data.image_column, config.data.image_column != "image"),
         "label_column": (config.data.label_column, config.data.label_column != "label"),
     }
-    if imagenet_normalised(config.model.pretrained):
-        wanted["imagenet_norm"] = (True, False)
     options = {}
     for name, (value, asked) in wanted.items():
         if name in accepted:
@@ -50,34 +49,54 @@ def source_options(config: Config) -> dict[str, Any]:
     return options
 
 
+def transform_options(config: Config) -> dict[str, Any]:
+    """What :func:`mbdl.data.attach_default_transforms` takes from a config: ``augment``
+    (``data.augment``), ``imagenet_norm`` and ``statistics`` (the backbone's weights', with the
+    ``data.mean`` / ``std`` / ``interpolation`` / ``crop_fraction`` overrides)."""
+    from mbdl.model.preprocessing import config_statistics
+
+    return {
+        "augment": config.data.augment,
+        "imagenet_norm": imagenet_normalised(config.model.pretrained),
+        "statistics": config_statistics(config),
+    }
+
+
 def load_data(config: Config) -> Any:
-    """The :class:`mbdl.data.Splits` of ``config.data``; ``model.backbone=auto`` is resolved
-    first, in place (:func:`mbdl.recipe.resolve_auto`)."""
+    """The :class:`mbdl.data.Splits` of ``config.data``, transforms attached; with
+    ``model.backbone=auto`` the recipe is resolved first, in place, from the data
+    (:func:`mbdl.recipe.resolve_auto`, which returns the splits it loaded)."""
     from mbdl.data import load_splits
     from mbdl.model.preprocessing import config_statistics
     from mbdl.recipe import resolve_auto
 
     resolved = resolve_auto(config)
-    if resolved is not None:  # the picked backbone's statistics, as for a named one
-        from mbdl.data.sources import SOURCES
-        from mbdl.data.splits import attach_transforms
-
-        if SOURCES.get(config.data.source).accepts("imagenet_norm"):
-            attach_transforms(
-                resolved, augment=config.data.augment, statistics=config_statistics(config)
-            )
-        return resolved
-
-    return load_splits(
+    if resolved is not None:
+        return _checked_preprocessing(config, resolved, config_statistics(config))
+    transforms = transform_options(config)
+    splits = load_splits(
         config.data.source,
         config.data.root,
         image_size=config.data.image_size,
         val_fraction=config.data.val_fraction,
         seed=config.seed,
         backbone=config.model.backbone,
-        statistics=config_statistics(config),
+        **transforms,
         **source_options(config),
     )
+    return _checked_preprocessing(config, splits, transforms["statistics"])
+
+
+def _checked_preprocessing(config: Config, splits: Any, statistics: Any) -> Any:
+    """``splits`` once ``data.mean`` / ``data.std`` fit their channels, with the data line's
+    note of where the preprocessing comes from and what the data keys override."""
+    from mbdl.model.preprocessing import check_data_channels, describe_statistics
+
+    check_data_channels(config, int(splits.channels))
+    note = describe_statistics(statistics, int(splits.image_size))
+    if note is not None:
+        splits.info = {**(splits.info or {}), "preprocessing": note}
+    return splits
 
 
 def resolve_device(name: str) -> torch.device:
@@ -276,5 +295,6 @@ __all__ = [
     "resolve_device",
     "source_options",
     "split_for_inference",
+    "transform_options",
     "verification_at_threshold",
 ]

@@ -238,6 +238,20 @@ class Embedder:
             where,
         )
 
+    def embed_images(self, images: Any) -> np.ndarray:
+        """:meth:`embed` of a ``uint8`` batch of :class:`mbdl.data.fastpath.EvaluationImages`
+        (normalised on the model's device by :func:`mbdl.data.fastpath.model_input`)."""
+        from mbdl.data.fastpath import model_input
+
+        return self.embed(model_input(images, self.spec["mean"], self.spec["std"], self.device))
+
+    def images(self, paths: Sequence[str], labels: Any = None) -> Any:
+        """The :class:`mbdl.data.fastpath.EvaluationImages` of ``paths`` under this model's
+        preprocessing (the same pixels as :attr:`transform`, bit for bit)."""
+        from mbdl.data.fastpath import EvaluationImages
+
+        return EvaluationImages(paths, self.spec, labels)
+
     def embed(self, batch: Any) -> np.ndarray:
         import torch
 
@@ -268,23 +282,22 @@ def stored_threshold(state: dict[str, Any], distance: str) -> float | None:
 
 
 class _Files:
-    """Dataset of sources: ``(position, tensor | None, size, mtime, sha256, reason | None)``."""
+    """Dataset of sources: ``(position, uint8 image | None, size, mtime, sha256, reason | None)``
+    (the image of :class:`mbdl.data.fastpath.EvaluationImages`)."""
 
-    def __init__(self, sources: Sequence[Source], transform: Any, mode: str) -> None:
-        self.sources, self.transform, self.mode = sources, transform, mode
+    def __init__(self, sources: Sequence[Source], images: Any) -> None:
+        self.sources, self.images = sources, images
 
     def __len__(self) -> int:
         return len(self.sources)
 
     def __getitem__(self, position: int) -> tuple[int, Any, int, float, str, str | None]:
-        from mbdl.data.files import read_image
-
         path = self.sources[position].path
         try:
             info = os.stat(path)
             if not stat.S_ISREG(info.st_mode):
                 return position, None, 0, 0.0, "", "not a regular file"
-            tensor = self.transform(read_image(path, self.mode))
+            tensor = self.images.image(position)
             return position, tensor, info.st_size, info.st_mtime, file_sha256(path), None
         except FileNotFoundError:
             return position, None, 0, 0.0, "", "file not found"
@@ -326,7 +339,7 @@ def embed_sources(
     from tqdm.auto import tqdm
 
     chunk = COMMIT_EVERY if chunk is None else chunk
-    dataset = _Files(sources, embedder.transform, str(embedder.spec.get("color_mode", "RGB")))
+    dataset = _Files(sources, embedder.images([s.path for s in sources]))
     loader: DataLoader[Any] = DataLoader(
         dataset,  # type: ignore[arg-type]
         batch_size=batch_size,
@@ -357,7 +370,7 @@ def embed_sources(
                         )
                     pending.bad.append((path, str(row[5])))
             if good:
-                parts.append(embedder.embed(torch.stack([row[1] for row in good])))
+                parts.append(embedder.embed_images(torch.stack([row[1] for row in good])))
                 pending.sources.extend(sources[row[0]] for row in good)
                 pending.facts.extend((int(row[2]), float(row[3]), str(row[4])) for row in good)
             bar.update(len(batch))
@@ -1145,21 +1158,6 @@ def remove_from_catalog(
     return report
 
 
-class _SourceImages:
-    """``(tensor, -1)`` of each source, for :func:`mbdl.embedstore.embed_to_files`."""
-
-    def __init__(self, sources: Sequence[Source], transform: Any, mode: str) -> None:
-        self.sources, self.transform, self.mode = sources, transform, mode
-
-    def __len__(self) -> int:
-        return len(self.sources)
-
-    def __getitem__(self, position: int) -> tuple[Any, int]:
-        from mbdl.data.files import read_image
-
-        return self.transform(read_image(self.sources[position].path, self.mode)), -1
-
-
 def _build_distributed(
     embedder: Embedder,
     target: Path,
@@ -1196,7 +1194,7 @@ def _build_distributed(
     unreadable = {path for path, _ in bad}
     good = [s for s in sources if s.path not in unreadable]
     embedded = target.with_name(f".{target.name}.embedded.npy")
-    dataset = _SourceImages(good, embedder.transform, str(embedder.spec.get("color_mode", "RGB")))
+    dataset = embedder.images([s.path for s in good], np.full(len(good), -1, np.int64))
     embed_to_files(
         embedder.model,
         dataset,

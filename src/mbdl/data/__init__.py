@@ -3,7 +3,10 @@
 ``load_splits(source, root, ...)`` names a source the same way the config (``data.source``,
 ``data.root``) and the CLI do: a name of the :data:`SOURCES` registry (:mod:`mbdl.data.sources`;
 each built-in source lives in ``mbdl.data.<source>`` and is imported only when used) or a
-plugin's import path.
+plugin's import path. Sources return splits without transforms (:func:`load_source`);
+:func:`load_splits` attaches them once the image size and the preprocessing statistics are
+known (:func:`attach_default_transforms`). The builders of local data sets (the glyphs'
+renderer, the icons) live apart, in :mod:`mbdl.data.builders`.
 """
 
 from __future__ import annotations
@@ -52,30 +55,25 @@ def auto_image_size(side: int, backbone: str) -> int:
     return max(32, min(native, side - side % 16))
 
 
-def load_splits(
+def load_source(
     source: str,
     root: str | os.PathLike[str] | None = None,
     *,
     image_size: int | None = None,
     val_fraction: float = 0.15,
     seed: int = 0,
-    backbone: str | None = None,
-    statistics: ImageStatistics | None = None,
+    augment: bool | str = True,
+    imagenet_norm: bool = False,
     **options: Any,
 ) -> Splits:
-    """Load ``source``'s class-disjoint train / validation / test splits (and query / gallery
-    where the source has them), with default transforms attached.
+    """``source``'s splits as its loading function returns them, checked
+    (:func:`mbdl.data.sources.check_splits`): a built-in source attaches no transforms (every
+    dataset's ``transform`` is None); :func:`load_splits` attaches them.
 
-    ``source`` is a name or import path of :data:`SOURCES` (:mod:`mbdl.data.sources`).
-    ``image_size=None`` takes the source's default (:attr:`Source.image_size`); for a file
-    source with a ``backbone`` named, it is picked from the training images instead
-    (:func:`auto_image_size` of :func:`typical_image_side`) and ``info["image_size"]`` says how;
-    validation
-    classes are carved from the training classes with ``val_fraction`` and ``seed``; ``options``
-    go to the source's own ``load_splits``. ``statistics`` (what the model's weights expect:
-    mean, std, interpolation, crop fraction) replace the default transforms' normalisation of a
-    source that takes ``imagenet_norm`` (one that attaches :func:`build_transforms`); their
-    mean and std must fit the data's channels.
+    ``image_size=None`` takes the source's default (:attr:`Source.image_size`); ``options`` go
+    to the source's own ``load_splits``. ``augment`` and ``imagenet_norm`` reach only a plugin
+    that still names them among its keyword parameters (the contract before transforms were
+    attached in one place; see :mod:`mbdl.data.sources`).
     """
     if source not in SOURCES:
         raise ValueError(
@@ -85,15 +83,35 @@ def load_splits(
     declared = SOURCES.get(source)
     if root is None and declared.needs_root:
         raise ValueError(f"data source {source!r} needs a root directory (data.root=PATH)")
-    pick_size = image_size is None and backbone is not None and not declared.fixed_size
-    if image_size is None:
-        image_size = declared.image_size
+    legacy = {"augment": augment, "imagenet_norm": imagenet_norm}
+    options.update({name: value for name, value in legacy.items() if declared.accepts(name)})
     splits = declared.function()(
-        root, image_size=image_size, val_fraction=val_fraction, seed=seed, **options
+        root,
+        image_size=declared.image_size if image_size is None else image_size,
+        val_fraction=val_fraction,
+        seed=seed,
+        **options,
     )
-    splits = check_splits(splits, source)
-    takes_statistics = statistics is not None and declared.accepts("imagenet_norm")
-    if takes_statistics and statistics is not None:
+    return check_splits(splits, source)
+
+
+def attach_default_transforms(
+    splits: Splits,
+    *,
+    augment: bool | str = True,
+    imagenet_norm: bool = False,
+    statistics: ImageStatistics | None = None,
+    replace: bool = False,
+) -> Splits:
+    """Attach :func:`build_transforms` at ``splits.image_size`` and ``splits.channels`` to every
+    dataset whose ``transform`` is None (all of them with ``replace``): the training split
+    augmented (``augment``), the others with the evaluation transform; normalised with
+    ``statistics`` (mean, std, interpolation, crop fraction; their mean and std must fit the
+    data's channels), else ImageNet's when ``imagenet_norm``, else not at all. A dataset a plugin
+    source gave its own transform keeps it."""
+    from mbdl.data.transforms import resolve_augment
+
+    if statistics is not None:
         from mbdl.model.preprocessing import check_values
 
         check_values(
@@ -104,28 +122,79 @@ def load_splits(
             where=f"preprocessing ({statistics.origin})",
             channels=splits.channels if len(statistics.mean) != 3 else None,
         )
-    reattach = {
-        "augment": options.get("augment", True),
-        "imagenet_norm": options.get("imagenet_norm", False),
-        "statistics": statistics if takes_statistics else None,
-    }
-    if takes_statistics:
-        from mbdl.data.splits import attach_transforms
+    resolve_augment(augment, splits.image_size)  # a bad value: refused even when nothing is set
+    size, channels = splits.image_size, splits.channels
+    if replace or splits.train.transform is None:
+        splits.train.transform = build_transforms(
+            True,
+            size,
+            channels,
+            augment=augment,
+            imagenet_norm=imagenet_norm,
+            statistics=statistics,
+        )
+    evaluation = None
+    for dataset in (splits.val, splits.test, splits.query, splits.gallery):
+        if dataset is not None and (replace or dataset.transform is None):
+            if evaluation is None:  # one transform shared by the evaluation splits
+                evaluation = build_transforms(
+                    False, size, channels, imagenet_norm=imagenet_norm, statistics=statistics
+                )
+            dataset.transform = evaluation
+    return splits
 
-        attach_transforms(splits, **reattach)
-    if pick_size and backbone is not None:
+
+def load_splits(
+    source: str,
+    root: str | os.PathLike[str] | None = None,
+    *,
+    image_size: int | None = None,
+    val_fraction: float = 0.15,
+    seed: int = 0,
+    backbone: str | None = None,
+    augment: bool | str = True,
+    imagenet_norm: bool = False,
+    statistics: ImageStatistics | None = None,
+    **options: Any,
+) -> Splits:
+    """Load ``source``'s class-disjoint train / validation / test splits (and query / gallery
+    where the source has them), with the default transforms attached: the one place they are.
+
+    ``source`` is a name or import path of :data:`SOURCES` (:mod:`mbdl.data.sources`), loaded by
+    :func:`load_source` (``options`` go to the source's own ``load_splits``).
+    ``image_size=None`` takes the source's default (:attr:`Source.image_size`); for a file
+    source with a ``backbone`` named, it is picked from the training images instead
+    (:func:`auto_image_size` of :func:`typical_image_side`) and ``info["image_size"]`` says how.
+    Validation classes are carved from the training classes with ``val_fraction`` and ``seed``.
+    Then :func:`attach_default_transforms` with ``augment`` (the training augmentation, see
+    :func:`build_transforms`) and ``statistics`` (what the model's weights expect: mean, std,
+    interpolation, crop fraction; without them ImageNet's when ``imagenet_norm``). A plugin
+    source that attached its own transforms keeps them (and its image size).
+    """
+    splits = load_source(
+        source,
+        root,
+        image_size=image_size,
+        val_fraction=val_fraction,
+        seed=seed,
+        augment=augment,
+        imagenet_norm=imagenet_norm,
+        **options,
+    )
+    declared = SOURCES.get(source)
+    pick_size = image_size is None and backbone is not None and not declared.fixed_size
+    if pick_size and backbone is not None and splits.train.transform is None:
         side = typical_image_side(splits.train, seed=seed)
         if side is not None:
-            from mbdl.data.splits import attach_transforms
-
             splits.image_size = auto_image_size(side, backbone)
-            attach_transforms(splits, **reattach)
             splits.info = {
                 **(splits.info or {}),
                 "image_size": f"{splits.image_size} px, picked for {backbone} from the training "
                 f"images' median shorter side ({side} px)",
             }
-    return splits
+    return attach_default_transforms(
+        splits, augment=augment, imagenet_norm=imagenet_norm, statistics=statistics
+    )
 
 
 __all__ = [
@@ -134,8 +203,10 @@ __all__ = [
     "ImageDataset",
     "Source",
     "Splits",
+    "attach_default_transforms",
     "auto_image_size",
     "build_transforms",
+    "load_source",
     "load_splits",
     "typical_image_side",
 ]

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from torch import Tensor
+from torch.utils.data import IterableDataset
 from torchvision import transforms as T
 
 from mbdl.data.base import ImageDataset
@@ -206,6 +207,10 @@ def decoded_training_split(
     if mode not in CACHE_MODES:
         raise ValueError(f"cache mode must be one of {', '.join(CACHE_MODES)}; got {mode!r}")
     spec = getattr(dataset.transform, "spec", None)
+    if isinstance(dataset, IterableDataset):  # a stream (e.g. WebDataset shards)
+        if notes is not None:
+            notes.append("streamed, decoded per image")
+        return dataset
     if isinstance(dataset, ArrayImageDataset):
         if notes is not None:
             notes.append("images in memory already")

@@ -108,8 +108,6 @@ def load_splits(
     seed: int = 0,
     bbox: bool = False,
     skip_corrupt: bool = False,
-    augment: bool | str = True,
-    imagenet_norm: bool = False,
 ) -> Splits:
     """Cars196 with classes 1-98 for training (validation carved from them), 99-196 test."""
     if root is None:
@@ -142,6 +140,4 @@ def load_splits(
         val_fraction=val_fraction,
         seed=seed,
         info={"root": str(base), "bbox": bbox},
-        augment=augment,
-        imagenet_norm=imagenet_norm,
     )

@@ -67,8 +67,6 @@ def load_splits(
     seed: int = 0,
     channels: int = 3,
     skip_corrupt: bool = False,
-    augment: bool | str = True,
-    imagenet_norm: bool = False,
 ) -> Splits:
     """The splits a ``path,label,split`` CSV file defines (see the module docstring)."""
     if root is None:
@@ -104,6 +102,4 @@ def load_splits(
         val_fraction=val_fraction,
         seed=seed,
         info={"root": str(csv_path)},
-        augment=augment,
-        imagenet_norm=imagenet_norm,
     )

@@ -66,8 +66,6 @@ def load_splits(
     seed: int = 0,
     bbox: bool = False,
     skip_corrupt: bool = False,
-    augment: bool | str = True,
-    imagenet_norm: bool = False,
 ) -> Splits:
     """CUB-200-2011 with classes 1-100 for training (validation carved from them), 101-200 test."""
     if root is None:
@@ -108,6 +106,4 @@ def load_splits(
         val_fraction=val_fraction,
         seed=seed,
         info=info,
-        augment=augment,
-        imagenet_norm=imagenet_norm,
     )

@@ -12,14 +12,17 @@
 - :func:`decode_jpeg_batch`: the bytes of many JPEG files decoded in one call on a CUDA device
   (``torchvision.io.decode_jpeg(list, device="cuda")``, nvJPEG); files checked first by
   :func:`mbdl.data.files.inspect_image` when the caller has not (datasets check every file when
-  they are built).
+  they are built); the EXIF orientation is applied as on the CPU (:func:`orient`: torchvision's
+  GPU decoder ignores it).
 
 - :func:`read_array`: the same as a ``uint8`` array ``[H, W, C]``; JPEGs stored as colour or
   grey and read as colour (or grey as grey) that need no reduction are decoded by
   ``torchvision.io.decode_jpeg`` (libjpeg-turbo, the same pixels as PIL's decoder bit for bit,
   EXIF orientation applied the same way) after the same checks: it takes about two thirds of
   the CPU time of PIL's reader, whose mode conversions and EXIF handling cost extra
-  (``benchmarks/jpeg_path.py``). Every other file goes through the reader.
+  (``benchmarks/jpeg_path.py``). Every other file goes through the reader, and so does a JPEG
+  that torchvision's decoder refuses (truncated, corrupt): the reader refuses it with its own
+  message, the one every other path gives.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFile
 
 from mbdl.data import files
 from mbdl.errors import terminal_safe
@@ -117,43 +120,32 @@ def read_array(path: str | Path, mode: str = "RGB", min_side: int | None = None)
     import torch
 
     decoder = _torchvision_decoder()
-    fast = False
-    try:
-        info = os.stat(path)
-        if not stat.S_ISREG(info.st_mode):
-            raise files.ImageReadError(
-                f"cannot read image {terminal_safe(path)}: not a regular file"
-            )
-        with Image.open(path) as image:
-            files._check_header(image)
-            reducible = min_side is not None and (
-                jpeg_reduction(image.width, image.height, min_side) > 1
-            )
-            # EXIF orientation tag (0x0112): torchvision applies it only when asked (a cost)
-            rotated = image.getexif().get(0x0112, 1) != 1
-            fast = (
-                decoder is not None
-                and image.format == "JPEG"
-                and not reducible
-                and (image.mode, mode) in TORCHVISION_JPEG_MODES
-            )
-        if fast and decoder is not None:
-            decode_jpeg, modes = decoder
-            data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
-            wanted = modes.RGB if mode == "RGB" else modes.GRAY
-            decoded = decode_jpeg(data, mode=wanted, apply_exif_orientation=rotated)
-            return decoded.permute(1, 2, 0).numpy()
-    except FileNotFoundError:
-        raise files.ImageReadError(f"image file not found: {terminal_safe(path)}") from None
-    except RuntimeError as error:  # torchvision's decoder: "<file.cpp>:<line>, <reason>"
-        reason = str(error).split(", ", 1)[-1].strip() or "does not decode"
-        raise files.ImageReadError(f"cannot read image {terminal_safe(path)}: {reason}") from None
-    except files._PIL_ERRORS as error:
-        if isinstance(error, files.ImageReadError):
-            raise
-        raise files.ImageReadError(
-            f"cannot read image {terminal_safe(path)}: {files._reason(error, path)}"
-        ) from None
+    if decoder is not None:
+        try:
+            with files.open_image_file(path) as image:  # a regular file, not blocking
+                files._check_header(image)
+                reducible = min_side is not None and (
+                    jpeg_reduction(image.width, image.height, min_side) > 1
+                )
+                # EXIF orientation tag (0x0112): torchvision applies it only when asked (a cost)
+                rotated = image.getexif().get(0x0112, 1) != 1
+                source = image.fp if isinstance(image, ImageFile.ImageFile) else None
+                fast = (
+                    image.format == "JPEG"
+                    and not reducible
+                    and (image.mode, mode) in TORCHVISION_JPEG_MODES
+                    and source is not None
+                )
+                if fast and source is not None:
+                    source.seek(0)  # the file checked, read once more from its start
+                    data = torch.frombuffer(bytearray(source.read()), dtype=torch.uint8)
+            if fast:
+                decode_jpeg, modes = decoder
+                wanted = modes.RGB if mode == "RGB" else modes.GRAY
+                decoded = decode_jpeg(data, mode=wanted, apply_exif_orientation=rotated)
+                return decoded.permute(1, 2, 0).numpy()
+        except (RuntimeError, *files._PIL_ERRORS):
+            pass  # the reader below refuses it in its own words: the message every path gives
     array = np.asarray(read_image_reduced(path, mode, min_side), dtype=np.uint8)
     return array[:, :, None] if array.ndim == 2 else array
 
@@ -174,4 +166,39 @@ def decode_jpeg_batch(
                 raise files.ImageReadError(f"cannot read image {terminal_safe(path)}: {reason}")
     data = [torch.frombuffer(bytearray(Path(p).read_bytes()), dtype=torch.uint8) for p in paths]
     decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
-    return list(decoded)
+    if torch.device(device).type != "cuda":
+        return list(decoded)
+    # torchvision's GPU decoder ignores apply_exif_orientation: applied here, as on the CPU
+    return [
+        orient(image, exif_orientation(path)) for image, path in zip(decoded, paths, strict=True)
+    ]
+
+
+def exif_orientation(path: str | Path) -> int:
+    """The EXIF orientation (tag 0x0112, 1 to 8) of the image file ``path``; 1 when it has none."""
+    with Image.open(path) as image:
+        value = image.getexif().get(0x0112, 1)
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def orient(image: Any, orientation: int) -> Any:
+    """``[..., H, W]`` tensor shown as EXIF ``orientation`` asks: what PIL's
+    ``ImageOps.exif_transpose`` does to the image (2 mirror, 3 half turn, 4 flip, 5 transpose,
+    6 quarter turn clockwise, 7 transverse, 8 quarter turn anticlockwise)."""
+    import torch
+
+    if orientation == 2:
+        return image.flip(-1)
+    if orientation == 3:
+        return image.flip(-2, -1)
+    if orientation == 4:
+        return image.flip(-2)
+    if orientation == 5:
+        return image.transpose(-2, -1)
+    if orientation == 6:
+        return torch.rot90(image, -1, dims=(-2, -1))
+    if orientation == 7:
+        return image.transpose(-2, -1).flip(-2, -1)
+    if orientation == 8:
+        return torch.rot90(image, 1, dims=(-2, -1))
+    return image

@@ -7,7 +7,9 @@
 the model's device, with the same floating-point operations in the same order as ``ToTensor`` +
 ``Normalize``, so the network sees the same tensors bit for bit. A batch of ``uint8`` crosses the
 process boundary and the host-to-device copy at a quarter of the bytes of ``float32``, from
-pinned memory with asynchronous copies on a GPU (:func:`embed_images`).
+pinned memory with asynchronous copies on a GPU (:func:`model_input`, :func:`embed_images`).
+``mbdl embed --images`` (:class:`mbdl.embedstore.FolderImages`) and ``mbdl index build/add``
+(:mod:`mbdl.catalog.build`) read their image files through this class and :func:`model_input`.
 
 ``exact=False`` trades bit-identity for speed: JPEGs whose shorter side is at least twice
 ``resize`` are decoded with DCT scaling (:func:`mbdl.data.decode.read_image_reduced`), and the
@@ -63,7 +65,9 @@ class EvaluationImages(Dataset[tuple[Tensor, int]]):
         from torchvision import transforms as T
 
         from mbdl.data.transforms import interpolation_mode
+        from mbdl.model.preprocessing import check_spec
 
+        spec = check_spec(spec)
         self.paths = [str(p) for p in paths]
         self.labels = (
             np.zeros(len(self.paths), dtype=np.int64)
@@ -107,6 +111,11 @@ class EvaluationImages(Dataset[tuple[Tensor, int]]):
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         return self.image(index), int(self.labels[index])
 
+    def model_input(self, images: Tensor, device: str | torch.device) -> Tensor:
+        """A batch of :meth:`image` tensors as the model's input on ``device``
+        (:func:`model_input` with this dataset's ``mean`` and ``std``)."""
+        return model_input(images, self.mean, self.std, device)
+
     def describe(self, index: int) -> str:
         return self.paths[index]
 
@@ -119,6 +128,19 @@ def normalise_batch(images: Tensor, mean: Sequence[float], std: Sequence[float])
     mean_t = torch.as_tensor(list(mean), dtype=out.dtype, device=out.device).view(shape)
     std_t = torch.as_tensor(list(std), dtype=out.dtype, device=out.device).view(shape)
     return out.sub_(mean_t).div_(std_t)
+
+
+def model_input(
+    images: Tensor, mean: Sequence[float], std: Sequence[float], device: str | torch.device
+) -> Tensor:
+    """``uint8 [B, C, H, W]`` -> the model's ``float32`` input on ``device``: copied there
+    (asynchronously from pinned memory on a GPU), :func:`normalise_batch` on the device, in
+    channels-last memory format on a GPU."""
+    device = torch.device(device)
+    batch = normalise_batch(images.to(device, non_blocking=True), mean, std)
+    if device.type == "cuda":
+        batch = batch.contiguous(memory_format=torch.channels_last)
+    return batch
 
 
 def evaluation_loader(
@@ -169,10 +191,7 @@ def embed_images(
         )
         with torch.inference_mode(), autocast:
             for images, _ in loader:
-                images = images.to(device, non_blocking=True)
-                batch = normalise_batch(images, spec["mean"], spec["std"])
-                if on_gpu:
-                    batch = batch.contiguous(memory_format=torch.channels_last)
+                batch = model_input(images, spec["mean"], spec["std"], device)
                 chunks.append(model(batch).float().to("cpu", non_blocking=on_gpu))
             if on_gpu:
                 torch.cuda.synchronize(device)

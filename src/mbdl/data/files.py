@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from mbdl.data.base import ImageDataset, Splits
-from mbdl.data.splits import attach_transforms, carve_validation_classes, relabel_contiguous
+from mbdl.data.splits import carve_validation_classes, relabel_contiguous
 from mbdl.errors import UserError, terminal_safe
 
 #: file name endings recognised as images by the folder source
@@ -481,8 +481,6 @@ def class_disjoint_splits(
     seed: int,
     val_classes: Sequence[Any] | np.ndarray | None = None,
     info: dict[str, Any] | None = None,
-    augment: bool | str = True,
-    imagenet_norm: bool = False,
 ) -> Splits:
     """Train / validation / test views of ``dataset`` by class name.
 
@@ -520,7 +518,7 @@ def class_disjoint_splits(
         source=source,
         info=details,
     )
-    return attach_transforms(splits, augment=augment, imagenet_norm=imagenet_norm)
+    return splits
 
 
 def check_no_shared_files(dataset: FileImageDataset, splits: dict[str, np.ndarray]) -> None:

@@ -122,8 +122,6 @@ def load_splits(
     split_file: str | os.PathLike[str] | None = None,
     channels: int = 3,
     skip_corrupt: bool = False,
-    augment: bool | str = True,
-    imagenet_norm: bool = False,
     allow_outside_root: bool = False,
 ) -> Splits:
     """The class-disjoint splits of an image folder (see the module docstring)."""
@@ -182,6 +180,4 @@ def load_splits(
         val_fraction=val_fraction,
         seed=seed,
         info={"root": str(base), "split": how, "duplicates": duplicates},
-        augment=augment,
-        imagenet_norm=imagenet_norm,
     )

@@ -10,7 +10,8 @@ a character is dropped when it is a control, format or separator character, when
 any face is blank, or when its rendering in :data:`REFERENCE_FACE` is pixel-equal to an earlier
 kept character's (Latin A / Greek Alpha / Cyrillic A keep only Latin A). About 670 classes remain.
 
-The rendering is deterministic and cached as ``glyphs-<key>.npz`` in the cache directory
+The rendering (:mod:`mbdl.data.builders.glyphs`, imported only to fill the cache) is
+deterministic and cached as ``glyphs-<key>.npz`` in the cache directory
 (``$MBDL_CACHE`` or ``~/.cache/mbdl``), the key hashing the rendering parameters, the font files'
 names and sizes, Pillow's and FreeType's versions and :data:`GLYPHS_VERSION`; any change gives a
 new file (built in about a second), written atomically.
@@ -25,24 +26,19 @@ in that same permutation, so a small run's test classes are test classes of the 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
-import tempfile
-import time
-import unicodedata
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
 from PIL import __version__ as pillow_version
 from PIL import features as pil_features
 
 from mbdl.data.base import Splits
-from mbdl.data.splits import ArrayImageDataset, attach_transforms, carve_validation_classes
+from mbdl.data.splits import ArrayImageDataset, carve_validation_classes
 
 #: bump when the rendering or the selection of characters changes
 GLYPHS_VERSION = 1
@@ -136,60 +132,6 @@ def cache_path(params: dict[str, Any], cache_dir: str | os.PathLike[str] | None 
     return Path(cache_dir or default_cache_dir()) / f"glyphs-{key}.npz"
 
 
-def common_codepoints(faces: tuple[str, ...] = FACES) -> list[int]:
-    """Code points every face maps (its cmap), less control, format and separator characters."""
-    from fontTools.ttLib import TTFont
-
-    common: set[int] | None = None
-    for face in faces:
-        cmap = set(TTFont(str(font_dir() / f"{face}.ttf"), lazy=True).getBestCmap())
-        common = cmap if common is None else common & cmap
-    return sorted(cp for cp in common or () if unicodedata.category(chr(cp))[0] not in "CZ")
-
-
-def render(font: ImageFont.FreeTypeFont, char: str, size: int, baseline: int) -> np.ndarray:
-    """``char`` white on black in a ``size x size`` canvas, centred, on the baseline."""
-    canvas = Image.new("L", (size, size), 0)
-    ImageDraw.Draw(canvas).text((size / 2, baseline), char, font=font, fill=255, anchor="ms")
-    return np.asarray(canvas)
-
-
-def build_glyphs(params: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """Render and select the characters: ``(images uint8 [C, F, S, S], codepoints int64 [C])``."""
-    size, baseline = params["size"], params["baseline"]
-    faces = tuple(face for face, _ in params["faces"])
-    fonts = [ImageFont.truetype(str(font_dir() / f"{f}.ttf"), params["font_size"]) for f in faces]
-    reference = faces.index(params["reference_face"])
-    seen: set[bytes] = set()
-    images, codepoints = [], []
-    for cp in common_codepoints(faces):
-        stack = np.stack([render(font, chr(cp), size, baseline) for font in fonts])
-        if not stack.reshape(len(fonts), -1).max(axis=1).all():  # blank in some face
-            continue
-        key = stack[reference].tobytes()
-        if key in seen:  # renders like an earlier character in the reference face
-            continue
-        seen.add(key)
-        images.append(stack)
-        codepoints.append(cp)
-    return np.stack(images), np.asarray(codepoints, dtype=np.int64)
-
-
-def _write_npz_atomically(path: Path, **arrays: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(buffer.getvalue())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache is shared like any other file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def load_glyphs(
     size: int = DEFAULT_SIZE,
     *,
@@ -197,7 +139,8 @@ def load_glyphs(
     cache_dir: str | os.PathLike[str] | None = None,
     rebuild: bool = False,
 ) -> GlyphSet:
-    """The glyphs for these parameters, from the cache or rendered (and cached) now."""
+    """The glyphs for these parameters, from the cache or rendered (and cached) now by
+    :mod:`mbdl.data.builders.glyphs`, imported only then."""
     params = rendering_params(size, font_size)
     path = cache_path(params, cache_dir)
     if path.is_file() and not rebuild:
@@ -214,16 +157,9 @@ def load_glyphs(
                     )
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             pass  # unreadable or stale: rebuild below
-    start = time.perf_counter()
-    images, codepoints = build_glyphs(params)
-    seconds = time.perf_counter() - start
-    _write_npz_atomically(
-        path,
-        images=images,
-        codepoints=codepoints,
-        params=np.asarray(json.dumps(params, sort_keys=True)),
-        build_seconds=np.asarray(seconds),
-    )
+    from mbdl.data.builders import glyphs as renderer  # only when the cache lacks them
+
+    images, codepoints, seconds = renderer.render_to_cache(params, path)
     return GlyphSet(images, codepoints, FACES, path, seconds, params)
 
 
@@ -265,18 +201,16 @@ def load_splits(
     test_fraction: float = 0.5,
     max_classes: int | None = None,
     channels: int = 1,
-    augment: bool | str = True,
-    imagenet_norm: bool = False,
     **unknown: Any,
 ) -> Splits:
     """Class-disjoint glyph splits (``root``: the cache directory, default ``$MBDL_CACHE``).
 
     Options: ``test_fraction`` (0.5), ``max_classes`` (a deterministic subset), ``channels``
-    (1, or 3 to repeat the grey image for torchvision backbones), ``augment`` and
-    ``imagenet_norm`` (for the attached transforms, see :func:`mbdl.data.build_transforms`).
+    (1, or 3 to repeat the grey image for torchvision backbones). No transforms are attached
+    (:func:`mbdl.data.load_splits` attaches them).
     """
     if unknown:
-        allowed = "test_fraction, max_classes, channels, augment, imagenet_norm"
+        allowed = "test_fraction, max_classes, channels"
         raise ValueError(f"unknown glyphs option(s) {sorted(unknown)}; allowed: {allowed}")
     glyphs = load_glyphs(image_size, cache_dir=root)
     train_classes, test_classes = split_classes(len(glyphs.codepoints), test_fraction, max_classes)
@@ -296,7 +230,7 @@ def load_splits(
             "test_split_seed": TEST_SPLIT_SEED,
         },
     )
-    return attach_transforms(splits, augment=augment, imagenet_norm=imagenet_norm)
+    return splits
 
 
 def describe_glyphs(
@@ -317,3 +251,15 @@ def describe_glyphs(
             f" (test chosen with the fixed seed {TEST_SPLIT_SEED})",
         ]
     )
+
+
+#: names that moved to the renderer, :mod:`mbdl.data.builders.glyphs` (still importable here)
+RENDERER_NAMES = frozenset({"build_glyphs", "common_codepoints", "render"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in RENDERER_NAMES:  # imported on first use: loading the glyphs never needs it
+        from mbdl.data.builders import glyphs as renderer
+
+        return getattr(renderer, name)
+    raise AttributeError(f"module 'mbdl.data.glyphs' has no attribute {name!r}")

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from mbdl.data.base import Splits
-from mbdl.data.splits import ArrayImageDataset, attach_transforms, carve_validation_classes
+from mbdl.data.splits import ArrayImageDataset, carve_validation_classes
 
 DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_TEST_CLASSES = (5, 6, 7, 8, 9)
@@ -95,8 +95,6 @@ def load_splits(
     seed: int = 0,
     test_classes: Sequence[int] = DEFAULT_TEST_CLASSES,
     class_names: Sequence[str] | None = None,
-    augment: bool | str = True,
-    imagenet_norm: bool = False,
 ) -> Splits:
     """IDX images split by class: ``test_classes`` test, the rest train (validation carved)."""
     if root is None:
@@ -141,4 +139,4 @@ def load_splits(
         source="idx",
         info={"root": str(base), "test_classes": test_set},
     )
-    return attach_transforms(splits, augment=augment, imagenet_norm=imagenet_norm)
+    return splits

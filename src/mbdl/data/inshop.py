@@ -28,7 +28,6 @@ import numpy as np
 from mbdl.data.base import Splits
 from mbdl.data.download import DownloadError, download_and_extract
 from mbdl.data.files import class_disjoint_splits, file_dataset, find_root
-from mbdl.data.splits import attach_transforms
 
 PROJECT_PAGE = "https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion/InShopRetrieval.html"
 PARTITION_FILE = "list_eval_partition.txt"
@@ -91,8 +90,6 @@ def load_splits(
     val_fraction: float = 0.15,
     seed: int = 0,
     skip_corrupt: bool = False,
-    augment: bool | str = True,
-    imagenet_norm: bool = False,
 ) -> Splits:
     """In-Shop: train items (validation carved from them); query and gallery for the test."""
     if root is None:
@@ -133,4 +130,4 @@ def load_splits(
     splits.query = dataset.subset(query_idx, label_space)
     splits.gallery = dataset.subset(gallery_idx, label_space)
     splits.test = dataset.subset(np.concatenate([query_idx, gallery_idx]), label_space)
-    return attach_transforms(splits, augment=augment, imagenet_norm=imagenet_norm)
+    return splits

@@ -64,8 +64,6 @@ def load_splits(
     val_fraction: float = 0.15,
     seed: int = 0,
     skip_corrupt: bool = False,
-    augment: bool | str = True,
-    imagenet_norm: bool = False,
 ) -> Splits:
     """SOP with the ``Ebay_train.txt`` classes for training (validation carved from them) and
     the ``Ebay_test.txt`` classes for testing."""
@@ -100,6 +98,4 @@ def load_splits(
         val_fraction=val_fraction,
         seed=seed,
         info={"root": str(base)},
-        augment=augment,
-        imagenet_norm=imagenet_norm,
     )

@@ -11,9 +11,16 @@ installed package declares in the entry-point group ``mbdl.sources``::
 or an import path, ``data.source=my_pkg.data:load_splits``. A plugin may be a bare function (it
 then gets ``root`` as given, possibly None, and ``image_size`` 224 unless ``data.image_size``
 says otherwise) or a :class:`Source` that states those facts. ``options`` are the
-``data.*`` keys the function names among its keyword parameters (``augment``,
-``skip_corrupt``, ``imagenet_norm``, ...); a key the user set that the function does not take is
-an error.
+``data.*`` keys the function names among its keyword parameters (``skip_corrupt``, ``bbox``,
+``max_classes``, ...); a key the user set that the function does not take is an error.
+
+A source returns its splits without transforms (every dataset's ``transform`` None):
+:func:`mbdl.data.load_splits` attaches the default ones, once the image size (possibly picked
+from the images) and the preprocessing statistics of the backbone's weights are known, with
+``data.augment``. Plugins written for the earlier contract keep working: a function that still
+names ``augment`` / ``imagenet_norm`` among its keyword parameters receives them, and a dataset
+it gave a transform keeps it (only datasets whose ``transform`` is None get the defaults; a
+plugin that sets its own transforms owns its image size and normalisation).
 """
 
 from __future__ import annotations
@@ -73,6 +80,7 @@ BUILTIN_SOURCES: dict[str, Source] = {
     "sop": Source("mbdl.data.sop:load_splits"),
     "inshop": Source("mbdl.data.inshop:load_splits"),
     "hf": Source("mbdl.data.hf:load_splits", fixed_size=True),
+    "webdataset": Source("mbdl.data.webdataset:load_splits", fixed_size=True),
 }
 
 

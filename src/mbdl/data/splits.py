@@ -14,13 +14,15 @@ Note for source writers (``files``, ``folder``, ``csv``, ``idx``, ``cub``, ``car
   ``describe`` delegate to the base).
 - :class:`ArrayImageDataset` holds ``uint8`` images in memory (``N x H x W`` grey or
   ``N x H x W x C``), e.g. IDX files and the glyphs.
-- :func:`attach_transforms` sets :func:`mbdl.data.build_transforms` defaults on a :class:`Splits`
-  (train: augmented; val/test/query/gallery: deterministic). Every ``load_splits`` should call it
-  last so the returned datasets are usable as they are; the trainer may overwrite ``transform``.
+- :func:`attach_transforms` sets :func:`mbdl.data.build_transforms` defaults on every dataset of a
+  :class:`Splits` (train: augmented; val/test/query/gallery: deterministic). A source does not
+  call it: it returns its splits with no transforms, and :func:`mbdl.data.load_splits` attaches
+  them once the image size and the preprocessing statistics are known; a plugin that wants other
+  transforms sets its own (they are kept).
 
 ``mbdl.data.load_splits`` always passes an ``int`` ``image_size`` to a source's ``load_splits``
 (``None`` is resolved to the source's default first) and checks ``root`` is given for every source
-except ``glyphs``.
+that needs one.
 """
 
 from __future__ import annotations
@@ -199,19 +201,11 @@ def attach_transforms(
     imagenet_norm: bool = False,
     statistics: ImageStatistics | None = None,
 ) -> Splits:
-    """Set ``build_transforms`` on every split: train augmented (``augment``), the rest not;
-    both with the same ``statistics`` (mean, std, interpolation; else ``imagenet_norm``)."""
-    from mbdl.data.transforms import build_transforms
+    """Set ``build_transforms`` on every split, replacing any: train augmented (``augment``), the
+    rest not; both with the same ``statistics`` (mean, std, interpolation; else
+    ``imagenet_norm``). :func:`mbdl.data.attach_default_transforms` with ``replace=True``."""
+    from mbdl.data import attach_default_transforms
 
-    size, channels = splits.image_size, splits.channels
-    train_tf = build_transforms(
-        True, size, channels, augment=augment, imagenet_norm=imagenet_norm, statistics=statistics
+    return attach_default_transforms(
+        splits, augment=augment, imagenet_norm=imagenet_norm, statistics=statistics, replace=True
     )
-    eval_tf = build_transforms(
-        False, size, channels, augment=False, imagenet_norm=imagenet_norm, statistics=statistics
-    )
-    splits.train.transform = train_tf
-    for dataset in (splits.val, splits.test, splits.query, splits.gallery):
-        if dataset is not None:
-            dataset.transform = eval_tf
-    return splits

@@ -140,11 +140,25 @@ def apply_overrides(
         changes["crop_fraction"] = float(crop_fraction)
     if not changes:
         return statistics
+    asked = list(changes)
     for name, other in (("mean", "std"), ("std", "mean")):
         if name in changes and other not in changes:  # the other one follows the channel count
             changes[other] = tuple(for_channels(getattr(statistics, other), len(changes[name])))
-    given = ", ".join(f"data.{name}" for name in changes)
-    return replace(statistics, **changes, origin=f"{statistics.origin} with {given}")
+    overridden = [
+        f"data.{name} {_shown(changes[name])} (was {_shown(getattr(statistics, name))})"
+        for name in asked
+        if changes[name] != getattr(statistics, name)
+    ]
+    if not overridden:
+        return statistics
+    origin = f"{statistics.origin}; overridden: {', '.join(overridden)}"
+    return replace(statistics, **changes, origin=origin)
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, tuple):
+        return "[" + ", ".join(f"{v:.4g}" for v in value) + "]"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def for_channels(values: Sequence[float], channels: int) -> list[float]:
@@ -298,6 +312,31 @@ def config_statistics(config: Any) -> ImageStatistics:
         interpolation=None if config.data.interpolation == "auto" else config.data.interpolation,
         crop_fraction=config.data.crop_fraction,
     )
+
+
+def check_data_channels(config: Any, channels: int) -> None:
+    """Refuse ``data.mean`` / ``data.std`` whose value count is not the images' channel count
+    (``channels``): the values are used as given, never averaged or repeated."""
+    for name in ("mean", "std"):
+        values = getattr(config.data, name)
+        if values is not None and len(values) != channels:
+            source = config.data.source
+            raise PreprocessingError(
+                f"data.{name} has {len(values)} value(s) but the images of data.source={source} "
+                f"have {channels} channel(s); give {channels} (one per channel)"
+            )
+
+
+def describe_statistics(statistics: ImageStatistics, image_size: int) -> str | None:
+    """The data line's note of where the preprocessing comes from and what the data keys
+    override, and an input size other than the weights'; None for random weights as they
+    are (no normalisation, nothing to say)."""
+    if statistics.origin == UNIT_RANGE.origin:
+        return None
+    note = f"preprocessing: {statistics.origin}"
+    if statistics.input_size is not None and statistics.input_size != image_size:
+        note += f"; input {image_size} px, the weights' {statistics.input_size} px"
+    return note
 
 
 def config_preprocessing(config: Any, splits: Any) -> dict[str, Any]:

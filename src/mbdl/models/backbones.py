@@ -27,11 +27,12 @@ auxiliary classifiers, are ignored).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import re
 import urllib.error
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -668,6 +669,19 @@ class HfFeatures(nn.Module):
         return hidden[:, 0] if hidden.dim() == 3 else hidden.mean(dim=(2, 3))
 
 
+@contextlib.contextmanager
+def _quiet_transformers(transformers: Any) -> Iterator[None]:
+    """transformers' weight-loading progress bar off (stderr holds mbdl's lines only)."""
+    logging = transformers.utils.logging
+    shown = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            logging.enable_progress_bar()
+
+
 @dataclass(frozen=True)
 class HfBackbone:
     """``hf/<model id or local directory>``: ``transformers.AutoModel`` (the vision tower of a
@@ -748,7 +762,8 @@ class HfBackbone:
             if pretrained is None:
                 encoder = transformers.AutoModel.from_config(self._config())
             else:
-                encoder = transformers.AutoModel.from_pretrained(self.model)
+                with _quiet_transformers(transformers):
+                    encoder = transformers.AutoModel.from_pretrained(self.model)
         except (OSError, ValueError, KeyError, RuntimeError) as error:
             raise PretrainedWeightsError(f"cannot load {name}: {_first_line(error)}") from None
         encoder = getattr(encoder, "vision_model", encoder)  # CLIP-style: the image tower
@@ -945,3 +960,32 @@ def build_backbone(
     if isinstance(entry, Backbone):
         return build_declared(backbone, entry, pretrained=pretrained, in_channels=in_channels)
     return entry.build(backbone, pretrained, in_channels)
+
+
+class InputSizeError(UserError):
+    """An input side the model cannot take (fixed position embeddings of another size)."""
+
+
+def check_input_side(model: nn.Module, side: int, channels: int, backbone: str) -> None:
+    """Refuse an input side ``model`` cannot take (a ViT whose position embeddings are fixed
+    at another size and not interpolated): one forward pass of a blank
+    ``[1, channels, side, side]`` image in eval mode, without gradients, before training."""
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, channels, side, side, device=device))
+    except Exception as error:  # each library raises its own type for a size it cannot take
+        try:
+            size = native_input_size(backbone)
+            native = f"; its input size is {size} px: set data.image_size={size}"
+        except Exception:  # a plugin or import path without a declared size
+            native = "; set data.image_size to the size it was built for"
+        raise InputSizeError(
+            f"model.backbone={backbone} cannot take {side} x {side} px images "
+            f"({type(error).__name__}: {_first_line(error)}){native}"
+        ) from None
+    finally:
+        model.train(was_training)

@@ -37,19 +37,35 @@ def training_splits(config: Config, dist: DistributedInfo, given: Any = None) ->
     return splits
 
 
-def training_sampler(config: Config, labels: Any, dist: DistributedInfo) -> tuple[Any, int]:
-    """The class-balanced batch sampler of this rank and the optimiser steps of an epoch (each
-    ``train.accumulate`` batches, at most ``train.max_steps_per_epoch``)."""
+def training_sampler(config: Config, train: Any, dist: DistributedInfo) -> tuple[Any, int]:
+    """The class-balanced batches of this rank and the optimiser steps of an epoch (each
+    ``train.accumulate`` batches, at most ``train.max_steps_per_epoch``). ``train`` is the
+    training split (or its labels): a map-style split gets a
+    :class:`~mbdl.data.sampler.ClassBalancedBatchSampler`, a stream
+    (:class:`~mbdl.data.stream_batches.TrainingStream`, e.g. WebDataset shards)
+    :class:`~mbdl.data.stream_batches.StreamBatches` (P x K batches over the stream)."""
     from mbdl.data import ClassBalancedBatchSampler
+    from mbdl.data.stream_batches import StreamBatches, TrainingStream
 
-    sampler = ClassBalancedBatchSampler(
-        labels,
-        config.train.batch_classes,
-        config.train.batch_per_class,
-        seed=config.seed,
-        num_replicas=dist.world_size,
-        rank=dist.rank,
-    )
+    sampler: Any
+    if isinstance(train, TrainingStream):
+        sampler = StreamBatches(
+            train,
+            config.train.batch_classes,
+            config.train.batch_per_class,
+            seed=config.seed,
+            num_replicas=dist.world_size,
+            rank=dist.rank,
+        )
+    else:
+        sampler = ClassBalancedBatchSampler(
+            getattr(train, "labels", train),
+            config.train.batch_classes,
+            config.train.batch_per_class,
+            seed=config.seed,
+            num_replicas=dist.world_size,
+            rank=dist.rank,
+        )
     steps = len(sampler) // config.train.accumulate
     if steps == 0:
         raise ConfigError(
@@ -65,7 +81,20 @@ def training_loader(
     config: Config, dataset: Any, sampler: Any, device: torch.device, generator: torch.Generator
 ) -> tuple[Iterable[Any], Any]:
     """The training batches, seeded per item (:mod:`mbdl.train.seeding`), and the in-memory
-    batches (:mod:`mbdl.data.batched`, augmented on ``device``) behind them, if any."""
+    batches (:mod:`mbdl.data.batched`, augmented on ``device``) behind them, if any. A stream's
+    batches (:class:`~mbdl.data.stream_batches.StreamBatches`) come whole from the workers."""
+    from mbdl.data.stream_batches import StreamBatches
+
+    if isinstance(sampler, StreamBatches):  # workers restart each epoch: they read its number
+        workers = loader_workers(config.data.num_workers, dataset, training=True)
+        stream_loader = DataLoader(
+            sampler,
+            batch_size=None,
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+            generator=generator,
+        )
+        return stream_loader, None
     batched = batched_training_data(dataset)
     if batched is not None:  # on a CPU, loader workers overlap the augmentation
         batched.augment_in_loader = device.type == "cpu"

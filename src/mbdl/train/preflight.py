@@ -101,5 +101,7 @@ def describe_data(splits: Any) -> str:
     extra += f"; input {size}, {splits.channels} channel(s)"
     if info.get("data_path"):  # mbdl.data.cache.decode_splits: cache and loader workers, and why
         extra += f"; {info['data_path']}"
+    if info.get("preprocessing"):  # mbdl.runconfig.load_data: the weights' and the data keys'
+        extra += f"; {info['preprocessing']}"
     recipe = f"; {info['recipe']}" if info.get("recipe") else ""  # model.backbone=auto's choice
     return f"data {splits.source}: " + ", ".join(parts) + extra + recipe

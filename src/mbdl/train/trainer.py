@@ -140,13 +140,16 @@ class Trainer:
         self.should_stop = False
 
         self.splits = training_splits(config, self.dist, data)
-        self.sampler, self.steps_per_epoch = training_sampler(
-            config, self.splits.train.labels, self.dist
-        )
+        self.sampler, self.steps_per_epoch = training_sampler(config, self.splits.train, self.dist)
         seed_everything(config.seed)  # model initialisation independent of data loading
         self.model_args = model_args(config, self.splits.channels)
         if model is None:
             model = build_model_from_config(config, self.model_args)
+            from mbdl.models.backbones import check_input_side  # a side it cannot take: refused
+
+            check_input_side(
+                model, self.splits.image_size, self.splits.channels, config.model.backbone
+            )
         self.model = model.to(self.device)
         self.memory_format = memory_format_of(config, self.model)
         self.model.to(memory_format=self.memory_format)
