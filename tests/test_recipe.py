@@ -64,28 +64,31 @@ def test_colour_images_with_weights_fine_tune_the_pretrained_network() -> None:
     assert "mobilenet_v2 (ImageNet weights), 64 px" in recipe.describe()
 
 
-def test_images_just_above_48_px_get_48_px() -> None:
-    assert choose_recipe(summary(median_side=50), WEIGHTS).values["data.image_size"] == 48
-
-
 @pytest.mark.parametrize(
-    ("changes", "weights", "reason"),
+    ("changes", "reason"),
     [
-        ({"colour": "grey", "colour_fraction": 0.0}, WEIGHTS, "grey images"),
-        ({}, WeightsFound(), "no pretrained weights found"),
-        ({"median_side": 28}, WEIGHTS, "images of 28 px"),
-        ({"median_side": None}, WEIGHTS, "image size unknown"),
-        ({"colour": "mixed", "colour_fraction": 0.3}, WEIGHTS, "treated as grey"),
+        ({"colour": "grey", "colour_fraction": 0.0}, "grey images (RGB filters summed) of 128 px"),
+        ({"median_side": 28}, "colour images of 28 px, upscaled to 64 px"),
+        ({"median_side": 50}, "colour images of 50 px, upscaled to 64 px"),
+        ({"median_side": None}, "of unknown size, upscaled to 64 px"),
+        ({"colour": "mixed", "colour_fraction": 0.3}, "mixed colour and grey images (30%"),
     ],
 )
-def test_otherwise_the_small_cnn_from_scratch_with_the_reason(
-    changes: dict[str, object], weights: WeightsFound, reason: str
+def test_grey_small_or_unsized_images_also_fine_tune_the_pretrained_network_at_64_px(
+    changes: dict[str, object], reason: str
 ) -> None:
-    recipe = choose_recipe(summary(**changes), weights)
+    recipe = choose_recipe(summary(**changes), WEIGHTS)
+    assert recipe.kind == "pretrained" and recipe.values["model.backbone"] == "mobilenet_v2"
+    assert recipe.values["data.image_size"] == 64 and recipe.values["model.freeze_bn"] is True
+    assert reason in recipe.describe()
+
+
+def test_without_weights_the_small_cnn_from_scratch_with_the_reason() -> None:
+    recipe = choose_recipe(summary(colour="grey", median_side=28), WeightsFound())
     assert recipe.kind == "scratch"
     assert recipe.values["model.backbone"] == "smallvgg"
     assert recipe.values["data.image_size"] == 32 and "model.pretrained" not in recipe.values
-    assert reason in recipe.describe()
+    assert "no pretrained weights found" in recipe.describe()
 
 
 def test_a_small_input_size_the_user_set_trains_from_scratch() -> None:
@@ -94,12 +97,14 @@ def test_a_small_input_size_the_user_set_trains_from_scratch() -> None:
     assert "data.image_size" not in recipe.values
 
 
-def test_weights_the_user_named_are_used_even_for_grey_images() -> None:
-    recipe = choose_recipe(
-        summary(colour="grey", colour_fraction=0.0), WEIGHTS, {"model.pretrained": MOBILENET}
-    )
+def test_weights_the_user_named_are_used_even_at_a_small_input_size() -> None:
+    user = {"model.pretrained": MOBILENET, "data.image_size": 32}
+    recipe = choose_recipe(summary(), WEIGHTS, user)
     assert recipe.kind == "pretrained" and recipe.values["model.backbone"] == "mobilenet_v2"
-    assert "grey images, but model.pretrained names mobilenet_v2's weights" in recipe.describe()
+    assert "data.image_size=32 < 48 px, but model.pretrained names mobilenet_v2's weights" in (
+        recipe.describe()
+    )
+    assert "upscaled" not in recipe.describe()  # the user's size, not the recipe's
 
 
 def test_mostly_colour_mixed_images_are_treated_as_colour_and_say_so() -> None:
@@ -123,10 +128,14 @@ def test_keys_the_user_set_are_kept_and_the_choice_follows_them() -> None:
     assert recipe.values["train.batch_per_class"] == 8  # 64 images with the user's P = 8
 
 
-def test_a_budget_the_user_set_is_the_users() -> None:
-    recipe = choose_recipe(summary(), WEIGHTS, {"train.epochs": 3})
+def test_a_budget_the_user_set_is_the_users_and_the_eta_counts_it() -> None:
+    user = {"train.epochs": 3, "train.max_steps_per_epoch": 7}
+    recipe = choose_recipe(summary(), WEIGHTS, user)
     assert "train.epochs" not in recipe.values and "train.max_steps_per_epoch" not in recipe.values
-    assert recipe.estimated_seconds is None
+    speed = images_per_second("mobilenet_v2", 64)
+    assert speed is not None and recipe.estimated_seconds == pytest.approx(3 * 7 * 64 / speed)
+    full_passes = choose_recipe(summary(), WEIGHTS, {"train.epochs": 3})  # 2000 // 64 steps each
+    assert full_passes.estimated_seconds == pytest.approx(3 * 31 * 64 / speed)
 
 
 def test_glyphs_keep_the_default_recipe() -> None:
@@ -141,9 +150,16 @@ def test_the_gpu_prefers_resnet50_at_the_images_size() -> None:
     assert recipe.values["data.image_size"] == 224 and recipe.values["data.augment"] == "crop"
 
 
-def test_a_fixed_size_source_keeps_its_size() -> None:
-    recipe = choose_recipe(summary(source="idx", colour="grey", fixed_size=True), WEIGHTS)
-    assert "data.image_size" not in recipe.values and recipe.values["model.backbone"] == "smallvgg"
+def test_a_fixed_size_source_is_upscaled_for_the_pretrained_network_else_keeps_its_size() -> None:
+    fashion = summary(source="idx", colour="grey", fixed_size=True, median_side=28)
+    recipe = choose_recipe(fashion, WEIGHTS)
+    assert (
+        recipe.values["data.image_size"] == 64 and recipe.values["model.backbone"] == "mobilenet_v2"
+    )
+    scratch = choose_recipe(fashion, WeightsFound())
+    assert (
+        "data.image_size" not in scratch.values and scratch.values["model.backbone"] == "smallvgg"
+    )
 
 
 # -- the budget by images seen ----------------------------------------------------------------
@@ -170,11 +186,11 @@ def test_a_large_folder_is_capped_in_time_and_the_eta_says_so() -> None:
     speed = images_per_second("mobilenet_v2", 64)
     assert speed is not None and recipe.estimated_seconds is not None
     assert images_seen(recipe.values) / speed <= MAX_SECONDS * 1.1
-    assert "capped" in recipe.describe() and "ETA ~" in recipe.describe()
+    assert "capped" in recipe.describe() and "training ETA ~" in recipe.describe()
 
 
 def test_few_images_per_class_limit_k_and_few_classes_raise_k() -> None:
-    few = choose_recipe(summary(train_classes=3, images_per_class=300, colour="grey"), WEIGHTS)
+    few = choose_recipe(summary(train_classes=3, images_per_class=300), WeightsFound())
     assert few.values["train.batch_classes"] == 3 and few.values["train.batch_per_class"] == 32
     small = choose_recipe(summary(images_per_class=3), WEIGHTS)
     assert small.values["train.batch_per_class"] == 3
@@ -259,6 +275,23 @@ def test_glyphs_resolve_to_exactly_the_default_recipe() -> None:
     assert config_to_flat(auto) == config_to_flat(named)
 
 
+def test_a_fixed_size_grey_source_is_resolved_and_loaded_at_64_px(
+    tmp_path: Path, weights_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fixtures_data import make_idx
+    from mbdl.recipe import resolve_auto
+
+    monkeypatch.setattr("mbdl.recipe.weight_folders", lambda: [weights_dir])
+    make_idx(tmp_path / "fashion", per_class=(4, 2))
+    config = load_config(None, ["data.source=idx", f"data.root={tmp_path / 'fashion'}"])
+    splits = resolve_auto(config)
+    assert config.model.backbone == "mobilenet_v2" and config.data.image_size == 64
+    assert splits is not None and splits.image_size == 64 and splits.channels == 1
+    image, _ = splits.train[0]
+    assert tuple(image.shape) == (1, 64, 64)  # 28 px upscaled by the attached transform
+    assert "grey images (RGB filters summed) of 28 px, upscaled to 64 px" in splits.info["recipe"]
+
+
 def test_print_config_shows_the_resolved_recipe(
     tmp_path: Path,
     weights_dir: Path,
@@ -276,11 +309,19 @@ def test_print_config_shows_the_resolved_recipe(
     assert config["model"]["freeze_bn"] is True and config["data"]["image_size"] == 64
     assert config["train"]["max_steps_per_epoch"] is not None
 
-    grey = _folder(tmp_path / "scans", 80, colour=False)
+    grey = _folder(tmp_path / "scans", 40, colour=False)
     args = ["train", "--print-config", "data.source=folder", f"data.root={grey}", "train.lr=0.01"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "grey images: smallvgg from scratch" in out.splitlines()[0]
+    assert "grey images (RGB filters summed) of 40 px, upscaled to 64 px" in out.splitlines()[0]
+    config = yaml.safe_load(out)
+    assert config["model"]["backbone"] == "mobilenet_v2" and config["data"]["image_size"] == 64
+    assert config["train"]["lr"] == 0.01  # set by the user: kept
+
+    monkeypatch.setattr("mbdl.recipe.weight_folders", lambda: [])
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "no pretrained weights found" in out.splitlines()[0]
     config = yaml.safe_load(out)
     assert config["model"]["backbone"] == "smallvgg" and config["data"]["image_size"] == 32
     assert config["train"]["lr"] == 0.01  # set by the user: kept

@@ -226,8 +226,8 @@ class DataConfig:
     image_size: int | None = key(
         None,
         "Side of the square network input in pixels; null: glyphs and idx 32; with "
-        "model.backbone=auto the recipe picks it (32 from scratch; 48 or 64 for a pretrained "
-        "network on a CPU); with a backbone named, file sources (folder, csv, cub, ...) pick it "
+        "model.backbone=auto the recipe picks it (32 from scratch; 64 for a pretrained network "
+        "on a CPU, smaller images upscaled); with a backbone named, file sources (folder, csv, cub, ...) pick it "
         "from the training images: their median shorter side rounded down to a multiple of 16 "
         "(at least 32), at most the backbone's native size (smallcnn 32, torchvision backbones "
         "224).",
