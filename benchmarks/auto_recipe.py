@@ -296,13 +296,13 @@ def build_data(args: argparse.Namespace, tmp: Path, results: dict[str, Any]) -> 
     return values
 
 
-def glyphs_eta(keys: list[str], steps: int) -> float | None:
+def glyphs_eta(keys: list[str], steps: int, threads: int) -> float | None:
     """The estimate the data line would print for the glyphs' default recipe (it prints none)."""
     from mbdl.config import load_config
     from mbdl.recipe import images_per_second
 
     config = load_config(None, keys)
-    speed = images_per_second("smallvgg", int(config.data.image_size or 32))
+    speed = images_per_second("smallvgg", int(config.data.image_size or 32), threads=threads)
     batch = config.train.batch_classes * config.train.batch_per_class
     return None if speed is None else steps * batch / speed
 
@@ -327,7 +327,7 @@ def benchmark(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             auto_keys = keys + scaled_budget(steps, args.scale, one_pass)
         auto = {"choice": line, "resolved_steps_unscaled": steps, **run(auto_keys, args.threads)}
         if name == "glyphs" and "resolved" in auto:
-            auto["eta_s"] = glyphs_eta(auto_keys, auto["resolved"]["train.steps"])
+            auto["eta_s"] = glyphs_eta(auto_keys, auto["resolved"]["train.steps"], args.threads)
             auto["eta_from"] = "computed by the benchmark (the default recipe prints no ETA)"
         entry["runs"]["auto"] = auto
         print(name, "auto", json.dumps(auto)[:400], flush=True)

@@ -138,6 +138,19 @@ def test_a_budget_the_user_set_is_the_users_and_the_eta_counts_it() -> None:
     assert full_passes.estimated_seconds == pytest.approx(3 * 31 * 64 / speed)
 
 
+def test_the_eta_follows_the_threads_training_will_use() -> None:
+    """The speed table is for 2 CPU threads: one thread halves the estimated speed (doubles the
+    ETA of the same budget), four double it; a GPU ignores the thread count."""
+    budget = {"train.epochs": 3, "train.max_steps_per_epoch": 7}
+    two = choose_recipe(summary(), WEIGHTS, budget).estimated_seconds
+    one = choose_recipe(summary(threads=1), WEIGHTS, budget).estimated_seconds
+    four = choose_recipe(summary(threads=4), WEIGHTS, budget).estimated_seconds
+    assert two is not None and one == pytest.approx(2 * two) and four == pytest.approx(two / 2)
+    assert images_per_second("mobilenet_v2", 64, "cuda", threads=1) == images_per_second(
+        "mobilenet_v2", 64, "cuda", threads=8
+    )
+
+
 def test_glyphs_keep_the_default_recipe() -> None:
     recipe = choose_recipe(summary(source="glyphs", colour="grey", median_side=32), WEIGHTS)
     assert recipe.values == {"model.backbone": "smallvgg"}

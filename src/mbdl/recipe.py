@@ -108,6 +108,9 @@ CPU_SPEED: dict[str, tuple[int, float]] = {
     "resnet50": (48, 110.0),
     "convnext_tiny": (48, 70.0),
 }
+#: the CPU threads the table was measured with; other thread counts scale it linearly (an
+#: optimistic estimate beyond the cores a machine really has free)
+TABLE_THREADS = 2
 #: how much faster a GPU step is than the CPU table (a conservative single-GPU factor)
 GPU_SPEEDUP = 40.0
 
@@ -123,7 +126,8 @@ class DataSummary:
     ``colour``: ``"colour"``, ``"grey"`` or ``"mixed"`` (between 10% and 90% of the sampled
     images have colour); ``colour_fraction`` the sampled share with colour; ``median_side`` the
     median shorter side in pixels (None: unknown); ``fixed_size``: the source has one image size
-    (its default input size is kept); ``device``: ``"cpu"`` or ``"cuda"``.
+    (its default input size is kept); ``device``: ``"cpu"`` or ``"cuda"``; ``threads``: the
+    CPU threads training will use (``train.num_threads``, else torch's).
     """
 
     source: str
@@ -136,6 +140,7 @@ class DataSummary:
     fixed_size: bool = False
     device: str = "cpu"
     largest_class: int = 2
+    threads: int = TABLE_THREADS
 
 
 @dataclass(frozen=True)
@@ -185,13 +190,19 @@ def format_duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def images_per_second(backbone: str, image_size: int, device: str = "cpu") -> float | None:
-    """Estimated training images/s of ``backbone`` at ``image_size`` (None: not in the table)."""
+def images_per_second(
+    backbone: str, image_size: int, device: str = "cpu", threads: int = TABLE_THREADS
+) -> float | None:
+    """Estimated training images/s of ``backbone`` at ``image_size`` (None: not in the table):
+    the table's speed x (table side / ``image_size``)^2, x ``threads`` / :data:`TABLE_THREADS`
+    on a CPU, x :data:`GPU_SPEEDUP` on a GPU."""
     if backbone not in CPU_SPEED:
         return None
     side, speed = CPU_SPEED[backbone]
     speed *= (side / image_size) ** 2
-    return speed * (GPU_SPEEDUP if device == "cuda" else 1.0)
+    if device == "cuda":
+        return speed * GPU_SPEEDUP
+    return speed * max(1, threads) / TABLE_THREADS
 
 
 def _batch(summary: DataSummary, target: int, user: Mapping[str, Any]) -> tuple[int, int]:
@@ -329,7 +340,7 @@ def choose_recipe(
             f"{summary.train_classes} classes; lower train.batch_classes"
         )
     backbone_run = str(user.get("model.backbone") or values["model.backbone"])
-    speed = images_per_second(backbone_run, chosen_size, summary.device)
+    speed = images_per_second(backbone_run, chosen_size, summary.device, summary.threads)
     if "train.epochs" in user or "train.max_steps_per_epoch" in user:
         reasons.append("budget: train.epochs / train.max_steps_per_epoch as set")
         from mbdl.config import TrainConfig
@@ -367,7 +378,12 @@ def _is_colour(image: Any) -> bool:
 
 
 def summarize_data(
-    splits: Any, *, fixed_size: bool = False, device: str = "cpu", seed: int = 0
+    splits: Any,
+    *,
+    fixed_size: bool = False,
+    device: str = "cpu",
+    seed: int = 0,
+    threads: int = TABLE_THREADS,
 ) -> DataSummary:
     """The :class:`DataSummary` of ``splits.train``: class counts from the labels, the median
     shorter side from up to :data:`SIDE_SAMPLE` file headers (or decoded images), colour from
@@ -408,6 +424,7 @@ def summarize_data(
         fixed_size=fixed_size,
         device=device,
         largest_class=int(sizes.max()) if len(sizes) else 0,
+        threads=threads,
     )
 
 
@@ -536,8 +553,15 @@ def resolve_auto(config: Any, splits: Any = None) -> Any:
                 **source_options(config),
             )
             device = resolve_device(config.train.device).type
+            import torch
+
+            threads = config.train.num_threads or torch.get_num_threads()
             summary = summarize_data(
-                splits, fixed_size=declared.fixed_size, device=device, seed=config.seed
+                splits,
+                fixed_size=declared.fixed_size,
+                device=device,
+                seed=config.seed,
+                threads=threads,
             )
             recipe = choose_recipe(summary, find_weights(config.model.pretrained), user)
     except RecipeError as error:
