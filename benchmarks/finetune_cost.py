@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import machine, write_results
+from benchmarks.common import machine, median_time, write_results
 from mbdl.config import load_config
 from mbdl.models import build_model
 from mbdl.train.build import build_loss_from_config
@@ -113,13 +113,7 @@ def measure(backbone: str, side: int, classes: int, per_class: int, repeats: int
 
 
 def _median_ms(fn: Any, repeats: int = 21) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    return 1000 * median_time(fn, repeats=repeats)
 
 
 def markdown(payload: dict[str, Any]) -> str:
