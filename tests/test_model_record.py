@@ -309,6 +309,27 @@ def test_verify_and_embed_read_every_format_alike(model_dir: Path, tmp_path: Pat
         assert answer.threshold == 0.7 and answer.threshold_source == "validation classes"
 
 
+def test_embed_images_embeds_in_bounded_batches(model_dir: Path, tmp_path: Path) -> None:
+    """``mbdl.embed_images`` reads and embeds ``batch_size`` images at a time (the network never
+    sees more), with the same embeddings, in the same order, as one batch."""
+    original, copies = _copies(tmp_path)
+    images = [original, *copies, *reversed(copies)]
+    model = mbdl.load_model(model_dir)
+    seen: list[int] = []
+    hook = model.module.register_forward_pre_hook(lambda _, inputs: seen.append(len(inputs[0])))
+    try:
+        whole = mbdl.embed_images(model, images, batch_size=len(images))
+        seen.clear()
+        batched = mbdl.embed_images(model, images, batch_size=3)
+    finally:
+        hook.remove()
+    assert seen == [3] * (len(images) // 3) + ([len(images) % 3] if len(images) % 3 else [])
+    assert torch.allclose(batched, whole, atol=1e-6)
+    assert mbdl.embed_images(model, [], batch_size=3).shape == (0, whole.shape[1])
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        mbdl.embed_images(model, images, batch_size=0)
+
+
 def test_verify_command_prints_the_answer(
     model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -66,16 +66,29 @@ def read_images(model: LoadedModel, images: Sequence[ImageLike]) -> list[Any]:
     ]
 
 
+#: images :func:`embed_images` reads, transforms and embeds at a time
+EMBED_BATCH = 64
+
+
 def embed_images(
-    model: ModelLike, images: Sequence[ImageLike], *, device: str | torch.device = "auto"
+    model: ModelLike,
+    images: Sequence[ImageLike],
+    *,
+    device: str | torch.device = "auto",
+    batch_size: int = EMBED_BATCH,
 ) -> Tensor:
-    """The ``[N, d]`` float32 CPU embeddings of image files or PIL images."""
+    """The ``[N, d]`` float32 CPU embeddings of image files or PIL images, ``batch_size`` of
+    them read and embedded at a time (memory bounded by the batch, not by N)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     loaded = as_loaded_model(model, device)
-    if not images:
-        return torch.empty(0, loaded.record.embedding_dim)
-    batch = torch.stack([loaded.transform(image) for image in read_images(loaded, images)])
-    with torch.inference_mode():
-        return loaded.module(batch.to(loaded.device)).float().cpu()
+    parts = []
+    for start in range(0, len(images), batch_size):
+        chunk = read_images(loaded, images[start : start + batch_size])
+        batch = torch.stack([loaded.transform(image) for image in chunk])
+        with torch.inference_mode():
+            parts.append(loaded.module(batch.to(loaded.device)).float().cpu())
+    return torch.cat(parts) if parts else torch.empty(0, loaded.record.embedding_dim)
 
 
 @dataclass(frozen=True)
