@@ -218,27 +218,33 @@ def file_state_dict(path: str | os.PathLike[str]) -> Mapping[str, Tensor]:
     return loaded
 
 
+def state_dict_problems(own: Mapping[str, Tensor], given: Mapping[str, Tensor]) -> list[str]:
+    """What keeps ``given`` from loading strictly into a module whose state is ``own``: missing
+    and unexpected keys and the first shape mismatch, each with an example (empty: it loads)."""
+    missing = [k for k in own if k not in given]
+    unexpected = [k for k in given if k not in own]
+    wrong = [k for k in given if k in own and own[k].shape != given[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+    if wrong:
+        key = wrong[0]
+        problems.append(
+            f"shape mismatch for {key}: {tuple(given[key].shape)} vs {tuple(own[key].shape)}"
+        )
+    return problems
+
+
 def load_backbone_weights(
     model: nn.Module, backbone: str, state: Mapping[str, Tensor], source: str
 ) -> None:
     """Load ``state`` into ``model`` strictly, ignoring the classifier's keys."""
     prefixes = BUILTIN_BACKBONES[backbone].classifier_prefixes()
     kept = {k: v for k, v in state.items() if not (prefixes and k.startswith(prefixes))}
-    own = model.state_dict()
-    missing = [k for k in own if k not in kept]
-    unexpected = [k for k in kept if k not in own]
-    wrong_shape = [k for k in kept if k in own and own[k].shape != kept[k].shape]
-    if missing or unexpected or wrong_shape:
-        problems = []
-        if missing:
-            problems.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
-        if unexpected:
-            problems.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
-        if wrong_shape:
-            key = wrong_shape[0]
-            problems.append(
-                f"shape mismatch for {key}: {tuple(kept[key].shape)} vs {tuple(own[key].shape)}"
-            )
+    problems = state_dict_problems(model.state_dict(), kept)
+    if problems:
         fits = [name for name in backbones_fitting(state) if name != backbone]
         hint = f"; they fit {', '.join(fits)}: set model.backbone={fits[0]}" if fits else ""
         raise PretrainedWeightsError(
@@ -592,20 +598,8 @@ def load_timm_weights(
 
         key = f"{first_conv}.weight"
         kept[key] = adapt_input_conv(in_channels, kept[key])
-    missing = [k for k in own if k not in kept]
-    unexpected = [k for k in kept if k not in own]
-    wrong = [k for k in kept if k in own and own[k].shape != kept[k].shape]
-    if missing or unexpected or wrong:
-        problems = []
-        if missing:
-            problems.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
-        if unexpected:
-            problems.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
-        if wrong:
-            key = wrong[0]
-            problems.append(
-                f"shape mismatch for {key}: {tuple(kept[key].shape)} vs {tuple(own[key].shape)}"
-            )
+    problems = state_dict_problems(own, kept)
+    if problems:
         raise PretrainedWeightsError(
             f"cannot load pretrained weights {where}: {'; '.join(problems)}"
         )
