@@ -290,6 +290,22 @@ def exchange(first: Path, second: Path) -> bool:
     raise OSError(code, os.strerror(code), str(first), None, str(second))
 
 
+def replace_directory(staging: Path, target: Path, backup: Path) -> None:
+    """Put the finished directory ``staging`` at ``target``: one atomic exchange where the
+    system has it (the old directory is then removed), else ``target`` renamed to ``backup``
+    first (its name is what a reader finds if the process dies between the two renames)."""
+    if target.exists() and exchange(staging, target):
+        shutil.rmtree(staging, ignore_errors=True)  # now holds the old directory
+    elif target.exists():
+        shutil.rmtree(backup, ignore_errors=True)
+        os.replace(target, backup)
+        os.replace(staging, target)
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        os.replace(staging, target)
+    _sync_directory(target.parent)
+
+
 @contextlib.contextmanager
 def atomic_directory(
     path: str | os.PathLike[str],
@@ -319,16 +335,9 @@ def atomic_directory(
     try:
         yield staging
         os.chmod(staging, _target_mode(target, 0o777 & ~_umask()))
-        if target.exists() and exchange(staging, target):
-            shutil.rmtree(staging, ignore_errors=True)  # now holds the old directory
-        elif target.exists():
-            old = staging.with_name(staging.name[: -len(".tmp")] + "_old.tmp")
-            os.replace(target, old)
-            os.replace(staging, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, target)
-        _sync_directory(target.parent)
+        replace_directory(
+            staging, target, staging.with_name(staging.name[: -len(".tmp")] + "_old.tmp")
+        )
     except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
         raise naming(error, target) from None

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from mbdl.errors import UserError, terminal_safe
-from mbdl.fileio import read_json_bounded
+from mbdl.fileio import read_json_bounded, replace_directory
 
 KINDS = ("flat", "ivf", "hnsw")
 FORMAT_VERSION = 1
@@ -203,14 +203,7 @@ class GalleryIndex:
                 "info": self.info,
             }
             (staging / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
-            if target.exists():
-                backup = target.with_name(f".{target.name}.old")
-                shutil.rmtree(backup, ignore_errors=True)
-                os.replace(target, backup)
-                os.replace(staging, target)
-                shutil.rmtree(backup, ignore_errors=True)
-            else:
-                os.replace(staging, target)
+            replace_directory(staging, target, target.with_name(f".{target.name}.old"))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return target

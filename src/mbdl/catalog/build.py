@@ -897,17 +897,10 @@ def _finish(
 
 def _replace(staging: Path, target: Path) -> None:
     """Move the finished staging directory to ``target`` (an existing index is replaced)."""
+    from mbdl.fileio import replace_directory
+
     (staging / ".lock").unlink(missing_ok=True)
-    if target.exists() and any(target.iterdir()):
-        backup = target.with_name(f".{target.name}.old")
-        shutil.rmtree(backup, ignore_errors=True)
-        os.replace(target, backup)
-        os.replace(staging, target)
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        if target.is_dir():
-            target.rmdir()
-        os.replace(staging, target)
+    replace_directory(staging, target, target.with_name(f".{target.name}.old"))
 
 
 # ---------------------------------------------------------------------------------------------
