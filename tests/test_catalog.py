@@ -347,6 +347,11 @@ def test_damaged_catalogs_refused_in_one_line(
     old.mkdir()
     (old / "meta.json").write_text("{}")
     assert "old format" in _one_line_refusal(old, query, capsys)
+    # killed between moving the old catalog aside and moving the new one in (no exchange)
+    interrupted = copy("interrupted.index")
+    os.replace(interrupted, tmp_path / ".interrupted.index.old")
+    with pytest.raises(UserError, match=r"\.interrupted\.index\.old does: a write was interrupted"):
+        Catalog.open(interrupted)
 
 
 def test_output_that_is_not_an_index_is_refused(

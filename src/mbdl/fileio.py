@@ -306,6 +306,17 @@ def replace_directory(staging: Path, target: Path, backup: Path) -> None:
     _sync_directory(target.parent)
 
 
+def check_not_mid_replacement(folder: Path) -> None:
+    """Refuse ``folder`` when it is missing but its :func:`replace_directory` backup
+    (``.NAME.old`` beside it) is not: a replacement was interrupted between its two renames."""
+    backup = folder.with_name(f".{folder.name}.old")
+    if not folder.exists() and backup.is_dir():
+        raise UserError(
+            f"{terminal_safe(folder)} does not exist, but {terminal_safe(backup)} does: a "
+            "write was interrupted while replacing it; rename that back, or rebuild it"
+        )
+
+
 @contextlib.contextmanager
 def atomic_directory(
     path: str | os.PathLike[str],

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from mbdl.errors import UserError, terminal_safe
-from mbdl.fileio import read_json_bounded, replace_directory
+from mbdl.fileio import check_not_mid_replacement, read_json_bounded, replace_directory
 
 KINDS = ("flat", "ivf", "hnsw")
 FORMAT_VERSION = 1
@@ -214,12 +214,7 @@ class GalleryIndex:
         docstring); no pickle is involved."""
         faiss = _faiss()
         folder = Path(path)
-        backup = folder.with_name(f".{folder.name}.old")
-        if not folder.exists() and backup.is_dir():
-            raise UserError(
-                f"{terminal_safe(folder)} does not exist, but {terminal_safe(backup)} does: a "
-                "write was interrupted while replacing it; rename that back, or rebuild the index"
-            )
+        check_not_mid_replacement(folder)
         for name in ("index.faiss", "meta.json", "labels.npy"):
             if not (folder / name).is_file():
                 raise UserError(f"{terminal_safe(folder)} is not an mbdl index: {name} is missing")

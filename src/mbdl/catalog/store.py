@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from mbdl.errors import UserError, terminal_safe
-from mbdl.fileio import read_json_bounded
+from mbdl.fileio import check_not_mid_replacement, read_json_bounded
 
 FORMAT = "mbdl-catalog"
 VERSION = 1
@@ -213,12 +213,7 @@ class Catalog:
     def open(cls, path: str | os.PathLike[str]) -> Catalog:
         """Open an index directory; refuses a non-catalog, old-format or damaged one."""
         folder = Path(path)
-        backup = folder.with_name(f".{folder.name}.old")
-        if not folder.exists() and backup.is_dir():
-            raise UserError(
-                f"{terminal_safe(folder)} does not exist, but {terminal_safe(backup)} does: a "
-                "replacement was interrupted; rename that back, or rebuild the index"
-            )
+        check_not_mid_replacement(folder)
         if not folder.is_dir():
             raise UserError(f"{terminal_safe(folder)} is not an mbdl index (no such directory)")
         if (folder / "meta.json").is_file() and not (folder / MANIFEST).is_file():
