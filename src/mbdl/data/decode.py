@@ -70,7 +70,7 @@ def read_image_reduced(
                 f"cannot read image {terminal_safe(path)}: not a regular file"
             )
         with Image.open(path) as image:
-            files._check_header(image)
+            files.check_header(image)
             factor = jpeg_reduction(image.width, image.height, min_side)
             if image.format != "JPEG" or factor == 1:
                 reduced = None
@@ -81,11 +81,11 @@ def read_image_reduced(
                 reduced = files.to_mode(image, mode)
     except FileNotFoundError:
         raise files.ImageReadError(f"image file not found: {terminal_safe(path)}") from None
-    except files._PIL_ERRORS as error:
+    except files.PIL_ERRORS as error:
         if isinstance(error, files.ImageReadError):
             raise
         raise files.ImageReadError(
-            f"cannot read image {terminal_safe(path)}: {files._reason(error, path)}"
+            f"cannot read image {terminal_safe(path)}: {files.read_error_reason(error, path)}"
         ) from None
     return files.read_image(path, mode) if reduced is None else reduced
 
@@ -123,7 +123,7 @@ def read_array(path: str | Path, mode: str = "RGB", min_side: int | None = None)
     if decoder is not None:
         try:
             with files.open_image_file(path) as image:  # a regular file, not blocking
-                files._check_header(image)
+                files.check_header(image)
                 reducible = min_side is not None and (
                     jpeg_reduction(image.width, image.height, min_side) > 1
                 )
@@ -144,7 +144,7 @@ def read_array(path: str | Path, mode: str = "RGB", min_side: int | None = None)
                 wanted = modes.RGB if mode == "RGB" else modes.GRAY
                 decoded = decode_jpeg(data, mode=wanted, apply_exif_orientation=rotated)
                 return decoded.permute(1, 2, 0).numpy()
-        except (RuntimeError, *files._PIL_ERRORS):
+        except (RuntimeError, *files.PIL_ERRORS):
             pass  # the reader below refuses it in its own words: the message every path gives
     array = np.asarray(read_image_reduced(path, mode, min_side), dtype=np.uint8)
     return array[:, :, None] if array.ndim == 2 else array

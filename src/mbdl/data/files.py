@@ -50,7 +50,7 @@ IMAGE_EXTENSIONS = (
 )
 
 #: exceptions PIL raises on unreadable, truncated or malformed files
-_PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 #: the largest image (width x height) read; larger ones are refused before decoding
 MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold (Image.MAX_IMAGE_PIXELS)
@@ -179,18 +179,20 @@ def read_image(path: str | os.PathLike[str], mode: str = "RGB") -> Image.Image:
     """
     try:
         with open_image_file(path) as image:
-            _check_header(image)
+            check_header(image)
             image.load()
             return to_mode(image, mode)
     except FileNotFoundError:
         raise ImageReadError(f"image file not found: {terminal_safe(path)}") from None
-    except _PIL_ERRORS as error:
+    except PIL_ERRORS as error:
         raise ImageReadError(
-            f"cannot read image {terminal_safe(path)}: {_reason(error, path)}"
+            f"cannot read image {terminal_safe(path)}: {read_error_reason(error, path)}"
         ) from None
 
 
-def _check_header(image: Image.Image) -> None:
+def check_header(image: Image.Image) -> None:
+    """Refuse (ValueError) an image whose header gives an empty size or more than
+    :data:`MAX_PIXELS` pixels, before it is decoded."""
     width, height = image.size
     if width < 1 or height < 1:
         raise ValueError(f"it has an empty size {width} x {height}")
@@ -212,21 +214,21 @@ def inspect_image(path: str | Path) -> str | None:
     pixel data read), then decodes the first frame (JPEGs at 1/8 scale, which is cheap)."""
     try:
         with open_image_file(path) as image:
-            _check_header(image)
+            check_header(image)
             if image.format == "JPEG":
                 image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))
             image.load()
     except FileNotFoundError:
         return "file not found" + (" (broken symbolic link)" if os.path.islink(path) else "")
-    except _PIL_ERRORS as error:
-        return _reason(error, path)
+    except PIL_ERRORS as error:
+        return read_error_reason(error, path)
     return None
 
 
 _FILE_OBJECT = re.compile(r" ?<_io\.\w+ name=[^>]*>")
 
 
-def _reason(error: BaseException, path: str | os.PathLike[str]) -> str:
+def read_error_reason(error: BaseException, path: str | os.PathLike[str]) -> str:
     """PIL's message without the path it repeats."""
     if isinstance(error, OSError) and error.strerror:
         return error.strerror

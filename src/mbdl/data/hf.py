@@ -28,7 +28,14 @@ import numpy as np
 from PIL import Image
 
 from mbdl.data.base import ImageDataset, Splits
-from mbdl.data.files import _PIL_ERRORS, _check_header, _reason, inspect_image, read_image, to_mode
+from mbdl.data.files import (
+    PIL_ERRORS,
+    check_header,
+    inspect_image,
+    read_error_reason,
+    read_image,
+    to_mode,
+)
 from mbdl.data.splits import SubsetImageDataset, carve_validation_classes
 from mbdl.errors import UserError
 
@@ -105,10 +112,10 @@ class HfImageDataset(ImageDataset):
             )
         try:
             with Image.open(io.BytesIO(data)) as image:
-                _check_header(image)
+                check_header(image)
                 image.load()
                 return to_mode(image, self.mode)
-        except _PIL_ERRORS as error:
+        except PIL_ERRORS as error:
             reason = _bytes_reason(error)
             raise HfDataError(f"{self.describe(index)}: not a readable image ({reason})") from None
 
@@ -142,11 +149,11 @@ def inspect_cell(value: object) -> str | None:
         return inspect_image(path) if path else "no image bytes"
     try:
         with Image.open(io.BytesIO(data)) as image:
-            _check_header(image)
+            check_header(image)
             if image.format == "JPEG":
                 image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))
             image.load()
-    except _PIL_ERRORS as error:
+    except PIL_ERRORS as error:
         return _bytes_reason(error)
     return None
 
@@ -156,7 +163,7 @@ _BUFFER = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>")
 
 def _bytes_reason(error: BaseException) -> str:
     """PIL's message without the in-memory file object it names."""
-    return _BUFFER.sub("", _reason(error, "")) or type(error).__name__
+    return _BUFFER.sub("", read_error_reason(error, "")) or type(error).__name__
 
 
 def inspect_rows(table: Any, image_column: str, batch_size: int = 256) -> list[str | None]:

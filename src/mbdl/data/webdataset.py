@@ -44,7 +44,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mbdl.data.base import ImageDataset, Splits
-from mbdl.data.files import _PIL_ERRORS, _check_header, to_mode
+from mbdl.data.files import PIL_ERRORS, check_header, to_mode
 from mbdl.data.splits import SubsetImageDataset, carve_validation_classes
 from mbdl.errors import UserError, terminal_safe
 
@@ -286,10 +286,10 @@ def decode_image(data: bytes, mode: str, where: str) -> Image.Image:
     """The image in ``data`` converted to ``mode``, with the reader's checks (size, pixel mode)."""
     try:
         with Image.open(io.BytesIO(data)) as image:
-            _check_header(image)
+            check_header(image)
             image.load()
             return to_mode(image, mode)
-    except _PIL_ERRORS as error:
+    except PIL_ERRORS as error:
         raise WebDatasetError(f"{where}: not a readable image ({error})") from None
 
 
