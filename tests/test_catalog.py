@@ -352,6 +352,7 @@ def test_damaged_catalogs_refused_in_one_line(
     os.replace(interrupted, tmp_path / ".interrupted.index.old")
     with pytest.raises(UserError, match=r"\.interrupted\.index\.old does: a write was interrupted"):
         Catalog.open(interrupted)
+    assert "a write was interrupted" in _one_line_refusal(interrupted, query, capsys)
 
 
 def test_output_that_is_not_an_index_is_refused(

@@ -532,8 +532,12 @@ def _search_catalog(args: argparse.Namespace, index: str, model: str | None) -> 
 
 @command("search", "find the nearest gallery images of query images", _configure_search)
 def _run_search(args: argparse.Namespace) -> int:
+    from mbdl.fileio import check_not_mid_replacement
     from mbdl.inference import search_split
 
+    for given in (args.checkpoint, args.index):  # a catalog caught between its two renames
+        if given is not None:
+            check_not_mid_replacement(Path(given))
     if _is_catalog(args.checkpoint):
         if args.index is not None:
             raise UsageError("give the index once: mbdl search INDEX QUERY...")
