@@ -1,18 +1,20 @@
 """``model.backbone=auto`` against a small grid of recipes, on icons, Fashion-MNIST and glyphs.
 
 For each data set the auto default (only the data set's keys: what a user types) and every
-recipe of one grid, the SAME grid for every data set (backbone x input size x budget in images
-seen), are trained with ``mbdl train`` one after another in fresh processes. The grid's best is
-chosen on the validation classes (the validation MAP@R of each run's chosen checkpoint), never
-on test; the table reports the auto default's test MAP@R over the best's, and its wall time
-(the whole ``mbdl train``: data, training, validation, test) over the best's. One seed per cell.
+recipe of one grid, the SAME grid for every data set (backbone x input size x budget in passes
+over the training images), are trained with ``mbdl train`` one after another in fresh
+processes, with every seed of ``--seeds``. The grid's best is chosen on the validation classes
+(the mean over the seeds of the validation MAP@R of each run's chosen checkpoint), never on
+test; the table reports the auto default's mean test MAP@R over the best's, and its mean wall
+time (the whole ``mbdl train``: data, training, validation, test) over the best's.
 
 ``--scale S`` multiplies every run's budget (the auto default's resolved steps and the grid's)
-by S, cut into 5 epochs (more where an epoch would exceed one pass): on a loaded machine the whole comparison then fits, and it
-compares the recipes at budgets in the same proportion. The auto default is then one ``mbdl
-train`` with the data set's keys and its scaled ``train.epochs`` / ``train.max_steps_per_epoch``
-(which change only the budget of the choice); the benchmark resolves the choice in its own
-process first, untimed, to know the steps to scale (a user pays only the ``mbdl train``).
+by S, cut into 5 epochs (more where an epoch would exceed one pass): on a loaded machine the
+whole comparison then fits, and it compares the recipes at budgets in the same proportion. The
+auto default is then one ``mbdl train`` with the data set's keys and its scaled
+``train.epochs`` / ``train.max_steps_per_epoch`` (which change only the budget of the choice);
+the benchmark resolves the choice in its own process first, untimed, to know the steps to scale
+(a user pays only the ``mbdl train``).
 
 The data sets are built by the script, deterministically: icons: every 4th class name (sorted)
 of an ``mbdl data icons`` folder (``--icons``), with its ``split.txt``; Fashion-MNIST: 100
@@ -24,7 +26,7 @@ the speed table of :func:`mbdl.recipe.images_per_second`); it is recorded beside
 measured training seconds (log.jsonl) and whole wall time. The glyphs keep the default recipe,
 whose data line prints no ETA: the script computes the same estimate for them.
 
-    python benchmarks/auto_recipe.py --scale 0.25 --threads 1   # -> benchmarks/results/auto_recipe.json
+    python benchmarks/auto_recipe.py --threads 2 --seeds 0,1   # -> benchmarks/results/auto_recipe.json
     python benchmarks/auto_recipe.py --publish results.json   # render a stored run into the docs
 """
 
@@ -47,23 +49,21 @@ from benchmarks.common import machine, write_results
 
 #: images per grid batch (P x K with P = min(16, training classes))
 GRID_BATCH = 64
-#: name -> (description, overrides); the budgets are images seen, cut into 10 epochs
-GRID: dict[str, tuple[str, list[str]]] = {}
-for _images in (3200, 9600):
-    _steps = _images // GRID_BATCH // 10
-    GRID[f"smallvgg32_{_images}"] = (
-        f"smallvgg from scratch, 32 px, {_images:,} images",
+#: the grid's budgets: passes over the training images (images seen = passes x training images)
+GRID_PASSES = (5, 30)
+#: the grid's recipes: name -> (description, overrides); the budget is added per data set
+GRID_RECIPES: dict[str, tuple[str, list[str]]] = {
+    "smallvgg32": (
+        "smallvgg from scratch, 32 px",
         [
             "model.backbone=smallvgg",
             "data.image_size=32",
             "data.augment=affine",
             "train.lr=1e-3",
-            "train.epochs=10",
-            f"train.max_steps_per_epoch={_steps}",
         ],
-    )
-    GRID[f"mobilenet64_{_images}"] = (
-        f"mobilenet_v2 ImageNet weights, 64 px, freeze_bn, head lr x10, {_images:,} images",
+    ),
+    "mobilenet64": (
+        "mobilenet_v2 ImageNet weights, 64 px, freeze_bn, head lr x10",
         [
             "model.backbone=mobilenet_v2",
             "model.pretrained={weights}",
@@ -74,10 +74,15 @@ for _images in (3200, 9600):
             "train.lr=1e-4",
             "train.head_lr_mult=10",
             "train.loss_lr=1e-2",
-            "train.epochs=10",
-            f"train.max_steps_per_epoch={_steps}",
         ],
-    )
+    ),
+}
+#: cell name -> (description, overrides, passes): every recipe at every budget
+GRID: dict[str, tuple[str, list[str], int]] = {
+    f"{name}_{passes}passes": (f"{description}, {passes} passes", overrides, passes)
+    for passes in GRID_PASSES
+    for name, (description, overrides) in GRID_RECIPES.items()
+}
 
 #: the icons subset: every ICONS_EVERY-th class name, sorted
 ICONS_EVERY = 4
@@ -152,15 +157,21 @@ def grid_batch(train_classes: int) -> tuple[int, int]:
     return p, math.ceil(GRID_BATCH / p)
 
 
-def scaled_budget(steps: int, scale: float, pass_steps: int) -> list[str]:
-    """``steps`` x ``scale`` (at least 5) as train.epochs x train.max_steps_per_epoch: 5 epochs
+def scaled_epochs(steps: int, scale: float, pass_steps: int) -> tuple[int, int]:
+    """``steps`` x ``scale`` (at least 5) as ``(epochs, steps per epoch)``: 5 epochs
     (validations), more where an epoch would be longer than one pass of the sampler
     (``pass_steps`` batches: an epoch never is)."""
     total = max(5, round(steps * scale))
     epochs = max(min(5, total), math.ceil(total / max(1, pass_steps)))
+    return epochs, math.ceil(total / epochs)
+
+
+def scaled_budget(steps: int, scale: float, pass_steps: int) -> list[str]:
+    """:func:`scaled_epochs` as the keys ``train.epochs`` and ``train.max_steps_per_epoch``."""
+    epochs, per_epoch = scaled_epochs(steps, scale, pass_steps)
     return [
         f"train.epochs={epochs}",
-        f"train.max_steps_per_epoch={math.ceil(total / epochs)}",
+        f"train.max_steps_per_epoch={per_epoch}",
         "train.warmup_epochs=1",
     ]
 
@@ -307,58 +318,113 @@ def glyphs_eta(keys: list[str], steps: int, threads: int) -> float | None:
     return None if speed is None else steps * batch / speed
 
 
+def plan(args: argparse.Namespace, name: str, values: dict[str, str]) -> dict[str, Any]:
+    """A data set's entry: its keys, its training split's size and every run's overrides (the
+    auto default's and each grid cell's, budgets resolved and scaled), before any run."""
+    keys = [k.format(**values) for k in DATASETS[name]]
+    labels = train_labels(keys)
+    classes = len(set(labels.tolist()))
+    steps, one_pass, line = auto_steps(keys, labels)
+    auto_keys = keys + (scaled_budget(steps, args.scale, one_pass) if args.scale != 1.0 else [])
+    p, k = grid_batch(classes)
+    cell_pass = pass_steps(labels, p, k)
+    cells: dict[str, dict[str, Any]] = {
+        "auto": {"description": line, "overrides": auto_keys, "seeds": {}}
+    }
+    for cell, (description, overrides, passes) in GRID.items():
+        cell_steps = math.ceil(passes * len(labels) / (p * k))
+        cell_keys = [o.format(**values) for o in overrides]
+        cell_keys += [f"train.batch_classes={p}", f"train.batch_per_class={k}"]
+        cell_keys += scaled_budget(cell_steps, args.scale, cell_pass)
+        epochs, per_epoch = scaled_epochs(cell_steps, args.scale, cell_pass)
+        cells[cell] = {
+            "description": f"{description} ({epochs * per_epoch} steps x {p * k})",
+            "overrides": keys + cell_keys,
+            "seeds": {},
+        }
+    return {
+        "keys": keys,
+        "train_classes": classes,
+        "train_images": len(labels),
+        "auto_resolved_steps_unscaled": steps,
+        "runs": cells,
+    }
+
+
 def benchmark(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    seeds = [int(seed) for seed in args.seeds.split(",")]
     results: dict[str, Any] = {
         "machine": machine(),
         "threads": args.threads,
         "scale": args.scale,
+        "seeds": seeds,
+        "grid_passes": list(GRID_PASSES),
         "datasets": {},
     }
     values = build_data(args, tmp, results)
-    for name in args.datasets.split(","):
-        keys = [k.format(**values) for k in DATASETS[name]]
-        labels = train_labels(keys)
-        classes = len(set(labels.tolist()))
-        entry: dict[str, Any] = {"keys": keys, "train_classes": classes, "runs": {}}
-        results["datasets"][name] = entry
-        steps, one_pass, line = auto_steps(keys, labels)
-        auto_keys = keys
-        if args.scale != 1.0:
-            auto_keys = keys + scaled_budget(steps, args.scale, one_pass)
-        auto = {"choice": line, "resolved_steps_unscaled": steps, **run(auto_keys, args.threads)}
-        if name == "glyphs" and "resolved" in auto:
-            auto["eta_s"] = glyphs_eta(auto_keys, auto["resolved"]["train.steps"], args.threads)
-            auto["eta_from"] = "computed by the benchmark (the default recipe prints no ETA)"
-        entry["runs"]["auto"] = auto
-        print(name, "auto", json.dumps(auto)[:400], flush=True)
-        for cell, (description, overrides) in GRID.items():
-            cell_steps = int(description.split(", ")[-1].split()[0].replace(",", "")) // GRID_BATCH
-            cell_keys = [o.format(**values) for o in overrides if not o.startswith("train.epochs")]
-            cell_keys = [k for k in cell_keys if not k.startswith("train.max_steps_per_epoch")]
-            p, k = grid_batch(classes)
-            cell_pass = pass_steps(labels, p, k)
-            cell_keys += [f"train.batch_classes={p}", f"train.batch_per_class={k}"]
-            cell_keys += scaled_budget(cell_steps, args.scale, cell_pass)
-            entry["runs"][cell] = {
-                "description": description,
-                **run(keys + cell_keys, args.threads),
-            }
-            print(name, cell, json.dumps(entry["runs"][cell])[:300], flush=True)
-        summarize(entry)
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    names = args.datasets.split(",")
+    for name in names:
+        results["datasets"][name] = plan(args, name, values)
+    for seed in seeds:  # every data set's seed 0 first: a cut-short run still compares
+        for name in names:
+            entry = results["datasets"][name]
+            for cell, cell_entry in entry["runs"].items():
+                result = run([*cell_entry["overrides"], f"seed={seed}"], args.threads)
+                if cell == "auto" and name == "glyphs" and "resolved" in result:
+                    steps = result["resolved"]["train.steps"]
+                    result["eta_s"] = glyphs_eta(cell_entry["overrides"], steps, args.threads)
+                    result["eta_from"] = (
+                        "computed by the benchmark (the default recipe prints none)"
+                    )
+                cell_entry["seeds"][str(seed)] = result
+                print(name, cell, seed, json.dumps(result)[:300], flush=True)
+                summarize(entry)
+                Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
 def summarize(entry: dict[str, Any]) -> None:
-    """The grid's best on validation MAP@R, and the auto default's ratios to it."""
-    grid = {k: v for k, v in entry["runs"].items() if k != "auto" and "error" not in v}
+    """Each run's means over its seeds; the grid's best on mean validation MAP@R, and the auto
+    default's ratios to it (of the means over the seeds both have, and per seed)."""
+    for cell_entry in entry["runs"].values():
+        done = [r for r in cell_entry["seeds"].values() if "error" not in r]
+        for key in ("val_map@r", "test_map@r", "wall_s", "train_s"):
+            cell_entry[key] = _mean([r[key] for r in done if r.get(key) is not None])
+    grid = {
+        cell: e
+        for cell, e in entry["runs"].items()
+        if cell != "auto" and e["val_map@r"] is not None
+    }
     auto = entry["runs"]["auto"]
-    if not grid or "error" in auto:
+    if not grid or auto["test_map@r"] is None:
         return
-    best = max(grid, key=lambda k: grid[k]["val_map@r"])
+    best = max(grid, key=lambda cell: grid[cell]["val_map@r"])
+    seeds = [
+        seed
+        for seed, r in auto["seeds"].items()
+        if "error" not in r and "error" not in grid[best]["seeds"].get(seed, {"error": 1})
+    ]
+    pairs = [(auto["seeds"][seed], grid[best]["seeds"][seed]) for seed in seeds]
+    if not pairs:
+        return
     entry["best_on_validation"] = best
-    entry["map_ratio"] = auto["test_map@r"] / grid[best]["test_map@r"]
-    entry["time_ratio"] = auto["wall_s"] / grid[best]["wall_s"]
+    entry["map_ratio"] = _mean([a["test_map@r"] for a, _ in pairs]) / _mean(
+        [b["test_map@r"] for _, b in pairs]
+    )
+    entry["time_ratio"] = _mean([a["wall_s"] for a, _ in pairs]) / _mean(
+        [b["wall_s"] for _, b in pairs]
+    )
+    entry["per_seed"] = {
+        seed: {
+            "map_ratio": a["test_map@r"] / b["test_map@r"],
+            "time_ratio": a["wall_s"] / b["wall_s"],
+        }
+        for seed, (a, b) in zip(seeds, pairs, strict=True)
+    }
     entry["meets_target"] = entry["map_ratio"] >= 0.9 and entry["time_ratio"] <= 1.5
 
 
@@ -367,7 +433,8 @@ def _load_range(results: dict[str, Any]) -> str:
     loads = [
         run_[key]
         for entry in results["datasets"].values()
-        for run_ in entry["runs"].values()
+        for cell_entry in entry["runs"].values()
+        for run_ in cell_entry["seeds"].values()
         for key in ("load_average_at_start", "load_average_at_end")
         if key in run_
     ]
@@ -378,34 +445,41 @@ def _seconds(value: float | None) -> str:
     return "" if value is None else f"{value:.0f}"
 
 
+def _cells(values: list[Any], fmt: str) -> str:
+    return " / ".join("failed" if v is None else format(v, fmt) for v in values)
+
+
 def markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
     scale = results.get("scale", 1.0)
+    seeds = results["seeds"]
     data = results.get("data", {})
     icons = data.get("icons", {})
+    passes = ", ".join(str(p) for p in results["grid_passes"])
     lines = [
         "## auto_recipe: `model.backbone=auto` against a grid of recipes",
         "",
-        f"`python benchmarks/auto_recipe.py --scale {scale} --threads {results['threads']}`, "
-        f"{m['date']}, {m['cpus']} CPUs shared with other jobs (1-minute load average "
-        f"{_load_range(results)} at the runs' starts and ends), torch {m['torch']}, one seed (0) "
-        "per cell, runs one after another in fresh processes. The auto default is one `mbdl "
-        "train` with only the data set's keys; the grid is the same for every data set: "
-        "{smallvgg from scratch at 32 px, MobileNetV2 with ImageNet weights at 64 px (freeze_bn, "
-        "head lr x10)} x {3,200, 9,600 images seen}, batches of 64 (P = min(16, training "
-        "classes)). "
+        f"`python benchmarks/auto_recipe.py --scale {scale} --threads {results['threads']} "
+        f"--seeds {','.join(str(s) for s in seeds)}`, {m['date']}, {m['cpus']} CPUs "
+        f"(1-minute load average {_load_range(results)} at the runs' starts and ends), torch "
+        f"{m['torch']}, {len(seeds)} seed(s) per run, runs one after another in fresh processes. "
+        "The auto default is one `mbdl train` with only the data set's keys (and `seed=`); the "
+        "grid is the same for every data set: {smallvgg from scratch at 32 px, MobileNetV2 "
+        "with ImageNet weights at 64 px (freeze_bn, head lr x10)} x {" + passes + "} passes "
+        "over the training images, batches of 64 (P = min(16, training classes)). "
         + (
             f"Every budget (the auto default's resolved one and the grid's) is scaled by {scale} "
-            "and cut into 5 epochs (more where an epoch would be longer than one pass over the training "
-            "images), so that the comparison fits the shared machine; the "
-            "auto default's scaled budget is given as `train.epochs` / "
-            "`train.max_steps_per_epoch`, which change only the budget of its choice. "
+            "and cut into 5 epochs (more where an epoch would be longer than one pass over the "
+            "training images), so that the comparison fits the machine; the auto default's "
+            "scaled budget is given as `train.epochs` / `train.max_steps_per_epoch`, which "
+            "change only the budget of its choice. "
             if scale != 1.0
             else ""
         )
-        + "The grid's best is chosen on the **validation** classes' MAP@R; the ratios are the "
-        "auto default's **test** MAP@R and whole-run wall time over the chosen cell's. Target: "
-        ">= 0.9x MAP@R within 1.5x the time. The script builds its data: icons: every "
+        + "The grid's best is chosen on the **validation** classes' MAP@R (mean over the "
+        "seeds); the ratios are the auto default's **test** MAP@R and whole-run wall time over "
+        "the chosen cell's (means over the seeds; per seed in the JSON). Target: >= 0.9x MAP@R "
+        "within 1.5x the time. The script builds its data: icons: every "
         f"{icons.get('every', ICONS_EVERY)}th class name (sorted) of an `mbdl data icons` folder "
         f"({icons.get('classes', '?')} names, {icons.get('images', '?')} drawings, its "
         "split.txt; the file list's SHA-256 is in the JSON); Fashion-MNIST: "
@@ -419,11 +493,12 @@ def markdown(results: dict[str, Any]) -> str:
     for name, entry in results["datasets"].items():
         auto = entry["runs"]["auto"]
         if "best_on_validation" not in entry:
-            lines.append(f"| {name} | failed: {auto.get('error')} | | | | | | | | |")
+            errors = [r.get("error") for r in auto["seeds"].values() if "error" in r]
+            lines.append(f"| {name} | failed: {errors[:1]} | | | | | | | | |")
             continue
         best = entry["runs"][entry["best_on_validation"]]
-        r = auto["resolved"]
-        size = f"{r['data.image_size']} px" if r["data.image_size"] else "the source's size"
+        r = next(r["resolved"] for r in auto["seeds"].values() if "resolved" in r)
+        size = f"{r['data.image_size']} px" if r["data.image_size"] else "at the source's size"
         picked = f"{r['model.backbone']} {size}, {r['train.steps']} x {r['train.batch']}"
         lines.append(
             f"| {name} | {picked} | {auto['test_map@r']:.3f} | {auto['wall_s']:.0f} | "
@@ -433,49 +508,68 @@ def markdown(results: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "The ETA: what the auto default's data line printed (`training ETA ~...`, `ETA ~...` "
-        "before the wording changed: its training images "
-        "over `mbdl.recipe.images_per_second`, a table measured with 2 threads on a quiet "
-        "machine) against the same run's measured training seconds (the steps alone, from "
-        "`log.jsonl`) and its whole wall time (start, data, validations and the test "
+        "The ETA: what the auto default's data line printed (`training ETA ~...`: its training "
+        "images over `mbdl.recipe.images_per_second`, a table measured with 2 threads on a "
+        "quiet machine) against the same run's measured training seconds (the steps alone, "
+        "from `log.jsonl`) and its whole wall time (start, data, validations and the test "
         "evaluation included). The glyphs keep the default recipe, whose data line prints no "
         "ETA: their estimate is the same formula computed by the benchmark.",
         "",
-        "| data set | ETA printed | training s | wall s | training / ETA | wall / ETA |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| data set | seed | ETA printed | training s | wall s | training / ETA | wall / ETA |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, entry in results["datasets"].items():
-        auto = entry["runs"]["auto"]
-        eta, train_s, wall = auto.get("eta_s"), auto.get("train_s"), auto.get("wall_s")
-        if not eta or wall is None:
-            lines.append(f"| {name} | none | {_seconds(train_s)} | {_seconds(wall)} | | |")
-            continue
-        computed = " (computed)" if "eta_from" in auto else ""
-        ratio = f"{train_s / eta:.1f}" if train_s else ""
-        lines.append(
-            f"| {name} | {eta:.0f} s{computed} | {_seconds(train_s)} | {wall:.0f} | {ratio} | "
-            f"{wall / eta:.1f} |"
-        )
+        for seed, auto in entry["runs"]["auto"]["seeds"].items():
+            eta, train_s, wall = auto.get("eta_s"), auto.get("train_s"), auto.get("wall_s")
+            if not eta or wall is None:
+                lines.append(
+                    f"| {name} | {seed} | none | {_seconds(train_s)} | {_seconds(wall)} | | |"
+                )
+                continue
+            computed = " (computed)" if "eta_from" in auto else ""
+            ratio = f"{train_s / eta:.2f}" if train_s else ""
+            lines.append(
+                f"| {name} | {seed} | {eta:.0f} s{computed} | {_seconds(train_s)} | {wall:.0f} "
+                f"| {ratio} | {wall / eta:.2f} |"
+            )
     lines += [
         "",
-        "Read with care: one seed per cell, and the load moved between runs (the 1-minute load "
-        "average at each start and end is in the JSON).",
+        "Read with care: few seeds, and the load moved between runs (the 1-minute load average "
+        "at each start and end is in the JSON).",
         *[f"\n{note}" for note in results.get("notes", [])],
         "",
-        "Every cell (validation and test MAP@R, wall seconds):",
+        "Every run (validation and test MAP@R, wall seconds; each seed's, in seed order, and "
+        "their mean):",
         "",
-        "| data set | run | val MAP@R | test MAP@R | wall s |",
-        "| --- | --- | --- | --- | --- |",
+        "| data set | run | val MAP@R | test MAP@R | wall s | mean val | mean test | mean wall s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, entry in results["datasets"].items():
-        for cell, run_ in entry["runs"].items():
-            if "error" in run_:
-                lines.append(f"| {name} | {cell} | failed | | |")
+        for cell, cell_entry in entry["runs"].items():
+            per_seed = [cell_entry["seeds"].get(str(s), {}) for s in seeds]
+            val = [r.get("val_map@r") for r in per_seed]
+            test = [r.get("test_map@r") for r in per_seed]
+            wall = [r.get("wall_s") for r in per_seed]
+            if cell_entry["val_map@r"] is None:
+                lines.append(f"| {name} | {cell} | failed | | | | | |")
                 continue
-            val = run_["val_map@r"]
             lines.append(
-                f"| {name} | {cell} | {val:.3f} | {run_['test_map@r']:.3f} | {run_['wall_s']:.0f} |"
+                f"| {name} | {cell} | {_cells(val, '.3f')} | {_cells(test, '.3f')} | "
+                f"{_cells(wall, '.0f')} | {cell_entry['val_map@r']:.3f} | "
+                f"{cell_entry['test_map@r']:.3f} | {cell_entry['wall_s']:.0f} |"
             )
+    lines += ["", "The runs:", ""]
+    for name, entry in results["datasets"].items():
+        lines.append(
+            f"- {name} ({entry['train_images']:,} training images, "
+            f"{entry['train_classes']} classes): "
+            + "; ".join(
+                cell_entry["description"]
+                if cell_entry["description"].startswith(f"{cell}:")
+                else f"{cell}: {cell_entry['description']}"
+                for cell, cell_entry in entry["runs"].items()
+            )
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -493,6 +587,7 @@ def main() -> None:
     parser.add_argument("--datasets", default="icons,fashion,glyphs")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--scale", type=float, default=1.0, help="budget multiplier, every run")
+    parser.add_argument("--seeds", default="0,1", help="the seeds of every run, comma-separated")
     parser.add_argument(
         "--out", default="auto_recipe_run.json", help="the raw results, as they come"
     )

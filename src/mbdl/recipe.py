@@ -82,8 +82,9 @@ PRETRAINED_PREFERENCE: dict[str, tuple[str, ...]] = {
     ),
 }
 
-#: passes over the training images (the budget before its floor and ceiling)
-PASSES = {"pretrained": 5, "scratch": 20}
+#: passes over the training images (the budget before its floor and ceiling); pretrained: where
+#: the validation MAP@R of the icons stopped rising (``benchmarks/auto_budget.py``)
+PASSES = {"pretrained": 15, "scratch": 20}
 #: optimiser steps at least
 MIN_STEPS = {"pretrained": 100, "scratch": 100}
 #: images per batch the batch composition P x K aims at, per device
@@ -95,18 +96,19 @@ EPOCHS = 10
 
 #: training images per second of a step (forward, backward, AdamW; bf16 autocast, channels
 #: last) on 2 quiet CPU cores at a reference side, scaled by the pixel count for other sides.
-#: Measured in this project's CPU benchmarks (benchmarks/results/recipe.json: smallcnn and
-#: smallvgg; docs/results.md: MobileNetV2 at 48 px); the other backbones are estimated from
-#: MobileNetV2 by their relative CPU step cost, so their ETA is rougher.
+#: smallvgg (32 px) and MobileNetV2 (64 px): the trainer's own images/s (``log.jsonl``) in the
+#: runs of ``benchmarks/results/auto_recipe.json``; smallcnn: ``benchmarks/results/recipe.json``;
+#: the other backbones are estimated from MobileNetV2 by their relative CPU step cost, so their
+#: ETA is rougher.
 CPU_SPEED: dict[str, tuple[int, float]] = {
     "smallcnn": (32, 1600.0),
-    "smallvgg": (32, 550.0),
-    "mobilenet_v2": (48, 260.0),
-    "efficientnet_b0": (48, 150.0),
-    "resnet18": (48, 400.0),
-    "googlenet": (48, 250.0),
-    "resnet50": (48, 110.0),
-    "convnext_tiny": (48, 70.0),
+    "smallvgg": (32, 1200.0),
+    "mobilenet_v2": (64, 228.0),
+    "efficientnet_b0": (64, 130.0),
+    "resnet18": (64, 350.0),
+    "googlenet": (64, 220.0),
+    "resnet50": (64, 96.0),
+    "convnext_tiny": (64, 61.0),
 }
 #: the CPU threads the table was measured with; other thread counts scale it linearly (an
 #: optimistic estimate beyond the cores a machine really has free)
