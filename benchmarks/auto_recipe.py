@@ -445,8 +445,11 @@ def _seconds(value: float | None) -> str:
     return "" if value is None else f"{value:.0f}"
 
 
-def _cells(values: list[Any], fmt: str) -> str:
-    return " / ".join("failed" if v is None else format(v, fmt) for v in values)
+def _cells(runs: list[dict[str, Any] | None], key: str, fmt: str) -> str:
+    """Each seed's ``key``, in seed order: ``not run`` where the seed did not run that cell."""
+    return " / ".join(
+        "not run" if r is None else "failed" if "error" in r else format(r[key], fmt) for r in runs
+    )
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -456,13 +459,17 @@ def markdown(results: dict[str, Any]) -> str:
     data = results.get("data", {})
     icons = data.get("icons", {})
     passes = ", ".join(str(p) for p in results["grid_passes"])
+    command_line = (
+        f"python benchmarks/auto_recipe.py --scale {scale} --threads {results['threads']} "
+        f"--seeds {','.join(str(s) for s in seeds)}"
+    )
     lines = [
         "## auto_recipe: `model.backbone=auto` against a grid of recipes",
         "",
-        f"`python benchmarks/auto_recipe.py --scale {scale} --threads {results['threads']} "
-        f"--seeds {','.join(str(s) for s in seeds)}`, {m['date']}, {m['cpus']} CPUs "
+        " then ".join(f"`{c}`" for c in results.get("commands", [command_line]))
+        + f", {m['date']}, {m['cpus']} CPUs "
         f"(1-minute load average {_load_range(results)} at the runs' starts and ends), torch "
-        f"{m['torch']}, {len(seeds)} seed(s) per run, runs one after another in fresh processes. "
+        f"{m['torch']}, each run with each seed of the table, one after another in fresh processes. "
         "The auto default is one `mbdl train` with only the data set's keys (and `seed=`); the "
         "grid is the same for every data set: {smallvgg from scratch at 32 px, MobileNetV2 "
         "with ImageNet weights at 64 px (freeze_bn, head lr x10)} x {" + passes + "} passes "
@@ -486,22 +493,23 @@ def markdown(results: dict[str, Any]) -> str:
         f"{FASHION_PER_CLASS} images per class, seed 0 (`benchmarks/make_fashion_subset.py`), "
         "`data.val_fraction=0.4`; glyphs: the full default data set.",
         "",
-        "| data set | auto picked | auto test MAP@R | auto wall s | best on validation | its "
-        "test MAP@R | its wall s | MAP@R ratio | time ratio | target |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| data set | seeds | auto picked | auto test MAP@R | auto wall s | best on validation | "
+        "its test MAP@R | its wall s | MAP@R ratio | time ratio | target |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, entry in results["datasets"].items():
         auto = entry["runs"]["auto"]
         if "best_on_validation" not in entry:
             errors = [r.get("error") for r in auto["seeds"].values() if "error" in r]
-            lines.append(f"| {name} | failed: {errors[:1]} | | | | | | | | |")
+            lines.append(f"| {name} | | failed: {errors[:1]} | | | | | | | | |")
             continue
         best = entry["runs"][entry["best_on_validation"]]
         r = next(r["resolved"] for r in auto["seeds"].values() if "resolved" in r)
         size = f"{r['data.image_size']} px" if r["data.image_size"] else "at the source's size"
         picked = f"{r['model.backbone']} {size}, {r['train.steps']} x {r['train.batch']}"
+        ran = ", ".join(sorted(auto["seeds"], key=int))
         lines.append(
-            f"| {name} | {picked} | {auto['test_map@r']:.3f} | {auto['wall_s']:.0f} | "
+            f"| {name} | {ran} | {picked} | {auto['test_map@r']:.3f} | {auto['wall_s']:.0f} | "
             f"{entry['best_on_validation']} | {best['test_map@r']:.3f} | {best['wall_s']:.0f} | "
             f"{entry['map_ratio']:.2f} | {entry['time_ratio']:.2f} | "
             f"{'met' if entry['meets_target'] else '**missed**'} |"
@@ -546,16 +554,14 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     for name, entry in results["datasets"].items():
         for cell, cell_entry in entry["runs"].items():
-            per_seed = [cell_entry["seeds"].get(str(s), {}) for s in seeds]
-            val = [r.get("val_map@r") for r in per_seed]
-            test = [r.get("test_map@r") for r in per_seed]
-            wall = [r.get("wall_s") for r in per_seed]
+            per_seed = [cell_entry["seeds"].get(str(s)) for s in seeds]
             if cell_entry["val_map@r"] is None:
                 lines.append(f"| {name} | {cell} | failed | | | | | |")
                 continue
             lines.append(
-                f"| {name} | {cell} | {_cells(val, '.3f')} | {_cells(test, '.3f')} | "
-                f"{_cells(wall, '.0f')} | {cell_entry['val_map@r']:.3f} | "
+                f"| {name} | {cell} | {_cells(per_seed, 'val_map@r', '.3f')} | "
+                f"{_cells(per_seed, 'test_map@r', '.3f')} | {_cells(per_seed, 'wall_s', '.0f')} | "
+                f"{cell_entry['val_map@r']:.3f} | "
                 f"{cell_entry['test_map@r']:.3f} | {cell_entry['wall_s']:.0f} |"
             )
     lines += ["", "The runs:", ""]
