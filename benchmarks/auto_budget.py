@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +23,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.auto_recipe import (
     DATASETS,
     GRID_RECIPES,
+    add_data_arguments,
     build_data,
     grid_batch,
     pass_steps,
     run,
+    run_or_publish,
     scaled_budget,
+    seed_cells,
     train_labels,
 )
-from benchmarks.common import machine, write_results
+from benchmarks.common import machine
 
 #: the budgets, in optimiser steps
 STEPS = (50, 100, 200, 400)
@@ -48,21 +50,23 @@ def benchmark(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     }
     values = build_data(args, tmp, results)
     recipe = GRID_RECIPES["mobilenet64"][1]
+    setups = {}  # data set -> its keys, training labels, P, K and steps of one pass
+    for name in args.datasets.split(","):
+        keys = [k.format(**values) for k in DATASETS[name]]
+        labels = train_labels(keys)
+        p, k = grid_batch(len(set(labels.tolist())))
+        setups[name] = keys, p, k, pass_steps(labels, p, k)
+        results["datasets"][name] = {"train_images": len(labels), "batch": p * k, "runs": {}}
     for seed in seeds:
-        for name in args.datasets.split(","):
-            keys = [k.format(**values) for k in DATASETS[name]]
-            labels = train_labels(keys)
-            p, k = grid_batch(len(set(labels.tolist())))
-            entry = results["datasets"].setdefault(
-                name, {"train_images": len(labels), "batch": p * k, "runs": {}}
-            )
+        for name, (keys, p, k, one_pass) in setups.items():
+            entry = results["datasets"][name]
             for steps in STEPS:
                 overrides = [
                     *keys,
                     *(o.format(**values) for o in recipe),
                     f"train.batch_classes={p}",
                     f"train.batch_per_class={k}",
-                    *scaled_budget(steps, 1.0, pass_steps(labels, p, k)),
+                    *scaled_budget(steps, 1.0, one_pass),
                     f"seed={seed}",
                 ]
                 result = run(overrides, args.threads)
@@ -91,17 +95,10 @@ def markdown(results: dict[str, Any]) -> str:
     for name, entry in results["datasets"].items():
         for steps in results["steps"]:
             runs = [entry["runs"].get(f"{steps}/{seed}") for seed in seeds]
-
-            def cells(key: str, fmt: str, runs: list[Any] = runs) -> str:
-                return " / ".join(
-                    "not run" if r is None else "failed" if "error" in r else format(r[key], fmt)
-                    for r in runs
-                )
-
             passes = steps * entry["batch"] / entry["train_images"]
             lines.append(
-                f"| {name} | {steps} | {passes:.1f} | {cells('val_map@r', '.3f')} | "
-                f"{cells('test_map@r', '.3f')} | {cells('wall_s', '.0f')} |"
+                f"| {name} | {steps} | {passes:.1f} | {seed_cells(runs, 'val_map@r', '.3f')} | "
+                f"{seed_cells(runs, 'test_map@r', '.3f')} | {seed_cells(runs, 'wall_s', '.0f')} |"
             )
     lines += [*[f"\n{note}" for note in results.get("notes", [])]]
     return "\n".join(lines) + "\n"
@@ -109,33 +106,9 @@ def markdown(results: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--icons", default="~/.cache/mbdl/icons", help="an `mbdl data icons` output folder"
-    )
-    parser.add_argument(
-        "--fashion-full",
-        default="/usr/share/datasets/fashion-mnist",
-        help="the full Fashion-MNIST IDX files (Debian's dataset-fashion-mnist)",
-    )
-    parser.add_argument("--weights", default=None, help="MobileNetV2 weights file")
-    parser.add_argument("--datasets", default="icons,fashion")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--seeds", default="0,1")
+    add_data_arguments(parser, "icons,fashion")
     parser.add_argument("--out", default="auto_budget_run.json", help="the raw results")
-    parser.add_argument("--publish", default=None, help="render a stored run into the docs")
-    args = parser.parse_args()
-    if args.publish:
-        results = json.loads(Path(args.publish).read_text())
-    else:
-        if args.weights is None:
-            from mbdl.recipe import find_weights
-
-            args.weights = find_weights(None).files.get("mobilenet_v2")
-            if args.weights is None:
-                parser.error("no MobileNetV2 weights found: pass --weights FILE")
-        with tempfile.TemporaryDirectory(prefix="auto-budget-data-") as tmp:
-            results = benchmark(args, Path(tmp))
-    write_results("auto_budget", results, markdown(results))
+    run_or_publish(parser, parser.parse_args(), "auto_budget", benchmark, markdown)
 
 
 if __name__ == "__main__":

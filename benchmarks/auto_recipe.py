@@ -445,7 +445,7 @@ def _seconds(value: float | None) -> str:
     return "" if value is None else f"{value:.0f}"
 
 
-def _cells(runs: list[dict[str, Any] | None], key: str, fmt: str) -> str:
+def seed_cells(runs: list[dict[str, Any] | None], key: str, fmt: str) -> str:
     """Each seed's ``key``, in seed order: ``not run`` where the seed did not run that cell."""
     return " / ".join(
         "not run" if r is None else "failed" if "error" in r else format(r[key], fmt) for r in runs
@@ -559,8 +559,8 @@ def markdown(results: dict[str, Any]) -> str:
                 lines.append(f"| {name} | {cell} | failed | | | | | |")
                 continue
             lines.append(
-                f"| {name} | {cell} | {_cells(per_seed, 'val_map@r', '.3f')} | "
-                f"{_cells(per_seed, 'test_map@r', '.3f')} | {_cells(per_seed, 'wall_s', '.0f')} | "
+                f"| {name} | {cell} | {seed_cells(per_seed, 'val_map@r', '.3f')} | "
+                f"{seed_cells(per_seed, 'test_map@r', '.3f')} | {seed_cells(per_seed, 'wall_s', '.0f')} | "
                 f"{cell_entry['val_map@r']:.3f} | "
                 f"{cell_entry['test_map@r']:.3f} | {cell_entry['wall_s']:.0f} |"
             )
@@ -579,8 +579,9 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_data_arguments(parser: argparse.ArgumentParser, datasets: str) -> None:
+    """The options every auto-recipe benchmark shares: where its data and weights come from,
+    the threads and seeds of its runs, and ``--publish``."""
     parser.add_argument(
         "--icons", default="~/.cache/mbdl/icons", help="an `mbdl data icons` output folder"
     )
@@ -589,16 +590,23 @@ def main() -> None:
         default="/usr/share/datasets/fashion-mnist",
         help="the full Fashion-MNIST IDX files (Debian's dataset-fashion-mnist)",
     )
-    parser.add_argument("--weights", default=None, help="MobileNetV2 weights file of the grid")
-    parser.add_argument("--datasets", default="icons,fashion,glyphs")
+    parser.add_argument("--weights", default=None, help="MobileNetV2 weights file")
+    parser.add_argument("--datasets", default=datasets)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--scale", type=float, default=1.0, help="budget multiplier, every run")
     parser.add_argument("--seeds", default="0,1", help="the seeds of every run, comma-separated")
-    parser.add_argument(
-        "--out", default="auto_recipe_run.json", help="the raw results, as they come"
-    )
     parser.add_argument("--publish", default=None, help="render a stored run into the docs")
-    args = parser.parse_args()
+
+
+def run_or_publish(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    name: str,
+    benchmark: Any,
+    markdown: Any,
+) -> None:
+    """``--publish FILE``: render a stored run; otherwise find the MobileNetV2 weights (unless
+    ``--weights``), run ``benchmark(args, tmp)`` with a temporary data folder. Either way the
+    results go to ``benchmarks/results/<name>.json`` and docs/benchmarks.md."""
     if args.publish:
         results = json.loads(Path(args.publish).read_text())
     else:
@@ -608,9 +616,19 @@ def main() -> None:
             args.weights = find_weights(None).files.get("mobilenet_v2")
             if args.weights is None:
                 parser.error("no MobileNetV2 weights found: pass --weights FILE")
-        with tempfile.TemporaryDirectory(prefix="auto-recipe-data-") as tmp:
+        with tempfile.TemporaryDirectory(prefix=f"{name.replace('_', '-')}-data-") as tmp:
             results = benchmark(args, Path(tmp))
-    write_results("auto_recipe", results, markdown(results))
+    write_results(name, results, markdown(results))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_data_arguments(parser, "icons,fashion,glyphs")
+    parser.add_argument("--scale", type=float, default=1.0, help="budget multiplier, every run")
+    parser.add_argument(
+        "--out", default="auto_recipe_run.json", help="the raw results, as they come"
+    )
+    run_or_publish(parser, parser.parse_args(), "auto_recipe", benchmark, markdown)
 
 
 if __name__ == "__main__":
